@@ -1,0 +1,54 @@
+# Thin targets: every one installs what it needs, so a fresh machine needs only `make demo` or `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps
+CLANG_FLAGS := -O2 -g -target bpf -Wall -Wextra -Werror -Ibpf/include -I/usr/include/x86_64-linux-gnu
+BPF_SRCS := $(wildcard bpf/*.c)
+BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
+BPF_HDRS := $(wildcard bpf/include/tabby/*.h)
+
+.PHONY: setup apt venv bpf lint test test-fast demo down bench clean
+
+setup: apt venv bpf
+
+apt: build/.apt-done
+build/.apt-done:
+	@mkdir -p build
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.done
+$(VENV)/.done: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+bpf: apt $(BPF_OBJS)
+build/bpf/%.o: bpf/%.c $(BPF_HDRS)
+	@mkdir -p build/bpf
+	clang $(CLANG_FLAGS) -c $< -o $@
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/tabbyctl lab demo
+
+down: venv
+	$(VENV)/bin/tabbyctl lab down
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf build

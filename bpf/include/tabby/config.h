@@ -1,0 +1,18 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Load-time configuration: `const volatile` globals in .rodata, written by the
+ * loader before bpf_object__load() (src/tabby/bpf/objects.py, mirror
+ * DatapathConfig) and then frozen, so the verifier prunes on them. One build
+ * serves every node. Keep the order: the mirror is checked against the
+ * .rodata DATASEC of every object.
+ */
+#ifndef __TABBY_CONFIG_H
+#define __TABBY_CONFIG_H
+
+#include <linux/types.h>
+
+const volatile __u32 cfg_vni = 4096; /* VXLAN network identifier */
+const volatile __be32 cfg_host_ip = 0; /* this node's underlay address */
+const volatile __u32 cfg_log_level = 0; /* 0 off, 1 info, 2 debug */
+
+#endif /* __TABBY_CONFIG_H */

@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
+ * sends. parse -> anti-spoofing -> let the node's kernel forward.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "tabby/types.h"
+#include "tabby/maps.h"
+#include "tabby/config.h"
+#include "tabby/counters.h"
+#include "tabby/fib.h"
+#include "tabby/parse.h"
+
+/* The source must be a local workload route on the very veth it came in. */
+static __always_inline int wl_source_ok(struct __sk_buff *skb, __be32 saddr)
+{
+	struct tby_route_val *rt = route_lookup(saddr);
+
+	return rt && (rt->flags & TBY_RT_LOCAL_WL) &&
+	       rt->ifindex == skb->ifindex;
+}
+
+SEC("tc")
+int tby_from_wl(struct __sk_buff *skb)
+{
+	struct parsed_pkt pkt = {};
+
+	switch (parse_packet(skb, &pkt)) {
+	case PARSE_IPV4:
+		break;
+	case PARSE_ARP:
+	case PARSE_IPV6:
+		counter_inc(TBY_R_PASS_NON_IP);
+		return TC_ACT_OK;
+	case PARSE_OTHER:
+		counter_inc(TBY_R_DROP_ETHERTYPE);
+		return TC_ACT_SHOT;
+	default:
+		counter_inc(TBY_R_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+
+	if (!wl_source_ok(skb, pkt.saddr)) {
+		counter_inc(TBY_R_DROP_SPOOF);
+		return TC_ACT_SHOT;
+	}
+	counter_inc(TBY_R_PASS_WL_OUT);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * to-workload: TC egress of a pod's host-side veth, i.e. packets delivered to
+ * the pod. parse -> (policy, later) -> deliver.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "tabby/types.h"
+#include "tabby/maps.h"
+#include "tabby/config.h"
+#include "tabby/counters.h"
+#include "tabby/parse.h"
+
+SEC("tc")
+int tby_to_wl(struct __sk_buff *skb)
+{
+	struct parsed_pkt pkt = {};
+
+	switch (parse_packet(skb, &pkt)) {
+	case PARSE_IPV4:
+		counter_inc(TBY_R_PASS_WL_IN);
+		return TC_ACT_OK;
+	case PARSE_ARP:
+	case PARSE_IPV6:
+	case PARSE_OTHER:
+		/* the node's own stack decides what a pod receives */
+		counter_inc(TBY_R_PASS_NON_IP);
+		return TC_ACT_OK;
+	default:
+		counter_inc(TBY_R_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+}
+
+char LICENSE[] SEC("license") = "GPL";

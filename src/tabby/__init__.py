@@ -1,0 +1,3 @@
+"""tabby: an eBPF dataplane for Kubernetes."""
+
+__version__ = "0.1.0"

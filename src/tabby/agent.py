@@ -1,0 +1,319 @@
+"""The agent: datastore -> calc -> dataplane for one node, like Felix.
+
+Threads and namespaces: the main thread and the watch thread stay in the root namespace and are
+the only ones that talk to the datastore. One dedicated worker thread enters the node's network
+namespace, loads and attaches the BPF programs, applies every desired state and serves /healthz,
+/readyz and /metrics on the node's loopback. Nothing is programmed before the first full list
+(in-sync); what is pinned is adopted, never flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from tabby import preflight
+from tabby.calc import names
+from tabby.calc.nodestate import NodeState, compute
+from tabby.cni.ipam import BlockIPAM, IPAMError
+from tabby.dataplane.node import NodeDataplane
+from tabby.datastore import open_datastore
+from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event
+from tabby.netlink import links
+from tabby.netlink.netns import setns_path
+
+log = logging.getLogger("tabby.agent")
+KINDS = (
+    "Node",
+    "Pod",
+    "IPPool",
+    "IPAMBlock",
+    "FelixConfiguration",
+    "Namespace",
+    "Service",
+    "EndpointSlice",
+    "NetworkPolicy",
+)
+RETRY_S = 1.0
+DEFAULT_HEALTH_PORT = 9099
+
+
+@dataclass
+class Status:
+    """What /readyz reports; written by the worker, read by the HTTP threads."""
+
+    node: str
+    synced: bool = False
+    programmed_revision: int = 0
+    seen_revision: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "node": self.node,
+                "ready": self.synced and not self.errors,
+                "revision": self.programmed_revision,
+                "seen_revision": self.seen_revision,
+                "errors": list(self.errors),
+                "warnings": list(self.warnings),
+            }
+
+
+class Metrics:
+    def __init__(self, status: Status) -> None:
+        self.registry = CollectorRegistry()
+        self.revision = Gauge(
+            "tabby_programmed_revision",
+            "Datastore revision the dataplane has programmed",
+            registry=self.registry,
+        )
+        self.apply_s = Histogram(
+            "tabby_dataplane_apply_seconds",
+            "Time to apply one desired state",
+            registry=self.registry,
+        )
+        self.apply_errors = Counter(
+            "tabby_dataplane_apply_errors", "Apply rounds that left errors", registry=self.registry
+        )
+        self.read_packets: Callable[[], dict[str, int]] = dict
+        self.registry.register(_PacketCollector(self))
+
+
+class _PacketCollector:
+    """Reads the per-CPU reason counters at scrape time (map fds work from any thread)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Any:
+        fam = CounterMetricFamily(
+            "tabby_bpf_packets", "Packets counted by the BPF programs, by reason", labels=["reason"]
+        )
+        for reason, value in sorted(self.metrics.read_packets().items()):
+            fam.add_metric([reason], value)
+        yield fam
+
+
+class DataplaneWorker(threading.Thread):
+    """The one thread inside the node's namespace; it coalesces, applying only the newest state."""
+
+    def __init__(
+        self,
+        node: str,
+        netns: str | None,
+        pin_root: str,
+        data_iface: str | None,
+        port: int,
+        status: Status,
+        metrics: Metrics,
+    ) -> None:
+        super().__init__(name="dataplane", daemon=True)
+        self.node, self.netns, self.pin_root = node, netns, pin_root
+        self.data_iface, self.port = data_iface, port
+        self.status, self.metrics = status, metrics
+        self.inbox: queue.Queue[tuple[NodeState, int]] = queue.Queue()
+        self.started_ok = threading.Event()
+        self.failed: BaseException | None = None
+        self.stopping = threading.Event()
+        self.dataplane: NodeDataplane | None = None
+
+    def submit(self, state: NodeState, revision: int) -> None:
+        self.inbox.put((state, revision))
+
+    def run(self) -> None:
+        try:
+            if self.netns:
+                setns_path(self.netns)  # this thread only, for good
+            self._serve_http()
+            self.started_ok.set()
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            self.failed = e
+            self.started_ok.set()
+            log.exception("dataplane worker failed")
+
+    def _serve_http(self) -> None:
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self.status, self.metrics))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+
+    def _loop(self) -> None:
+        pending: tuple[NodeState, int] | None = None
+        while not self.stopping.is_set():
+            timeout = RETRY_S if pending else None
+            try:
+                pending = self.inbox.get(timeout=timeout)
+                while True:  # coalesce a burst into its newest state
+                    pending = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if pending is None:
+                continue
+            state, revision = pending
+            if self._apply(state, revision):
+                pending = None
+
+    def _apply(self, state: NodeState, revision: int) -> bool:
+        started = time.monotonic()
+        try:
+            if self.dataplane is None:
+                with links.rtnl() as ipr:
+                    iface = self.data_iface or links.default_route_device(ipr) or "eth0"
+                self.dataplane = NodeDataplane(self.pin_root, iface, state.node_ip, state.vni)
+                self.metrics.read_packets = self.dataplane.counters.read
+            result = self.dataplane.apply(state)
+            errors, warnings = result.errors, result.warnings
+        except Exception as e:  # noqa: BLE001 - any failure is retried, and reported on /readyz
+            log.exception("apply failed")
+            errors, warnings = [f"apply: {e}"], []
+        self.metrics.apply_s.observe(time.monotonic() - started)
+        for w in warnings:
+            log.warning("%s", w)
+        with self.status.lock:
+            self.status.errors, self.status.warnings = errors, warnings
+            if not errors:
+                self.status.synced = True
+                self.status.programmed_revision = revision
+        if errors:
+            self.metrics.apply_errors.inc()
+            log.warning("apply left %d errors (retrying): %s", len(errors), "; ".join(errors))
+            return False
+        self.metrics.revision.set(revision)
+        return True
+
+
+def _handler(status: Status, metrics: Metrics) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            snap = status.snapshot()
+            if self.path == "/healthz":
+                self._send(200, b"ok\n", "text/plain")
+            elif self.path == "/readyz":
+                code = 200 if snap["ready"] else 503
+                self._send(code, json.dumps(snap).encode(), "application/json")
+            elif self.path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), "text/plain; version=0.0.4")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+    return Handler
+
+
+class Agent:
+    def __init__(
+        self,
+        node: str,
+        datastore_url: str,
+        netns: str | None,
+        pin_root: str,
+        data_iface: str | None = None,
+        port: int = DEFAULT_HEALTH_PORT,
+    ) -> None:
+        self.node, self.url = node, datastore_url
+        self.status = Status(node)
+        self.metrics = Metrics(self.status)
+        self.worker = DataplaneWorker(
+            node, netns, pin_root, data_iface, port, self.status, self.metrics
+        )
+        self.stop = threading.Event()
+        self.resources: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+
+    def run(self) -> None:
+        preflight.require()
+        self.worker.start()
+        self.worker.started_ok.wait()
+        if self.worker.failed:
+            raise RuntimeError(f"dataplane worker failed to start: {self.worker.failed}")
+        while not self.stop.is_set():
+            try:
+                ds = open_datastore(self.url)
+                self._ensure_tunnel_address(ds)
+                revision = self._relist(ds)
+                self._watch(ds, revision)
+            except Compacted:
+                log.info("watch history compacted: relisting")
+            except (DatastoreError, IPAMError) as e:
+                log.warning("datastore: %s (retrying; the dataplane keeps what it has)", e)
+                self.stop.wait(RETRY_S)
+
+    def _ensure_tunnel_address(self, ds: Datastore) -> None:
+        """Claim this node's VXLAN device address from IPAM, as calico-node does at start-up."""
+        pools, _ = ds.list("IPPool")
+        if any(p["spec"].get("vxlanMode", "Never") != "Never" for p in pools):
+            ip = BlockIPAM(ds).assign(self.node, names.tunnel_handle(self.node))
+            log.info("tunnel address %s", ip)
+
+    def _relist(self, ds: Datastore) -> int:
+        fresh: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+        revision = ds.revision()
+        for kind in KINDS:
+            items, _ = ds.list(kind)
+            for obj in items:
+                fresh[kind][_key(obj)] = obj
+        self.resources = fresh
+        self._publish(revision)
+        return revision
+
+    def _watch(self, ds: Datastore, revision: int) -> None:
+        events: queue.Queue[Event | BaseException] = queue.Queue()
+
+        def pump() -> None:
+            try:
+                for ev in ds.watch(revision, stop=self.stop):
+                    events.put(ev)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                events.put(e)
+
+        threading.Thread(target=pump, name="watch", daemon=True).start()
+        while not self.stop.is_set():
+            batch = [events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            for item in batch:
+                if isinstance(item, BaseException):
+                    raise item
+                self._on_event(item)
+                revision = max(revision, item.revision)
+            self._publish(revision)
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.kind not in KINDS:
+            return
+        if ev.type == "DELETED":
+            self.resources[ev.kind].pop(_key(ev.obj), None)
+        else:
+            self.resources[ev.kind][_key(ev.obj)] = ev.obj
+
+    def _publish(self, revision: int) -> None:
+        with self.status.lock:
+            self.status.seen_revision = revision
+        self.worker.submit(compute(self.resources, self.node), revision)
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata", {})
+    return meta.get("namespace", "") or "", meta["name"]

@@ -1,0 +1,1 @@
+"""BPF side of the control plane: libbpf binding, object loading and pinning, typed map mirrors."""

@@ -1,0 +1,68 @@
+"""tby_counters: per-CPU packet counts per reason (enum tby_reason of reasons.h).
+
+The Python enum mirrors the C enum name for name and value; tests/layout checks it against the
+BTF of every object (reasons.h anchors the enum in BTF).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from typing import Any
+
+from tabby.bpf import libbpf
+from tabby.bpf.maps.spec import BPF_MAP_TYPE_PERCPU_ARRAY, MapSpec
+
+C_PREFIX = "TBY_R_"
+
+
+class Reason(enum.IntEnum):
+    """enum tby_reason without its TBY_R_ prefix; append only, like the C enum."""
+
+    PASS_WL_OUT = 0
+    PASS_WL_IN = 1
+    PASS_NON_IP = 2
+    ENCAP_VXLAN = 3
+    DECAP_VXLAN = 4
+    DROP_MALFORMED = 5
+    DROP_SPOOF = 6
+    DROP_NO_ROUTE = 7
+    DROP_BAD_TUNNEL = 8
+    DROP_UNKNOWN_VTEP = 9
+    DROP_ETHERTYPE = 10
+    DROP_ENCAP_FAIL = 11
+
+    @property
+    def c_name(self) -> str:
+        return C_PREFIX + self.name
+
+    @property
+    def label(self) -> str:
+        """Lower-case name, as used in dumps and metrics labels (``drop_spoof``)."""
+        return self.name.lower()
+
+
+REASON_MAX = len(Reason)  # TBY_REASON_MAX
+
+COUNTERS_SPEC = MapSpec(
+    base_name="tby_counters",
+    map_type=BPF_MAP_TYPE_PERCPU_ARRAY,
+    key_type=ctypes.c_uint32,
+    value_type=ctypes.c_uint64,
+    max_entries=REASON_MAX,
+)
+
+
+class Counters:
+    """Reads tby_counters, summing the per-CPU slots."""
+
+    def __init__(self, bpf_map: libbpf.Map[Any, Any]) -> None:
+        self.map = bpf_map
+
+    def get(self, reason: Reason) -> int:
+        slots = self.map.lookup(ctypes.c_uint32(reason))
+        return sum(slots) if slots is not None else 0
+
+    def read(self) -> dict[str, int]:
+        """{reason label: packets over all CPUs} for every reason, zeros included."""
+        return {reason.label: self.get(reason) for reason in Reason}

@@ -1,0 +1,157 @@
+"""Loading a node's datapath: every entry object, configured for the node, sharing pinned maps.
+
+Invariants:
+- all objects of a node are loaded with the same pin root, so the maps declared
+  LIBBPF_PIN_BY_NAME (tby_routes, tby_counters, ...) exist once per node and survive restarts:
+  loading again on the same pin root reuses them, contents included;
+- node-specific values (VNI, host IP, log level) are written into ``.rodata`` before load, so
+  one build serves every node and no compiler runs on a node.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tabby.bpf import libbpf
+from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
+from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
+from tabby.bpf.maps.spec import MapSpec
+
+PIN_BASE = "/sys/fs/bpf/tabby"
+BPF_DIR_ENV = "TABBY_BPF_DIR"
+
+# entry object -> the programs it holds (names as in SEC functions, <= 15 chars)
+ENTRY_OBJECTS: dict[str, tuple[str, ...]] = {
+    "tc_from_workload.o": ("tby_from_wl",),
+    "tc_to_workload.o": ("tby_to_wl",),
+    "tc_tunnel.o": ("tby_tun_egress", "tby_tun_ingress"),
+}
+
+_be32 = ctypes.c_uint32.__ctype_be__
+
+
+class DatapathConfig(ctypes.Structure):
+    """Mirror of the ``.rodata`` of every entry object (config.h), in declaration order."""
+
+    _fields_ = [
+        ("cfg_vni", ctypes.c_uint32),
+        ("cfg_host_ip", _be32),
+        ("cfg_log_level", ctypes.c_uint32),
+    ]
+
+    @classmethod
+    def build(cls, vni: int = 4096, host_ip: str = "0.0.0.0", log_level: int = 0) -> DatapathConfig:
+        if not 0 < vni < 1 << 24:
+            raise ValueError(f"VNI {vni} is outside 1..16777215")
+        return cls(
+            cfg_vni=vni, cfg_host_ip=int(ipaddress.IPv4Address(host_ip)), cfg_log_level=log_level
+        )
+
+
+def default_bpf_dir() -> Path:
+    """$TABBY_BPF_DIR, else build/bpf of the source tree this module lives in."""
+    env = os.environ.get(BPF_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "build" / "bpf"
+
+
+def node_pin_root(node: str) -> str:
+    """The pin directory of one node; ``node`` carries the lab name (``demo-node1``)."""
+    if not node or "/" in node or node in (".", ".."):
+        raise ValueError(f"bad node name for a pin directory: {node!r}")
+    return f"{PIN_BASE}/{node}"
+
+
+@dataclass
+class _Loaded:
+    path: Path
+    obj: libbpf.Object
+
+
+class DatapathObjects:
+    """The node's loaded entry objects; program fds by name, typed shared maps.
+
+    Usage: ``with DatapathObjects(pin_root, DatapathConfig.build(...)) as dp: dp.prog_fd(...)``.
+    Closing releases our fds only: pinned maps (and pinned links) stay.
+    """
+
+    def __init__(
+        self, pin_root: str, config: DatapathConfig, bpf_dir: str | Path | None = None
+    ) -> None:
+        self.pin_root = pin_root
+        self.config = config
+        self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else default_bpf_dir()
+        self._loaded: list[_Loaded] = []
+        self._prog_owner: dict[str, libbpf.Object] = {}
+
+    def load(self) -> DatapathObjects:
+        """Open, configure and load every entry object; all or nothing."""
+        missing = [n for n in ENTRY_OBJECTS if not (self.bpf_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"BPF objects missing in {self.bpf_dir}: {', '.join(missing)} (run `make bpf`)"
+            )
+        os.makedirs(self.pin_root, mode=0o700, exist_ok=True)
+        try:
+            for name, progs in ENTRY_OBJECTS.items():
+                path = self.bpf_dir / name
+                obj = libbpf.Object(str(path), pin_root=self.pin_root)
+                self._loaded.append(_Loaded(path, obj))
+                obj.set_rodata(self.config)
+                obj.load()
+                for prog in progs:
+                    self._prog_owner[prog] = obj
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> DatapathObjects:
+        return self.load()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def objects(self) -> dict[str, libbpf.Object]:
+        return {entry.path.name: entry.obj for entry in self._loaded}
+
+    def prog_fd(self, name: str) -> int:
+        try:
+            obj = self._prog_owner[name]
+        except KeyError:
+            raise KeyError(f"no program {name!r}; known: {sorted(self._prog_owner)}") from None
+        return obj.prog_fd(name)
+
+    def prog_fds(self) -> dict[str, int]:
+        return {name: obj.prog_fd(name) for name, obj in self._prog_owner.items()}
+
+    def map(self, spec: MapSpec) -> libbpf.Map[Any, Any]:
+        """A shared map through the first object (every object holds the same pinned map)."""
+        if not self._loaded:
+            raise ValueError("datapath objects are not loaded")
+        return spec.open_in(self._loaded[0].obj)
+
+    def routes(self) -> RoutesMap:
+        return RoutesMap(self.map(ROUTES_SPEC))
+
+    def counters(self) -> Counters:
+        return Counters(self.map(COUNTERS_SPEC))
+
+    def close(self) -> None:
+        for entry in self._loaded:
+            entry.obj.close()
+        self._loaded.clear()
+        self._prog_owner.clear()

@@ -1,0 +1,192 @@
+"""Resources -> the desired state of THIS node.
+
+``compute(resources, node)`` is pure and depends only on the current resources (never on history),
+so the agent may recompute from scratch on every batch of events; the dataplane managers diff the
+result against what is programmed. The routes it emits are the BPF route map's content and the
+kernel routes the node needs for traffic its own stack originates or forwards.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabby.calc import names
+from tabby.calc.mtu import Encap
+
+Obj = dict[str, Any]
+Resources = Mapping[str, Mapping[tuple[str, str], Obj]]  # kind -> (namespace, name) -> object
+
+# Route flags: mirror of bpf/include/tabby/types.h (checked by tests/layout).
+RT_LOCAL_WL = 1
+RT_REMOTE_WL = 2
+RT_LOCAL_HOST = 4
+RT_REMOTE_HOST = 8
+RT_ENCAP_VXLAN = 16
+RT_ENCAP_IPIP = 32
+RT_TUNNEL_ADDR = 64
+
+DEFAULT_VNI = 4096
+DEFAULT_VXLAN_PORT = 4789
+NODE_ADDRESS_ANNOTATION = "projectcalico.org/IPv4Address"  # "ip/prefix": tells the node's subnet
+
+
+@dataclass(frozen=True)
+class Route:
+    """One BPF route-map entry; ``ifname`` names a local workload's host veth, else empty."""
+
+    cidr: str
+    flags: int
+    next_hop: str = "0.0.0.0"
+    ifname: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod wired into this node."""
+
+    namespace: str
+    name: str
+    ip: str
+    ifname: str
+
+
+@dataclass(frozen=True)
+class KernelRoute:
+    """A route in the node's kernel table: via the tunnel device, or straight to a peer node."""
+
+    cidr: str
+    encap: Encap
+    gateway: str  # the peer node's address when encap is none
+
+
+@dataclass
+class NodeState:
+    node: str
+    node_ip: str | None
+    bpf_enabled: bool = True
+    vni: int = DEFAULT_VNI
+    vxlan_port: int = DEFAULT_VXLAN_PORT
+    log_level: str = "Off"
+    tunnel_ip: str | None = None  # this node's VXLAN device address, from IPAM
+    needs_vxlan: bool = False
+    routes: dict[str, Route] = field(default_factory=dict)
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by host ifname
+    kernel_routes: dict[str, KernelRoute] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def node_internal_ip(node: Obj) -> str | None:
+    for addr in node.get("status", {}).get("addresses", []) or []:
+        if addr.get("type") == "InternalIP":
+            return str(addr.get("address"))
+    annotated = node.get("metadata", {}).get("annotations", {}).get(NODE_ADDRESS_ANNOTATION)
+    return str(annotated).split("/")[0] if annotated else None
+
+
+def node_subnet(node: Obj) -> ipaddress.IPv4Network | None:
+    annotated = node.get("metadata", {}).get("annotations", {}).get(NODE_ADDRESS_ANNOTATION)
+    if not annotated:
+        return None
+    return ipaddress.IPv4Network(annotated, strict=False)
+
+
+def felix_config(resources: Resources) -> Obj:
+    """The effective FelixConfiguration spec: 'default', overlaid by 'node.<name>' as in Calico."""
+    configs = resources.get("FelixConfiguration", {})
+    return dict(configs.get(("", "default"), {}).get("spec", {}) or {})
+
+
+def _pool_for(block: ipaddress.IPv4Network, pools: list[Obj]) -> Obj | None:
+    for pool in pools:
+        net = ipaddress.ip_network(pool["spec"]["cidr"], strict=False)
+        if net.version == 4 and block.subnet_of(net):  # type: ignore[arg-type]
+            return pool
+    return None
+
+
+def _encap_between(pool: Obj | None, mine: Obj | None, peer: Obj) -> Encap:
+    if pool is None:
+        return "none"
+    spec = pool["spec"]
+    for key, encap in (("vxlanMode", "vxlan"), ("ipipMode", "ipip")):
+        mode = spec.get(key, "Never")
+        if mode == "Always":
+            return encap  # type: ignore[return-value]
+        if mode == "CrossSubnet":
+            here = node_subnet(mine) if mine else None
+            there = node_subnet(peer)
+            peer_ip = node_internal_ip(peer)
+            same = (
+                here is not None and peer_ip is not None and ipaddress.ip_address(peer_ip) in here
+            )
+            if there is None or not same:
+                return encap  # type: ignore[return-value]
+    return "none"
+
+
+def compute(resources: Resources, node: str) -> NodeState:
+    nodes = {name: obj for (_, name), obj in resources.get("Node", {}).items()}
+    me = nodes.get(node)
+    state = NodeState(node=node, node_ip=node_internal_ip(me) if me else None)
+    cfg = felix_config(resources)
+    state.bpf_enabled = bool(cfg.get("bpfEnabled", True))
+    state.vni = int(cfg.get("vxlanVNI", DEFAULT_VNI))
+    state.vxlan_port = int(cfg.get("vxlanPort", DEFAULT_VXLAN_PORT))
+    state.log_level = str(cfg.get("bpfLogLevel", "Off"))
+    pools = [
+        p
+        for p in resources.get("IPPool", {}).values()
+        if not p.get("spec", {}).get("disabled", False)
+    ]
+    state.needs_vxlan = any(p["spec"].get("vxlanMode", "Never") != "Never" for p in pools)
+
+    for name, obj in nodes.items():
+        ip = node_internal_ip(obj)
+        if ip:
+            flags = RT_LOCAL_HOST if name == node else RT_REMOTE_HOST
+            state.routes[f"{ip}/32"] = Route(f"{ip}/32", flags)
+
+    for (ns, name), pod in resources.get("Pod", {}).items():
+        spec, status = pod.get("spec", {}), pod.get("status", {})
+        ip = status.get("podIP")
+        if spec.get("nodeName") != node or not ip or spec.get("hostNetwork"):
+            continue
+        ifname = names.host_ifname(ns, name)
+        state.endpoints[ifname] = Endpoint(ns, name, ip, ifname)
+        state.routes[f"{ip}/32"] = Route(f"{ip}/32", RT_LOCAL_WL, ifname=ifname)
+
+    for block in resources.get("IPAMBlock", {}).values():
+        spec = block.get("spec", {})
+        cidr = ipaddress.ip_network(spec["cidr"], strict=False)
+        if cidr.version != 4:
+            continue
+        owner = str(spec.get("affinity", "")).removeprefix("host:")
+        pool = _pool_for(cidr, pools)  # type: ignore[arg-type]
+        if owner == node:
+            tunnel = _tunnel_address(spec, node)
+            if tunnel:
+                state.tunnel_ip = tunnel
+                state.routes[f"{tunnel}/32"] = Route(f"{tunnel}/32", RT_LOCAL_HOST | RT_TUNNEL_ADDR)
+            continue
+        peer = nodes.get(owner)
+        peer_ip = node_internal_ip(peer) if peer else None
+        if peer is None or peer_ip is None:
+            state.warnings.append(f"block {cidr} belongs to unknown node {owner!r}: not routed")
+            continue
+        encap = _encap_between(pool, me, peer)
+        flags = RT_REMOTE_WL | (RT_ENCAP_VXLAN if encap == "vxlan" else 0)
+        flags |= RT_ENCAP_IPIP if encap == "ipip" else 0
+        state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
+        state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
+    return state
+
+
+def _tunnel_address(block_spec: Obj, node: str) -> str | None:
+    handle = names.tunnel_handle(node)
+    for ip, owner in (block_spec.get("allocations") or {}).items():
+        if owner == handle:
+            return str(ip)
+    return None

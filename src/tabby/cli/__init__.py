@@ -1,0 +1,1 @@
+"""Command-line entry points: tabbyctl (the user's CLI) and tabby (agent, controller)."""

@@ -1,0 +1,1 @@
+"""Controllers that play kube-controller-manager for the lab."""

@@ -1,0 +1,1 @@
+"""The lab: a virtual multi-node cluster built from network namespaces on one host."""

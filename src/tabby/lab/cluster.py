@@ -1,0 +1,274 @@
+"""A lab cluster: bring it up, wait on its agents, tear it down (also after a crash).
+
+``up`` refuses a lab whose name is taken. ``down`` trusts nothing but names: it stops the processes
+recorded in the lab's state (by pid + start time), removes every ``<lab>-*`` namespace, the pin
+directories ``/sys/fs/bpf/tabby/<lab>-*``, the cgroup subtree and the state directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from tabby import preflight
+from tabby.dataplane.node import PIN_BASE, remove_pins
+from tabby.datastore import open_datastore
+from tabby.datastore.api import Datastore
+from tabby.lab import cgroups, fabric, pods, processes, state, topology
+from tabby.lab.topology import LabPlan, NodePlan
+from tabby.netlink.netns import enter_netns
+
+HEALTH_PORT = 9099
+Progress = Callable[[str], None]
+
+
+class LabError(Exception):
+    pass
+
+
+def base_resources(plan: LabPlan) -> list[dict[str, Any]]:
+    """What a fresh lab cluster holds: config, the pool (VXLAN Always), nodes, the default ns."""
+    objs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "FelixConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"bpfEnabled": True, "bpfExternalServiceMode": "Tunnel", "vxlanVNI": 4096},
+        },
+        {
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "IPPool",
+            "metadata": {"name": "default-ipv4-ippool"},
+            "spec": {
+                "cidr": topology.POOL_CIDR,
+                "blockSize": 26,
+                "vxlanMode": "Always",
+                "ipipMode": "Never",
+                "natOutgoing": True,
+            },
+        },
+    ]
+    for ns in ("default", "kube-system"):
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+            }
+        )
+    for node in plan.nodes:
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": node.name,
+                    "labels": {"kubernetes.io/hostname": node.name},
+                    "annotations": {"projectcalico.org/IPv4Address": f"{node.ip}/{node.prefixlen}"},
+                },
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.ip},
+                        {"type": "Hostname", "address": node.name},
+                    ]
+                },
+            }
+        )
+    return objs
+
+
+def pin_root(lab: str, node: str) -> str:
+    return os.path.join(PIN_BASE, f"{lab}-{node}")
+
+
+def tabby_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "tabby")
+
+
+class Lab:
+    def __init__(self, name: str = "demo") -> None:
+        saved = state.read(name)
+        self.name = name
+        self.plan = topology.plan(name, int(saved.get("nodes", 3)))
+
+    @property
+    def url(self) -> str:
+        return state.datastore_url(self.name)
+
+    def datastore(self) -> Datastore:
+        return open_datastore(self.url)
+
+    # ------------------------------------------------------------------ up / down
+    @classmethod
+    def up(cls, name: str = "demo", nodes: int = 3, progress: Progress = print) -> Lab:
+        plan = topology.plan(name, nodes)
+        taken = fabric.lab_netns(plan.netns_prefix())
+        if state.exists(name) or taken:
+            raise LabError(
+                f"lab {name!r} already exists: run `tabbyctl lab down --name {name}` "
+                "first (nothing was changed)"
+            )
+        preflight.require()
+        lab = cls.__new__(cls)
+        lab.name, lab.plan = name, plan
+        try:
+            lab._build(progress)
+        except BaseException:
+            progress("lab up failed: removing what was created")
+            cls.down(name, progress=lambda _m: None)
+            raise
+        return lab
+
+    def _build(self, progress: Progress) -> None:
+        with state.editing(self.name) as st:
+            st["name"], st["nodes"] = self.name, len(self.plan.nodes)
+        ds = self.datastore()
+        ds.apply(base_resources(self.plan))
+        progress(f"fabric: {self.plan.fabric_netns} (router for {', '.join(topology.SUBNETS)})")
+        fabric.build_fabric(self.plan)
+        fabric.build_external(self.plan)
+        for node in self.plan.nodes:
+            progress(f"node {node.name}: {node.netns} {node.ip}/{node.prefixlen}")
+            fabric.build_node(self.plan, node)
+            cgroups.group(self.name, node.name)
+        progress("starting the controller and one agent per node")
+        self._start("controller", [tabby_bin(), "controller", "--datastore", self.url], None)
+        for node in self.plan.nodes:
+            self.start_agent(node)
+        self.wait_ready(progress=progress)
+
+    def _start(self, role: str, argv: list[str], cgroup: str | None) -> None:
+        log = os.path.join(state.lab_dir(self.name), f"{role.replace(' ', '-')}.log")
+        rec = processes.spawn(argv, role, log, cgroup=cgroup)
+        with state.editing(self.name) as st:
+            st["procs"] = [p for p in st["procs"] if p["role"] != role] + [rec]
+
+    def start_agent(self, node: NodePlan) -> None:
+        argv = [
+            tabby_bin(),
+            "agent",
+            "--node",
+            node.name,
+            "--datastore",
+            self.url,
+            "--netns",
+            node.netns,
+            "--pin-root",
+            pin_root(self.name, node.name),
+            "--data-iface",
+            "eth0",
+            "--health-port",
+            str(HEALTH_PORT),
+        ]
+        self._start(f"agent {node.name}", argv, cgroups.group(self.name, node.name))
+
+    def agent_proc(self, node: str) -> dict[str, Any]:
+        for rec in state.read(self.name).get("procs", []):
+            if rec["role"] == f"agent {node}":
+                return dict(rec)
+        raise LabError(f"no agent recorded for {node}")
+
+    @staticmethod
+    def down(name: str = "demo", progress: Progress = print) -> None:
+        saved = state.read(name)
+        for pod in saved.get("pods", {}).values():
+            for proc in pod.get("procs", []):
+                processes.stop(proc)
+        for proc in saved.get("procs", []):
+            processes.stop(proc)
+        topology.plan(name, 1)  # validates the name before anything is removed by prefix
+        for ns in fabric.lab_netns(f"{name}-"):
+            fabric.del_netns(ns)
+        for pins in glob.glob(os.path.join(PIN_BASE, f"{name}-*")):
+            remove_pins(pins)
+        try:
+            cgroups.remove(cgroups.root(name))
+        except RuntimeError:
+            pass
+        shutil.rmtree(state.lab_dir(name), ignore_errors=True)
+        progress(f"lab {name} removed")
+
+    # ------------------------------------------------------------------ agents
+    def readyz(self, node: NodePlan) -> dict[str, Any]:
+        """An agent's /readyz, fetched from inside its node's namespace."""
+        result: dict[str, Any] = {}
+
+        def fetch() -> None:
+            with enter_netns(node.netns):
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{HEALTH_PORT}/readyz", timeout=2
+                    ) as r:
+                        result.update(json.load(r))
+                except urllib.error.HTTPError as e:
+                    result.update(json.load(e))
+                except OSError as e:
+                    result.update({"ready": False, "error": str(e)})
+
+        t = threading.Thread(target=fetch)  # a fresh thread: setns never leaks into ours
+        t.start()
+        t.join()
+        return result
+
+    def wait_ready(
+        self, revision: int | None = None, timeout_s: float = 60.0, progress: Progress | None = None
+    ) -> int:
+        """Block until every agent reports ready at ``revision`` (default: the store's now)."""
+        target = self.datastore().revision() if revision is None else revision
+        deadline = time.monotonic() + timeout_s
+        pending = {n.name for n in self.plan.nodes}
+        while pending:
+            for node in self.plan.nodes:
+                if node.name in pending:
+                    r = self.readyz(node)
+                    if r.get("ready") and int(r.get("revision", 0)) >= target:
+                        pending.discard(node.name)
+                        if progress:
+                            progress(f"agent {node.name} ready at revision {r['revision']}")
+            if pending and time.monotonic() > deadline:
+                detail = {n: self.readyz(self.plan.node(n)) for n in sorted(pending)}
+                raise LabError(f"agents not ready at revision {target}: {detail}")
+            if pending:
+                time.sleep(0.05)
+        return target
+
+    # ------------------------------------------------------------------ pods
+    def add_pod(
+        self,
+        name: str,
+        node: str,
+        namespace: str = "default",
+        image: str = "netexec",
+        labels: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> str:
+        ip = pods.add(self.plan, self.datastore(), name, node, namespace, image, labels)
+        if wait:
+            self.wait_ready()
+        return ip
+
+    def del_pod(self, name: str, namespace: str = "default", wait: bool = True) -> None:
+        pods.remove(self.plan, self.datastore(), namespace, name)
+        if wait:
+            self.wait_ready()
+
+    def pod(self, name: str, namespace: str = "default") -> dict[str, Any]:
+        key = name if "/" in name else f"{namespace}/{name}"
+        rec = state.read(self.name).get("pods", {}).get(key)
+        if rec is None:
+            raise LabError(f"pod {key} is not in lab {self.name}")
+        return dict(rec)
+
+    def exec_argv(self, pod: str, argv: list[str]) -> tuple[str, str]:
+        """(netns, cgroup) a command for ``pod`` must run in."""
+        rec = self.pod(pod)
+        return rec["netns"], rec["cgroup"]

@@ -1,0 +1,87 @@
+"""Builds the lab's namespaces and wires: fabric (two bridges + router), nodes, external client.
+
+Only namespaces named ``<lab>-*`` are created or removed; the root namespace is never touched
+(no address, route or link is added there; veth pairs are created inside the fabric namespace).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+
+from tabby.lab import topology
+from tabby.lab.topology import LabPlan, NodePlan
+from tabby.netlink import links
+from tabby.netlink.netns import enter_netns, netns_exists
+
+
+def add_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, text=True)
+    with enter_netns(name), links.rtnl() as ipr:
+        lo = links.ifindex(ipr, "lo")
+        ipr.link("set", index=lo, state="up")
+
+
+def del_netns(name: str) -> None:
+    if netns_exists(name):
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def lab_netns(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def build_fabric(plan: LabPlan) -> None:
+    add_netns(plan.fabric_netns)
+    with enter_netns(plan.fabric_netns), links.rtnl() as ipr:
+        for bridge, subnet in zip(topology.BRIDGES, topology.SUBNETS, strict=True):
+            net = ipaddress.ip_network(subnet)
+            ipr.link("add", ifname=bridge, kind="bridge")
+            idx = links.ifindex(ipr, bridge)
+            ipr.addr(
+                "add", index=idx, address=str(net.network_address + 1), prefixlen=net.prefixlen
+            )
+            ipr.link("set", index=idx, state="up")
+        links.write_sysctl("net/ipv4/ip_forward", "1")
+
+
+def build_external(plan: LabPlan) -> None:
+    """The "internet" client behind the router, 203.0.113.10."""
+    add_netns(plan.external_netns)
+    with enter_netns(plan.fabric_netns), links.rtnl() as ipr:
+        ipr.link(
+            "add",
+            ifname="ext",
+            kind="veth",
+            peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{plan.external_netns}"},
+        )
+        idx = links.ifindex(ipr, "ext")
+        ipr.addr("add", index=idx, address=topology.EXTERNAL_ROUTER_IP, prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+    with enter_netns(plan.external_netns), links.rtnl() as ipr:
+        idx = links.ifindex(ipr, "eth0")
+        ipr.addr("add", index=idx, address=topology.EXTERNAL_CLIENT_IP, prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=topology.EXTERNAL_ROUTER_IP)
+
+
+def build_node(plan: LabPlan, node: NodePlan) -> None:
+    add_netns(node.netns)
+    with enter_netns(plan.fabric_netns), links.rtnl() as ipr:
+        ipr.link(
+            "add",
+            ifname=node.fabric_port,
+            kind="veth",
+            peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{node.netns}"},
+        )
+        idx = links.ifindex(ipr, node.fabric_port)
+        ipr.link("set", index=idx, master=links.ifindex(ipr, node.bridge), state="up")
+    with enter_netns(node.netns), links.rtnl() as ipr:
+        idx = links.ifindex(ipr, "eth0")
+        ipr.addr("add", index=idx, address=node.ip, prefixlen=node.prefixlen)
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=node.gateway)
+        links.write_sysctl("net/ipv4/ip_forward", "1")
+        links.write_sysctl("net/ipv4/conf/all/rp_filter", "0")

@@ -1,0 +1,74 @@
+"""Traffic helpers: real sockets opened from inside a namespace (a fresh thread per call, so the
+caller's thread never changes namespace)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from tabby.netlink.netns import enter_netns
+
+T = TypeVar("T")
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            with enter_netns(netns):
+                box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def http_get(netns: str, ip: str, port: int, path: str, timeout_s: float = 3.0) -> str:
+    """GET http://ip:port/path from inside ``netns``; returns the body."""
+
+    def go() -> str:
+        with socket.create_connection((ip, port), timeout=timeout_s) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
+            raise OSError(f"bad HTTP reply from {ip}:{port}: {head[:60]!r}")
+        return body.decode()
+
+    return in_netns(netns, go)
+
+
+def udp_request(
+    netns: str, ip: str, port: int, payload: bytes, timeout_s: float = 2.0, tries: int = 3
+) -> str:
+    """Send a datagram from ``netns`` and return the reply (retried: UDP may lose the first ARP)."""
+
+    def go() -> str:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout_s / tries)
+            for _ in range(tries):
+                s.sendto(payload, (ip, port))
+                try:
+                    return s.recv(65535).decode()
+                except TimeoutError:
+                    continue
+        raise TimeoutError(f"no UDP reply from {ip}:{port}")
+
+    return in_netns(netns, go)
+
+
+def reachable(fn: Callable[[], object]) -> tuple[bool, str]:
+    try:
+        return True, str(fn())
+    except OSError as e:
+        return False, str(e) or type(e).__name__

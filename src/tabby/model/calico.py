@@ -1,0 +1,155 @@
+"""Calico-shaped kinds (projectcalico.org/v3): FelixConfiguration, IPPool; and tabby's IPAMBlock.
+
+Field names are Calico's so Calico users' manifests apply unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from tabby.model.core import resource
+from tabby.model.errors import FieldError
+from tabby.model.schema import (
+    Struct,
+    at,
+    boolean,
+    cidr,
+    enum,
+    integer,
+    ip,
+    key_of,
+    list_of,
+    map_of,
+    port,
+    string,
+)
+
+_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def _regex(value: Any, path: str) -> str:
+    try:
+        re.compile(string(value, path))
+    except re.error as err:
+        raise FieldError(path, f"not a valid regular expression: {err}") from None
+    return str(value)
+
+
+def _duration(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not _DURATION.match(value):
+        raise FieldError(path, "must be a duration such as 90s or 1m30s")
+    return value
+
+
+_positive = integer(1)
+_mtu = integer(0, 65535)  # 0: detect automatically, as in Calico
+
+_felix_spec = Struct(
+    {
+        "bpfEnabled": boolean,
+        "bpfExternalServiceMode": enum("Tunnel", "DSR"),
+        "bpfLogLevel": enum("Off", "Info", "Debug"),
+        "bpfDataIfacePattern": _regex,
+        "bpfConnectTimeLoadBalancing": enum("TCP", "Enabled", "Disabled"),
+        "bpfKubeProxyIptablesCleanupEnabled": boolean,
+        "bpfMapSizeNATFrontend": _positive,
+        "bpfMapSizeNATBackend": _positive,
+        "bpfMapSizeConntrack": _positive,
+        "bpfMapSizeRoute": _positive,
+        "vxlanVNI": integer(1, 16777215),
+        "vxlanPort": port,
+        "vxlanMTU": _mtu,
+        "ipipMTU": _mtu,
+        "logSeverityScreen": enum("Debug", "Info", "Warning", "Error", "Fatal"),
+        "healthPort": port,
+        "prometheusMetricsEnabled": boolean,
+        "prometheusMetricsPort": port,
+        "routeRefreshInterval": _duration,
+        "awsSrcDstCheck": enum("DoNothing", "Enable", "Disable"),
+        "wireguardEnabled": boolean,
+        "ipv6Support": boolean,
+    },
+    defaults={"bpfEnabled": True, "vxlanVNI": 4096, "vxlanPort": 4789},
+)
+
+felix_configuration = resource(spec=_felix_spec).extend({}, defaults={"spec": {}})
+
+# --- IPPool ------------------------------------------------------------------------------------
+
+_encap = enum("Never", "Always", "CrossSubnet")
+
+
+def _default_block_size(spec: dict[str, Any]) -> int:
+    return 26 if ipaddress.ip_network(spec["cidr"]).version == 4 else 122
+
+
+def _pool_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    net = ipaddress.ip_network(spec["cidr"])
+    if not net.prefixlen <= spec["blockSize"] <= net.max_prefixlen:
+        raise FieldError(
+            at(path, "blockSize"),
+            f"must be between the pool's prefix length ({net.prefixlen}) and {net.max_prefixlen}",
+        )
+    if spec["ipipMode"] != "Never" and spec["vxlanMode"] != "Never":
+        raise FieldError(at(path, "vxlanMode"), "ipipMode and vxlanMode cannot both be enabled")
+    return spec
+
+
+_pool_spec = Struct(
+    {
+        "cidr": cidr,
+        "blockSize": integer(0, 128),
+        "ipipMode": _encap,
+        "vxlanMode": _encap,
+        "natOutgoing": boolean,
+        "disabled": boolean,
+        "nodeSelector": string,
+        "allowedUses": list_of(enum("Workload", "Tunnel", "LoadBalancer")),
+    },
+    required=("cidr",),
+    defaults={
+        "blockSize": _default_block_size,
+        "ipipMode": "Never",
+        "vxlanMode": "Never",
+        "natOutgoing": False,
+        "disabled": False,
+        "nodeSelector": "all()",
+        "allowedUses": ["Workload", "Tunnel"],
+    },
+    post=_pool_rules,
+)
+
+ip_pool = resource(spec=_pool_spec).extend({}, required=("metadata", "spec"))
+
+# --- IPAMBlock (tabby-internal) ----------------------------------------------------------------
+
+
+def _affinity(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.startswith("host:") or len(value) == 5:
+        raise FieldError(path, 'must be "host:<node name>"')
+    return value
+
+
+def _block_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    net = ipaddress.ip_network(spec["cidr"])
+    allocations = {}
+    for addr, handle in spec["allocations"].items():
+        here = key_of(at(path, "allocations"), addr)
+        addr = ip(addr, here)
+        if ipaddress.ip_address(addr) not in net:
+            raise FieldError(here, f"{addr} is outside the block {net}")
+        allocations[addr] = handle
+    spec["allocations"] = allocations
+    return spec
+
+
+_block_spec = Struct(
+    {"cidr": cidr, "affinity": _affinity, "allocations": map_of(string)},
+    required=("cidr",),
+    defaults={"allocations": {}},
+    post=_block_rules,
+)
+
+ipam_block = resource(spec=_block_spec).extend({}, required=("metadata", "spec"))

@@ -1,0 +1,330 @@
+"""Kubernetes core kinds: Namespace, Pod, Node, Service, and discovery.k8s.io/v1 EndpointSlice."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from tabby.model.errors import FieldError
+from tabby.model.meta import free, metadata
+from tabby.model.schema import (
+    Check,
+    Struct,
+    at,
+    boolean,
+    cidr,
+    enum,
+    int_or_name,
+    integer,
+    ip,
+    item,
+    list_of,
+    map_of,
+    port,
+    protocol,
+    string,
+)
+
+
+def resource(**fields: Check) -> Struct:
+    """The top level of an object: apiVersion, kind, metadata and the kind's own fields."""
+    return Struct(
+        {"apiVersion": string, "kind": string, "metadata": metadata, **fields},
+        required=("metadata",),
+    )
+
+
+# --- Namespace ---------------------------------------------------------------------------------
+
+namespace = resource(spec=Struct({"finalizers": list_of(string)}), status=free)
+
+# --- Pod ---------------------------------------------------------------------------------------
+
+_container_port = Struct(
+    {
+        "name": string,
+        "containerPort": port,
+        "protocol": protocol,
+        "hostPort": port,
+        "hostIP": ip,
+    },
+    required=("containerPort",),
+    defaults={"protocol": "TCP"},
+)
+
+_container = Struct(
+    {
+        "name": string,
+        "image": string,
+        "command": list_of(string),
+        "args": list_of(string),
+        "ports": list_of(_container_port),
+        "env": list_of(free),
+        "envFrom": list_of(free),
+        "readinessProbe": free,
+        "livenessProbe": free,
+        "startupProbe": free,
+        "imagePullPolicy": enum("Always", "IfNotPresent", "Never"),
+        "resources": free,
+        "volumeMounts": list_of(free),
+        "workingDir": string,
+        "securityContext": free,
+    },
+    required=("name",),
+)
+
+_pod_spec = Struct(
+    {
+        "nodeName": string,
+        "containers": list_of(_container),
+        "initContainers": list_of(_container),
+        "hostNetwork": boolean,
+        "restartPolicy": enum("Always", "OnFailure", "Never"),
+        "terminationGracePeriodSeconds": integer(0),
+        "volumes": list_of(free),
+        "serviceAccountName": string,
+        "nodeSelector": map_of(string),
+        "tolerations": list_of(free),
+        "affinity": free,
+        "dnsPolicy": string,
+        "securityContext": free,
+        "hostname": string,
+        "subdomain": string,
+    },
+    required=("containers",),
+)
+
+
+def _pod_ips(status: dict[str, Any], path: str) -> dict[str, Any]:
+    """Keep podIP and podIPs consistent, as the API server does: podIPs[0] is podIP."""
+    ips = status.get("podIPs")
+    if "podIP" in status and not ips:
+        status["podIPs"] = [{"ip": status["podIP"]}]
+    elif ips and "podIP" not in status:
+        status["podIP"] = ips[0]["ip"]
+    elif ips and ips[0]["ip"] != status["podIP"]:
+        raise FieldError(at(path, "podIPs[0].ip"), "must equal status.podIP")
+    return status
+
+
+_pod_status = Struct(
+    {
+        "podIP": ip,
+        "podIPs": list_of(Struct({"ip": ip}, required=("ip",))),
+        "hostIP": ip,
+        "phase": enum("Pending", "Running", "Succeeded", "Failed", "Unknown"),
+        "conditions": list_of(
+            Struct(
+                {"type": string, "status": enum("True", "False", "Unknown")},
+                required=("type", "status"),
+                open=True,
+            )
+        ),
+    },
+    open=True,
+    post=_pod_ips,
+)
+
+pod = resource(spec=_pod_spec, status=_pod_status)
+
+# --- Node --------------------------------------------------------------------------------------
+
+
+def _node_address(addr: dict[str, Any], path: str) -> dict[str, Any]:
+    if addr["type"] in ("InternalIP", "ExternalIP"):
+        addr["address"] = ip(addr["address"], at(path, "address"))
+    return addr
+
+
+_node_status = Struct(
+    {
+        "addresses": list_of(
+            Struct(
+                {
+                    "type": enum(
+                        "InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS"
+                    ),
+                    "address": string,
+                },
+                required=("type", "address"),
+                post=_node_address,
+            )
+        )
+    },
+    open=True,
+)
+
+node = resource(
+    spec=Struct(
+        {
+            "podCIDR": cidr,
+            "podCIDRs": list_of(cidr),
+            "providerID": string,
+            "unschedulable": boolean,
+            "taints": list_of(free),
+        }
+    ),
+    status=_node_status,
+)
+
+# --- Service -----------------------------------------------------------------------------------
+
+
+def _cluster_ip(value: Any, path: str) -> str:
+    """An IP, "None" (headless) or "" (allocate one)."""
+    if value in ("None", ""):
+        return str(value)
+    return ip(value, path)
+
+
+_service_port = Struct(
+    {
+        "name": string,
+        "protocol": protocol,
+        "port": port,
+        "targetPort": int_or_name,
+        "nodePort": integer(30000, 32767),
+        "appProtocol": string,
+    },
+    required=("port",),
+    defaults={"protocol": "TCP", "targetPort": lambda p: p["port"]},
+)
+
+
+def _service_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    kind = spec["type"]
+    ports = spec.get("ports", [])
+    if kind == "ExternalName":
+        if not spec.get("externalName"):
+            raise FieldError(at(path, "externalName"), "required for type ExternalName")
+    elif not ports and spec.get("clusterIP") != "None":
+        raise FieldError(at(path, "ports"), "required (at least one port)")
+    names: set[str] = set()
+    for i, p in enumerate(ports):
+        here = item(at(path, "ports"), i)
+        if len(ports) > 1 and not p.get("name"):
+            raise FieldError(at(here, "name"), "required when a Service has several ports")
+        if p.get("name") in names:
+            raise FieldError(at(here, "name"), f"duplicate port name {p['name']!r}")
+        names.add(p.get("name", ""))
+        if "nodePort" in p and kind not in ("NodePort", "LoadBalancer"):
+            raise FieldError(at(here, "nodePort"), "only allowed for type NodePort or LoadBalancer")
+    ips = spec.get("clusterIPs")
+    if spec.get("clusterIP") and not ips:
+        spec["clusterIPs"] = [spec["clusterIP"]]
+    elif ips and not spec.get("clusterIP"):
+        spec["clusterIP"] = ips[0]
+    elif ips and ips[0] != spec["clusterIP"]:
+        raise FieldError(at(path, "clusterIPs[0]"), "must equal spec.clusterIP")
+    if kind in ("NodePort", "LoadBalancer"):
+        spec.setdefault("externalTrafficPolicy", "Cluster")
+    elif "externalTrafficPolicy" in spec:
+        raise FieldError(
+            at(path, "externalTrafficPolicy"), "only for type NodePort or LoadBalancer"
+        )
+    if kind != "ExternalName":
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+    return spec
+
+
+_service_spec = Struct(
+    {
+        "type": enum("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"),
+        "clusterIP": _cluster_ip,
+        "clusterIPs": list_of(_cluster_ip),
+        "ports": list_of(_service_port),
+        "selector": map_of(string),
+        "externalIPs": list_of(ip),
+        "externalName": string,
+        "sessionAffinity": enum("None", "ClientIP"),
+        "sessionAffinityConfig": Struct(
+            {"clientIP": Struct({"timeoutSeconds": integer(1, 86400)})}
+        ),
+        "externalTrafficPolicy": enum("Cluster", "Local"),
+        "internalTrafficPolicy": enum("Cluster", "Local"),
+        "loadBalancerSourceRanges": list_of(cidr),
+        "loadBalancerIP": ip,
+        "loadBalancerClass": string,
+        "healthCheckNodePort": port,
+        "ipFamilies": list_of(enum("IPv4", "IPv6")),
+        "ipFamilyPolicy": enum("SingleStack", "PreferDualStack", "RequireDualStack"),
+        "publishNotReadyAddresses": boolean,
+        "allocateLoadBalancerNodePorts": boolean,
+    },
+    defaults={"type": "ClusterIP", "sessionAffinity": "None"},
+    post=_service_rules,
+)
+
+_service_status = Struct(
+    {
+        "loadBalancer": Struct(
+            {
+                "ingress": list_of(
+                    Struct(
+                        {
+                            "ip": ip,
+                            "hostname": string,
+                            "ipMode": enum("VIP", "Proxy"),
+                            "ports": list_of(free),
+                        }
+                    )
+                )
+            }
+        )
+    },
+    open=True,
+)
+
+service = resource(spec=_service_spec, status=_service_status)
+
+# --- EndpointSlice -----------------------------------------------------------------------------
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+_endpoint = Struct(
+    {
+        "addresses": list_of(string),
+        "conditions": Struct({"ready": boolean, "serving": boolean, "terminating": boolean}),
+        "nodeName": string,
+        "targetRef": free,
+        "zone": string,
+        "hostname": string,
+        "hints": free,
+        "deprecatedTopology": map_of(string),
+    },
+    required=("addresses",),
+)
+
+
+def _slice_rules(obj: dict[str, Any], path: str) -> dict[str, Any]:
+    if SERVICE_NAME_LABEL not in obj["metadata"].get("labels", {}):
+        raise FieldError(
+            f'metadata.labels["{SERVICE_NAME_LABEL}"]', "required (the Service this slice serves)"
+        )
+    family = {"IPv4": 4, "IPv6": 6}.get(obj["addressType"])
+    for i, ep in enumerate(obj["endpoints"]):
+        for j, addr in enumerate(ep["addresses"]):
+            here = item(at(item("endpoints", i), "addresses"), j)
+            if family is None:
+                continue
+            ep["addresses"][j] = addr = ip(addr, here)
+            if ipaddress.ip_address(addr).version != family:
+                raise FieldError(here, f"{addr} is not an {obj['addressType']} address")
+    return obj
+
+
+endpoint_slice = resource(
+    addressType=enum("IPv4", "IPv6", "FQDN"),
+    endpoints=list_of(_endpoint),
+    ports=list_of(
+        Struct(
+            {"name": string, "port": port, "protocol": protocol, "appProtocol": string},
+            defaults={"protocol": "TCP"},
+        )
+    ),
+).extend(
+    {},
+    required=("metadata", "addressType"),
+    defaults={"endpoints": []},
+    post=_slice_rules,
+)

@@ -1,0 +1,1 @@
+"""Thin helpers over pyroute2 and setns: the only code that talks rtnetlink."""

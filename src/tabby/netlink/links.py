@@ -1,0 +1,84 @@
+"""Small pyroute2 helpers used by the CNI plugin, the agent and the lab.
+
+Every helper acts in the calling thread's network namespace (enter it with netns.enter_netns);
+an IPRoute socket is opened after the switch, never carried across namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+RT_SCOPE_LINK = 253
+RTNH_F_ONLINK = 4
+IFF_NOARP = 0x80
+ENOENT, EEXIST, ENODEV = 2, 17, 19
+
+
+@contextmanager
+def rtnl() -> Iterator[IPRoute]:
+    ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def ifindex(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def link_attr(ipr: IPRoute, index: int, attr: str) -> object:
+    return ipr.link("get", index=index)[0].get(attr)
+
+
+def link_mtu(ipr: IPRoute, name: str) -> int | None:
+    idx = ifindex(ipr, name)
+    return None if idx is None else int(link_attr(ipr, idx, "IFLA_MTU"))  # type: ignore[arg-type]
+
+
+def default_route_device(ipr: IPRoute) -> str | None:
+    """The interface of the IPv4 default route: the node's data interface when nothing says else."""
+    for route in ipr.route("get", dst="1.1.1.1"):  # a lookup only: nothing is sent
+        oif = route.get("RTA_OIF")
+        if oif:
+            return str(link_attr(ipr, int(oif), "IFLA_IFNAME"))
+    return None
+
+
+def write_sysctl(path: str, value: str) -> None:
+    """Write /proc/sys/<path> (slash-separated: interface names may hold dots) in this netns."""
+    fd = os.open("/proc/sys/" + path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def delete_link(ipr: IPRoute, name: str) -> bool:
+    idx = ifindex(ipr, name)
+    if idx is None:
+        return False
+    try:
+        ipr.link("del", index=idx)
+    except NetlinkError as e:
+        if e.code != ENODEV:
+            raise
+    return True
+
+
+def replace_route(ipr: IPRoute, **kw: object) -> None:
+    ipr.route("replace", **kw)
+
+
+def delete_route(ipr: IPRoute, **kw: object) -> None:
+    try:
+        ipr.route("del", **kw)
+    except NetlinkError as e:
+        if e.code not in (ENOENT, 3):  # ESRCH: already gone
+            raise

@@ -1,0 +1,97 @@
+"""The agent's life: kill -9 and restart under flowing traffic; bpfEnabled off and on, live."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tabby.lab import processes, traffic
+from tabby.lab.cluster import Lab, pin_root
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+
+@pytest.fixture(scope="module")
+def pods(lab: Lab) -> dict[str, dict]:
+    lab.add_pod("x", "node1", wait=False)
+    lab.add_pod("y", "node2", wait=False)
+    lab.wait_ready()
+    return {n: lab.pod(n) for n in ("x", "y")}
+
+
+def _stream(netns: str, ip: str, stop: threading.Event, result: dict) -> None:
+    """HTTP/1.1 keep-alive requests on ONE TCP connection until ``stop``; counts answers."""
+
+    def go() -> None:
+        with socket.create_connection((ip, 8080), timeout=3) as s:
+            f = s.makefile("rb")
+            n = 0
+            while not stop.is_set() and n < 5000:
+                s.sendall(f"GET /echo?msg=m{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if f.read(length) != f"m{n}".encode():
+                    raise OSError(f"request {n}: wrong answer")
+                n += 1
+                time.sleep(0.01)
+            result["answered"] = n
+
+    try:
+        traffic.in_netns(netns, go)
+    except OSError as e:
+        result["error"] = str(e)
+
+
+def test_sigkill_and_restart_of_an_agent_keeps_established_flows(lab, pods):
+    stop, result = threading.Event(), {}
+    t = threading.Thread(target=_stream, args=(pods["x"]["netns"], pods["y"]["ip"], stop, result))
+    t.start()
+    time.sleep(0.5)
+    old = lab.agent_proc("node1")
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while processes.alive(old) and time.monotonic() < deadline:
+        try:
+            os.waitpid(old["pid"], os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+    time.sleep(0.5)  # traffic keeps flowing with no agent at all
+    lab.start_agent(lab.plan.node("node1"))
+    lab.wait_ready()
+    time.sleep(0.5)
+    stop.set()
+    t.join(10)
+    assert "error" not in result, result
+    assert result["answered"] > 20
+    assert lab.agent_proc("node1")["pid"] != old["pid"]
+    # the new agent adopted the pinned links instead of recreating them
+    links_dir = os.path.join(pin_root(lab.name, "node1"), "links")
+    assert len(os.listdir(links_dir)) >= 4
+
+
+def test_bpf_enabled_false_detaches_and_true_reattaches_live(lab, pods):
+    ds = lab.datastore()
+    links_dir = os.path.join(pin_root(lab.name, "node2"), "links")
+    assert os.listdir(links_dir)
+    ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfEnabled": False}})
+    lab.wait_ready()
+    assert os.listdir(links_dir) == []
+    # without tby_tun_egress nothing sets the tunnel key: the collect-metadata device drops
+    ok, _ = traffic.reachable(
+        lambda: traffic.http_get(
+            pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname", timeout_s=1
+        )
+    )
+    assert not ok
+    ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfEnabled": True}})
+    lab.wait_ready()
+    assert sorted(os.listdir(links_dir))
+    assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"

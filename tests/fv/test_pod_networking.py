@@ -1,0 +1,189 @@
+"""Pod networking in the lab, on real packets: same node, across nodes, across subnets, VXLAN."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from tabby.lab import capture, traffic
+from tabby.lab.cluster import Lab, LabError, pin_root
+from tabby.lab.pods import run_cni
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+
+@pytest.fixture(scope="module")
+def pods(lab: Lab) -> dict[str, dict]:
+    """a1, a2 on node1 (subnet A); b on node2 (subnet B); c on node3 (subnet A)."""
+    for name, node in (("a1", "node1"), ("a2", "node1"), ("b", "node2"), ("c", "node3")):
+        lab.add_pod(name, node, wait=False)
+    lab.wait_ready()
+    return {n: lab.pod(n) for n in ("a1", "a2", "b", "c")}
+
+
+@pytest.mark.parametrize(
+    "src,dst", [("a1", "a2"), ("a1", "b"), ("b", "a1"), ("a1", "c"), ("c", "b")]
+)
+def test_pods_reach_each_other_tcp_udp_with_their_own_source(pods, src, dst):
+    s, d = pods[src], pods[dst]
+    assert traffic.http_get(s["netns"], d["ip"], 8080, "/hostname") == dst
+    seen = traffic.http_get(s["netns"], d["ip"], 8080, "/clientip").split(":")[0]
+    assert seen == s["ip"], "no SNAT between pods"
+    assert traffic.udp_request(s["netns"], d["ip"], 8081, b"clientip").split(":")[0] == s["ip"]
+
+
+def test_cross_node_is_vxlan_on_the_wire_and_same_node_never_leaves(lab, pods):
+    a1, a2, b = pods["a1"], pods["a2"], pods["b"]
+    with capture.capture(lab.plan.fabric_netns, "node1") as cap:
+        traffic.http_get(a1["netns"], b["ip"], 8080, "/hostname")
+        traffic.udp_request(a1["netns"], b["ip"], 8081, b"x")
+        traffic.http_get(a1["netns"], a2["ip"], 8080, "/hostname")
+    inner = cap.inner_between(a1["ip"], b["ip"])
+    assert len(inner) >= 4, f"expected VXLAN-encapsulated a1<->b packets, saw {len(cap.packets)}"
+    outer = {(p["IP"].src, p["IP"].dst) for p in inner}
+    assert outer <= {
+        (lab.plan.node("node1").ip, lab.plan.node("node2").ip),
+        (lab.plan.node("node2").ip, lab.plan.node("node1").ip),
+    }
+    assert all(p["UDP"].payload.vni == 4096 for p in inner)
+    assert cap.plain_between(a1["ip"], b["ip"]) == [], (
+        "pod traffic crossed the fabric unencapsulated"
+    )
+    assert cap.plain_between(a1["ip"], a2["ip"]) == []
+    assert cap.inner_between(a1["ip"], a2["ip"]) == [], "same-node traffic left the node"
+
+
+def _mtu(netns: str, ifname: str) -> int:
+    from tabby.netlink import links
+
+    def read() -> int:
+        with links.rtnl() as ipr:
+            mtu = links.link_mtu(ipr, ifname)
+        assert mtu is not None, f"{ifname} missing in {netns}"
+        return mtu
+
+    return traffic.in_netns(netns, read)
+
+
+def test_pod_mtu_is_data_mtu_minus_vxlan_overhead(lab, pods):
+    node1 = lab.plan.node("node1").netns
+    data = _mtu(node1, "eth0")
+    assert _mtu(pods["a1"]["netns"], "eth0") == data - 50
+    assert _mtu(node1, "tby.vxlan") == data - 50
+    # a datagram filling the pod MTU crosses nodes whole
+    big = b"y" * (data - 50 - 28)
+    assert traffic.udp_request(pods["a1"]["netns"], pods["b"]["ip"], 8081, big) == big.decode()
+
+
+def test_node_reaches_its_pods_and_remote_pods_and_pods_reach_their_node(lab, pods):
+    node1 = lab.plan.node("node1")
+    # node -> local pod
+    assert traffic.http_get(node1.netns, pods["a1"]["ip"], 8080, "/hostname") == "a1"
+    # node -> remote pod: sourced from node1's tunnel address, replies come back through VXLAN
+    seen = traffic.http_get(node1.netns, pods["b"]["ip"], 8080, "/clientip").split(":")[0]
+    assert seen.startswith("100."), f"node1 -> remote pod should use its tunnel address, saw {seen}"
+    # pod -> its node: a listener on the node's address
+    ready, got = threading.Event(), {}
+
+    def serve():
+        def inner():
+            with socket.create_server((node1.ip, 7070)) as srv:
+                ready.set()
+                srv.settimeout(5)
+                conn, peer = srv.accept()
+                got["peer"] = peer[0]
+                conn.sendall(b"node1")
+                conn.close()
+
+        traffic.in_netns(node1.netns, inner)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    ready.wait(5)
+
+    def connect():
+        with socket.create_connection((node1.ip, 7070), timeout=3) as s:
+            return s.recv(16)
+
+    assert traffic.in_netns(pods["a1"]["netns"], connect) == b"node1"
+    t.join()
+    assert got["peer"] == pods["a1"]["ip"]
+
+
+def test_bpf_route_map_holds_pods_blocks_and_nodes(lab, pods):
+    from tabby.bpf.maps.routes import ROUTES_SPEC, RouteFlags, RoutesMap
+
+    routes = RoutesMap(ROUTES_SPEC.open_pinned(pin_root(lab.name, "node1"))).dump()
+    assert routes[f"{pods['a1']['ip']}/32"].route_flags == RouteFlags.LOCAL_WL
+    remote = [c for c, v in routes.items() if RouteFlags.REMOTE_WL in v.route_flags]
+    assert any(c.endswith("/26") for c in remote)
+    assert f"{lab.plan.node('node2').ip}/32" in routes
+
+
+def test_spoofed_source_is_dropped_and_counted(lab, pods):
+    from scapy.all import IP, UDP
+
+    def metric(node):
+        def get():
+            import urllib.request
+
+            with urllib.request.urlopen("http://127.0.0.1:9099/metrics", timeout=2) as r:
+                return r.read().decode()
+
+        text = traffic.in_netns(lab.plan.node(node).netns, get)
+        for line in text.splitlines():
+            if line.startswith('tabby_bpf_packets_total{reason="drop_spoof"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = metric("node1")
+    ready, got = threading.Event(), []
+
+    def listen():
+        def inner():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("0.0.0.0", 9911))
+                s.settimeout(1.5)
+                ready.set()
+                try:
+                    got.append(s.recvfrom(100))
+                except TimeoutError:
+                    pass
+
+        traffic.in_netns(pods["b"]["netns"], inner)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    ready.wait(5)
+
+    def spoof():
+        # a raw IP socket: the pod's kernel routes it and resolves the gateway's MAC
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw_sock:
+            for _ in range(3):
+                pkt = IP(src="100.96.99.99", dst=pods["b"]["ip"]) / UDP(sport=1, dport=9911)
+                raw_sock.sendto(bytes(pkt / b"evil"), (pods["b"]["ip"], 0))
+            # a legitimate datagram through the same socket proves the path is open
+            pkt = IP(src=pods["a1"]["ip"], dst=pods["b"]["ip"]) / UDP(sport=2, dport=9911)
+            raw_sock.sendto(bytes(pkt / b"fine"), (pods["b"]["ip"], 0))
+
+    traffic.in_netns(pods["a1"]["netns"], spoof)
+    t.join()
+    assert [d for d, _ in got] == [b"fine"]
+    assert metric("node1") == before + 3
+
+
+def test_second_lab_up_with_the_same_name_is_refused(lab):
+    before = sorted(os.listdir("/run/netns"))
+    with pytest.raises(LabError, match="already exists"):
+        Lab.up(lab.name, 3, progress=lambda _m: None)
+    assert sorted(os.listdir("/run/netns")) == before
+
+
+def test_cni_add_without_netns_is_a_clean_error(lab, pods):
+    blocks_before = lab.datastore().list("IPAMBlock")[0]
+    with pytest.raises(Exception, match="CNI_NETNS is required"):
+        run_cni(lab.plan, "node1", "ADD", "cid-x", "default", "ghost", None)
+    assert lab.datastore().list("IPAMBlock")[0] == blocks_before

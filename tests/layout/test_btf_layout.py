@@ -1,0 +1,224 @@
+"""C layouts (BTF of the compiled objects) against their Python mirrors, and the verifier.
+
+types.h / maps.h / reasons.h / config.h are the source of truth; a mismatch here means a mirror
+in src/tabby/bpf is stale (or a layout changed without a _vN bump).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tabby.bpf import libbpf
+from tabby.bpf.maps import ALL_SPECS
+from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
+from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
+from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
+
+Types = dict[int, dict[str, Any]]
+
+# every tby_* struct of types.h and its mirror
+MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "tby_route_key": RouteKey,
+    "tby_route_val": RouteValue,
+}
+OBJECTS = sorted(ENTRY_OBJECTS)
+TYPES_H = Path(__file__).resolve().parents[2] / "bpf/include/tabby/types.h"
+_MODIFIERS = {"CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
+
+
+def _strip(types: Types, type_id: int) -> dict[str, Any]:
+    t = types[type_id]
+    while t["kind"] in _MODIFIERS:
+        t = types[t["type_id"]]
+    return t
+
+
+def _size(types: Types, type_id: int) -> int:
+    t = _strip(types, type_id)
+    while t["kind"] == "TYPEDEF":
+        t = _strip(types, t["type_id"])
+    if t["kind"] == "ARRAY":
+        return int(t["nr_elems"]) * _size(types, t["type_id"])
+    return int(t["size"])
+
+
+def _is_be_typedef(types: Types, type_id: int) -> bool:
+    """BTF knows byte order only through typedef names: __be16/__be32/__be64."""
+    t = _strip(types, type_id)
+    while t["kind"] == "TYPEDEF":
+        if t["name"].startswith("__be"):
+            return True
+        t = _strip(types, t["type_id"])
+    return False
+
+
+def _is_be_ctype(ctype: Any) -> bool:
+    return (
+        ctypes.sizeof(ctype) > 1 and ctype is ctype.__ctype_be__ and ctype is not ctype.__ctype_le__
+    )
+
+
+def _is_bitfield(struct: dict[str, Any], member: str) -> bool:
+    return any(m.get("bitfield_size", 0) for m in struct["members"] if m["name"] == member)
+
+
+def _named(types: Types, kind: str) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in types.values() if t["kind"] == kind}
+
+
+def _datasec_vars(types: Types, section: str) -> list[dict[str, Any]]:
+    sec = _named(types, "DATASEC")[section]
+    return [types[v["type_id"]] for v in sec["vars"]]
+
+
+@pytest.mark.parametrize("obj", OBJECTS)
+def test_every_tby_struct_has_a_matching_mirror(btf: dict[str, Types], obj: str) -> None:
+    types = btf[obj]
+    structs = {n: t for n, t in _named(types, "STRUCT").items() if n.startswith("tby_")}
+    assert set(structs) <= set(MIRRORS), (
+        f"tby_* structs without a mirror: {set(structs) - set(MIRRORS)}"
+    )
+    for name, t in structs.items():
+        mirror = MIRRORS[name]
+        assert ctypes.sizeof(mirror) == t["size"], f"{name}: size"
+        c_members = [(m["name"], m["bits_offset"] // 8, m["type_id"]) for m in t["members"]]
+        py_fields = [(f[0], getattr(mirror, f[0]).offset, f[1]) for f in mirror._fields_]
+        assert [m[0] for m in c_members] == [f[0] for f in py_fields], f"{name}: member names/order"
+        for (cname, coff, ctid), (_, poff, ptype) in zip(c_members, py_fields, strict=True):
+            assert not _is_bitfield(t, cname), f"{name}.{cname}: bitfields are not mirrored"
+            assert coff == poff, f"{name}.{cname}: offset {coff} != {poff}"
+            assert _size(types, ctid) == ctypes.sizeof(ptype), f"{name}.{cname}: size"
+            assert _is_be_typedef(types, ctid) == _is_be_ctype(ptype), f"{name}.{cname}: byte order"
+
+
+def test_types_used_by_maps_are_all_in_btf(btf: dict[str, Types]) -> None:
+    """Each mirror must be visible in at least one object, or the check above checks nothing."""
+    seen = {n for types in btf.values() for n in _named(types, "STRUCT")}
+    assert set(MIRRORS) <= seen
+
+
+@pytest.mark.parametrize("obj", OBJECTS)
+def test_map_specs_match_btf_map_definitions(btf: dict[str, Types], obj: str) -> None:
+    types = btf[obj]
+    defs = {v["name"]: _strip(types, v["type_id"]) for v in _datasec_vars(types, ".maps")}
+    assert set(defs) == {s.name for s in ALL_SPECS}, "maps.h and ALL_SPECS list different maps"
+    for spec in ALL_SPECS:
+        members = {m["name"]: m["type_id"] for m in defs[spec.name]["members"]}
+
+        def uint(field: str, members: dict[str, int] = members) -> int:
+            arr = _strip(types, types[members[field]]["type_id"])  # __uint(): int (*name)[value]
+            return int(arr["nr_elems"]) if field in members else 0
+
+        def pointee(field: str, members: dict[str, int] = members) -> dict[str, Any]:
+            return _strip(types, types[members[field]]["type_id"])
+
+        assert uint("type") == spec.map_type, f"{spec.name}: type"
+        assert uint("max_entries") == spec.max_entries, f"{spec.name}: max_entries"
+        assert ("map_flags" in members and uint("map_flags")) == spec.map_flags, (
+            f"{spec.name}: flags"
+        )
+        assert uint("pinning") == 1, f"{spec.name}: must be LIBBPF_PIN_BY_NAME"
+        for field, ctype in (("key", spec.key_type), ("value", spec.value_type)):
+            t = pointee(field)
+            size = _size(types, types[members[field]]["type_id"])
+            assert size == ctypes.sizeof(ctype), f"{spec.name}: {field} size"
+            if t["kind"] == "STRUCT":
+                assert MIRRORS.get(t["name"]) is ctype, (
+                    f"{spec.name}: {field} is struct {t['name']}"
+                )
+
+
+@pytest.mark.parametrize("obj", OBJECTS)
+def test_reasons_enum_matches_python(btf: dict[str, Types], obj: str) -> None:
+    enum = _named(btf[obj], "ENUM").get("tby_reason")
+    assert enum is not None, "enum tby_reason missing from BTF (reasons.h anchors it)"
+    c_values = {v["name"]: v["val"] for v in enum["values"]}
+    assert c_values.pop("TBY_REASON_MAX") == REASON_MAX
+    assert c_values == {r.c_name: r.value for r in Reason}
+    assert all(name.startswith(C_PREFIX) for name in c_values)
+
+
+@pytest.mark.parametrize("obj", OBJECTS)
+def test_rodata_matches_datapath_config(btf: dict[str, Types], bpf_dir: Path, obj: str) -> None:
+    """Names and types from BTF; offsets from the ELF symbols (BTF DATASEC offsets are only
+    filled in by libbpf at open time)."""
+    types = btf[obj]
+    var_types = {v["name"]: v["type_id"] for v in _datasec_vars(types, ".rodata")}
+    offsets = _rodata_symbols(bpf_dir / obj)
+    c_layout = sorted((offsets[name], name) for name in var_types)
+    assert [n for _, n in c_layout] == [f[0] for f in DatapathConfig._fields_]
+    for off, name in c_layout:
+        ptype = dict(DatapathConfig._fields_)[name]
+        assert getattr(DatapathConfig, name).offset == off, f"{name}: offset"
+        assert _size(types, var_types[name]) == ctypes.sizeof(ptype), f"{name}: size"
+        assert _is_be_typedef(types, var_types[name]) == _is_be_ctype(ptype), f"{name}: byte order"
+
+
+def _rodata_symbols(path: Path) -> dict[str, int]:
+    sections = subprocess.run(
+        ["readelf", "-SW", str(path)], capture_output=True, text=True, check=True
+    )
+    idx = next(
+        m.group(1)
+        for m in re.finditer(r"\[\s*(\d+)\]\s+(\S+)", sections.stdout)
+        if m.group(2) == ".rodata"
+    )
+    syms = subprocess.run(["readelf", "-sW", str(path)], capture_output=True, text=True, check=True)
+    out = {}
+    for line in syms.stdout.splitlines():
+        cols = line.split()
+        if len(cols) == 8 and cols[3] == "OBJECT" and cols[6] == idx:
+            out[cols[7]] = int(cols[1], 16)
+    return out
+
+
+def test_route_flags_match_types_h() -> None:
+    defines = {
+        m.group(1): 1 << int(m.group(2))
+        for m in re.finditer(r"#define TBY_RT_(\w+) \(1U << (\d+)\)", TYPES_H.read_text())
+    }
+    assert defines == {f.name: f.value for f in RouteFlags}
+
+
+def test_names_fit_the_kernel() -> None:
+    names = [p for progs in ENTRY_OBJECTS.values() for p in progs] + [s.name for s in ALL_SPECS]
+    for name in names:
+        assert name.startswith("tby_") and len(name) <= 15, name
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("obj", OBJECTS)
+def test_object_passes_the_verifier(bpf_dir: Path, pin_root: str, obj: str) -> None:
+    o = libbpf.Object(str(bpf_dir / obj), pin_root=pin_root)
+    try:
+        assert sorted(o.program_names()) == sorted(ENTRY_OBJECTS[obj])
+        defaults = o.rodata(DatapathConfig)
+        assert defaults.cfg_vni == 4096 and defaults.cfg_host_ip == 0
+        o.set_rodata(DatapathConfig.build(vni=7, host_ip="172.20.32.10"))
+        o.load()
+        for spec in ALL_SPECS:  # the kernel's view agrees with the spec, and it is pinned
+            info = {m.name: m for m in o.maps()}[spec.name]
+            assert (
+                info.type,
+                info.key_size,
+                info.value_size,
+                info.max_entries,
+                info.map_flags,
+            ) == (
+                spec.map_type,
+                spec.key_size,
+                spec.value_size,
+                spec.max_entries,
+                spec.map_flags,
+            )
+            assert info.pin_path == f"{pin_root}/{spec.name}"
+        for prog in ENTRY_OBJECTS[obj]:
+            assert libbpf.prog_info(o.prog_fd(prog))[1] == prog
+    finally:
+        o.close()

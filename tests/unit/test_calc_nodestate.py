@@ -1,0 +1,133 @@
+"""calc.nodestate: resources in, one node's desired routes/endpoints out; order never matters."""
+
+from __future__ import annotations
+
+import itertools
+
+from tabby.calc import names
+from tabby.calc.nodestate import (
+    RT_ENCAP_VXLAN,
+    RT_LOCAL_HOST,
+    RT_LOCAL_WL,
+    RT_REMOTE_HOST,
+    RT_REMOTE_WL,
+    RT_TUNNEL_ADDR,
+    compute,
+)
+
+
+def node(name, ip, prefix=19):
+    return {
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"projectcalico.org/IPv4Address": f"{ip}/{prefix}"},
+        },
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    }
+
+
+def pool(mode="Always"):
+    return {
+        "kind": "IPPool",
+        "metadata": {"name": "p"},
+        "spec": {"cidr": "100.96.0.0/11", "blockSize": 26, "vxlanMode": mode},
+    }
+
+
+def block(cidr, owner, allocations=None):
+    return {
+        "kind": "IPAMBlock",
+        "metadata": {"name": names.block_name(cidr)},
+        "spec": {"cidr": cidr, "affinity": f"host:{owner}", "allocations": allocations or {}},
+    }
+
+
+def pod(name, node_name, ip, ns="default"):
+    return {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"nodeName": node_name},
+        "status": {"podIP": ip},
+    }
+
+
+def resources(objs):
+    out: dict = {}
+    for o in objs:
+        key = (o["metadata"].get("namespace", ""), o["metadata"]["name"])
+        out.setdefault(o["kind"], {})[key] = o
+    return out
+
+
+OBJS = [
+    node("n1", "172.20.32.11"),
+    node("n2", "172.20.64.12"),
+    node("n3", "172.20.32.13"),
+    pool(),
+    block("100.96.0.0/26", "n1", {"100.96.0.0": names.tunnel_handle("n1"), "100.96.0.1": "c1"}),
+    block("100.96.0.64/26", "n2"),
+    block("100.96.0.128/26", "n3"),
+    pod("a", "n1", "100.96.0.1"),
+    pod("b", "n2", "100.96.0.65"),
+    pod("h", "n1", None),
+]
+
+
+def test_local_pods_remote_blocks_nodes_and_tunnel_address():
+    st = compute(resources(OBJS), "n1")
+    assert st.routes["100.96.0.1/32"].flags == RT_LOCAL_WL
+    assert st.routes["100.96.0.1/32"].ifname == names.host_ifname("default", "a")
+    assert st.routes["100.96.0.64/26"].flags == RT_REMOTE_WL | RT_ENCAP_VXLAN
+    assert st.routes["100.96.0.64/26"].next_hop == "172.20.64.12"
+    assert st.routes["172.20.32.11/32"].flags == RT_LOCAL_HOST
+    assert st.routes["172.20.64.12/32"].flags == RT_REMOTE_HOST
+    assert st.routes["100.96.0.0/32"].flags == RT_LOCAL_HOST | RT_TUNNEL_ADDR
+    assert "100.96.0.0/26" not in st.routes, "own block: pods are /32s"
+    assert st.tunnel_ip == "100.96.0.0" and st.needs_vxlan
+    assert set(st.endpoints) == {names.host_ifname("default", "a")}, "pod without IP not wired"
+    assert set(st.kernel_routes) == {"100.96.0.64/26", "100.96.0.128/26"}
+
+
+def test_result_does_not_depend_on_event_order():
+    base = compute(resources(OBJS), "n1")
+    for perm in itertools.islice(itertools.permutations(OBJS), 0, 200, 7):
+        st = compute(resources(perm), "n1")
+        assert st.routes == base.routes and st.endpoints == base.endpoints
+
+
+def test_cross_subnet_encapsulates_only_across_subnets():
+    objs = [o for o in OBJS if o["kind"] != "IPPool"] + [pool("CrossSubnet")]
+    st = compute(resources(objs), "n1")
+    assert st.routes["100.96.0.64/26"].flags & RT_ENCAP_VXLAN  # n2: other subnet
+    assert not st.routes["100.96.0.128/26"].flags & RT_ENCAP_VXLAN  # n3: same subnet
+    assert st.kernel_routes["100.96.0.128/26"].encap == "none"
+    assert st.kernel_routes["100.96.0.128/26"].gateway == "172.20.32.13"
+
+
+def test_never_mode_routes_directly_and_needs_no_tunnel():
+    objs = [o for o in OBJS if o["kind"] != "IPPool"] + [pool("Never")]
+    st = compute(resources(objs), "n1")
+    assert not st.needs_vxlan
+    assert st.routes["100.96.0.64/26"].flags == RT_REMOTE_WL
+
+
+def test_bpf_enabled_and_vni_come_from_felixconfiguration():
+    fc = {
+        "kind": "FelixConfiguration",
+        "metadata": {"name": "default"},
+        "spec": {"bpfEnabled": False, "vxlanVNI": 77},
+    }
+    st = compute(resources(OBJS + [fc]), "n1")
+    assert st.bpf_enabled is False and st.vni == 77
+
+
+def test_block_of_an_unknown_node_is_a_warning_not_a_route():
+    st = compute(resources(OBJS + [block("100.96.1.0/26", "ghost")]), "n1")
+    assert "100.96.1.0/26" not in st.routes
+    assert any("ghost" in w for w in st.warnings)
+
+
+def test_empty_inputs():
+    st = compute({}, "n1")
+    assert st.routes == {} and st.endpoints == {} and st.node_ip is None
