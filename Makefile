@@ -37,6 +37,7 @@ build/bpf/%.o: bpf/%.c $(BPF_HDRS)
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy src
 
 test: setup lint
 	$(PY) -m pytest -q tests

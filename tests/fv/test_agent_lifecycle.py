@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
+from tabby.calc import names
 from tabby.lab import processes, traffic
 from tabby.lab.cluster import Lab, pin_root
 
@@ -94,4 +96,35 @@ def test_bpf_enabled_false_detaches_and_true_reattaches_live(lab, pods):
     ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfEnabled": True}})
     lab.wait_ready()
     assert sorted(os.listdir(links_dir))
+    assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"
+
+
+def _tc_filters(netns: str, ifname: str, direction: str) -> str:
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", "tc", "filter", "show", "dev", ifname, direction],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout
+
+
+def test_bpf_attach_type_tc_uses_clsact_and_switches_back_live(lab, pods):
+    ds = lab.datastore()
+    node2 = lab.plan.node("node2")
+    root = pin_root(lab.name, "node2")
+    veth = names.host_ifname("default", "y")
+    assert "tby_from_wl" not in _tc_filters(node2.netns, veth, "ingress")
+    ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfAttachType": "TC"}})
+    lab.wait_ready()
+    assert os.listdir(os.path.join(root, "links")) == []
+    assert "tby_from_wl" in _tc_filters(node2.netns, veth, "ingress")
+    assert "tby_to_wl" in _tc_filters(node2.netns, veth, "egress")
+    assert "tby_tun_egress" in _tc_filters(node2.netns, "tby.vxlan", "egress")
+    assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"
+    ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfAttachType": "TCX"}})
+    lab.wait_ready()
+    assert "tby_from_wl" not in _tc_filters(node2.netns, veth, "ingress")
+    assert os.listdir(os.path.join(root, "tc")) == []
+    assert len(os.listdir(os.path.join(root, "links"))) == 4
     assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tabby.calc import names
 from tabby.calc.mtu import Encap
@@ -70,6 +70,7 @@ class NodeState:
     vni: int = DEFAULT_VNI
     vxlan_port: int = DEFAULT_VXLAN_PORT
     log_level: str = "Off"
+    attach_type: Literal["TCX", "TC"] = "TCX"
     tunnel_ip: str | None = None  # this node's VXLAN device address, from IPAM
     needs_vxlan: bool = False
     routes: dict[str, Route] = field(default_factory=dict)
@@ -102,7 +103,7 @@ def felix_config(resources: Resources) -> Obj:
 def _pool_for(block: ipaddress.IPv4Network, pools: list[Obj]) -> Obj | None:
     for pool in pools:
         net = ipaddress.ip_network(pool["spec"]["cidr"], strict=False)
-        if net.version == 4 and block.subnet_of(net):  # type: ignore[arg-type]
+        if isinstance(net, ipaddress.IPv4Network) and block.subnet_of(net):
             return pool
     return None
 
@@ -136,6 +137,7 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.vni = int(cfg.get("vxlanVNI", DEFAULT_VNI))
     state.vxlan_port = int(cfg.get("vxlanPort", DEFAULT_VXLAN_PORT))
     state.log_level = str(cfg.get("bpfLogLevel", "Off"))
+    state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
     pools = [
         p
         for p in resources.get("IPPool", {}).values()
@@ -161,10 +163,10 @@ def compute(resources: Resources, node: str) -> NodeState:
     for block in resources.get("IPAMBlock", {}).values():
         spec = block.get("spec", {})
         cidr = ipaddress.ip_network(spec["cidr"], strict=False)
-        if cidr.version != 4:
+        if not isinstance(cidr, ipaddress.IPv4Network):
             continue
         owner = str(spec.get("affinity", "")).removeprefix("host:")
-        pool = _pool_for(cidr, pools)  # type: ignore[arg-type]
+        pool = _pool_for(cidr, pools)
         if owner == node:
             tunnel = _tunnel_address(spec, node)
             if tunnel:

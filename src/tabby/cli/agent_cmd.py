@@ -23,6 +23,11 @@ def _logging(level: str) -> None:
     )
 
 
+def _exit(stop: threading.Event) -> None:
+    stop.set()
+    sys.exit(0)
+
+
 @app.command()
 def agent(
     node: str = typer.Option(..., help="this node's name (its Node object)"),
@@ -40,7 +45,7 @@ def agent(
 
     _logging(log_level)
     a = Agent(node, datastore, netns, pin_root or pin_root_for(node), data_iface, health_port)
-    signal.signal(signal.SIGTERM, lambda *_: a.stop.set() or sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: _exit(a.stop))
     try:
         a.run()
     except PreflightError as e:
@@ -56,5 +61,5 @@ def controller(datastore: str = DatastoreOpt, log_level: str = typer.Option("inf
 
     _logging(log_level)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set() or sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: _exit(stop))
     endpointslices.run(open_datastore(datastore), stop)

@@ -13,7 +13,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="the namespace lab cluster")
 pod_app = typer.Typer(add_completion=False, no_args_is_help=True, help="lab pods")
 app.add_typer(pod_app, name="pod")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 LabelOpt = typer.Option([], help="KEY=VALUE, repeatable")
 NameOpt = typer.Option("demo", "--name", help="lab name (prefixes its namespaces, pins, cgroups)")
 
@@ -41,7 +41,12 @@ def up(name: str = NameOpt, nodes: int = typer.Option(3, help="number of nodes")
 
     try:
         with console.status(f"bringing lab {name} up") as status:
-            Lab.up(name, nodes, progress=lambda m: (status.update(m), console.log(m)))
+
+            def report(message: str) -> None:
+                status.update(message)
+                console.log(message)
+
+            Lab.up(name, nodes, progress=report)
     except (LabError, TopologyError, PreflightError) as e:
         _fail(str(e))
     console.print(f"lab [bold]{name}[/] is up: `tabbyctl lab status --name {name}`")

@@ -1,14 +1,20 @@
-"""Which program sits on which hook: tcx links, pinned so they outlive the agent.
+"""Which program sits on which hook, and how it is held there.
 
-Each attachment is a tcx link pinned at ``<pin root>/links/<ifname>@<in|eg>`` (bpffs refuses
-names with dots, so a dot in an interface name is pinned as ``~``). A pin is how we
-recognise an attachment as ours after a restart: the new agent opens it and swaps its program
-with BPF_LINK_UPDATE, so traffic never runs unprotected between two agents. Removing the pin
-(and our fd) detaches the program. Pins whose interface disappeared are swept.
+Two attach types, as Calico's ``bpfAttachType``:
+- ``TCX`` (default, kernel >= 6.6): a tcx link pinned at ``<pin root>/links/<ifname>@<in|eg>``.
+  The pin is how we recognise the attachment as ours after a restart: the new agent opens it and
+  swaps its program in with BPF_LINK_UPDATE, so traffic never runs unprotected between two
+  agents. Removing the pin (we hold no other fd) detaches the program.
+- ``TC`` (older kernels): clsact + a cls_bpf filter with tabby's handle/priority. The attached
+  program is also pinned at ``<pin root>/tc/<ifname>@<in|eg>`` as the record that the filter is
+  ours; re-attaching replaces the filter in place.
+bpffs refuses names with dots, so a dot in an interface name is pinned as ``~``. On a switch of
+attach type the new attachment is made before the old one is removed: no unprotected gap.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -19,6 +25,9 @@ from tabby.bpf import libbpf
 
 log = logging.getLogger(__name__)
 Direction = Literal["in", "eg"]
+AttachType = Literal["TCX", "TC"]
+TC_HANDLE = 0x7AB  # "tab": our cls_bpf filter's handle
+TC_PRIORITY = 1
 
 
 @dataclass(frozen=True)
@@ -28,43 +37,70 @@ class Attachment:
     program: str
 
 
-class AttachManager:
-    def __init__(self, pin_root: str) -> None:
-        self.dir = os.path.join(pin_root, "links")
-        os.makedirs(self.dir, exist_ok=True)
-        self.programmed: dict[tuple[str, str], int] = {}  # (ifname, dir) -> attached prog id
+class _PinDir:
+    """A directory of bpffs pins named ``<ifname>@<direction>``."""
 
-    def _pin(self, ifname: str, direction: str) -> str:
-        return os.path.join(self.dir, f"{ifname.replace('.', '~')}@{direction}")
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(path, exist_ok=True)
 
-    def pinned(self) -> list[tuple[str, str]]:
+    def pin(self, ifname: str, direction: str) -> str:
+        return os.path.join(self.path, f"{ifname.replace('.', '~')}@{direction}")
+
+    def entries(self) -> list[tuple[str, str]]:
         out = []
-        for entry in os.listdir(self.dir):
+        for entry in os.listdir(self.path):
             ifname, _, direction = entry.rpartition("@")
             out.append((ifname.replace("~", "."), direction))
         return out
 
-    def apply(self, desired: list[Attachment], prog_fds: dict[str, int]) -> list[str]:
-        """Attach/refresh ``desired``, detach every other pin; returns per-attachment errors."""
+    def remove(self, ifname: str, direction: str) -> None:
+        try:
+            os.unlink(self.pin(ifname, direction))
+        except FileNotFoundError:
+            pass
+
+
+class AttachManager:
+    def __init__(self, pin_root: str) -> None:
+        self.links = _PinDir(os.path.join(pin_root, "links"))
+        self.tc = _PinDir(os.path.join(pin_root, "tc"))
+        self.programmed: dict[tuple[str, str, str], int] = {}  # (type, ifname, dir) -> prog id
+
+    def pinned(self) -> list[tuple[str, str]]:
+        return self.links.entries()
+
+    def apply(
+        self, desired: list[Attachment], prog_fds: dict[str, int], attach_type: AttachType = "TCX"
+    ) -> list[str]:
+        """Attach/refresh ``desired`` as ``attach_type``; detach every other attachment of ours."""
         errors = []
         wanted = {(a.ifname, a.direction) for a in desired}
         for a in desired:
             try:
-                self._ensure(a, prog_fds[a.program])
+                if attach_type == "TCX":
+                    self._ensure_tcx(a, prog_fds[a.program])
+                else:
+                    self._ensure_tc(a, prog_fds[a.program])
             except OSError as e:
                 errors.append(f"attach {a.program} to {a.ifname} {a.direction}: {e}")
-        for ifname, direction in self.pinned():
-            if (ifname, direction) not in wanted:
-                self._detach(ifname, direction)
+        for ifname, direction in self.links.entries():
+            if attach_type != "TCX" or (ifname, direction) not in wanted:
+                self.links.remove(ifname, direction)
+                self.programmed.pop(("TCX", ifname, direction), None)
+                log.info("detached tcx %s %s", ifname, direction)
+        for ifname, direction in self.tc.entries():
+            if attach_type != "TC" or (ifname, direction) not in wanted:
+                self._detach_tc(ifname, direction)
         return errors
 
-    def _ensure(self, a: Attachment, prog_fd: int) -> None:
+    def _ensure_tcx(self, a: Attachment, prog_fd: int) -> None:
         ifindex = socket.if_nametoindex(a.ifname)  # this thread's netns: the node's
         prog_id = libbpf.prog_info(prog_fd)[0]
-        key = (a.ifname, a.direction)
+        key = ("TCX", a.ifname, a.direction)
         if self.programmed.get(key) == prog_id:
             return
-        pin = self._pin(a.ifname, a.direction)
+        pin = self.links.pin(a.ifname, a.direction)
         if os.path.exists(pin):
             fd = libbpf.obj_get(pin)
             try:
@@ -83,12 +119,33 @@ class AttachManager:
         finally:
             os.close(fd)
         self.programmed[key] = prog_id
-        log.info("attached %s to %s %s", a.program, a.ifname, a.direction)
+        log.info("attached %s to %s %s (tcx)", a.program, a.ifname, a.direction)
 
-    def _detach(self, ifname: str, direction: str) -> None:
+    def _ensure_tc(self, a: Attachment, prog_fd: int) -> None:
+        ifindex = socket.if_nametoindex(a.ifname)
+        prog_id = libbpf.prog_info(prog_fd)[0]
+        key = ("TC", a.ifname, a.direction)
+        ingress = a.direction == "in"
+        if (
+            self.programmed.get(key) == prog_id
+            and libbpf.tc_query(ifindex, ingress, TC_HANDLE, TC_PRIORITY) == prog_id
+        ):
+            return
+        libbpf.tc_attach(ifindex, prog_fd, ingress, TC_HANDLE, TC_PRIORITY)
+        pin = self.tc.pin(a.ifname, a.direction)
+        self.tc.remove(a.ifname, a.direction)
+        libbpf.obj_pin(prog_fd, pin)
+        self.programmed[key] = prog_id
+        log.info("attached %s to %s %s (clsact)", a.program, a.ifname, a.direction)
+
+    def _detach_tc(self, ifname: str, direction: str) -> None:
         try:
-            os.unlink(self._pin(ifname, direction))
-        except FileNotFoundError:
-            pass
-        self.programmed.pop((ifname, direction), None)
-        log.info("detached %s %s", ifname, direction)
+            libbpf.tc_detach(
+                socket.if_nametoindex(ifname), direction == "in", TC_HANDLE, TC_PRIORITY
+            )
+        except OSError as e:
+            if e.errno not in (errno.ENODEV, errno.ENXIO, errno.ENOENT, errno.EINVAL):
+                raise
+        self.tc.remove(ifname, direction)
+        self.programmed.pop(("TC", ifname, direction), None)
+        log.info("detached clsact %s %s", ifname, direction)

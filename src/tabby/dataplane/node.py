@@ -64,7 +64,9 @@ class NodeDataplane:
         if state.bpf_enabled != self.bpf_enabled and state.bpf_enabled is False:
             warnings.append("bpfEnabled is false: tabby's programs are detached (disruptive)")
         self.bpf_enabled = state.bpf_enabled
-        errors += self.attach.apply(self._attachments(state), self.objects.prog_fds())
+        errors += self.attach.apply(
+            self._attachments(state), self.objects.prog_fds(), state.attach_type
+        )
         errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip)
         return ApplyResult(errors, warnings)
 

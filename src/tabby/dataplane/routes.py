@@ -11,7 +11,7 @@ import socket
 
 from pyroute2 import IPRoute
 
-from tabby.bpf.maps.routes import RoutesMap, RouteValue
+from tabby.bpf.maps.routes import RouteFlags, RoutesMap, RouteValue
 from tabby.calc import names
 from tabby.calc.nodestate import KernelRoute, Route
 from tabby.netlink import links
@@ -36,7 +36,7 @@ class RouteMapManager:
                 except OSError:
                     errors.append(f"route {cidr}: interface {route.ifname} not found yet")
                     continue
-            want[cidr] = RouteValue.make(route.flags, ifindex, route.next_hop)
+            want[cidr] = RouteValue.make(RouteFlags(route.flags), ifindex, route.next_hop)
         for cidr, value in want.items():
             if cidr not in self.programmed or bytes(self.programmed[cidr]) != bytes(value):
                 self.map.upsert(cidr, value)

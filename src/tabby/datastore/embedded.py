@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inotify_simple import INotify, flags  # type: ignore[import-untyped]
+from inotify_simple import INotify, flags
 
 from tabby.datastore.api import (
     AlreadyExists,

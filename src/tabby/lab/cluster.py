@@ -141,7 +141,11 @@ class Lab:
             fabric.build_node(self.plan, node)
             cgroups.group(self.name, node.name)
         progress("starting the controller and one agent per node")
-        self._start("controller", [tabby_bin(), "controller", "--datastore", self.url], None)
+        self._start(
+            "controller",
+            [tabby_bin(), "controller", "--datastore", self.url],
+            cgroups.group(self.name, "control"),
+        )
         for node in self.plan.nodes:
             self.start_agent(node)
         self.wait_ready(progress=progress)

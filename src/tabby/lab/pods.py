@@ -110,7 +110,7 @@ def container_argv(image: str, pod: str, netns: str, lab: str) -> list[str] | No
     if image == "nginx":
         conf = os.path.join(state.lab_dir(lab), f"nginx-{netns}.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(prefix=state.lab_dir(lab), netns=netns))
+            f.write(NGINX_CONF.format(prefix=state.lab_dir(lab), netns=netns, pod=pod))
         return ["nginx", "-c", conf, "-g", "daemon off;"]
     return None
 
@@ -123,7 +123,7 @@ http {{
   access_log {prefix}/nginx-{netns}.access.log;
   client_body_temp_path /tmp; proxy_temp_path /tmp; fastcgi_temp_path /tmp;
   uwsgi_temp_path /tmp; scgi_temp_path /tmp;
-  server {{ listen 80; location / {{ return 200 "$hostname $remote_addr\\n"; }} }}
+  server {{ listen 80; location / {{ return 200 "{pod} saw $remote_addr\\n"; }} }}
 }}
 """
 
@@ -160,7 +160,7 @@ def add(
     try:
         fabric.add_netns(netns)
         result = run_cni(plan, node, "ADD", cid, namespace, name, netns)
-        ip = result["ips"][0]["address"].split("/")[0]
+        ip = str(result["ips"][0]["address"]).split("/")[0]
         argv = container_argv(image, name, netns, plan.name)
         if argv:
             log = os.path.join(state.lab_dir(plan.name), f"{netns}.log")

@@ -53,6 +53,7 @@ _felix_spec = Struct(
         "bpfLogLevel": enum("Off", "Info", "Debug"),
         "bpfDataIfacePattern": _regex,
         "bpfConnectTimeLoadBalancing": enum("TCP", "Enabled", "Disabled"),
+        "bpfAttachType": enum("TCX", "TC"),
         "bpfKubeProxyIptablesCleanupEnabled": boolean,
         "bpfMapSizeNATFrontend": _positive,
         "bpfMapSizeNATBackend": _positive,

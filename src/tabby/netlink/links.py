@@ -39,7 +39,7 @@ def link_attr(ipr: IPRoute, index: int, attr: str) -> object:
 
 def link_mtu(ipr: IPRoute, name: str) -> int | None:
     idx = ifindex(ipr, name)
-    return None if idx is None else int(link_attr(ipr, idx, "IFLA_MTU"))  # type: ignore[arg-type]
+    return None if idx is None else int(str(link_attr(ipr, idx, "IFLA_MTU")))
 
 
 def default_route_device(ipr: IPRoute) -> str | None:
