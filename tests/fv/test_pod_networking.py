@@ -187,3 +187,59 @@ def test_cni_add_without_netns_is_a_clean_error(lab, pods):
     with pytest.raises(Exception, match="CNI_NETNS is required"):
         run_cni(lab.plan, "node1", "ADD", "cid-x", "default", "ghost", None)
     assert lab.datastore().list("IPAMBlock")[0] == blocks_before
+
+
+def _bpf_counter(lab: Lab, node: str, reason: str) -> float:
+    import urllib.request
+
+    def get() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:9099/metrics", timeout=2) as r:
+            return r.read().decode()
+
+    for line in traffic.in_netns(lab.plan.node(node).netns, get).splitlines():
+        if line.startswith(f'tabby_bpf_packets_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_vxlan_from_an_unknown_vtep_is_dropped_and_from_a_node_accepted(lab, pods):
+    """Anyone who can reach UDP 4789 must not be able to inject packets into pods."""
+    from scapy.all import IP, UDP, VXLAN, Ether
+
+    a1, node1 = pods["a1"], lab.plan.node("node1")
+    inner = (Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=pods["b"]["ip"], dst=a1["ip"])
+             / UDP(sport=5, dport=9912))
+
+    def inject(netns: str, payload: bytes) -> None:
+        def go() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(bytes(VXLAN(flags=0x08, vni=4096) / inner / payload), (node1.ip, 4789))
+
+        traffic.in_netns(netns, go)
+
+    got: list[bytes] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        def inner_listen() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("0.0.0.0", 9912))
+                s.settimeout(1.5)
+                ready.set()
+                while True:
+                    try:
+                        got.append(s.recv(100))
+                    except TimeoutError:
+                        return
+
+        traffic.in_netns(a1["netns"], inner_listen)
+
+    before = _bpf_counter(lab, "node1", "drop_unknown_vtep")
+    t = threading.Thread(target=listen)
+    t.start()
+    ready.wait(5)
+    inject(lab.plan.external_netns, b"from-outside")  # 203.0.113.10: not a node
+    inject(lab.plan.node("node2").netns, b"from-node2")  # a known VTEP
+    t.join()
+    assert got == [b"from-node2"]
+    assert _bpf_counter(lab, "node1", "drop_unknown_vtep") == before + 1

@@ -115,7 +115,8 @@ def exec(
     """Run a command inside a pod: its network namespace and its cgroup (`-- CMD ARGS`)."""
     from tabby.lab.processes import enter
 
-    argv = [a for a in ctx.args if a != "--"]
+    # click consumes the `--` separator itself: any `--` left in ctx.args belongs to the command.
+    argv = list(ctx.args)
     if not argv:
         _fail("give a command: tabbyctl lab exec POD -- CMD [ARGS...]")
     lab = _lab(name)

@@ -130,20 +130,28 @@ def delete(req: Request) -> None:
 
 
 def check(req: Request) -> None:
-    ip = _ipam(req).lookup(req.handle)
+    """Error codes: 3 (unknown container) only when nothing is held for it, so the runtime may
+    skip DEL; broken wiring while the address is still allocated is 5, which needs a DEL."""
+    path = netns_path(req.netns)
+    if not os.path.exists(path):
+        raise CNIError(E_INVALID_ENV, f"CNI_NETNS {req.netns}: no such network namespace")
+    try:
+        ip = _ipam(req).lookup(req.handle)
+    except DatastoreError as e:
+        raise CNIError(E_TRY_AGAIN, f"IPAM lookup: {e}") from e
     if ip is None:
         raise CNIError(E_UNKNOWN_CONTAINER, f"no address is allocated to {req.handle}")
     host = names.host_ifname(req.pod_namespace, req.pod_name)
     with links.rtnl() as ipr:
         idx = links.ifindex(ipr, host)
         if idx is None:
-            raise CNIError(E_UNKNOWN_CONTAINER, f"host interface {host} is missing")
+            raise CNIError(E_IO, f"host interface {host} is missing")
         if not ipr.route("get", dst=ip) or ipr.route("get", dst=ip)[0].get("RTA_OIF") != idx:
             raise CNIError(E_IO, f"the node's route to {ip} does not point at {host}")
-    with enter_netns(netns_path(req.netns)), links.rtnl() as pod:
+    with enter_netns(path), links.rtnl() as pod:
         pidx = links.ifindex(pod, req.ifname)
         if pidx is None:
-            raise CNIError(E_UNKNOWN_CONTAINER, f"{req.ifname} is missing in {req.netns}")
+            raise CNIError(E_IO, f"{req.ifname} is missing in {req.netns}")
         addrs = [a.get("IFA_ADDRESS") for a in pod.get_addr(index=pidx)]
         if ip not in addrs:
             raise CNIError(E_IO, f"{req.ifname} in {req.netns} lacks {ip}")
