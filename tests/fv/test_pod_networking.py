@@ -207,8 +207,11 @@ def test_vxlan_from_an_unknown_vtep_is_dropped_and_from_a_node_accepted(lab, pod
     from scapy.all import IP, UDP, VXLAN, Ether
 
     a1, node1 = pods["a1"], lab.plan.node("node1")
-    inner = (Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IP(src=pods["b"]["ip"], dst=a1["ip"])
-             / UDP(sport=5, dport=9912))
+    inner = (
+        Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01")
+        / IP(src=pods["b"]["ip"], dst=a1["ip"])
+        / UDP(sport=5, dport=9912)
+    )
 
     def inject(netns: str, payload: bytes) -> None:
         def go() -> None:
