@@ -8,7 +8,7 @@ BPF_SRCS := $(wildcard bpf/*.c)
 BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
 BPF_HDRS := $(wildcard bpf/include/tabby/*.h)
 
-.PHONY: setup apt venv bpf lint test test-fast demo down bench clean
+.PHONY: setup apt venv bpf lint test demo down clean
 
 setup: apt venv bpf
 
@@ -35,7 +35,7 @@ build/bpf/%.o: bpf/%.c $(BPF_HDRS)
 	clang $(CLANG_FLAGS) -c $< -o $@
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy src
 
@@ -48,8 +48,6 @@ demo: setup
 down: venv
 	$(VENV)/bin/tabbyctl lab down
 
-bench: setup
-	$(PY) -m bench
 
 clean:
 	rm -rf build
