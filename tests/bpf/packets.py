@@ -8,7 +8,8 @@ before the program sees anything; the truncated-IP case needs live injection ins
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6, Packet, Raw, fuzz, raw
 
@@ -117,3 +118,16 @@ class Runner:
         verdict, out, _ = libbpf.test_run(self.dp.prog_fd(prog), data)
         delta = {r: self.counters.get(r) - n for r, n in before.items()}
         return verdict, out, {r: d for r, d in delta.items() if d}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of a table-driven packet test: what goes in, the verdict and the counted reason."""
+
+    desc: str
+    packet: Callable[[], bytes]
+    verdict: int
+    reason: Reason
+
+    def __str__(self) -> str:
+        return self.desc

@@ -10,7 +10,6 @@ find metadata that only a real collect_md VXLAN device attaches (live tests cove
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import packets as P
 import pytest
@@ -43,41 +42,30 @@ def install_routes(dp: DatapathObjects) -> None:
     )
 
 
-@dataclass(frozen=True)
-class Case:
-    desc: str
-    packet: Callable[[], bytes]
-    verdict: int
-    reason: Reason
-
-    def __str__(self) -> str:
-        return self.desc
-
-
 EGRESS = [
-    Case("remote vxlan block", P.tcp, TC_ACT_OK, Reason.ENCAP_VXLAN),
-    Case("remote vxlan block, udp", P.udp, TC_ACT_OK, Reason.ENCAP_VXLAN),
-    Case("remote tunnel address", lambda: P.icmp(src=P.NODE_IP, dst=REMOTE_TUNNEL_ADDR),
+    P.Case("remote vxlan block", P.tcp, TC_ACT_OK, Reason.ENCAP_VXLAN),
+    P.Case("remote vxlan block, udp", P.udp, TC_ACT_OK, Reason.ENCAP_VXLAN),
+    P.Case("remote tunnel address", lambda: P.icmp(src=P.NODE_IP, dst=REMOTE_TUNNEL_ADDR),
          TC_ACT_OK, Reason.ENCAP_VXLAN),
-    Case("no route", lambda: P.tcp(dst=P.EXTERNAL_IP), TC_ACT_SHOT, Reason.DROP_NO_ROUTE),
-    Case("local pod", lambda: P.tcp(src=P.NODE_IP, dst=P.POD_IP), TC_ACT_SHOT,
+    P.Case("no route", lambda: P.tcp(dst=P.EXTERNAL_IP), TC_ACT_SHOT, Reason.DROP_NO_ROUTE),
+    P.Case("local pod", lambda: P.tcp(src=P.NODE_IP, dst=P.POD_IP), TC_ACT_SHOT,
          Reason.DROP_NO_ROUTE),
-    Case("remote block without encap", lambda: P.tcp(dst=BGP_BLOCK_POD), TC_ACT_SHOT,
+    P.Case("remote block without encap", lambda: P.tcp(dst=BGP_BLOCK_POD), TC_ACT_SHOT,
          Reason.DROP_NO_ROUTE),
-    Case("remote block via ipip", lambda: P.tcp(dst=IPIP_BLOCK_POD), TC_ACT_SHOT,
+    P.Case("remote block via ipip", lambda: P.tcp(dst=IPIP_BLOCK_POD), TC_ACT_SHOT,
          Reason.DROP_NO_ROUTE),
-    Case("next hop is this node", lambda: P.tcp(dst=LOOP_BLOCK_POD), TC_ACT_SHOT,
+    P.Case("next hop is this node", lambda: P.tcp(dst=LOOP_BLOCK_POD), TC_ACT_SHOT,
          Reason.DROP_NO_ROUTE),
-    Case("a node address is not a tunnel destination", lambda: P.tcp(dst=P.REMOTE_NODE_IP),
+    P.Case("a node address is not a tunnel destination", lambda: P.tcp(dst=P.REMOTE_NODE_IP),
          TC_ACT_SHOT, Reason.DROP_NO_ROUTE),
-    Case("arp has no tunnel key", P.arp, TC_ACT_SHOT, Reason.DROP_NO_ROUTE),
-    Case("tot_len beyond the frame", P.tot_len_beyond_frame, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("truncated tcp header", P.truncated_tcp, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("arp has no tunnel key", P.arp, TC_ACT_SHOT, Reason.DROP_NO_ROUTE),
+    P.Case("tot_len beyond the frame", P.tot_len_beyond_frame, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("truncated tcp header", P.truncated_tcp, TC_ACT_SHOT, Reason.DROP_MALFORMED),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", EGRESS, ids=str)
-def test_tunnel_egress(runner: P.Runner, case: Case) -> None:
+def test_tunnel_egress(runner: P.Runner, case: P.Case) -> None:
     install_routes(runner.dp)
     data = case.packet()
     verdict, out, delta = runner.run("tby_tun_egress", data)

@@ -6,9 +6,6 @@ these cases is ifindex 1, and a route on any other ifindex belongs to another po
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import packets as P
 import pytest
 
@@ -31,58 +28,48 @@ def install_routes(dp: DatapathObjects) -> None:
     routes.upsert(f"{P.REMOTE_NODE_IP}/32", RouteValue.remote_host(P.REMOTE_NODE_IP))
 
 
-@dataclass(frozen=True)
-class Case:
-    desc: str
-    packet: Callable[[], bytes]
-    verdict: int
-    reason: Reason
-
-    def __str__(self) -> str:
-        return self.desc
-
-
 FROM_WL = [
-    Case("tcp from own address", P.tcp, TC_ACT_OK, Reason.PASS_WL_OUT),
-    Case("udp from own address", P.udp, TC_ACT_OK, Reason.PASS_WL_OUT),
-    Case("icmp from own address", P.icmp, TC_ACT_OK, Reason.PASS_WL_OUT),
-    Case("padded minimum frame", P.padded_tcp, TC_ACT_OK, Reason.PASS_WL_OUT),
-    Case("non-first fragment", P.fragment, TC_ACT_OK, Reason.PASS_WL_OUT),
-    Case("arp passes", P.arp, TC_ACT_OK, Reason.PASS_NON_IP),
-    Case("ipv6 passes", P.ipv6, TC_ACT_OK, Reason.PASS_NON_IP),
-    Case("unknown ethertype", P.other_ethertype, TC_ACT_SHOT, Reason.DROP_ETHERTYPE),
-    Case("spoof: another local pod's address", lambda: P.tcp(src=P.OTHER_POD_IP),
+    P.Case("tcp from own address", P.tcp, TC_ACT_OK, Reason.PASS_WL_OUT),
+    P.Case("udp from own address", P.udp, TC_ACT_OK, Reason.PASS_WL_OUT),
+    P.Case("icmp from own address", P.icmp, TC_ACT_OK, Reason.PASS_WL_OUT),
+    P.Case("padded minimum frame", P.padded_tcp, TC_ACT_OK, Reason.PASS_WL_OUT),
+    P.Case("non-first fragment", P.fragment, TC_ACT_OK, Reason.PASS_WL_OUT),
+    P.Case("arp passes", P.arp, TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("ipv6 passes", P.ipv6, TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("unknown ethertype", P.other_ethertype, TC_ACT_SHOT, Reason.DROP_ETHERTYPE),
+    P.Case("spoof: another local pod's address", lambda: P.tcp(src=P.OTHER_POD_IP),
          TC_ACT_SHOT, Reason.DROP_SPOOF),
-    Case("spoof: a remote pod's address", lambda: P.tcp(src=P.REMOTE_POD_IP),
+    P.Case("spoof: a remote pod's address", lambda: P.tcp(src=P.REMOTE_POD_IP),
          TC_ACT_SHOT, Reason.DROP_SPOOF),
-    Case("spoof: the node's address", lambda: P.udp(src=P.NODE_IP), TC_ACT_SHOT, Reason.DROP_SPOOF),
-    Case("spoof: unrouted address", lambda: P.icmp(src=P.EXTERNAL_IP),
+    P.Case("spoof: the node's address", lambda: P.udp(src=P.NODE_IP),
+           TC_ACT_SHOT, Reason.DROP_SPOOF),
+    P.Case("spoof: unrouted address", lambda: P.icmp(src=P.EXTERNAL_IP),
          TC_ACT_SHOT, Reason.DROP_SPOOF),
-    Case("ihl < 5", P.ihl_below_5, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("version 6 in an IPv4 frame", P.version_6_in_ipv4_frame, TC_ACT_SHOT,
+    P.Case("ihl < 5", P.ihl_below_5, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("version 6 in an IPv4 frame", P.version_6_in_ipv4_frame, TC_ACT_SHOT,
          Reason.DROP_MALFORMED),
-    Case("tot_len beyond the frame", P.tot_len_beyond_frame, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("tot_len below the header", P.tot_len_below_header, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("truncated tcp header", P.truncated_tcp, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("tcp doff < 5", P.tcp_doff_below_5, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("udp len < 8", P.udp_len_below_8, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("tot_len beyond the frame", P.tot_len_beyond_frame, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("tot_len below the header", P.tot_len_below_header, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("truncated tcp header", P.truncated_tcp, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("tcp doff < 5", P.tcp_doff_below_5, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("udp len < 8", P.udp_len_below_8, TC_ACT_SHOT, Reason.DROP_MALFORMED),
 ]  # fmt: skip
 
 TO_WL = [
-    Case("tcp to a pod", lambda: P.tcp(src=P.REMOTE_POD_IP, dst=P.POD_IP), TC_ACT_OK,
+    P.Case("tcp to a pod", lambda: P.tcp(src=P.REMOTE_POD_IP, dst=P.POD_IP), TC_ACT_OK,
          Reason.PASS_WL_IN),
-    Case("udp from the internet", lambda: P.udp(src=P.EXTERNAL_IP, dst=P.POD_IP), TC_ACT_OK,
+    P.Case("udp from the internet", lambda: P.udp(src=P.EXTERNAL_IP, dst=P.POD_IP), TC_ACT_OK,
          Reason.PASS_WL_IN),
-    Case("arp", P.arp, TC_ACT_OK, Reason.PASS_NON_IP),
-    Case("ipv6", P.ipv6, TC_ACT_OK, Reason.PASS_NON_IP),
-    Case("ihl < 5", P.ihl_below_5, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("tot_len beyond the frame", P.tot_len_beyond_frame, TC_ACT_SHOT, Reason.DROP_MALFORMED),
-    Case("truncated tcp header", P.truncated_tcp, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("arp", P.arp, TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("ipv6", P.ipv6, TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("ihl < 5", P.ihl_below_5, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("tot_len beyond the frame", P.tot_len_beyond_frame, TC_ACT_SHOT, Reason.DROP_MALFORMED),
+    P.Case("truncated tcp header", P.truncated_tcp, TC_ACT_SHOT, Reason.DROP_MALFORMED),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", FROM_WL, ids=str)
-def test_from_workload(runner: P.Runner, case: Case) -> None:
+def test_from_workload(runner: P.Runner, case: P.Case) -> None:
     install_routes(runner.dp)
     data = case.packet()
     verdict, out, delta = runner.run("tby_from_wl", data)
@@ -91,7 +78,7 @@ def test_from_workload(runner: P.Runner, case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", TO_WL, ids=str)
-def test_to_workload(runner: P.Runner, case: Case) -> None:
+def test_to_workload(runner: P.Runner, case: P.Case) -> None:
     install_routes(runner.dp)
     data = case.packet()
     verdict, out, delta = runner.run("tby_to_wl", data)
