@@ -173,7 +173,7 @@ class DataplaneWorker(threading.Thread):
             if self.dataplane is None:
                 with links.rtnl() as ipr:
                     iface = self.data_iface or links.default_route_device(ipr) or "eth0"
-                self.dataplane = NodeDataplane(self.pin_root, iface, state.node_ip, state.vni)
+                self.dataplane = NodeDataplane(self.pin_root, iface, state)
                 self.metrics.read_packets = self.dataplane.counters.read
             result = self.dataplane.apply(state)
             errors, warnings = result.errors, result.warnings

@@ -2,6 +2,7 @@
 #ifndef __TABBY_COUNTERS_H
 #define __TABBY_COUNTERS_H
 
+#include "log.h"
 #include "maps.h"
 
 /* Per-CPU slot: a plain add, no atomic needed. */
@@ -12,6 +13,8 @@ static __always_inline void counter_inc(enum tby_reason reason)
 
 	if (packets)
 		*packets += 1;
+	if (reason >= TBY_R_DROP_MALFORMED)
+		log_debug("drop reason=%d", reason);
 }
 
 #endif /* __TABBY_COUNTERS_H */

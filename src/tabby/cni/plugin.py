@@ -139,6 +139,8 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, str]:
         return 0, ""
     except CNIError as e:
         return 1, error_json(version, e)
+    except Exception as e:  # noqa: BLE001 - the runtime must always get the spec's error JSON
+        return 1, error_json(version, CNIError(E_IO, f"{type(e).__name__}: {e}"))
 
 
 def main() -> None:

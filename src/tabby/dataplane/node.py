@@ -32,11 +32,11 @@ class ApplyResult:
 
 
 class NodeDataplane:
-    def __init__(self, pin_root: str, data_iface: str, node_ip: str | None, vni: int) -> None:
+    def __init__(self, pin_root: str, data_iface: str, state: NodeState) -> None:
         self.pin_root = pin_root
         self.data_iface = data_iface
-        self.objects = _load(pin_root, node_ip, vni)
-        self.loaded_for = (node_ip, vni)
+        self.loaded_for = _load_key(state)
+        self.objects = _load(pin_root, state)
         self.routes = RouteMapManager(self.objects.routes())
         self.counters = self.objects.counters()
         self.attach = AttachManager(pin_root)
@@ -47,12 +47,12 @@ class NodeDataplane:
             links.write_sysctl(knob, "1" if knob.endswith("ip_forward") else "0")
 
     def _reload_if_needed(self, state: NodeState) -> None:
-        """Load-time constants changed (node IP, VNI): load new programs, swap them in."""
-        if (state.node_ip, state.vni) == self.loaded_for:
+        """Load-time constants (node IP, VNI, log level) changed: load and swap in new programs."""
+        if _load_key(state) == self.loaded_for:
             return
         old = self.objects
-        self.objects = _load(self.pin_root, state.node_ip, state.vni)
-        self.loaded_for = (state.node_ip, state.vni)
+        self.objects = _load(self.pin_root, state)
+        self.loaded_for = _load_key(state)
         self.attach.programmed.clear()
         old.close()
 
@@ -87,8 +87,17 @@ class NodeDataplane:
         self.objects.close()
 
 
-def _load(pin_root: str, node_ip: str | None, vni: int) -> DatapathObjects:
-    config = DatapathConfig.build(vni=vni, host_ip=node_ip or "0.0.0.0")
+LOG_LEVELS = {"Off": 0, "Info": 1, "Debug": 2}
+
+
+def _load_key(state: NodeState) -> tuple[str | None, int, str]:
+    return state.node_ip, state.vni, state.log_level
+
+
+def _load(pin_root: str, state: NodeState) -> DatapathObjects:
+    config = DatapathConfig.build(
+        vni=state.vni, host_ip=state.node_ip or "0.0.0.0", log_level=LOG_LEVELS[state.log_level]
+    )
     return DatapathObjects(pin_root, config).load()
 
 

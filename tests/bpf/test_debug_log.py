@@ -1,0 +1,70 @@
+"""bpfLogLevel Debug: drops are reported on the trace pipe; at Off nothing is printed.
+
+tracefs is mounted in a private mount namespace of a child process, so the host is untouched.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+CHILD = textwrap.dedent(
+    """
+    import shutil, sys
+    sys.path.insert(0, {tests!r})
+    import packets as P
+    from tabby.bpf import libbpf
+    from tabby.bpf.maps.routes import RouteValue
+    from tabby.bpf.objects import DatapathConfig, DatapathObjects
+
+    pin = {pin!r}
+    try:
+        cfg = DatapathConfig.build(vni=4242, host_ip=P.NODE_IP, log_level={level})
+        with DatapathObjects(pin, cfg, {bpf_dir!r}) as dp:
+            dp.routes().upsert(P.POD_IP + "/32", RouteValue.local_workload(1))
+            open("/sys/kernel/tracing/trace", "w").close()  # clear the buffer
+            verdict, _, _ = libbpf.test_run(dp.prog_fd("tby_from_wl"), P.udp(src=P.EXTERNAL_IP))
+            print("verdict", verdict)
+        print(open("/sys/kernel/tracing/trace").read())
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)
+    """
+)
+
+
+def run_child(bpf_dir: Path, level: int) -> str:
+    code = CHILD.format(
+        tests=str(Path(__file__).parent),
+        pin=f"/sys/fs/bpf/tabby-test-{uuid.uuid4().hex[:10]}",
+        level=level,
+        bpf_dir=str(bpf_dir),
+    )
+    script = "mount -t tracefs nodev /sys/kernel/tracing && exec " + sys.executable + " -"
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=code,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_debug_level_reports_the_drop_reason(bpf_dir: Path) -> None:
+    out = run_child(bpf_dir, level=2)
+    assert "verdict 2" in out  # TC_ACT_SHOT: spoofed source
+    assert "tabby: drop reason=6" in out  # TBY_R_DROP_SPOOF
+
+
+def test_off_level_prints_nothing(bpf_dir: Path) -> None:
+    out = run_child(bpf_dir, level=0)
+    assert "verdict 2" in out
+    assert "tabby:" not in out
