@@ -31,19 +31,20 @@ class BlockIPAM:
         return self.ds.list("IPAMBlock")[0]
 
     def lookup(self, handle: str) -> str | None:
-        for block in self._blocks():
-            for ip, owner in (block["spec"].get("allocations") or {}).items():
-                if owner == handle:
-                    return str(ip)
-        return None
+        return _holder(self._blocks(), handle)
 
     def assign(self, node: str, handle: str) -> str:
-        """An address for ``handle`` from a block of ``node``, claiming a new block if needed."""
+        """An address for ``handle`` from a block of ``node``, claiming a new block if needed.
+
+        The handle check and the write use one snapshot of the blocks, and the write is a CAS on
+        the block: a concurrent assign that got there first fails our CAS, and the retry finds it.
+        """
         for _ in range(MAX_CAS_RETRIES):
-            existing = self.lookup(handle)
+            blocks = self._blocks()
+            existing = _holder(blocks, handle)
             if existing:
                 return existing
-            for block in self._blocks():
+            for block in blocks:
                 if block["spec"].get("affinity") != f"host:{node}":
                     continue
                 free = _first_free(block)
@@ -108,6 +109,14 @@ class BlockIPAM:
             size = int(pool["spec"].get("blockSize", 26))
             for block in net.subnets(new_prefix=size):
                 yield str(block)
+
+
+def _holder(blocks: list[Obj], handle: str) -> str | None:
+    for block in blocks:
+        for ip, owner in (block["spec"].get("allocations") or {}).items():
+            if owner == handle:
+                return str(ip)
+    return None
 
 
 def _first_free(block: Obj) -> str | None:

@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from tabby import preflight
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
 from tabby.calc.nodestate import NodeState
@@ -43,6 +44,7 @@ class NodeDataplane:
         self.tunnel = TunnelManager(data_iface)
         self.kernel_routes = KernelRouteManager()
         self.bpf_enabled: bool | None = None
+        self.tcx_supported = preflight.kernel_version() >= preflight.TCX_KERNEL
         for knob in ("net/ipv4/ip_forward", f"net/ipv4/conf/{data_iface}/rp_filter"):
             links.write_sysctl(knob, "1" if knob.endswith("ip_forward") else "0")
 
@@ -64,9 +66,11 @@ class NodeDataplane:
         if state.bpf_enabled != self.bpf_enabled and state.bpf_enabled is False:
             warnings.append("bpfEnabled is false: tabby's programs are detached (disruptive)")
         self.bpf_enabled = state.bpf_enabled
-        errors += self.attach.apply(
-            self._attachments(state), self.objects.prog_fds(), state.attach_type
-        )
+        attach_type = state.attach_type
+        if attach_type == "TCX" and not self.tcx_supported:
+            attach_type = "TC"
+            warnings.append("bpfAttachType TCX needs kernel >= 6.6: using TC (clsact) instead")
+        errors += self.attach.apply(self._attachments(state), self.objects.prog_fds(), attach_type)
         errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip)
         return ApplyResult(errors, warnings)
 

@@ -1,0 +1,89 @@
+"""Block IPAM over the embedded datastore: blocks per node, idempotent handles, no address twice
+even with several processes assigning at once (compare-and-swap on the block)."""
+
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from tabby.calc import names
+from tabby.cni.ipam import BlockIPAM, IPAMError
+from tabby.datastore import open_datastore
+
+POOL = {
+    "apiVersion": "projectcalico.org/v3",
+    "kind": "IPPool",
+    "metadata": {"name": "p"},
+    "spec": {"cidr": "100.96.0.0/24", "blockSize": 26},
+}
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    u = f"sqlite:///{tmp_path}/store.db"
+    open_datastore(u).apply([POOL])
+    return u
+
+
+def test_each_node_gets_its_own_block_and_handles_are_idempotent(url: str) -> None:
+    ipam = BlockIPAM(open_datastore(url))
+    a = ipam.assign("n1", "h-a")
+    b = ipam.assign("n2", "h-b")
+    assert ipam.assign("n1", "h-a") == a
+    blocks = {
+        blk["spec"]["cidr"]: blk["spec"]["affinity"]
+        for blk in open_datastore(url).list("IPAMBlock")[0]
+    }
+    assert len(blocks) == 2 and set(blocks.values()) == {"host:n1", "host:n2"}
+    for ip, node in ((a, "n1"), (b, "n2")):
+        owner = [
+            c for c, aff in blocks.items() if ipaddress.ip_address(ip) in ipaddress.ip_network(c)
+        ]
+        assert blocks[owner[0]] == f"host:{node}"
+    assert ipam.release("h-a") == [a] and ipam.lookup("h-a") is None
+    assert ipam.release("h-a") == []
+
+
+def test_a_full_block_spills_into_a_new_one_and_the_pool_can_run_out(url: str) -> None:
+    ipam = BlockIPAM(open_datastore(url))
+    ips = [ipam.assign("n1", f"h{i}") for i in range(64 * 4)]
+    assert len(set(ips)) == 256
+    with pytest.raises(IPAMError, match="no free block"):
+        ipam.assign("n1", "one-too-many")
+
+
+def _assign_many(url: str, node: str, start: int, count: int, out: mp.Queue) -> None:
+    ipam = BlockIPAM(open_datastore(url))
+    out.put((node, [ipam.assign(node, f"{node}-{i}") for i in range(start, start + count)]))
+
+
+def test_concurrent_processes_never_get_the_same_address(url: str) -> None:
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_assign_many, args=(url, node, 0, 20, out))
+        for node in ("n1", "n1", "n2", "n2")
+    ]
+    # two processes per node share handles 0..19: same handle -> same address, never two
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    by_handle: dict[str, set[str]] = {}
+    for node, ips in results:
+        for i, ip in enumerate(ips):
+            by_handle.setdefault(f"{node}-{i}", set()).add(ip)
+    assert all(len(v) == 1 for v in by_handle.values()), "one handle got two addresses"
+    all_ips = [next(iter(v)) for v in by_handle.values()]
+    assert len(set(all_ips)) == 40, "an address was handed out twice"
+    ipam = BlockIPAM(open_datastore(url))
+    assert all(ipam.lookup(h) == next(iter(v)) for h, v in by_handle.items())
+
+
+def test_tunnel_handle_naming_is_stable() -> None:
+    assert names.tunnel_handle("node1") == "vxlan-tunnel-addr-node1"
