@@ -83,6 +83,10 @@ def test_concurrent_processes_never_get_the_same_address(url: str) -> None:
     assert len(set(all_ips)) == 40, "an address was handed out twice"
     ipam = BlockIPAM(open_datastore(url))
     assert all(ipam.lookup(h) == next(iter(v)) for h, v in by_handle.items())
+    allocated = [
+        ip for blk in open_datastore(url).list("IPAMBlock")[0] for ip in blk["spec"]["allocations"]
+    ]
+    assert sorted(allocated) == sorted(all_ips), "a losing assign left its address allocated"
 
 
 def test_tunnel_handle_naming_is_stable() -> None:

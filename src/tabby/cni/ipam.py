@@ -1,26 +1,35 @@
 """Block IPAM, Calico style: each node claims /26 blocks of an IPPool and assigns from its own.
 
-A block is an ``IPAMBlock`` object (cidr, affinity ``host:<node>``, allocations ip -> handle).
-Every change is a compare-and-swap on the block's resourceVersion, so several CNI invocations
-(several processes) can assign at once without handing out one address twice. A handle (the
-container id, or a node's tunnel handle) owns at most one address: assigning again returns it.
+Two kinds of object, every write a compare-and-swap, so several CNI invocations (several
+processes, several nodes) can assign at once:
+- ``IPAMBlock`` (cidr, affinity ``host:<node>``, allocations ip -> handle): an address is handed
+  out by a CAS on its block, so no address is ever given twice;
+- ``IPAMHandle`` (handle -> address): created once per handle, it decides which address a handle
+  holds when two assigns for the same handle race (the loser gives its address back). A handle
+  is a container's id or a node's tunnel handle; assigning again returns the same address.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator
 from typing import Any
 
 from tabby.calc import names
-from tabby.datastore.api import AlreadyExists, Conflict, Datastore
+from tabby.datastore.api import AlreadyExists, Conflict, Datastore, NotFound
 
 Obj = dict[str, Any]
 MAX_CAS_RETRIES = 50
+API_VERSION = "tabby.dev/v1"
 
 
 class IPAMError(Exception):
     pass
+
+
+def handle_object_name(handle: str) -> str:
+    return re.sub(r"[^a-z0-9.-]", "-", handle.lower())[:253]
 
 
 class BlockIPAM:
@@ -31,20 +40,49 @@ class BlockIPAM:
         return self.ds.list("IPAMBlock")[0]
 
     def lookup(self, handle: str) -> str | None:
-        return _holder(self._blocks(), handle)
+        """The address ``handle`` holds, or None."""
+        obj = self.ds.get("IPAMHandle", handle_object_name(handle))
+        return str(obj["spec"]["address"]) if obj else None
 
     def assign(self, node: str, handle: str) -> str:
-        """An address for ``handle`` from a block of ``node``, claiming a new block if needed.
-
-        The handle check and the write use one snapshot of the blocks, and the write is a CAS on
-        the block: a concurrent assign that got there first fails our CAS, and the retry finds it.
-        """
+        """An address for ``handle`` from a block of ``node``, claiming a new block if needed."""
         for _ in range(MAX_CAS_RETRIES):
-            blocks = self._blocks()
-            existing = _holder(blocks, handle)
-            if existing:
-                return existing
-            for block in blocks:
+            held = self.lookup(handle)
+            if held:
+                return held
+            # an allocation without its handle object: an assign in flight, or one that died
+            adopted = _holder(self._blocks(), handle)
+            ip = adopted or self._allocate(node, handle)
+            try:
+                self.ds.create(_handle_object(handle, ip, node))
+                return ip
+            except AlreadyExists:
+                # a concurrent assign of this handle won; unless it holds this very address,
+                # give ours back (an allocation entry names the handle, not the process)
+                winner = self.lookup(handle)
+                if winner is not None and winner != ip:
+                    self._free(ip, handle)
+        raise IPAMError(f"could not assign an address for {handle} on {node}: too much contention")
+
+    def release(self, handle: str) -> list[str]:
+        """Free every address ``handle`` holds; returns them (empty when it held none)."""
+        freed = []
+        for block in self._blocks():
+            for ip, owner in (block["spec"].get("allocations") or {}).items():
+                if owner == handle:
+                    freed.append(str(ip))
+        for ip in freed:
+            self._free(ip, handle)
+        try:
+            self.ds.delete("IPAMHandle", handle_object_name(handle))
+        except NotFound:
+            pass
+        return freed
+
+    def _allocate(self, node: str, handle: str) -> str:
+        """Write ``handle`` on a free address of one of ``node``'s blocks (CAS); returns it."""
+        for _ in range(MAX_CAS_RETRIES):
+            for block in self._blocks():
                 if block["spec"].get("affinity") != f"host:{node}":
                     continue
                 free = _first_free(block)
@@ -58,27 +96,24 @@ class BlockIPAM:
                     break  # somebody else wrote this block: re-read everything
             else:
                 self._claim_block(node)
-        raise IPAMError(f"could not assign an address for {handle} on {node}: too much contention")
+        raise IPAMError(f"could not allocate for {handle} on {node}: too much contention")
 
-    def release(self, handle: str) -> list[str]:
-        """Free every address ``handle`` holds; returns them (empty when it held none)."""
+    def _free(self, ip: str, handle: str) -> None:
         for _ in range(MAX_CAS_RETRIES):
-            freed: list[str] = []
-            try:
-                for block in self._blocks():
-                    allocs = block["spec"].get("allocations") or {}
-                    mine = [ip for ip, owner in allocs.items() if owner == handle]
-                    if not mine:
-                        continue
-                    for ip in mine:
-                        del allocs[ip]
-                    block["spec"]["allocations"] = allocs
+            for block in self._blocks():
+                allocs = block["spec"].get("allocations") or {}
+                if allocs.get(ip) != handle:
+                    continue
+                del allocs[ip]
+                block["spec"]["allocations"] = allocs
+                try:
                     self.ds.update(block)
-                    freed.extend(mine)
-                return freed
-            except Conflict:
-                continue
-        raise IPAMError(f"could not release {handle}: too much contention")
+                    return
+                except Conflict:
+                    break
+            else:
+                return  # not (or no longer) held by this handle
+        raise IPAMError(f"could not free {ip} of {handle}: too much contention")
 
     def _claim_block(self, node: str) -> None:
         taken = {b["spec"]["cidr"] for b in self._blocks()}
@@ -86,7 +121,7 @@ class BlockIPAM:
             if cidr in taken:
                 continue
             block = {
-                "apiVersion": "tabby.dev/v1",
+                "apiVersion": API_VERSION,
                 "kind": "IPAMBlock",
                 "metadata": {"name": names.block_name(cidr)},
                 "spec": {"cidr": cidr, "affinity": f"host:{node}", "allocations": {}},
@@ -109,6 +144,15 @@ class BlockIPAM:
             size = int(pool["spec"].get("blockSize", 26))
             for block in net.subnets(new_prefix=size):
                 yield str(block)
+
+
+def _handle_object(handle: str, ip: str, node: str) -> Obj:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "IPAMHandle",
+        "metadata": {"name": handle_object_name(handle)},
+        "spec": {"handle": handle, "address": ip, "node": node},
+    }
 
 
 def _holder(blocks: list[Obj], handle: str) -> str | None:

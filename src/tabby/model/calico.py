@@ -154,3 +154,12 @@ _block_spec = Struct(
 )
 
 ipam_block = resource(spec=_block_spec).extend({}, required=("metadata", "spec"))
+
+# --- IPAMHandle (tabby-internal): which address a handle (a container, a tunnel) holds ----------
+
+_handle_spec = Struct(
+    {"handle": string, "address": ip, "node": string},
+    required=("handle", "address", "node"),
+)
+
+ipam_handle = resource(spec=_handle_spec).extend({}, required=("metadata", "spec"))

@@ -44,6 +44,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("FelixConfiguration", _CALICO, False, ("felixconfiguration", "felixconfigurations")),
     Kind("IPPool", _CALICO, False, ("ippool", "ippools")),
     Kind("IPAMBlock", ("tabby.dev/v1",), False, ("ipamblock", "ipamblocks")),
+    Kind("IPAMHandle", ("tabby.dev/v1",), False, ("ipamhandle", "ipamhandles")),
 )
 
 _BY_NAME: dict[str, Kind] = {

@@ -25,6 +25,7 @@ SCHEMAS: dict[str, Struct] = {
     "FelixConfiguration": calico.felix_configuration,
     "IPPool": calico.ip_pool,
     "IPAMBlock": calico.ipam_block,
+    "IPAMHandle": calico.ipam_handle,
 }
 
 
