@@ -40,11 +40,11 @@ def agent(
 ) -> None:
     """Program this node's dataplane from the datastore, and keep it programmed."""
     from tabby.agent import Agent
-    from tabby.dataplane.node import pin_root_for
+    from tabby.bpf.objects import node_pin_root
     from tabby.preflight import PreflightError
 
     _logging(log_level)
-    a = Agent(node, datastore, netns, pin_root or pin_root_for(node), data_iface, health_port)
+    a = Agent(node, datastore, netns, pin_root or node_pin_root(node), data_iface, health_port)
     signal.signal(signal.SIGTERM, lambda *_: _exit(a.stop))
     try:
         a.run()

@@ -23,7 +23,6 @@ from tabby.dataplane.tunnel import TunnelManager
 from tabby.netlink import links
 
 log = logging.getLogger(__name__)
-PIN_BASE = "/sys/fs/bpf/tabby"
 
 
 @dataclass(frozen=True)
@@ -103,10 +102,6 @@ def _load(pin_root: str, state: NodeState) -> DatapathObjects:
         vni=state.vni, host_ip=state.node_ip or "0.0.0.0", log_level=LOG_LEVELS[state.log_level]
     )
     return DatapathObjects(pin_root, config).load()
-
-
-def pin_root_for(node_key: str) -> str:
-    return os.path.join(PIN_BASE, node_key)
 
 
 def remove_pins(pin_root: str) -> None:

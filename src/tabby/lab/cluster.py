@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tabby import preflight
-from tabby.dataplane.node import PIN_BASE, remove_pins
+from tabby.bpf.objects import PIN_BASE
+from tabby.dataplane.node import remove_pins
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Datastore
 from tabby.lab import cgroups, fabric, pods, processes, state, topology
@@ -84,6 +85,14 @@ def base_resources(plan: LabPlan) -> list[dict[str, Any]]:
             }
         )
     return objs
+
+
+def _rmdir_if_empty(path: str) -> None:
+    """Shared parents (tabby's cgroup, pin and run dirs) go with the last lab using them."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty (another lab) or already gone
 
 
 def pin_root(lab: str, node: str) -> str:
@@ -196,9 +205,12 @@ class Lab:
             remove_pins(pins)
         try:
             cgroups.remove(cgroups.root(name))
+            _rmdir_if_empty(os.path.dirname(cgroups.root(name)))
         except RuntimeError:
             pass
         shutil.rmtree(state.lab_dir(name), ignore_errors=True)
+        _rmdir_if_empty(state.RUN_BASE)
+        _rmdir_if_empty(PIN_BASE)
         progress(f"lab {name} removed")
 
     # ------------------------------------------------------------------ agents
