@@ -66,11 +66,7 @@ class BlockIPAM:
 
     def release(self, handle: str) -> list[str]:
         """Free every address ``handle`` holds; returns them (empty when it held none)."""
-        freed = []
-        for block in self._blocks():
-            for ip, owner in (block["spec"].get("allocations") or {}).items():
-                if owner == handle:
-                    freed.append(str(ip))
+        freed = _held_by(self._blocks(), handle)
         for ip in freed:
             self._free(ip, handle)
         try:
@@ -155,12 +151,18 @@ def _handle_object(handle: str, ip: str, node: str) -> Obj:
     }
 
 
+def _held_by(blocks: list[Obj], handle: str) -> list[str]:
+    return [
+        str(ip)
+        for block in blocks
+        for ip, owner in (block["spec"].get("allocations") or {}).items()
+        if owner == handle
+    ]
+
+
 def _holder(blocks: list[Obj], handle: str) -> str | None:
-    for block in blocks:
-        for ip, owner in (block["spec"].get("allocations") or {}).items():
-            if owner == handle:
-                return str(ip)
-    return None
+    held = _held_by(blocks, handle)
+    return held[0] if held else None
 
 
 def _first_free(block: Obj) -> str | None:

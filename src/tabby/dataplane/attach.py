@@ -67,9 +67,6 @@ class AttachManager:
         self.tc = _PinDir(os.path.join(pin_root, "tc"))
         self.programmed: dict[tuple[str, str, str], int] = {}  # (type, ifname, dir) -> prog id
 
-    def pinned(self) -> list[tuple[str, str]]:
-        return self.links.entries()
-
     def apply(
         self, desired: list[Attachment], prog_fds: dict[str, int], attach_type: AttachType = "TCX"
     ) -> list[str]:

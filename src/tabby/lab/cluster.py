@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tabby import preflight
-from tabby.bpf.objects import PIN_BASE
+from tabby.bpf.objects import PIN_BASE, node_pin_root
 from tabby.dataplane.node import remove_pins
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Datastore
@@ -96,7 +96,7 @@ def _rmdir_if_empty(path: str) -> None:
 
 
 def pin_root(lab: str, node: str) -> str:
-    return os.path.join(PIN_BASE, f"{lab}-{node}")
+    return node_pin_root(f"{lab}-{node}")
 
 
 def tabby_bin() -> str:

@@ -69,12 +69,11 @@ def run(name: str, console: Console) -> int:
                 "VXLAN, same subnet" if here.subnet == there.subnet else "VXLAN, across the router"
             )
         )
+        netns, ip = client["netns"], target["ip"]
         if image == "nginx":
-            netns, ip = client["netns"], target["ip"]
             cells = [_probe(traffic.http_get, netns, ip, 80, "/")]
             cells += ["(nginx access log: see below)", "-"]
         else:
-            netns, ip = client["netns"], target["ip"]
             cells = [
                 _probe(traffic.http_get, netns, ip, 8080, "/hostname"),
                 _probe(traffic.http_get, netns, ip, 8080, "/clientip"),
