@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
- * sends. parse -> anti-spoofing -> let the node's kernel forward.
+ * sends. parse -> anti-spoofing -> conntrack / service NAT -> let the node's
+ * kernel forward.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -12,6 +13,8 @@
 #include "tabby/config.h"
 #include "tabby/counters.h"
 #include "tabby/fib.h"
+#include "tabby/icmp.h"
+#include "tabby/nat.h"
 #include "tabby/parse.h"
 
 /* The source must be a local workload route on the very veth it came in. */
@@ -46,6 +49,14 @@ int tby_from_wl(struct __sk_buff *skb)
 	if (!wl_source_ok(skb, pkt.saddr)) {
 		counter_inc(TBY_R_DROP_SPOOF);
 		return TC_ACT_SHOT;
+	}
+	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN)) {
+	case NAT_REJECT:
+		return icmp_reject(skb, &pkt);
+	case NAT_DROP:
+		return TC_ACT_SHOT;
+	default:
+		break;
 	}
 	counter_inc(TBY_R_PASS_WL_OUT);
 	return TC_ACT_OK;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * to-workload: TC egress of a pod's host-side veth, i.e. packets delivered to
- * the pod. parse -> (policy, later) -> deliver.
+ * the pod. parse -> conntrack (replies of flows NATed elsewhere) -> deliver.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -11,6 +11,7 @@
 #include "tabby/maps.h"
 #include "tabby/config.h"
 #include "tabby/counters.h"
+#include "tabby/nat.h"
 #include "tabby/parse.h"
 
 SEC("tc")
@@ -20,6 +21,8 @@ int tby_to_wl(struct __sk_buff *skb)
 
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
+		if (nat_handle(skb, &pkt, 0) == NAT_DROP)
+			return TC_ACT_SHOT;
 		counter_inc(TBY_R_PASS_WL_IN);
 		return TC_ACT_OK;
 	case PARSE_ARP:

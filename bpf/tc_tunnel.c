@@ -2,7 +2,8 @@
 /*
  * tunnel: TC on the node's single collect-metadata VXLAN device.
  * egress: route the inner destination to the node owning it and set the
- * tunnel key; ingress: accept only our VNI from known nodes.
+ * tunnel key; ingress: accept only our VNI from known nodes, and translate
+ * replies of service flows this node NATed.
  */
 #include <linux/bpf.h>
 #include <linux/if_packet.h>
@@ -15,6 +16,7 @@
 #include "tabby/counters.h"
 #include "tabby/encap.h"
 #include "tabby/fib.h"
+#include "tabby/nat.h"
 #include "tabby/parse.h"
 
 /*
@@ -100,6 +102,9 @@ int tby_tun_ingress(struct __sk_buff *skb)
 	 */
 	if (skb->pkt_type == PACKET_OTHERHOST)
 		bpf_skb_change_type(skb, PACKET_HOST);
+	if (pkt.eth_proto == bpf_htons(ETH_P_IP) &&
+	    nat_handle(skb, &pkt, 0) == NAT_DROP)
+		return TC_ACT_SHOT;
 	counter_inc(TBY_R_DECAP_VXLAN);
 	return TC_ACT_OK;
 }

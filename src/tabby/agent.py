@@ -25,8 +25,10 @@ from prometheus_client.core import CounterMetricFamily
 
 from tabby import preflight
 from tabby.calc import names
-from tabby.calc.nodestate import NodeState, compute
+from tabby.calc.nodestate import NodeState, compute, with_services
+from tabby.calc.services import ServiceIndex
 from tabby.cni.ipam import BlockIPAM, IPAMError
+from tabby.dataplane.conntrack import GcStats
 from tabby.dataplane.node import NodeDataplane
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event
@@ -46,6 +48,7 @@ KINDS = (
     "NetworkPolicy",
 )
 RETRY_S = 1.0
+CT_SWEEP_S = 10.0  # conntrack GC period; also right after backends left a service
 DEFAULT_HEALTH_PORT = 9099
 
 
@@ -89,8 +92,73 @@ class Metrics:
         self.apply_errors = Counter(
             "tabby_dataplane_apply_errors", "Apply rounds that left errors", registry=self.registry
         )
+        # Service NAT (kube-proxy's sync_proxy_rules_* and network_programming_* counterparts).
+        self.services = Gauge(
+            "tabby_services", "Service frontends programmed (tby_nat_fe)", registry=self.registry
+        )
+        self.service_backends = Gauge(
+            "tabby_service_backends",
+            "Service backends programmed (tby_nat_be)",
+            registry=self.registry,
+        )
+        self.nat_sync_s = Histogram(
+            "tabby_nat_sync_seconds", "Time of one service NAT apply", registry=self.registry
+        )
+        self.nat_sync_from_insync_s = Gauge(
+            "tabby_nat_sync_from_insync_seconds",
+            "From the datastore's first in-sync to the first complete service NAT programming",
+            registry=self.registry,
+        )
+        self._in_sync_at: float | None = None  # time.monotonic() of the first in-sync
+        self._nat_first_done = False
+        # Conntrack GC (bpf/ct_gc.c): one observation per sweep.
+        self.ct_entries = Gauge(
+            "tabby_conntrack_entries",
+            "Conntrack entries (halves of NAT pairs) the last sweep left in tby_ct",
+            registry=self.registry,
+        )
+        self.ct_cleaned = Counter(
+            "tabby_conntrack_cleaned",
+            "Conntrack entries deleted by the sweep, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("expired", "stale_udp"):
+            self.ct_cleaned.labels(reason)
+        self.ct_sweep_s = Histogram(
+            "tabby_conntrack_sweep_seconds",
+            "Wall time of one conntrack sweep",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.read_packets: Callable[[], dict[str, int]] = dict
         self.registry.register(_PacketCollector(self))
+
+    def observe_ct_sweep(self, stats: GcStats) -> None:
+        self.ct_entries.set(stats.kept)
+        self.ct_cleaned.labels("expired").inc(stats.expired)
+        self.ct_cleaned.labels("stale_udp").inc(stats.stale_udp)
+        self.ct_sweep_s.observe(stats.wall_s)
+
+    def mark_in_sync(self) -> None:
+        """The datastore's first full list is in: starts tabby_nat_sync_from_insync_seconds."""
+        if self._in_sync_at is None:
+            self._in_sync_at = time.monotonic()
+
+    def observe_nat(
+        self, frontends: int, backends: int, seconds: float, complete: bool = True
+    ) -> None:
+        """One NAT apply took ``seconds`` and left ``frontends``/``backends`` in the maps.
+
+        ``complete``: it left no errors; the first complete one after in-sync sets
+        tabby_nat_sync_from_insync_seconds (once per agent process).
+        """
+        self.services.set(frontends)
+        self.service_backends.set(backends)
+        self.nat_sync_s.observe(seconds)
+        if complete and not self._nat_first_done and self._in_sync_at is not None:
+            self._nat_first_done = True
+            self.nat_sync_from_insync_s.set(time.monotonic() - self._in_sync_at)
 
 
 class _PacketCollector:
@@ -120,9 +188,11 @@ class DataplaneWorker(threading.Thread):
         port: int,
         status: Status,
         metrics: Metrics,
+        cgroup: str | None = None,
     ) -> None:
         super().__init__(name="dataplane", daemon=True)
         self.node, self.netns, self.pin_root = node, netns, pin_root
+        self.cgroup = cgroup  # the node's cgroup v2 group (connect-time LB); None: CTLB off
         self.data_iface, self.port = data_iface, port
         self.status, self.metrics = status, metrics
         self.inbox: queue.Queue[tuple[NodeState, int]] = queue.Queue()
@@ -130,6 +200,8 @@ class DataplaneWorker(threading.Thread):
         self.failed: BaseException | None = None
         self.stopping = threading.Event()
         self.dataplane: NodeDataplane | None = None
+        self.next_sweep = 0.0  # time.monotonic() of the next periodic conntrack sweep
+        self.swept_after: object = None  # the NAT apply result the last sweep followed
 
     def submit(self, state: NodeState, revision: int) -> None:
         self.inbox.put((state, revision))
@@ -154,18 +226,48 @@ class DataplaneWorker(threading.Thread):
     def _loop(self) -> None:
         pending: tuple[NodeState, int] | None = None
         while not self.stopping.is_set():
-            timeout = RETRY_S if pending else None
+            timeout = RETRY_S if pending else self._until_sweep()
             try:
                 pending = self.inbox.get(timeout=timeout)
                 while True:  # coalesce a burst into its newest state
                     pending = self.inbox.get_nowait()
             except queue.Empty:
                 pass
-            if pending is None:
-                continue
-            state, revision = pending
-            if self._apply(state, revision):
-                pending = None
+            if pending is not None:
+                state, revision = pending
+                if self._apply(state, revision):
+                    pending = None
+            self._sweep_conntrack()
+
+    def _until_sweep(self) -> float | None:
+        """Seconds to wait for a state before the next sweep is due; None: nothing loaded yet."""
+        if self.dataplane is None:
+            return None
+        return max(0.0, self.next_sweep - time.monotonic())
+
+    def _sweep_conntrack(self) -> None:
+        """Every CT_SWEEP_S, and at once after an apply that took backends out of a service
+        (its UDP flows must move on). On this thread only: never in the middle of an apply."""
+        dp = self.dataplane
+        if dp is None:
+            return
+        nat = dp.last_nat
+        after_removal = nat.backends_removed and nat is not self.swept_after
+        if not after_removal and time.monotonic() < self.next_sweep:
+            return
+        self.swept_after = nat
+        self.next_sweep = time.monotonic() + CT_SWEEP_S
+        try:
+            stats = dp.sweep_conntrack()
+        except Exception:  # noqa: BLE001 - the next period retries; packets do not depend on it
+            log.exception("conntrack sweep failed")
+            return
+        self.metrics.observe_ct_sweep(stats)
+        if stats.deleted:
+            log.info(
+                "conntrack sweep: %d entries kept, %d expired, %d stale udp (%.1f ms)",
+                stats.kept, stats.expired, stats.stale_udp, stats.wall_s * 1e3,
+            )  # fmt: skip
 
     def _apply(self, state: NodeState, revision: int) -> bool:
         started = time.monotonic()
@@ -173,10 +275,12 @@ class DataplaneWorker(threading.Thread):
             if self.dataplane is None:
                 with links.rtnl() as ipr:
                     iface = self.data_iface or links.default_route_device(ipr) or "eth0"
-                self.dataplane = NodeDataplane(self.pin_root, iface, state)
+                self.dataplane = NodeDataplane(self.pin_root, iface, state, self.cgroup)
                 self.metrics.read_packets = self.dataplane.counters.read
             result = self.dataplane.apply(state)
             errors, warnings = result.errors, result.warnings
+            nat = self.dataplane.last_nat
+            self.metrics.observe_nat(nat.frontends, nat.backends, nat.seconds, not nat.errors)
         except Exception as e:  # noqa: BLE001 - any failure is retried, and reported on /readyz
             log.exception("apply failed")
             errors, warnings = [f"apply: {e}"], []
@@ -232,15 +336,17 @@ class Agent:
         pin_root: str,
         data_iface: str | None = None,
         port: int = DEFAULT_HEALTH_PORT,
+        cgroup: str | None = None,
     ) -> None:
         self.node, self.url = node, datastore_url
         self.status = Status(node)
         self.metrics = Metrics(self.status)
         self.worker = DataplaneWorker(
-            node, netns, pin_root, data_iface, port, self.status, self.metrics
+            node, netns, pin_root, data_iface, port, self.status, self.metrics, cgroup
         )
         self.stop = threading.Event()
         self.resources: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+        self.services = ServiceIndex(node)  # incremental: one change recomputes one service
 
     def run(self) -> None:
         preflight.require()
@@ -275,6 +381,14 @@ class Agent:
             for obj in items:
                 fresh[kind][_key(obj)] = obj
         self.resources = fresh
+        self.services = ServiceIndex(self.node)
+        for kind, on in (
+            ("Service", self.services.on_service),
+            ("EndpointSlice", self.services.on_slice),
+        ):
+            for key, obj in fresh[kind].items():
+                on(key, obj)
+        self.metrics.mark_in_sync()
         self._publish(revision)
         return revision
 
@@ -303,15 +417,23 @@ class Agent:
     def _on_event(self, ev: Event) -> None:
         if ev.kind not in KINDS:
             return
-        if ev.type == "DELETED":
-            self.resources[ev.kind].pop(_key(ev.obj), None)
+        key = _key(ev.obj)
+        current = None if ev.type == "DELETED" else ev.obj
+        if current is None:
+            self.resources[ev.kind].pop(key, None)
         else:
-            self.resources[ev.kind][_key(ev.obj)] = ev.obj
+            self.resources[ev.kind][key] = current
+        if ev.kind == "Service":
+            self.services.on_service(key, current)
+        elif ev.kind == "EndpointSlice":
+            self.services.on_slice(key, current)
 
     def _publish(self, revision: int) -> None:
         with self.status.lock:
             self.status.seen_revision = revision
-        self.worker.submit(compute(self.resources, self.node), revision)
+        state = compute(self.resources, self.node)
+        self.services.set_node_ip(state.node_ip)
+        self.worker.submit(with_services(state, self.services.results()), revision)
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:

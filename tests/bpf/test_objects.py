@@ -14,6 +14,7 @@ import packets as P
 import pytest
 
 from tabby.bpf import libbpf
+from tabby.bpf.maps import ALL_SPECS
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters, Reason
 from tabby.bpf.maps.routes import ROUTES_SPEC, RouteKey, RoutesMap, RouteValue
 from tabby.bpf.maps.spec import BPF_MAP_TYPE_HASH
@@ -28,7 +29,7 @@ def test_reload_reuses_pinned_maps(bpf_dir: Path, pin_root: str) -> None:
     with DatapathObjects(pin_root, config, bpf_dir) as dp:
         dp.routes().upsert("100.96.0.64/26", RouteValue.remote_workload(P.REMOTE_NODE_IP))
         libbpf.test_run(dp.prog_fd("tby_tun_egress"), P.tcp())
-    assert sorted(os.listdir(pin_root)) == ["tby_counters", "tby_routes"]
+    assert sorted(os.listdir(pin_root)) == sorted(s.name for s in ALL_SPECS)
     with DatapathObjects(pin_root, config, bpf_dir) as dp:  # "the agent restarted"
         assert dp.routes().dump() == {
             "100.96.0.64/26": RouteValue.remote_workload(P.REMOTE_NODE_IP)

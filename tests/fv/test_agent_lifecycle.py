@@ -126,5 +126,6 @@ def test_bpf_attach_type_tc_uses_clsact_and_switches_back_live(lab, pods):
     lab.wait_ready()
     assert "tby_from_wl" not in _tc_filters(node2.netns, veth, "ingress")
     assert os.listdir(os.path.join(root, "tc")) == []
-    assert len(os.listdir(os.path.join(root, "links"))) == 4
+    # y's veth and the tunnel device (in + eg each), and the data interface (in + eg)
+    assert len(os.listdir(os.path.join(root, "links"))) == 6
     assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"

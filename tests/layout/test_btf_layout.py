@@ -7,6 +7,7 @@ in src/tabby/bpf is stale (or a layout changed without a _vN bump).
 from __future__ import annotations
 
 import ctypes
+import enum
 import re
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps import ALL_SPECS
+from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, nat
 from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
 from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
 from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
@@ -26,6 +27,20 @@ Types = dict[int, dict[str, Any]]
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_route_key": RouteKey,
     "tby_route_val": RouteValue,
+    "tby_nat_fe_key": nat.FrontendKey,
+    "tby_nat_fe_val": nat.FrontendValue,
+    "tby_nat_be_key": nat.BackendKey,
+    "tby_nat_be_val": nat.BackendValue,
+    "tby_nat_aff_key": nat.AffinityKey,
+    "tby_nat_aff_val": nat.AffinityValue,
+    "tby_nat_src_key": nat.SourceRangeKey,
+    "tby_ct_key": conntrack.CtKey,
+    "tby_ct_val": conntrack.CtValue,
+    "tby_frag_key": conntrack.FragKey,
+    "tby_frag_val": conntrack.FragValue,
+    "tby_ctlb_sk_key": ctlb.CtlbSockKey,
+    "tby_ctlb_sk_val": ctlb.CtlbSockValue,
+    "tby_ct_gc_stats": ctgc.CtGcStats,
 }
 OBJECTS = sorted(ENTRY_OBJECTS)
 TYPES_H = Path(__file__).resolve().parents[2] / "bpf/include/tabby/types.h"
@@ -59,6 +74,8 @@ def _is_be_typedef(types: Types, type_id: int) -> bool:
 
 
 def _is_be_ctype(ctype: Any) -> bool:
+    if not hasattr(ctype, "__ctype_be__"):  # arrays: byte arrays have no order
+        return False
     return (
         ctypes.sizeof(ctype) > 1 and ctype is ctype.__ctype_be__ and ctype is not ctype.__ctype_le__
     )
@@ -184,6 +201,29 @@ def test_route_flags_match_types_h() -> None:
         for m in re.finditer(r"#define TBY_RT_(\w+) \(1U << (\d+)\)", TYPES_H.read_text())
     }
     assert defines == {f.name: f.value for f in RouteFlags}
+
+
+@pytest.mark.parametrize(
+    ("prefix", "flags"),
+    [
+        ("TBY_NAT_", nat.NatFlags),
+        ("TBY_CT_", conntrack.TcpFlags),
+    ],
+)
+def test_flag_defines_match_types_h(prefix: str, flags: type[enum.IntFlag]) -> None:
+    defines = {
+        m.group(1): 1 << int(m.group(2))
+        for m in re.finditer(rf"#define {prefix}(\w+) \(1U << (\d+)\)", TYPES_H.read_text())
+    }
+    assert defines == {f.name: f.value for f in flags}
+
+
+def test_ct_types_match_types_h() -> None:
+    defines = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"#define TBY_CT_(NAT_\w+) (\d+)", TYPES_H.read_text())
+    }
+    assert defines == {t.name: t.value for t in conntrack.CtType}
 
 
 def test_names_fit_the_kernel() -> None:

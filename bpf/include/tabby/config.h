@@ -14,5 +14,6 @@
 const volatile __u32 cfg_vni = 4096; /* VXLAN network identifier */
 const volatile __be32 cfg_host_ip = 0; /* this node's underlay address */
 const volatile __u32 cfg_log_level = 0; /* 0 off, 1 info, 2 debug */
+const volatile __u32 cfg_ctlb_udp = 0; /* connect-time LB also for UDP (mode Enabled) */
 
 #endif /* __TABBY_CONFIG_H */

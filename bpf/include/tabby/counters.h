@@ -13,7 +13,7 @@ static __always_inline void counter_inc(enum tby_reason reason)
 
 	if (packets)
 		*packets += 1;
-	if (reason >= TBY_R_DROP_MALFORMED)
+	if ((1ULL << reason) & TBY_DROP_REASONS)
 		log_debug("drop reason=%d", reason);
 }
 

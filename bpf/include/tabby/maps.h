@@ -32,4 +32,77 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_counters SEC(".maps");
 
+/* Service frontend (VIP:port/proto) -> backend set, its size and flags. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct tby_nat_fe_key);
+	__type(value, struct tby_nat_fe_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_nat_fe SEC(".maps");
+
+/* (backend set, ordinal) -> backend address and port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 524288);
+	__type(key, struct tby_nat_be_key);
+	__type(value, struct tby_nat_be_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_nat_be SEC(".maps");
+
+/* sessionAffinity ClientIP: (backend set, client) -> last backend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tby_nat_aff_key);
+	__type(value, struct tby_nat_aff_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_nat_aff SEC(".maps");
+
+/* loadBalancerSourceRanges: (backend set, client CIDR) -> admitted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, struct tby_nat_src_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_nat_src SEC(".maps");
+
+/* Conntrack: both halves of every NAT pair; LRU, swept by tby_ct_gc. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 512000);
+	__type(key, struct tby_ct_key);
+	__type(value, struct tby_ct_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ct SEC(".maps");
+
+/* Result of the last conntrack sweep (tby_ct_gc): slot 0 only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tby_ct_gc_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ct_gc_st SEC(".maps");
+
+/* Ports of fragmented datagrams, for their non-first fragments. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tby_frag_key);
+	__type(value, struct tby_frag_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_frags SEC(".maps");
+
+/* Connect-time LB: (socket cookie, backend) -> frontend, for replies and getpeername. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct tby_ctlb_sk_key);
+	__type(value, struct tby_ctlb_sk_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ctlb_sk SEC(".maps");
+
 #endif /* __TABBY_MAPS_H */

@@ -35,6 +35,8 @@ struct parsed_pkt {
 	__be16 eth_proto;
 	__u8 ip_proto;
 	__u8 is_frag; /* non-first fragment: no L4 header */
+	__u8 more_frags; /* MF set: a first or middle fragment */
+	__be16 ip_id;
 	__be32 saddr;
 	__be32 daddr;
 	__u32 l4_off; /* from the start of the frame */
@@ -88,8 +90,9 @@ static __always_inline int parse_l4_sane(struct __sk_buff *skb,
 		if ((void *)(uh + 1) > data_end)
 			return -1;
 		ulen = bpf_ntohs(uh->len);
-		/* len 0 is legal only for IPv6 jumbograms */
-		if (ulen < sizeof(*uh) || ulen > l4_len)
+		/* len 0 is legal only for IPv6 jumbograms; a first fragment
+		 * carries only the start of the datagram */
+		if (ulen < sizeof(*uh) || (ulen > l4_len && !pkt->more_frags))
 			return -1;
 	}
 	return 0;
@@ -143,6 +146,8 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb,
 
 	pkt->ip_proto = iph->protocol;
 	pkt->is_frag = (iph->frag_off & bpf_htons(TBY_IP_OFFSET)) != 0;
+	pkt->more_frags = (iph->frag_off & bpf_htons(TBY_IP_MF)) != 0;
+	pkt->ip_id = iph->id;
 	pkt->saddr = iph->saddr;
 	pkt->daddr = iph->daddr;
 	pkt->l4_off = TBY_IP_OFF + hl;

@@ -20,8 +20,31 @@ enum tby_reason {
 	TBY_R_DROP_UNKNOWN_VTEP, /* outer source is not a known node */
 	TBY_R_DROP_ETHERTYPE, /* an L3 protocol a pod may not send */
 	TBY_R_DROP_ENCAP_FAIL, /* bpf_skb_set_tunnel_key failed */
+	TBY_R_NAT_NEW, /* a new service flow: backend chosen, NAT pair created */
+	TBY_R_NAT_FWD, /* forward packet of a NAT flow translated */
+	TBY_R_NAT_REV, /* reply of a NAT flow translated back */
+	TBY_R_NAT_REJECT, /* service without endpoints: ICMP port unreachable sent */
+	TBY_R_NAT_ICMP_ERR, /* ICMP error about a NAT flow translated back */
+	TBY_R_NAT_FRAG, /* non-first fragment of a NAT flow translated */
+	TBY_R_CTLB_CONNECT, /* connect() to a service rewritten to a backend */
+	TBY_R_CTLB_SENDMSG, /* unconnected UDP send to a service rewritten */
+	TBY_R_CTLB_RECVMSG, /* reply source rewritten back to the service */
+	TBY_R_DROP_NO_LOCAL, /* Local traffic policy and no local backend */
+	TBY_R_DROP_SRC_RANGE, /* client outside loadBalancerSourceRanges */
+	TBY_R_DROP_NAT_FAIL, /* rewrite or ICMP reply could not be built */
+	TBY_R_DROP_FRAG, /* non-first fragment of an unknown datagram to a service */
+	TBY_R_DROP_CT_FULL, /* no NAT port or conntrack slot for a new flow */
 	TBY_REASON_MAX,
 };
+
+/* Reasons that are drops: logged at bpfLogLevel Debug. */
+#define TBY_DROP_REASONS                                                \
+	((1ULL << TBY_R_DROP_MALFORMED) | (1ULL << TBY_R_DROP_SPOOF) |   \
+	 (1ULL << TBY_R_DROP_NO_ROUTE) | (1ULL << TBY_R_DROP_BAD_TUNNEL) | \
+	 (1ULL << TBY_R_DROP_UNKNOWN_VTEP) | (1ULL << TBY_R_DROP_ETHERTYPE) | \
+	 (1ULL << TBY_R_DROP_ENCAP_FAIL) | (1ULL << TBY_R_DROP_NO_LOCAL) | \
+	 (1ULL << TBY_R_DROP_SRC_RANGE) | (1ULL << TBY_R_DROP_NAT_FAIL) |  \
+	 (1ULL << TBY_R_DROP_FRAG) | (1ULL << TBY_R_DROP_CT_FULL))
 
 /*
  * The counter key is a plain __u32 (array maps demand an integer key), so no

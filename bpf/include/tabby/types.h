@@ -34,4 +34,141 @@ struct tby_route_val {
 	__u32 _pad;
 };
 
+/* tby_nat_fe_val.flags: how a frontend picks and treats its backends. */
+#define TBY_NAT_AFFINITY (1U << 0) /* sessionAffinity ClientIP */
+#define TBY_NAT_DROP_EMPTY (1U << 1) /* Local traffic policy, no local backend: drop */
+#define TBY_NAT_SRC_RANGES (1U << 2) /* loadBalancerSourceRanges: check tby_nat_src */
+#define TBY_NAT_EXTERNAL (1U << 3) /* NodePort / LoadBalancer / externalIP frontend */
+
+/* Key of tby_nat_fe: a service frontend as a packet addresses it. */
+struct tby_nat_fe_key {
+	__be32 addr; /* ClusterIP, node IP (NodePort), LB ingress IP or externalIP */
+	__be16 port;
+	__u8 proto; /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 _pad;
+};
+
+struct tby_nat_fe_val {
+	__u32 id; /* backend set: key of tby_nat_be (with an ordinal) */
+	__u32 count; /* usable backends, ordinals 0..count-1; 0 => reject or drop */
+	__u32 flags; /* TBY_NAT_* */
+	__u32 affinity_s; /* sessionAffinity timeout */
+};
+
+struct tby_nat_be_key {
+	__u32 id;
+	__u32 ordinal;
+};
+
+struct tby_nat_be_val {
+	__be32 addr;
+	__be16 port;
+	__u16 _pad;
+};
+
+/* sessionAffinity ClientIP: the backend a client was last given. */
+struct tby_nat_aff_key {
+	__u32 id;
+	__be32 client;
+};
+
+struct tby_nat_aff_val {
+	__u64 seen_ns; /* bpf_ktime_get_ns() of the last new flow */
+	__be32 addr;
+	__be16 port;
+	__u16 ordinal; /* where addr:port sat in the set: checked before reuse */
+};
+
+/* loadBalancerSourceRanges: LPM over (id, client address); a hit admits. */
+struct tby_nat_src_key {
+	__u32 prefixlen; /* 32 (the id) + the CIDR's prefix length */
+	__u32 id;
+	__be32 addr;
+};
+
+/* tby_ct_val.type */
+#define TBY_CT_NAT_FWD 1 /* keyed by client->frontend: rewrite to the backend */
+#define TBY_CT_NAT_REV 2 /* keyed by the translated tuple: replies get the frontend back */
+
+/* tby_ct_val.tcp: TCP flags seen, either direction. */
+#define TBY_CT_SYN (1U << 0)
+#define TBY_CT_SYNACK (1U << 1) /* established once the reply's SYN-ACK passed */
+#define TBY_CT_FIN_FWD (1U << 2)
+#define TBY_CT_FIN_REV (1U << 3)
+#define TBY_CT_RST (1U << 4)
+
+/* A flow as a packet carries it (ports 0 for a protocol without them). */
+struct tby_ct_key {
+	__be32 src;
+	__be32 dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+/*
+ * One half of a NAT pair. FWD: nat_addr:nat_port is the backend and, when
+ * nat_saddr is set, the packet's source becomes nat_saddr:nat_sport (SNAT).
+ * REV: nat_addr:nat_port is the frontend (the reply's new source) and, when
+ * nat_saddr is set, the reply's destination becomes nat_saddr:nat_sport (the
+ * original client).
+ */
+struct tby_ct_val {
+	__u64 created_ns;
+	__u64 seen_ns;
+	__u8 type; /* TBY_CT_NAT_* */
+	__u8 tcp; /* TBY_CT_SYN... */
+	__u16 _pad;
+	__be32 nat_addr;
+	__be16 nat_port;
+	__be16 nat_sport;
+	__be32 nat_saddr;
+};
+
+/*
+ * What one conntrack sweep (tby_ct_gc) did; slot 0 of tby_ct_gc_st, written
+ * once at the end of each run. Counts are entries (halves), not pairs.
+ */
+struct tby_ct_gc_stats {
+	__u64 started_ns; /* bpf_ktime_get_ns() the sweep judged against */
+	__u64 scanned; /* entries visited */
+	__u64 kept; /* visited and left in place */
+	__u64 expired; /* deleted: idle past their timeout (orphans included) */
+	__u64 stale_udp; /* deleted: UDP to a backend its frontend no longer has */
+	__u64 orphans; /* of expired: halves whose partner was already gone */
+};
+
+/* Non-first IPv4 fragments carry no ports: the first one records them. */
+struct tby_frag_key {
+	__be32 src;
+	__be32 dst;
+	__be16 id;
+	__u8 proto;
+	__u8 _pad;
+};
+
+struct tby_frag_val {
+	__be16 sport;
+	__be16 dport;
+};
+
+/*
+ * Connect-time load balancing: what a socket's translated peer really was.
+ * Keyed by (socket cookie, backend) so one unconnected UDP socket talking to
+ * several services keeps each reply's frontend apart.
+ */
+struct tby_ctlb_sk_key {
+	__u64 cookie; /* bpf_get_socket_cookie() */
+	__be32 addr; /* backend the socket was sent to */
+	__be16 port;
+	__u16 _pad;
+};
+
+struct tby_ctlb_sk_val {
+	__be32 addr; /* the frontend the application asked for */
+	__be16 port;
+	__u16 _pad;
+};
+
 #endif /* __TABBY_TYPES_H */

@@ -3,7 +3,8 @@
 Only what tabby's control plane needs: open an object with a pin root, set its ``.rodata`` before
 load, load, find program and map fds, pin and reopen objects, map CRUD and batch operations, TC
 attach through tcx links (kernel >= 6.6) with clsact as the fallback, link replacement and
-introspection (to adopt pinned links after a restart), and BPF_PROG_TEST_RUN.
+introspection (to adopt pinned links after a restart), cgroup links (socket hooks) and iterator
+runs (socket iterators), and BPF_PROG_TEST_RUN.
 
 Invariants:
 - every libbpf error raises ``OSError(errno, message)``; the message carries the tail of libbpf's
@@ -247,6 +248,7 @@ _proto("bpf_map__map_flags", _u32, _vp)
 _proto("bpf_map__pin_path", _cp, _vp)
 _proto("bpf_map__initial_value", _vp, _vp, ctypes.POINTER(_sz))
 _proto("bpf_map__set_initial_value", _int, _vp, _vp, _sz)
+_proto("bpf_map__set_max_entries", _int, _vp, _u32)
 _proto("bpf_obj_get", _int, _cp)
 _proto("bpf_obj_pin", _int, _int, _cp)
 _proto("bpf_obj_get_info_by_fd", _int, _int, _vp, ctypes.POINTER(_u32))
@@ -575,6 +577,13 @@ class Object:
         rc = _lib.bpf_map__set_initial_value(ptr, ctypes.byref(value), ctypes.sizeof(value))
         _check(rc, f"{self.path}: set {section}")
 
+    def set_max_entries(self, map_name: str, max_entries: int) -> None:
+        """Resize a map before load() (benches, tests); the pinned map's size must then agree."""
+        if self.loaded:
+            raise ValueError(f"{self.path}: map sizes are fixed once loaded")
+        rc = _lib.bpf_map__set_max_entries(self._map_ptr(map_name), max_entries)
+        _check(rc, f"{self.path}: set max_entries of {map_name}")
+
     def _check_size(self, struct_type: type[Any], size: int, section: str) -> None:
         if ctypes.sizeof(struct_type) != size:
             raise ValueError(
@@ -730,3 +739,91 @@ def test_run(
 
 
 test_run.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported
+
+
+# ---------------------------------------------------------------------- cgroup links, iterators
+
+# enum bpf_attach_type / bpf_link_type values (UAPI; stable)
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_TRACE_ITER = 28
+BPF_CGROUP_INET4_GETPEERNAME = 29
+BPF_LINK_TYPE_CGROUP = 3
+
+_proto("bpf_iter_create", _int, _int)
+
+
+class _LinkInfoCgroup(ctypes.Structure):
+    """struct bpf_link_info with the cgroup member of its union."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),  # the union is 8-byte aligned
+        ("cgroup_id", ctypes.c_uint64),
+        ("attach_type", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint32),
+    ]
+
+
+def cgroup_id(path: str) -> int:
+    """The id of a cgroup v2 group: its directory's inode number on the cgroup2 fs."""
+    return os.stat(path).st_ino
+
+
+def _refuse_root_cgroup(path: str) -> None:
+    # Hooks on the root group would catch every socket of the machine. A hierarchy's root is a
+    # mount point and lacks cgroup.type (a file every non-root v2 group has).
+    if os.path.ismount(path) or not os.path.exists(os.path.join(path, "cgroup.type")):
+        raise ValueError(f"{path} is not a non-root cgroup v2 group: refusing to attach there")
+
+
+def cgroup_attach(cgroup_path: str, prog_fd: int, attach_type: int) -> int:
+    """Attach a cgroup program with a bpf_link (multi-attach: others' programs stay); link fd.
+
+    The program stays attached while the fd or a pin of it exists, and the link goes defunct
+    (cgroup id 0) when the group is removed. The root group of a hierarchy is refused.
+    """
+    _refuse_root_cgroup(cgroup_path)
+    cg = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), 0)
+        fd = _lib.bpf_link_create(prog_fd, cg, attach_type, ctypes.byref(opts))
+        return _check(fd, f"cgroup attach {cgroup_path} type {attach_type}")
+    finally:
+        os.close(cg)
+
+
+def cgroup_link_info(link_fd: int) -> tuple[int, int, int]:
+    """(program id, cgroup id, attach type) of a cgroup link fd; cgroup id 0 once defunct."""
+    info = _LinkInfoCgroup()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(
+        _lib.bpf_obj_get_info_by_fd(link_fd, ctypes.byref(info), ctypes.byref(size)), "link info"
+    )
+    if info.type != BPF_LINK_TYPE_CGROUP:
+        raise ValueError(f"link {info.id} is of type {info.type}, not cgroup")
+    return info.prog_id, info.cgroup_id, info.attach_type
+
+
+def iter_link(prog_fd: int) -> int:
+    """A BPF_TRACE_ITER link for an iterator program without parameters (iter/udp...)."""
+    opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), 0)
+    return _check(_lib.bpf_link_create(prog_fd, 0, BPF_TRACE_ITER, ctypes.byref(opts)), "iter link")
+
+
+def iter_run(link_fd: int) -> bytes:
+    """Run an iterator once and return what it wrote.
+
+    Socket iterators walk the network namespace of the calling thread at this call.
+    """
+    fd = _check(_lib.bpf_iter_create(link_fd), "bpf_iter_create")
+    try:
+        out = bytearray()
+        while chunk := os.read(fd, 65536):
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)

@@ -31,6 +31,17 @@ ENTRY_OBJECTS: dict[str, tuple[str, ...]] = {
     "tc_from_workload.o": ("tby_from_wl",),
     "tc_to_workload.o": ("tby_to_wl",),
     "tc_tunnel.o": ("tby_tun_egress", "tby_tun_ingress"),
+    "tc_from_host.o": ("tby_from_host",),
+    "tc_to_host.o": ("tby_to_host",),
+    "ct_gc.o": ("tby_ct_gc",),  # not attached: run by dataplane/conntrack.py
+    # connect-time LB (dataplane/ctlb.py): cgroup socket hooks + the stale-UDP socket reaper
+    "cgroup_ctlb.o": (
+        "tby_ctlb_conn4",
+        "tby_ctlb_send4",
+        "tby_ctlb_recv4",
+        "tby_ctlb_peer4",
+        "tby_ctlb_reap",
+    ),
 }
 
 _be32 = ctypes.c_uint32.__ctype_be__
@@ -43,14 +54,24 @@ class DatapathConfig(ctypes.Structure):
         ("cfg_vni", ctypes.c_uint32),
         ("cfg_host_ip", _be32),
         ("cfg_log_level", ctypes.c_uint32),
+        ("cfg_ctlb_udp", ctypes.c_uint32),
     ]
 
     @classmethod
-    def build(cls, vni: int = 4096, host_ip: str = "0.0.0.0", log_level: int = 0) -> DatapathConfig:
+    def build(
+        cls,
+        vni: int = 4096,
+        host_ip: str = "0.0.0.0",
+        log_level: int = 0,
+        ctlb_udp: bool = False,
+    ) -> DatapathConfig:
         if not 0 < vni < 1 << 24:
             raise ValueError(f"VNI {vni} is outside 1..16777215")
         return cls(
-            cfg_vni=vni, cfg_host_ip=int(ipaddress.IPv4Address(host_ip)), cfg_log_level=log_level
+            cfg_vni=vni,
+            cfg_host_ip=int(ipaddress.IPv4Address(host_ip)),
+            cfg_log_level=log_level,
+            cfg_ctlb_udp=int(ctlb_udp),
         )
 
 

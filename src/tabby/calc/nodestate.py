@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from tabby.calc import names
 from tabby.calc.mtu import Encap
+from tabby.calc.services import ServiceNAT
 
 Obj = dict[str, Any]
 Resources = Mapping[str, Mapping[tuple[str, str], Obj]]  # kind -> (namespace, name) -> object
@@ -62,6 +63,14 @@ class KernelRoute:
     gateway: str  # the peer node's address when encap is none
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """A healthCheckNodePort this node serves (externalTrafficPolicy Local), as kube-proxy does."""
+
+    service: str  # "namespace/name"
+    local_endpoints: int
+
+
 @dataclass
 class NodeState:
     node: str
@@ -77,6 +86,10 @@ class NodeState:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by host ifname
     kernel_routes: dict[str, KernelRoute] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    ctlb_mode: Literal["TCP", "Enabled", "Disabled"] = "TCP"  # bpfConnectTimeLoadBalancing
+    health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
+    services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
+    kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
 
 
 def node_internal_ip(node: Obj) -> str | None:
@@ -138,6 +151,8 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.vxlan_port = int(cfg.get("vxlanPort", DEFAULT_VXLAN_PORT))
     state.log_level = str(cfg.get("bpfLogLevel", "Off"))
     state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
+    state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
+    state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
     pools = [
         p
         for p in resources.get("IPPool", {}).values()
@@ -183,6 +198,16 @@ def compute(resources: Resources, node: str) -> NodeState:
         flags |= RT_ENCAP_IPIP if encap == "ipip" else 0
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
+    return state
+
+
+def with_services(state: NodeState, services: dict[str, ServiceNAT]) -> NodeState:
+    """Adds the services' NAT (from calc.services.ServiceIndex) and the health checks they imply."""
+    state.services = services
+    for svc in services.values():
+        state.warnings.extend(svc.warnings)
+        if svc.health_check_port:
+            state.health_checks[svc.health_check_port] = HealthCheck(svc.key, svc.local_endpoints)
     return state
 
 

@@ -37,6 +37,9 @@ def agent(
     data_iface: str = typer.Option(None, help="data interface; default: the default route's"),
     health_port: int = typer.Option(9099, help="port of /healthz, /readyz, /metrics (loopback)"),
     log_level: str = typer.Option("info"),
+    cgroup: str = typer.Option(
+        None, help="the node's cgroup v2 group for connect-time LB hooks; none: CTLB off"
+    ),
 ) -> None:
     """Program this node's dataplane from the datastore, and keep it programmed."""
     from tabby.agent import Agent
@@ -44,7 +47,8 @@ def agent(
     from tabby.preflight import PreflightError
 
     _logging(log_level)
-    a = Agent(node, datastore, netns, pin_root or node_pin_root(node), data_iface, health_port)
+    pins = pin_root or node_pin_root(node)
+    a = Agent(node, datastore, netns, pins, data_iface, health_port, cgroup)
     signal.signal(signal.SIGTERM, lambda *_: _exit(a.stop))
     try:
         a.run()

@@ -6,13 +6,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tabby.cli import lab, resources
+from tabby.cli import bpf, lab, resources
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="tabby: an eBPF dataplane for Kubernetes"
 )
 resources.register(app)
 app.add_typer(lab.app, name="lab")
+app.add_typer(bpf.app, name="bpf")
 
 
 @app.command()

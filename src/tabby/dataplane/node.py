@@ -14,10 +14,17 @@ import shutil
 from dataclasses import dataclass
 
 from tabby import preflight
+from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
+from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
 from tabby.calc.nodestate import NodeState
 from tabby.dataplane.attach import AttachManager, Attachment
+from tabby.dataplane.conntrack import ConntrackGC, GcStats
+from tabby.dataplane.ctlb import REAPER, CtlbManager
+from tabby.dataplane.healthcheck import HealthServers
+from tabby.dataplane.nat import NatApplyResult, NatManager
 from tabby.dataplane.routes import KernelRouteManager, RouteMapManager
 from tabby.dataplane.tunnel import TunnelManager
 from tabby.netlink import links
@@ -32,20 +39,30 @@ class ApplyResult:
 
 
 class NodeDataplane:
-    def __init__(self, pin_root: str, data_iface: str, state: NodeState) -> None:
+    def __init__(
+        self, pin_root: str, data_iface: str, state: NodeState, cgroup: str | None = None
+    ) -> None:
         self.pin_root = pin_root
         self.data_iface = data_iface
         self.loaded_for = _load_key(state)
         self.objects = _load(pin_root, state)
-        self.routes = RouteMapManager(self.objects.routes())
-        self.counters = self.objects.counters()
+        self.routes = RouteMapManager(RoutesMap(ROUTES_SPEC.open_pinned(pin_root)))
+        self.counters = Counters(COUNTERS_SPEC.open_pinned(pin_root))
         self.attach = AttachManager(pin_root)
+        self.cgroup = cgroup  # the node's cgroup v2 group: connect-time LB hooks go there
+        self.ctlb = CtlbManager(pin_root)
         self.tunnel = TunnelManager(data_iface)
         self.kernel_routes = KernelRouteManager()
+        # own fds on the pins: they outlive a reload of the objects
+        self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
+        self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
+        self.nat = NatManager(*self.nat_maps)
+        self.last_nat = NatApplyResult()
+        self.health = HealthServers()  # kube-proxy's health ports, bound in this netns
         self.bpf_enabled: bool | None = None
         self.tcx_supported = preflight.kernel_version() >= preflight.TCX_KERNEL
-        for knob in ("net/ipv4/ip_forward", f"net/ipv4/conf/{data_iface}/rp_filter"):
-            links.write_sysctl(knob, "1" if knob.endswith("ip_forward") else "0")
+        for knob, value in _node_sysctls(data_iface).items():
+            links.write_sysctl(knob, value)
 
     def _reload_if_needed(self, state: NodeState) -> None:
         """Load-time constants (node IP, VNI, log level) changed: load and swap in new programs."""
@@ -62,6 +79,9 @@ class NodeDataplane:
         self._reload_if_needed(state)
         errors = self.tunnel.apply(state.needs_vxlan, state.vni, state.vxlan_port, state.tunnel_ip)
         errors += self.routes.apply(state.routes)
+        # services before the programs that read them are attached to new interfaces
+        self.last_nat = self.nat.apply(state.services)
+        errors += self.last_nat.errors
         if state.bpf_enabled != self.bpf_enabled and state.bpf_enabled is False:
             warnings.append("bpfEnabled is false: tabby's programs are detached (disruptive)")
         self.bpf_enabled = state.bpf_enabled
@@ -71,13 +91,41 @@ class NodeDataplane:
             warnings.append("bpfAttachType TCX needs kernel >= 6.6: using TC (clsact) instead")
         errors += self.attach.apply(self._attachments(state), self.objects.prog_fds(), attach_type)
         errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip)
+        errors += self._apply_ctlb(state, warnings)
+        # Last, so /healthz says whether everything above is programmed. A port we cannot bind
+        # is a warning, as kube-proxy's event: it must not keep the node not ready.
+        warnings += self.health.apply(
+            state.kube_proxy_healthz_port, state.health_checks, ready=not errors
+        )
         return ApplyResult(errors, warnings)
 
-    @staticmethod
-    def _attachments(state: NodeState) -> list[Attachment]:
+    def _apply_ctlb(self, state: NodeState, warnings: list[str]) -> list[str]:
+        """Connect-time LB hooks per bpfConnectTimeLoadBalancing, then (the NAT maps being
+        programmed by now) destroy connected UDP sockets whose backend left."""
+        mode = state.ctlb_mode if state.bpf_enabled else "Disabled"
+        if self.cgroup is None and mode != "Disabled":
+            warnings.append("no --cgroup given: connect-time load balancing is off")
+        errors = self.ctlb.apply(self.cgroup, mode, self.objects.prog_fds())
+        errors += self.ctlb.reap_stale_udp(
+            self.cgroup,
+            self.objects.prog_fd(REAPER),
+            self.objects.map(FRONTENDS_SPEC),
+            self.objects.map(BACKENDS_SPEC),
+        )
+        return errors
+
+    def sweep_conntrack(self) -> GcStats:
+        """One BPF sweep of tby_ct (expired pairs, stale UDP). Call it from the thread that
+        applies, never during an apply: the stale-UDP check reads the backend sets."""
+        return ConntrackGC.of(self.objects).sweep()  # fds of the current objects (reloads)
+
+    def _attachments(self, state: NodeState) -> list[Attachment]:
         if not state.bpf_enabled:
             return []
-        out = []
+        out = [
+            Attachment(self.data_iface, "in", "tby_from_host"),
+            Attachment(self.data_iface, "eg", "tby_to_host"),
+        ]
         for ifname in state.endpoints:
             out.append(Attachment(ifname, "in", "tby_from_wl"))
             out.append(Attachment(ifname, "eg", "tby_to_wl"))
@@ -87,19 +135,40 @@ class NodeDataplane:
         return out
 
     def close(self) -> None:
+        self.health.close()
+        for m in [*self.nat_maps, self.routes.map.map, self.counters.map]:
+            m.close()
         self.objects.close()
 
 
 LOG_LEVELS = {"Off": 0, "Info": 1, "Debug": 2}
 
 
-def _load_key(state: NodeState) -> tuple[str | None, int, str]:
-    return state.node_ip, state.vni, state.log_level
+def _node_sysctls(data_iface: str) -> dict[str, str]:
+    """The node's IP settings the datapath relies on.
+
+    accept_local: a reverse-translated reply carries the node's own address as its source
+    (NodePort replies, node-IP frontends) while the kernel still has to forward it; without it
+    the kernel drops it as a martian. Pods cannot abuse it: from-workload drops spoofed sources
+    before any translation.
+    """
+    return {
+        "net/ipv4/ip_forward": "1",
+        f"net/ipv4/conf/{data_iface}/rp_filter": "0",
+        "net/ipv4/conf/all/accept_local": "1",
+    }
+
+
+def _load_key(state: NodeState) -> tuple[str | None, int, str, bool]:
+    return state.node_ip, state.vni, state.log_level, state.ctlb_mode == "Enabled"
 
 
 def _load(pin_root: str, state: NodeState) -> DatapathObjects:
     config = DatapathConfig.build(
-        vni=state.vni, host_ip=state.node_ip or "0.0.0.0", log_level=LOG_LEVELS[state.log_level]
+        vni=state.vni,
+        host_ip=state.node_ip or "0.0.0.0",
+        log_level=LOG_LEVELS[state.log_level],
+        ctlb_udp=state.ctlb_mode == "Enabled",
     )
     return DatapathObjects(pin_root, config).load()
 

@@ -9,6 +9,9 @@ Invariants:
   ``compacted`` raises Compacted.
 - Writes run under ``BEGIN IMMEDIATE`` (one writer at a time, across processes), the database is
   in WAL mode (readers never block), and ``busy_timeout`` absorbs writer contention.
+- Services are admitted inside the write transaction (datastore/services.py: cluster IPs and node
+  ports allocated and checked against every stored Service), so allocation is atomic with the
+  rest of the write and race-free across processes.
 - After every committed write the sidecar ``<db>.notify`` file is touched; watchers block on
   inotify for it, so a change reaches a watcher in any process within milliseconds. The inotify
   timeout only bounds how late a watcher notices ``stop``.
@@ -31,10 +34,12 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
+from tabby.datastore import services
 from tabby.datastore.api import (
     AlreadyExists,
     Compacted,
     Conflict,
+    DatastoreError,
     Event,
     EventType,
     NotFound,
@@ -92,10 +97,14 @@ def _same(new: Obj, old: Obj) -> bool:
 class _Txn:
     """One write transaction: reads see its own writes; every write takes the next revision."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, service_cidr: str = services.DEFAULT_SERVICE_CIDR
+    ) -> None:
         self.db = db
         self.revision: int = db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]
         self.written: list[Obj] = []
+        self.service_cidr = service_cidr
+        self._services: services.ServiceAllocator | None = None  # built on first use
 
     def get(self, key: Key) -> Obj | None:
         row = self.db.execute(
@@ -130,6 +139,20 @@ class _Txn:
         row = (self.revision, type_, kind, body)
         self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", row)
 
+    def admit(self, obj: Obj, old: Obj | None) -> Obj:
+        """What the API server does to ``obj`` before storing it over ``old``: today, a
+        Service's cluster IP and node ports are allocated and checked (datastore/services.py).
+
+        Reads every stored Service once per transaction; admitted Services keep it current.
+        """
+        if obj["kind"] != "Service":
+            return obj
+        if self._services is None:
+            rows = self.db.execute("SELECT body FROM objects WHERE kind='Service'").fetchall()
+            stored = (json.loads(r[0]) for r in rows)
+            self._services = services.ServiceAllocator(self.service_cidr, stored)
+        return self._services.admit(obj, old)
+
     def check_pod_ips(self) -> None:
         """Every written Pod's IPs lie in some IPPool, when any IPPool exists."""
         pods = [o for o in self.written if o["kind"] == "Pod"]
@@ -163,10 +186,24 @@ class _Txn:
 class EmbeddedDatastore:
     """The Datastore protocol over one SQLite file (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike[str], keep_events: int = DEFAULT_KEEP_EVENTS):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        keep_events: int = DEFAULT_KEEP_EVENTS,
+        service_cidr: str = services.DEFAULT_SERVICE_CIDR,
+    ):
+        """``service_cidr`` is kube-apiserver's --service-cluster-ip-range: every process that
+        writes Services to one file must pass the same one."""
         self.path = Path(path)
         self.notify_path = self.path.with_name(self.path.name + ".notify")
         self.keep_events = keep_events
+        try:
+            net = ipaddress.ip_network(service_cidr)
+        except ValueError as err:
+            raise DatastoreError(f"datastore {self.path}: service CIDR: {err}") from None
+        if net.num_addresses < 4:
+            raise DatastoreError(f"datastore {self.path}: service CIDR {net} is too small")
+        self.service_cidr = str(net)
         self._lock = threading.RLock()
         with self._errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +252,7 @@ class EmbeddedDatastore:
         with self._lock, self._errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                txn = _Txn(self._db)
+                txn = _Txn(self._db, self.service_cidr)
                 start = txn.revision
                 yield txn
                 if txn.revision != start:
@@ -265,6 +302,7 @@ class EmbeddedDatastore:
                 old = txn.get(_key_of(obj))
                 if old is not None and "status" not in obj and "status" in old:
                     obj["status"] = old["status"]  # apply does not clear status, as kubectl's
+                obj = txn.admit(obj, old)  # before the comparison: it fills allocated fields
                 if old is not None and _same(obj, old):
                     outcomes.append("unchanged")
                     continue
@@ -281,7 +319,7 @@ class EmbeddedDatastore:
         with self._write() as txn:
             if txn.get(_key_of(obj)) is not None:
                 raise AlreadyExists(f"{ref(obj)} already exists")
-            txn.put(obj, None)
+            txn.put(txn.admit(obj, None), None)
             txn.check_pod_ips()
         return obj
 
@@ -297,7 +335,7 @@ class EmbeddedDatastore:
                     f"{ref(obj)} has changed (resourceVersion {version} is no longer current): "
                     "read it again and retry"
                 )
-            txn.put(obj, old)
+            txn.put(txn.admit(obj, old), old)
             txn.check_pod_ips()
         return obj
 
@@ -312,9 +350,10 @@ class EmbeddedDatastore:
             version = patch.get("metadata", {}).get("resourceVersion")
             if version is not None and version != old["metadata"]["resourceVersion"]:
                 raise Conflict(f"{ref(old)} has changed (resourceVersion {version} is stale)")
-            new = validate(merge_patch(old, patch))
+            new = validate(services.drop_type_dependent(merge_patch(old, patch), old))
             if _key_of(new) != key:
                 raise ValidationError(f"{ref(old)}: a patch cannot change kind, name or namespace")
+            new = txn.admit(new, old)
             if _same(new, old):
                 return old
             txn.put(new, old)

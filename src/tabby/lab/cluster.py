@@ -181,6 +181,8 @@ class Lab:
             "eth0",
             "--health-port",
             str(HEALTH_PORT),
+            "--cgroup",  # pods are its children: connect-time LB hooks see their sockets
+            cgroups.group(self.name, node.name),
         ]
         self._start(f"agent {node.name}", argv, cgroups.group(self.name, node.name))
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from typing import Any
 
-from tabby.lab import cgroups, fabric, processes, state
+from tabby.lab import cgroups, fabric, processes, state, traffic
 from tabby.lab.topology import LabPlan
 
 IMAGES = {
@@ -168,6 +170,7 @@ def add(
         rec["ip"] = ip
         with state.editing(plan.name) as st:
             st["pods"][key] = rec
+        _wait_listening(netns, IMAGES.get(image, []))
         ds.patch(
             "Pod",
             name,
@@ -185,6 +188,26 @@ def add(
     except BaseException:
         remove(plan, ds, namespace, name)
         raise
+
+
+def _wait_listening(netns: str, ports: list[dict[str, Any]], timeout_s: float = 10.0) -> None:
+    """kubelet's readiness probe, for the lab: Ready only once every TCP port accepts."""
+    deadline = time.monotonic() + timeout_s
+
+    def probe() -> None:
+        for p in ports:
+            if p.get("protocol", "TCP") != "TCP":
+                continue
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", p["containerPort"]), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise PodError(f"port {p['containerPort']} never listened") from None
+                    time.sleep(0.02)
+
+    traffic.in_netns(netns, probe)
 
 
 def remove(plan: LabPlan, ds: Any, namespace: str, name: str) -> None:

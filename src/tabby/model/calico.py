@@ -54,6 +54,7 @@ _felix_spec = Struct(
         "bpfDataIfacePattern": _regex,
         "bpfConnectTimeLoadBalancing": enum("TCP", "Enabled", "Disabled"),
         "bpfAttachType": enum("TCX", "TC"),
+        "bpfKubeProxyHealthzPort": integer(0, 65535),
         "bpfKubeProxyIptablesCleanupEnabled": boolean,
         "bpfMapSizeNATFrontend": _positive,
         "bpfMapSizeNATBackend": _positive,

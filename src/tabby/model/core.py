@@ -200,6 +200,7 @@ def _service_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
     elif not ports and spec.get("clusterIP") != "None":
         raise FieldError(at(path, "ports"), "required (at least one port)")
     names: set[str] = set()
+    seen: dict[tuple[int, str], int] = {}
     for i, p in enumerate(ports):
         here = item(at(path, "ports"), i)
         if len(ports) > 1 and not p.get("name"):
@@ -207,8 +208,16 @@ def _service_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
         if p.get("name") in names:
             raise FieldError(at(here, "name"), f"duplicate port name {p['name']!r}")
         names.add(p.get("name", ""))
+        first = seen.setdefault((p["port"], p["protocol"]), i)
+        if first != i:
+            where = item(at(path, "ports"), first)
+            raise FieldError(here, f"duplicate port {p['port']}/{p['protocol']} (as {where})")
         if "nodePort" in p and kind not in ("NodePort", "LoadBalancer"):
             raise FieldError(at(here, "nodePort"), "only allowed for type NodePort or LoadBalancer")
+    if kind == "ExternalName" and (spec.get("clusterIP") or spec.get("clusterIPs")):
+        raise FieldError(at(path, "clusterIP"), "may not be set for type ExternalName")
+    if kind in ("NodePort", "LoadBalancer") and spec.get("clusterIP") == "None":
+        raise FieldError(at(path, "clusterIP"), f"may not be None (headless) for type {kind}")
     ips = spec.get("clusterIPs")
     if spec.get("clusterIP") and not ips:
         spec["clusterIPs"] = [spec["clusterIP"]]
@@ -224,6 +233,13 @@ def _service_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
         )
     if kind != "ExternalName":
         spec.setdefault("internalTrafficPolicy", "Cluster")
+    if "healthCheckNodePort" in spec and not (
+        kind == "LoadBalancer" and spec["externalTrafficPolicy"] == "Local"
+    ):
+        raise FieldError(
+            at(path, "healthCheckNodePort"),
+            "only for type LoadBalancer with externalTrafficPolicy Local",
+        )
     return spec
 
 

@@ -100,7 +100,8 @@ def int_or_name(value: Any, path: str) -> int | str:
     if isinstance(value, str):
         if value.isdigit():
             return int(port(int(value), path))
-        if len(value) > 15 or not _SVC_NAME.match(value) or not re.search("[a-z]", value):
+        bad = not _SVC_NAME.match(value) or "--" in value or not re.search("[a-z]", value)
+        if len(value) > 15 or bad:  # IANA_SVC_NAME, as Kubernetes checks it
             raise FieldError(path, f"{value!r} is not a valid port name")
         return value
     if isinstance(value, int) and not isinstance(value, bool):

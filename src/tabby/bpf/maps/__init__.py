@@ -3,10 +3,25 @@
 The mirrors are checked against the compiled objects' BTF by tests/layout.
 """
 
+from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, FRAGS_SPEC
 from tabby.bpf.maps.counters import COUNTERS_SPEC
+from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
+from tabby.bpf.maps.ctlb import CTLB_SOCKETS_SPEC
+from tabby.bpf.maps.nat import AFFINITY_SPEC, BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.routes import ROUTES_SPEC
 from tabby.bpf.maps.spec import MapSpec
 
-ALL_SPECS: tuple[MapSpec, ...] = (ROUTES_SPEC, COUNTERS_SPEC)
+ALL_SPECS: tuple[MapSpec, ...] = (
+    ROUTES_SPEC,
+    COUNTERS_SPEC,
+    FRONTENDS_SPEC,
+    BACKENDS_SPEC,
+    AFFINITY_SPEC,
+    SOURCE_RANGES_SPEC,
+    CONNTRACK_SPEC,
+    FRAGS_SPEC,
+    CT_GC_STATS_SPEC,
+    CTLB_SOCKETS_SPEC,
+)
 
-__all__ = ["ALL_SPECS", "COUNTERS_SPEC", "ROUTES_SPEC", "MapSpec"]
+__all__ = ["ALL_SPECS", "MapSpec"]

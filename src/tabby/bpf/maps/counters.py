@@ -31,6 +31,20 @@ class Reason(enum.IntEnum):
     DROP_UNKNOWN_VTEP = 9
     DROP_ETHERTYPE = 10
     DROP_ENCAP_FAIL = 11
+    NAT_NEW = 12
+    NAT_FWD = 13
+    NAT_REV = 14
+    NAT_REJECT = 15
+    NAT_ICMP_ERR = 16
+    NAT_FRAG = 17
+    CTLB_CONNECT = 18
+    CTLB_SENDMSG = 19
+    CTLB_RECVMSG = 20
+    DROP_NO_LOCAL = 21
+    DROP_SRC_RANGE = 22
+    DROP_NAT_FAIL = 23
+    DROP_FRAG = 24
+    DROP_CT_FULL = 25
 
     @property
     def c_name(self) -> str:
@@ -40,6 +54,10 @@ class Reason(enum.IntEnum):
     def label(self) -> str:
         """Lower-case name, as used in dumps and metrics labels (``drop_spoof``)."""
         return self.name.lower()
+
+    @property
+    def is_drop(self) -> bool:
+        return self.name.startswith("DROP_")
 
 
 REASON_MAX = len(Reason)  # TBY_REASON_MAX

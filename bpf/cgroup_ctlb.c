@@ -1,0 +1,274 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Connect-time load balancing (Calico's bpfConnectTimeLoadBalancing, Cilium's
+ * socket LB). Socket-address hooks on the node's cgroup (pods are its
+ * children) rewrite a service frontend to a backend before the kernel routes
+ * it, so the flow never needs per-packet NAT:
+ *   connect4     connect() to a frontend -> a backend (TCP; UDP if cfg_ctlb_udp)
+ *   sendmsg4     unconnected UDP sendto() a frontend -> a backend, per datagram
+ *   recvmsg4     a reply's source backend -> the frontend the socket asked for
+ *   getpeername4 the connected backend -> the frontend
+ * Each translation records (socket cookie, backend) -> frontend in tby_ctlb_sk;
+ * the reverse hooks only undo what is recorded there.
+ *
+ * A frontend is left to the per-packet path (no translation, no count) when it
+ * has no backends (the tc path rejects), when it checks source ranges, or when
+ * it has ClientIP affinity and the socket's source address is not known yet
+ * (nothing bound, no IP_PKTINFO): affinity is keyed by client IP, which for an
+ * unbound socket only exists after routing, so the tc path keys it correctly.
+ *
+ * tby_ctlb_reap (iter/udp) is the cure for the connected-UDP trap: a UDP
+ * socket connected to a backend that has since left its service would keep
+ * sending to it forever. The agent runs this iterator in each pod netns when
+ * backends go away; it destroys (bpf_sock_destroy: the application sees
+ * ECONNABORTED and reconnects through connect4) every connected UDP socket
+ * that we translated and whose backend is no longer one of its frontend's.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+#include "tabby/types.h"
+#include "tabby/maps.h"
+#include "tabby/config.h"
+#include "tabby/counters.h"
+
+#define SOCK_ALLOW 1 /* cgroup sock_addr verdict: carry on (we never refuse) */
+#define TBY_AF_INET 2
+#define TBY_SK_ESTABLISHED 1 /* TCP_ESTABLISHED: what a connected UDP socket is */
+#define NSEC_PER_SEC 1000000000ULL
+
+static __always_inline struct tby_nat_fe_val *ctlb_lookup_frontend(__be32 addr, __u32 port,
+								   __u32 proto)
+{
+	struct tby_nat_fe_key key = {
+		.addr = addr,
+		.port = (__be16)port, /* user_port: network order in the low 16 bits */
+		.proto = (__u8)proto,
+	};
+
+	return bpf_map_lookup_elem(&tby_nat_fe, &key);
+}
+
+struct ctlb_search {
+	__u32 id;
+	__be32 addr;
+	__be16 port;
+	__u8 found;
+};
+
+static long ctlb_search_cb(__u32 ordinal, void *data)
+{
+	struct ctlb_search *s = data;
+	struct tby_nat_be_key key = { .id = s->id, .ordinal = ordinal };
+	struct tby_nat_be_val *be = bpf_map_lookup_elem(&tby_nat_be, &key);
+
+	if (be && be->addr == s->addr && be->port == s->port) {
+		s->found = 1;
+		return 1; /* stop */
+	}
+	return 0;
+}
+
+/*
+ * Is addr:port still among the frontend's backends? A scan, not a lookup: the
+ * backend map is keyed by ordinal. Only paid by affinity hits and the reaper.
+ */
+static __always_inline int ctlb_is_backend(const struct tby_nat_fe_val *fe, __be32 addr,
+					   __be16 port)
+{
+	struct ctlb_search s = { .id = fe->id, .addr = addr, .port = port };
+
+	bpf_loop(fe->count, ctlb_search_cb, &s, 0);
+	return s.found;
+}
+
+/*
+ * Pick the frontend's backend into *out. Returns 0, or -1 to leave the flow to
+ * the per-packet path (see the header comment for when).
+ */
+static __always_inline int ctlb_choose(const struct tby_nat_fe_val *fe, __be32 client,
+				       struct tby_nat_be_val *out)
+{
+	struct tby_nat_be_key be_key = { .id = fe->id };
+	struct tby_nat_aff_key aff_key = { .id = fe->id, .client = client };
+	struct tby_nat_aff_val aff = {};
+	struct tby_nat_aff_val *seen;
+	struct tby_nat_be_val *be;
+	__u64 now = 0;
+
+	if (fe->count == 0 || (fe->flags & TBY_NAT_SRC_RANGES))
+		return -1;
+	if (fe->flags & TBY_NAT_AFFINITY) {
+		if (!client)
+			return -1;
+		now = bpf_ktime_get_ns();
+		seen = bpf_map_lookup_elem(&tby_nat_aff, &aff_key);
+		if (seen && now - seen->seen_ns < (__u64)fe->affinity_s * NSEC_PER_SEC &&
+		    ctlb_is_backend(fe, seen->addr, seen->port)) {
+			seen->seen_ns = now;
+			out->addr = seen->addr;
+			out->port = seen->port;
+			return 0;
+		}
+	}
+	be_key.ordinal = bpf_get_prandom_u32() % fe->count;
+	be = bpf_map_lookup_elem(&tby_nat_be, &be_key);
+	if (!be)
+		return -1; /* a set being rewritten: the tc path copes */
+	out->addr = be->addr;
+	out->port = be->port;
+	if (fe->flags & TBY_NAT_AFFINITY) {
+		aff.seen_ns = now;
+		aff.addr = be->addr;
+		aff.port = be->port;
+		bpf_map_update_elem(&tby_nat_aff, &aff_key, &aff, BPF_ANY);
+	}
+	return 0;
+}
+
+/*
+ * Translate ctx's destination if it is a frontend of ours; returns 1 if done.
+ * The reverse entry is written first: a translation we could not record would
+ * show the backend to getpeername()/recvfrom(), so then we do not translate.
+ */
+static __always_inline int ctlb_translate(struct bpf_sock_addr *ctx, __be32 client)
+{
+	struct tby_ctlb_sk_key key = {};
+	struct tby_ctlb_sk_val orig = {};
+	struct tby_nat_fe_val *fe;
+	struct tby_nat_be_val be;
+
+	fe = ctlb_lookup_frontend(ctx->user_ip4, ctx->user_port, ctx->protocol);
+	if (!fe || ctlb_choose(fe, client, &be))
+		return 0;
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr = be.addr;
+	key.port = be.port;
+	orig.addr = ctx->user_ip4;
+	orig.port = (__be16)ctx->user_port;
+	if (bpf_map_update_elem(&tby_ctlb_sk, &key, &orig, BPF_ANY))
+		return 0;
+	ctx->user_ip4 = be.addr;
+	ctx->user_port = be.port;
+	return 1;
+}
+
+/* recvmsg4/getpeername4: a backend we translated to shows as its frontend. */
+static __always_inline int ctlb_restore_frontend(struct bpf_sock_addr *ctx)
+{
+	struct tby_ctlb_sk_key key = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = ctx->user_ip4,
+		.port = (__be16)ctx->user_port,
+	};
+	struct tby_ctlb_sk_val *orig = bpf_map_lookup_elem(&tby_ctlb_sk, &key);
+
+	if (!orig)
+		return 0;
+	ctx->user_ip4 = orig->addr;
+	ctx->user_port = orig->port;
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int tby_ctlb_conn4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 proto = ctx->protocol;
+
+	if (proto != IPPROTO_TCP && !(proto == IPPROTO_UDP && cfg_ctlb_udp))
+		return SOCK_ALLOW;
+	if (ctlb_translate(ctx, sk ? sk->src_ip4 : 0))
+		counter_inc(TBY_R_CTLB_CONNECT);
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/sendmsg4")
+int tby_ctlb_send4(struct bpf_sock_addr *ctx)
+{
+	if (!cfg_ctlb_udp)
+		return SOCK_ALLOW;
+	/* msg_src_ip4: the bound address or IP_PKTINFO's, 0 if the route picks */
+	if (ctlb_translate(ctx, ctx->msg_src_ip4))
+		counter_inc(TBY_R_CTLB_SENDMSG);
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/recvmsg4")
+int tby_ctlb_recv4(struct bpf_sock_addr *ctx)
+{
+	if (ctlb_restore_frontend(ctx))
+		counter_inc(TBY_R_CTLB_RECVMSG);
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/getpeername4")
+int tby_ctlb_peer4(struct bpf_sock_addr *ctx)
+{
+	ctlb_restore_frontend(ctx);
+	return SOCK_ALLOW;
+}
+
+/*
+ * Just the kernel fields the reaper reads, relocated by CO-RE against the
+ * running kernel's BTF (the UAPI headers we build with have no struct sock).
+ */
+struct sock_common {
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	__be32 skc_daddr;
+	__be16 skc_dport;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+struct seq_file;
+
+struct bpf_iter_meta {
+	struct seq_file *seq;
+} __attribute__((preserve_access_index));
+
+struct udp_sock;
+
+struct bpf_iter__udp {
+	struct bpf_iter_meta *meta;
+	struct udp_sock *udp_sk;
+} __attribute__((preserve_access_index));
+
+extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
+
+/*
+ * One call per UDP socket of the netns the iterator was created in. Each
+ * socket destroyed is reported to the reader as a struct tby_ctlb_sk_key.
+ */
+SEC("iter/udp")
+int tby_ctlb_reap(struct bpf_iter__udp *ctx)
+{
+	struct sock *sk = (struct sock *)ctx->udp_sk;
+	struct tby_ctlb_sk_key key = {};
+	struct tby_ctlb_sk_val *orig;
+	struct tby_nat_fe_val *fe;
+
+	if (!sk || sk->__sk_common.skc_family != TBY_AF_INET ||
+	    sk->__sk_common.skc_state != TBY_SK_ESTABLISHED)
+		return 0;
+	key.cookie = bpf_get_socket_cookie(sk);
+	key.addr = sk->__sk_common.skc_daddr;
+	key.port = sk->__sk_common.skc_dport;
+	orig = bpf_map_lookup_elem(&tby_ctlb_sk, &key);
+	if (!orig)
+		return 0; /* not connected through us */
+	fe = ctlb_lookup_frontend(orig->addr, orig->port, IPPROTO_UDP);
+	if (fe && ctlb_is_backend(fe, key.addr, key.port))
+		return 0;
+	if (bpf_sock_destroy((struct sock_common *)sk))
+		return 0;
+	bpf_map_delete_elem(&tby_ctlb_sk, &key);
+	bpf_seq_write(ctx->meta->seq, &key, sizeof(key));
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Rejecting a packet the way kube-proxy's REJECT rule does for a service
+ * without endpoints: the packet is turned into an ICMP port unreachable from
+ * the service address to the client and sent back out of the interface it
+ * came in on. TCP clients get ECONNREFUSED, UDP clients an error on the next
+ * receive: never a silent black hole.
+ */
+#ifndef __TABBY_ICMP_H
+#define __TABBY_ICMP_H
+
+#include <linux/bpf.h>
+#include <linux/icmp.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "counters.h"
+#include "parse.h"
+
+/*
+ * What the error quotes of the offending packet: its IP header (no options)
+ * and the start of its L4 header. 8 bytes of it are what RFC 792 asks for;
+ * TCP gets its whole 20-byte header because a locally sent TCP packet is
+ * CHECKSUM_PARTIAL and the kernel refuses to cut it before its checksum
+ * field. That state stays on the skb: harmless, since such a packet only
+ * ever goes back into the veth it came from, where nothing recomputes it.
+ */
+#define TBY_ICMP_QUOTE_UDP 28
+#define TBY_ICMP_QUOTE_TCP 40
+#define TBY_ICMP_ROOM (sizeof(struct iphdr) + sizeof(struct icmphdr))
+
+static __always_inline __u16 icmp_fold(__s64 sum)
+{
+	__u32 csum = (__u32)sum;
+
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	return (__u16)~csum;
+}
+
+/* Rewrites the packet in place into the ICMP error; 0 on success. */
+static __always_inline int icmp_build_unreach(struct __sk_buff *skb,
+					      const __u32 quote_len)
+{
+	struct {
+		struct icmphdr icmp;
+		__u8 quote[TBY_ICMP_QUOTE_TCP];
+	} body = {};
+	struct iphdr ip = {};
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, TBY_IP_OFF, body.quote, quote_len))
+		return -1;
+	/* the quote starts with the original header: addresses swap from it */
+	__builtin_memcpy(&ip.daddr, body.quote + offsetof(struct iphdr, saddr), 4);
+	__builtin_memcpy(&ip.saddr, body.quote + offsetof(struct iphdr, daddr), 4);
+	if (bpf_skb_change_tail(skb, TBY_IP_OFF + quote_len, 0) ||
+	    bpf_skb_adjust_room(skb, TBY_ICMP_ROOM, BPF_ADJ_ROOM_MAC, 0))
+		return -1;
+
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.ttl = 64;
+	ip.protocol = IPPROTO_ICMP;
+	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(body.icmp) + quote_len);
+	ip.check = icmp_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	body.icmp.type = ICMP_DEST_UNREACH;
+	body.icmp.code = ICMP_PORT_UNREACH;
+	body.icmp.checksum =
+		icmp_fold(bpf_csum_diff(NULL, 0, (__be32 *)&body,
+					sizeof(body.icmp) + quote_len, 0));
+
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
+	    bpf_skb_store_bytes(skb, TBY_IP_OFF, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, TBY_IP_OFF + sizeof(ip), &body.icmp,
+				sizeof(body.icmp), 0))
+		return -1;
+	return 0;
+}
+
+/*
+ * The verdict for a rejected packet: the ICMP error leaves through the
+ * interface the packet arrived on (towards the pod, or towards the router).
+ * Only option-less IPv4 is answered; anything else is dropped.
+ */
+static __always_inline int icmp_reject(struct __sk_buff *skb,
+				       const struct parsed_pkt *pkt)
+{
+	__u32 quote = pkt->ip_proto == IPPROTO_TCP ? TBY_ICMP_QUOTE_TCP :
+						     TBY_ICMP_QUOTE_UDP;
+
+	if (pkt->l4_off != TBY_IP_OFF + sizeof(struct iphdr) || pkt->is_frag ||
+	    (quote == TBY_ICMP_QUOTE_TCP ? icmp_build_unreach(skb, TBY_ICMP_QUOTE_TCP) :
+					   icmp_build_unreach(skb, TBY_ICMP_QUOTE_UDP))) {
+		counter_inc(TBY_R_DROP_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	counter_inc(TBY_R_NAT_REJECT);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+#endif /* __TABBY_ICMP_H */

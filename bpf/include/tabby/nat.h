@@ -1,0 +1,364 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Service NAT, per packet: conntrack first (established flows and replies pay
+ * one or two hash lookups), then, for a new flow to a frontend, the backend
+ * choice and the creation of the NAT pair. Every tc program calls
+ * nat_handle() with the hooks it may act on.
+ */
+#ifndef __TABBY_NAT_H
+#define __TABBY_NAT_H
+
+#include <linux/bpf.h>
+#include <linux/errno.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/stddef.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "config.h"
+#include "counters.h"
+#include "ct.h"
+#include "fib.h"
+#include "maps.h"
+#include "parse.h"
+
+/* nat_handle() hooks: what a program may do besides translating known flows. */
+#define NAT_HOOK_FRONTENDS (1U << 0) /* start new flows to frontends */
+#define NAT_HOOK_SNAT_REMOTE (1U << 1) /* from outside: SNAT flows to remote backends */
+#define NAT_HOOK_HAIRPIN (1U << 2) /* a pod reaching itself: SNAT to the gateway */
+
+enum nat_result {
+	NAT_PASS, /* not a service flow, or already translated */
+	NAT_DONE, /* translated */
+	NAT_REJECT, /* no backend: answer with ICMP port unreachable */
+	NAT_DROP, /* counted already */
+};
+
+/* The pods' gateway (calc/names.py POD_GATEWAY): hairpin flows come from it. */
+#define TBY_HAIRPIN_IP bpf_htonl(0xa9fe0101) /* 169.254.1.1 */
+#define TBY_SNAT_PORT_MIN 32768
+#define TBY_SNAT_PORT_SPAN 28232 /* 32768..60999, Linux's ephemeral range */
+#define TBY_SNAT_TRIES 4
+#define TBY_NS_PER_S 1000000000ULL
+
+/*
+ * Rewrites one address (and port) of the packet with checksums. l4 = 0 for a
+ * non-first fragment: no L4 header to touch.
+ */
+static __always_inline int nat_rewrite(struct __sk_buff *skb,
+				       const struct parsed_pkt *pkt, int is_dst,
+				       __be32 from, __be32 to, __be16 pfrom,
+				       __be16 pto)
+{
+	__u32 addr_off = TBY_IP_OFF + (is_dst ? offsetof(struct iphdr, daddr) :
+						offsetof(struct iphdr, saddr));
+	__u32 csum_off = pkt->l4_off + (pkt->ip_proto == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = pkt->ip_proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	int l4 = !pkt->is_frag;
+
+	if (l4 && from != to &&
+	    bpf_l4_csum_replace(skb, csum_off, from, to,
+				BPF_F_PSEUDO_HDR | mangled | sizeof(to)))
+		return -1;
+	if (l4 && pfrom != pto) {
+		if (bpf_l4_csum_replace(skb, csum_off, pfrom, pto,
+					mangled | sizeof(pto)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, pkt->l4_off + (is_dst ? 2 : 0),
+					&pto, sizeof(pto), 0))
+			return -1;
+	}
+	if (from != to) {
+		if (bpf_l3_csum_replace(skb,
+					TBY_IP_OFF + offsetof(struct iphdr, check),
+					from, to, sizeof(to)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, addr_off, &to, sizeof(to), 0))
+			return -1;
+	}
+	return 0;
+}
+
+/* The affinity entry's backend, if fresh and still at its ordinal. */
+static __always_inline int nat_affinity_get(const struct tby_nat_fe_val *fe,
+					    __be32 client,
+					    struct tby_nat_be_val *out,
+					    __u64 now)
+{
+	struct tby_nat_aff_key ak = { .id = fe->id, .client = client };
+	struct tby_nat_be_key bk = { .id = fe->id };
+	struct tby_nat_aff_val *av;
+	struct tby_nat_be_val *be;
+
+	av = bpf_map_lookup_elem(&tby_nat_aff, &ak);
+	if (!av || now - av->seen_ns > fe->affinity_s * TBY_NS_PER_S)
+		return -1;
+	if (av->ordinal >= fe->count)
+		return -1;
+	bk.ordinal = av->ordinal;
+	be = bpf_map_lookup_elem(&tby_nat_be, &bk);
+	if (!be || be->addr != av->addr || be->port != av->port)
+		return -1;
+	*out = *be;
+	av->seen_ns = now;
+	return 0;
+}
+
+/* Picks a backend of a frontend with count > 0: affinity, else random. */
+static __always_inline int nat_pick_backend(const struct tby_nat_fe_val *fe,
+					    __be32 client,
+					    struct tby_nat_be_val *out,
+					    __u64 now)
+{
+	struct tby_nat_be_key bk = { .id = fe->id };
+	struct tby_nat_be_val *be;
+
+	if ((fe->flags & TBY_NAT_AFFINITY) &&
+	    !nat_affinity_get(fe, client, out, now))
+		return 0;
+	bk.ordinal = bpf_get_prandom_u32() % fe->count;
+	be = bpf_map_lookup_elem(&tby_nat_be, &bk);
+	if (!be)
+		return -1;
+	*out = *be;
+	if (fe->flags & TBY_NAT_AFFINITY) {
+		struct tby_nat_aff_key ak = { .id = fe->id, .client = client };
+		struct tby_nat_aff_val av = {
+			.seen_ns = now,
+			.addr = be->addr,
+			.port = be->port,
+			.ordinal = bk.ordinal,
+		};
+
+		bpf_map_update_elem(&tby_nat_aff, &ak, &av, BPF_ANY);
+	}
+	return 0;
+}
+
+/* loadBalancerSourceRanges: is the client admitted to this backend set? */
+static __always_inline int nat_source_allowed(const struct tby_nat_fe_val *fe,
+					      __be32 client)
+{
+	struct tby_nat_src_key k = { .prefixlen = 64, .id = fe->id, .addr = client };
+
+	if (!(fe->flags & TBY_NAT_SRC_RANGES))
+		return 1;
+	return bpf_map_lookup_elem(&tby_nat_src, &k) != NULL;
+}
+
+/*
+ * Stores the REV half first, without overwriting another flow's: a taken
+ * translated tuple is a collision (two frontends, one client port and one
+ * backend). A REV left by this very flow (its FWD was evicted) is reused.
+ */
+static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
+					 const struct tby_ct_val *rev)
+{
+	struct tby_ct_val *old;
+
+	if (!bpf_map_update_elem(&tby_ct, rk, rev, BPF_NOEXIST))
+		return 0;
+	old = bpf_map_lookup_elem(&tby_ct, rk);
+	if (!old || old->type != TBY_CT_NAT_REV || old->nat_addr != rev->nat_addr ||
+	    old->nat_port != rev->nat_port || old->nat_saddr != rev->nat_saddr ||
+	    old->nat_sport != rev->nat_sport)
+		return -1;
+	return bpf_map_update_elem(&tby_ct, rk, rev, BPF_EXIST);
+}
+
+/* Creates the NAT pair of a new flow; fills fwd for the caller's rewrite. */
+static __always_inline int nat_create_pair(const struct flow *f,
+					   const struct tby_nat_be_val *be,
+					   __be32 snat, struct tby_ct_val *fwd,
+					   __u64 now)
+{
+	struct tby_ct_key rk = {
+		.dst = be->addr,
+		.dport = be->port,
+		.proto = f->key.proto,
+	};
+	struct tby_ct_val rev = {
+		.created_ns = now,
+		.seen_ns = now,
+		.type = TBY_CT_NAT_REV,
+		.nat_addr = f->key.dst,
+		.nat_port = f->key.dport,
+	};
+	__be16 sport = f->key.sport;
+	int i;
+
+	fwd->created_ns = now;
+	fwd->seen_ns = now;
+	fwd->type = TBY_CT_NAT_FWD;
+	fwd->nat_addr = be->addr;
+	fwd->nat_port = be->port;
+	if (snat) {
+		rev.nat_saddr = f->key.src;
+		rev.nat_sport = f->key.sport;
+	}
+	rk.src = snat ? snat : f->key.src;
+	for (i = 0; i < TBY_SNAT_TRIES; i++) {
+		rk.sport = sport;
+		if (!nat_claim_rev(&rk, &rev))
+			break;
+		/* another flow holds the tuple: only SNAT can pick another port */
+		if (!snat)
+			return -1;
+		sport = bpf_htons(TBY_SNAT_PORT_MIN +
+				  bpf_get_prandom_u32() % TBY_SNAT_PORT_SPAN);
+	}
+	if (i == TBY_SNAT_TRIES)
+		return -1;
+	if (snat) {
+		fwd->nat_saddr = snat;
+		fwd->nat_sport = sport;
+	}
+	ct_touch(fwd, f, 0);
+	if (bpf_map_update_elem(&tby_ct, &f->key, fwd, BPF_ANY)) {
+		bpf_map_delete_elem(&tby_ct, &rk);
+		return -1;
+	}
+	return 0;
+}
+
+/* Applies a FWD half: destination to the backend, source to the SNAT. */
+static __always_inline int nat_apply_fwd(struct __sk_buff *skb,
+					 const struct parsed_pkt *pkt,
+					 const struct flow *f,
+					 const struct tby_ct_val *v)
+{
+	if (nat_rewrite(skb, pkt, 1, f->key.dst, v->nat_addr, f->key.dport,
+			v->nat_port))
+		return -1;
+	if (v->nat_saddr && nat_rewrite(skb, pkt, 0, f->key.src, v->nat_saddr,
+					f->key.sport, v->nat_sport))
+		return -1;
+	return 0;
+}
+
+/* Applies a REV half to a reply: source back to the frontend, destination
+ * back to the original client if the forward packet was SNATed. */
+static __always_inline int nat_apply_rev(struct __sk_buff *skb,
+					 const struct parsed_pkt *pkt,
+					 const struct flow *f,
+					 const struct tby_ct_val *v)
+{
+	if (nat_rewrite(skb, pkt, 0, f->key.src, v->nat_addr, f->key.sport,
+			v->nat_port))
+		return -1;
+	if (v->nat_saddr && nat_rewrite(skb, pkt, 1, f->key.dst, v->nat_saddr,
+					f->key.dport, v->nat_sport))
+		return -1;
+	return 0;
+}
+
+/* A new flow to a frontend (the packet's destination), if it is one. */
+static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
+						    const struct parsed_pkt *pkt,
+						    const struct flow *f,
+						    __u32 hooks)
+{
+	struct tby_nat_fe_key fk = {
+		.addr = f->key.dst,
+		.port = f->key.dport,
+		.proto = f->key.proto,
+	};
+	struct tby_ct_val fwd = {};
+	struct tby_nat_be_val be;
+	struct tby_nat_fe_val *fe;
+	struct tby_route_val *rt;
+	__u64 now = bpf_ktime_get_ns();
+	__be32 snat = 0;
+
+	fe = bpf_map_lookup_elem(&tby_nat_fe, &fk);
+	if (!fe)
+		return NAT_PASS;
+	if (!nat_source_allowed(fe, f->key.src)) {
+		counter_inc(TBY_R_DROP_SRC_RANGE);
+		return NAT_DROP;
+	}
+	if (!fe->count) {
+		if (fe->flags & TBY_NAT_DROP_EMPTY) {
+			counter_inc(TBY_R_DROP_NO_LOCAL);
+			return NAT_DROP;
+		}
+		return NAT_REJECT;
+	}
+	if (!f->has_ports) {
+		counter_inc(TBY_R_DROP_FRAG);
+		return NAT_DROP;
+	}
+	if (nat_pick_backend(fe, f->key.src, &be, now)) {
+		counter_inc(TBY_R_DROP_NAT_FAIL);
+		return NAT_DROP;
+	}
+	if ((hooks & NAT_HOOK_HAIRPIN) && be.addr == f->key.src) {
+		snat = TBY_HAIRPIN_IP;
+	} else if ((hooks & NAT_HOOK_SNAT_REMOTE) && cfg_host_ip) {
+		rt = route_lookup(be.addr);
+		if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
+			snat = cfg_host_ip;
+	}
+	if (nat_create_pair(f, &be, snat, &fwd, now)) {
+		/* the documented collision: refuse the new flow cleanly */
+		counter_inc(TBY_R_DROP_CT_FULL);
+		return NAT_REJECT;
+	}
+	if (nat_apply_fwd(skb, pkt, f, &fwd)) {
+		counter_inc(TBY_R_DROP_NAT_FAIL);
+		return NAT_DROP;
+	}
+	counter_inc(TBY_R_NAT_NEW);
+	return NAT_DONE;
+}
+
+/*
+ * Conntrack, then frontends. A FWD hit translates the forward direction; a
+ * REV hit on the reversed tuple translates a reply. A REV hit on the packet's
+ * own tuple (or a FWD hit on the reversed one) is a packet some earlier hook
+ * on this node already translated: it passes.
+ */
+static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
+						  const struct parsed_pkt *pkt,
+						  __u32 hooks)
+{
+	struct flow f = {};
+	struct tby_ct_key rk = {}; /* padding is part of the key */
+	struct tby_ct_val *v;
+
+	if (ct_flow_of(skb, pkt, &f))
+		return NAT_PASS;
+	if (f.has_ports) {
+		v = bpf_map_lookup_elem(&tby_ct, &f.key);
+		if (v) {
+			ct_touch(v, &f, 0);
+			if (v->type != TBY_CT_NAT_FWD)
+				return NAT_PASS;
+			if (nat_apply_fwd(skb, pkt, &f, v)) {
+				counter_inc(TBY_R_DROP_NAT_FAIL);
+				return NAT_DROP;
+			}
+			counter_inc(pkt->is_frag ? TBY_R_NAT_FRAG : TBY_R_NAT_FWD);
+			return NAT_DONE;
+		}
+		ct_key_reverse(&f.key, &rk);
+		v = bpf_map_lookup_elem(&tby_ct, &rk);
+		if (v) {
+			ct_touch(v, &f, 1);
+			if (v->type != TBY_CT_NAT_REV)
+				return NAT_PASS;
+			if (nat_apply_rev(skb, pkt, &f, v)) {
+				counter_inc(TBY_R_DROP_NAT_FAIL);
+				return NAT_DROP;
+			}
+			counter_inc(pkt->is_frag ? TBY_R_NAT_FRAG : TBY_R_NAT_REV);
+			return NAT_DONE;
+		}
+	}
+	if (!(hooks & NAT_HOOK_FRONTENDS))
+		return NAT_PASS;
+	return nat_new_flow(skb, pkt, &f, hooks);
+}
+
+#endif /* __TABBY_NAT_H */

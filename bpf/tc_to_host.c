@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * to-host: TC egress of the node's data interface, i.e. packets leaving for
+ * the network. Replies that the node's own stack sends for a service flow
+ * (a hostNetwork backend reached through a NodePort) get their frontend back.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "tabby/types.h"
+#include "tabby/maps.h"
+#include "tabby/config.h"
+#include "tabby/counters.h"
+#include "tabby/nat.h"
+#include "tabby/parse.h"
+
+SEC("tc")
+int tby_to_host(struct __sk_buff *skb)
+{
+	struct parsed_pkt pkt = {};
+
+	if (parse_packet(skb, &pkt) != PARSE_IPV4)
+		return TC_ACT_OK;
+	if (nat_handle(skb, &pkt, 0) == NAT_DROP)
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,58 @@
+"""Connect-time load balancing's socket map (mirror of types.h): (socket cookie, backend) ->
+the frontend the application asked for.
+
+Written by the cgroup hooks of bpf/cgroup_ctlb.c whenever they translate, read back by
+recvmsg4/getpeername4 (the application only ever sees the frontend) and by the stale-UDP reaper
+(a connected socket whose backend left its frontend is destroyed). An LRU: entries of closed
+sockets age out; the agent never writes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+
+from tabby.bpf.maps.spec import BPF_MAP_TYPE_LRU_HASH, MapSpec
+
+_be16 = ctypes.c_uint16.__ctype_be__
+_be32 = ctypes.c_uint32.__ctype_be__
+
+
+def _str(addr: int) -> str:
+    return str(ipaddress.IPv4Address(addr))
+
+
+class CtlbSockKey(ctypes.Structure):
+    """struct tby_ctlb_sk_key; also the record tby_ctlb_reap writes per destroyed socket."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", _be32),
+        ("port", _be16),
+        ("_pad", ctypes.c_uint16),
+    ]
+
+    def describe(self) -> str:
+        return f"socket {self.cookie} -> {_str(self.addr)}:{self.port}"
+
+
+class CtlbSockValue(ctypes.Structure):
+    """struct tby_ctlb_sk_val."""
+
+    _fields_ = [("addr", _be32), ("port", _be16), ("_pad", ctypes.c_uint16)]
+
+    def describe(self) -> str:
+        return f"{_str(self.addr)}:{self.port}"
+
+
+CTLB_SOCKETS_SPEC = MapSpec(
+    "tby_ctlb_sk", BPF_MAP_TYPE_LRU_HASH, CtlbSockKey, CtlbSockValue, 262144
+)
+
+
+def parse_reaped(data: bytes) -> list[CtlbSockKey]:
+    """The records an iterator run of tby_ctlb_reap wrote: one per destroyed socket."""
+    size = ctypes.sizeof(CtlbSockKey)
+    if len(data) % size:
+        raise ValueError(f"reaper output of {len(data)} bytes is not a whole number of records")
+    return [CtlbSockKey.from_buffer_copy(data, off) for off in range(0, len(data), size)]

@@ -1,0 +1,352 @@
+"""`tabbyctl bpf ...`: read a node's pinned maps, like `calico-node -bpf nat|conntrack|counters`.
+
+Read-only: the commands open the pins, dump, and close; they never write a map, so they are safe
+next to a running agent. A node is named by ``--lab``/``--node`` (the lab's pin directory
+``/sys/fs/bpf/tabby/<lab>-<node>``) or by ``--pin-root`` (a real node:
+``/sys/fs/bpf/tabby/<node>``).
+Every command prints a rich table by default and ``-o json`` for scripts: a list of objects (a
+mapping for counters) whose keys are stable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tabby.cli.common import fail
+
+if TYPE_CHECKING:
+    from tabby.bpf import libbpf
+    from tabby.bpf.maps.conntrack import CtEntry
+    from tabby.bpf.maps.spec import MapSpec
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="a node's BPF maps (calico-node -bpf)"
+)
+nat_app = typer.Typer(add_completion=False, no_args_is_help=True, help="service NAT maps")
+conntrack_app = typer.Typer(add_completion=False, no_args_is_help=True, help="conntrack map")
+app.add_typer(nat_app, name="nat")
+app.add_typer(conntrack_app, name="conntrack")
+
+LabOpt = typer.Option("demo", "--lab", help="lab name (pins at /sys/fs/bpf/tabby/<lab>-<node>)")
+NodeOpt = typer.Option("node1", "--node", help="node of the lab")
+PinRootOpt = typer.Option(
+    None, "--pin-root", help="a node's pin directory instead of --lab/--node (/sys/fs/bpf/tabby/X)"
+)
+OutputOpt = typer.Option("table", "--output", "-o", help="table or json")
+
+Row = dict[str, Any]
+
+
+def _console() -> Console:
+    # Piped output must not be cut at 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 10_000)
+
+
+def _check_output(output: str, allowed: tuple[str, ...] = ("table", "json")) -> None:
+    if output not in allowed:
+        fail(f"--output must be {' or '.join(allowed)}, not {output!r}")
+
+
+def resolve_pin_root(lab: str, node: str, pin_root: str | None) -> str:
+    """The pin directory to read, or a one-line error naming what is missing."""
+    from tabby.bpf.objects import node_pin_root
+
+    if pin_root is None:
+        try:
+            pin_root = node_pin_root(f"{lab}-{node}")
+        except ValueError as e:
+            fail(str(e))
+        hint = f"is lab {lab!r} up with a node {node!r}? (tabbyctl lab status --name {lab})"
+    else:
+        hint = "is tabby's agent running on this node?"
+    if not os.path.isdir(pin_root):
+        fail(f"no tabby pins at {pin_root}: {hint}")
+    return pin_root
+
+
+@contextmanager
+def _open(spec: MapSpec, pin_root: str) -> Iterator[libbpf.Map[Any, Any]]:
+    path = os.path.join(pin_root, spec.name)
+    if not os.path.exists(path):
+        fail(
+            f"map {spec.name} is not pinned in {pin_root} (agent not started, or an older datapath)"
+        )
+    try:
+        bpf_map = spec.open_pinned(pin_root)
+    except OSError as e:
+        fail(f"cannot open {path}: {e.strerror or e} (reading BPF maps needs root)")
+    try:
+        yield bpf_map
+    finally:
+        bpf_map.close()
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+# --- nat ----------------------------------------------------------------------------------------
+
+
+def flag_names(flags: int, affinity_s: int) -> list[str]:
+    """NatFlags as lower-case words; affinity carries its timeout: ``affinity(10800s)``."""
+    from tabby.bpf.maps.nat import NatFlags
+
+    out = []
+    for flag in NatFlags:
+        if flags & flag:
+            name = (flag.name or str(int(flag))).lower()
+            out.append(f"{name}({affinity_s}s)" if flag is NatFlags.AFFINITY else name)
+    unknown = flags & ~sum(NatFlags)
+    if unknown:
+        out.append(f"{unknown:#x}")
+    return out
+
+
+def read_nat(pin_root: str) -> list[Row]:
+    """Frontends with their backends by ordinal, sorted by VIP, port, protocol."""
+    from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, PROTOCOL_NAMES
+
+    with _open(FRONTENDS_SPEC, pin_root) as fe_map, _open(BACKENDS_SPEC, pin_root) as be_map:
+        frontends = fe_map.lookup_batch()
+        backends = {(k.id, k.ordinal): v for k, v in be_map.lookup_batch()}
+    rows: list[tuple[tuple[int, int, int], Row]] = []
+    for key, val in frontends:
+        addr = str(ipaddress.IPv4Address(key.addr))
+        bes: list[Row] = []
+        for ordinal in range(val.count):
+            be = backends.get((val.id, ordinal))
+            if be is None:  # a set being shrunk or grown right now, or a bug: show it
+                bes.append({"ordinal": ordinal, "addr": None, "port": None})
+            else:
+                bes.append(
+                    {
+                        "ordinal": ordinal,
+                        "addr": str(ipaddress.IPv4Address(be.addr)),
+                        "port": be.port,
+                    }
+                )
+        row: Row = {
+            "frontend": key.describe(),
+            "addr": addr,
+            "port": key.port,
+            "protocol": PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+            "id": val.id,
+            "count": val.count,
+            "flags": flag_names(val.flags, val.affinity_s),
+            "affinity_s": val.affinity_s,
+            "backends": bes,
+        }
+        rows.append(((int(key.addr), int(key.port), int(key.proto)), row))
+    return [row for _, row in sorted(rows, key=lambda item: item[0])]
+
+
+def _backend_str(be: Row) -> str:
+    return "<missing>" if be["addr"] is None else f"{be['addr']}:{be['port']}"
+
+
+def nat_text(rows: list[Row]) -> str:
+    """calico-node -bpf nat dump's shape: one frontend line, then its backends indented."""
+    lines = []
+    for row in rows:
+        flags = f" flags {','.join(row['flags'])}" if row["flags"] else ""
+        lines.append(f"{row['frontend']} id {row['id']} count {row['count']}{flags}")
+        for be in row["backends"]:
+            lines.append(f"\t{row['id']}:{be['ordinal']}\t{_backend_str(be)}")
+    return "\n".join(lines)
+
+
+@nat_app.command("dump")
+def nat_dump(
+    lab: str = LabOpt,
+    node: str = NodeOpt,
+    pin_root: str | None = PinRootOpt,
+    output: str = typer.Option("table", "--output", "-o", help="table, text or json"),
+) -> None:
+    """Service frontends (tby_nat_fe) and the backends of each (tby_nat_be)."""
+    _check_output(output, ("table", "text", "json"))
+    rows = read_nat(resolve_pin_root(lab, node, pin_root))
+    if output == "json":
+        _print_json(rows)
+        return
+    if output == "text":
+        if rows:
+            typer.echo(nat_text(rows))
+        return
+    table = Table(title=f"NAT frontends ({len(rows)})")
+    for col in ("frontend", "id", "count", "flags", "backends"):
+        table.add_column(col, justify="right" if col in ("id", "count") else "left")
+    for row in rows:
+        table.add_row(
+            row["frontend"],
+            str(row["id"]),
+            str(row["count"]),
+            ",".join(row["flags"]),
+            "\n".join(_backend_str(be) for be in row["backends"]) or "-",
+        )
+    _console().print(table)
+
+
+# --- conntrack ----------------------------------------------------------------------------------
+
+_CT_KEY = re.compile(
+    r"^(?P<proto>\S+) (?P<src>[\d.]+):(?P<sport>\d+) -> (?P<dst>[\d.]+):(?P<dport>\d+)$"
+)
+
+
+def _addr_port(text: str) -> tuple[str | None, int | None]:
+    if not text:
+        return None, None
+    addr, _, port = text.rpartition(":")
+    return addr, int(port)
+
+
+def ct_row(entry: CtEntry) -> Row:
+    """A CtEntry (``tabby.bpf.maps.conntrack``) as a flat, JSON-able row."""
+    m = _CT_KEY.match(entry.key)
+    if m is None:
+        raise ValueError(f"unexpected conntrack key: {entry.key!r}")
+    nat_addr, nat_port = _addr_port(entry.nat)
+    snat_addr, snat_port = _addr_port(entry.snat)
+    return {
+        "proto": m["proto"],
+        "src": m["src"],
+        "sport": int(m["sport"]),
+        "dst": m["dst"],
+        "dport": int(m["dport"]),
+        "type": entry.type.removeprefix("NAT_"),
+        "nat_addr": nat_addr,
+        "nat_port": nat_port,
+        "snat_addr": snat_addr,
+        "snat_port": snat_port,
+        "tcp_flags": entry.tcp.split("|") if entry.tcp else [],
+        "age_s": round(entry.age_s, 3),
+        "idle_s": round(entry.idle_s, 3),
+    }
+
+
+def read_conntrack(
+    pin_root: str,
+    proto: str | None = None,
+    ip: str | None = None,
+    port: int | None = None,
+    kind: str | None = None,
+) -> list[Row]:
+    """Conntrack halves as rows, sorted by key; filters as ``dataplane.conntrack.read_entries``."""
+    from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtType
+    from tabby.dataplane.conntrack import read_entries
+
+    ct_kind = CtType[f"NAT_{kind.upper()}"] if kind is not None else None
+    with _open(CONNTRACK_SPEC, pin_root) as ct_map:
+        entries = read_entries(ct_map, proto=proto, addr=ip, port=port, kind=ct_kind)
+    return [ct_row(e) for e in entries]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@conntrack_app.command("dump")
+def conntrack_dump(
+    lab: str = LabOpt,
+    node: str = NodeOpt,
+    pin_root: str | None = PinRootOpt,
+    output: str = OutputOpt,
+    ip: str | None = typer.Option(
+        None, "--ip", help="only entries with this address (source, destination, NAT or SNAT)"
+    ),
+    port: int | None = typer.Option(None, "--port", help="only entries with this port, likewise"),
+    proto: str | None = typer.Option(None, "--proto", help="TCP or UDP"),
+    kind: str | None = typer.Option(None, "--type", help="FWD or REV"),
+) -> None:
+    """Conntrack NAT pairs (tby_ct): FWD keyed by what the client sent, REV by the reply."""
+    _check_output(output)
+    if ip is not None:
+        try:
+            ip = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            fail(f"--ip must be an IPv4 address, not {ip!r}")
+    if proto is not None and proto.upper() not in ("TCP", "UDP"):
+        fail(f"--proto must be TCP or UDP, not {proto!r}")
+    if kind is not None and kind.upper() not in ("FWD", "REV"):
+        fail(f"--type must be FWD or REV, not {kind!r}")
+    if port is not None and not 0 < port < 65536:
+        fail(f"--port must be 1-65535, not {port}")
+    rows = read_conntrack(resolve_pin_root(lab, node, pin_root), proto, ip, port, kind)
+    if output == "json":
+        _print_json(rows)
+        return
+    table = Table(title=f"conntrack entries ({len(rows)})")
+    for col in ("proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp"):
+        table.add_column(col, justify="right" if col in ("age", "idle") else "left")
+    for r in rows:
+        nat = f"{r['nat_addr']}:{r['nat_port']}" if r["nat_addr"] else ""
+        snat = f"{r['snat_addr']}:{r['snat_port']}" if r["snat_addr"] else ""
+        table.add_row(
+            r["proto"],
+            f"{r['src']}:{r['sport']}",
+            f"{r['dst']}:{r['dport']}",
+            r["type"],
+            nat,
+            snat,
+            _age(r["age_s"]),
+            _age(r["idle_s"]),
+            ",".join(r["tcp_flags"]),
+        )
+    _console().print(table)
+
+
+# --- counters -----------------------------------------------------------------------------------
+
+
+def read_counters(pin_root: str) -> dict[str, int]:
+    """{reason label: packets summed over CPUs}, in the C enum's order."""
+    from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
+
+    with _open(COUNTERS_SPEC, pin_root) as counters_map:
+        return Counters(counters_map).read()
+
+
+def _kind(reason: str) -> str:
+    return reason.split("_", 1)[0] if reason.startswith(("drop_", "nat_", "ctlb_")) else "pass"
+
+
+@app.command()
+def counters(
+    lab: str = LabOpt,
+    node: str = NodeOpt,
+    pin_root: str | None = PinRootOpt,
+    output: str = OutputOpt,
+    show_all: bool = typer.Option(False, "--all", help="show reasons that counted nothing too"),
+) -> None:
+    """Packets counted by the programs per reason (tby_counters, summed over CPUs)."""
+    _check_output(output)
+    counts = read_counters(resolve_pin_root(lab, node, pin_root))
+    shown = {reason: n for reason, n in counts.items() if n or show_all}
+    if output == "json":
+        _print_json(shown)
+        return
+    table = Table(title="BPF counters")
+    table.add_column("reason")
+    table.add_column("kind")
+    table.add_column("packets", justify="right")
+    style: dict[str, Callable[[str], str]] = {"drop": lambda s: f"[red]{s}[/]"}
+    for reason, n in shown.items():
+        kind = _kind(reason)
+        table.add_row(style.get(kind, str)(reason), kind, str(n))
+    _console().print(table)

@@ -1,0 +1,246 @@
+"""The NAT manager: ServiceNAT objects (calc.services) -> tby_nat_fe / tby_nat_be / tby_nat_src.
+
+Invariants:
+- only services whose ServiceNAT object changed (by identity) are looked at, so one endpoint
+  change costs one service's writes, not a resync;
+- writes are batched and ordered so that no packet sees a hole: backends and source ranges
+  first, then frontends, then deletions of frontends, then of backend ordinals beyond the new
+  counts and of whole sets. A shrinking set keeps its old tail until its frontend says the
+  smaller count;
+- backend set ids are allocated here. After a restart the pinned frontends are adopted (so the
+  ones no longer wanted are deleted), the sets are rewritten once under fresh ids and the old
+  ids' backends deleted afterwards: established flows live in conntrack and are not affected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabby.bpf import libbpf
+from tabby.bpf.maps.nat import (
+    PROTOCOL_NAMES,
+    BackendKey,
+    BackendValue,
+    FrontendKey,
+    FrontendValue,
+    SourceRangeKey,
+)
+from tabby.calc.services import Backend, ServiceNAT
+
+log = logging.getLogger(__name__)
+
+FeKey = tuple[str, int, str]  # (addr, port, protocol)
+SrcKey = tuple[int, str]  # (set id, cidr)
+
+
+@dataclass
+class _Set:
+    id: int
+    backends: tuple[Backend, ...]
+
+
+@dataclass
+class NatApplyResult:
+    errors: list[str] = field(default_factory=list)
+    backends_removed: bool = False  # some backend left a set: stale UDP conntrack to sweep
+    frontends: int = 0
+    backends: int = 0
+    writes: int = 0
+    seconds: float = 0.0
+
+
+class NatManager:
+    def __init__(
+        self,
+        frontends: libbpf.Map[Any, Any],
+        backends: libbpf.Map[Any, Any],
+        source_ranges: libbpf.Map[Any, Any],
+    ) -> None:
+        self.fe_map, self.be_map, self.src_map = frontends, backends, source_ranges
+        self.services: dict[str, ServiceNAT] = {}
+        self.sets: dict[str, _Set] = {}  # set name -> programmed id and backends
+        self.fes: dict[FeKey, FrontendValue] = {}
+        self.srcs: set[SrcKey] = set()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """What is pinned from a previous run: frontends to replace or delete, ids to retire."""
+        for key, value in self.fe_map.lookup_batch():
+            fk = (_addr(key.addr), int(key.port), _proto(key.proto))
+            self.fes[fk] = value
+        self._retired: list[BackendKey] = [k for k, _ in self.be_map.lookup_batch()]
+        self._retired_src: list[SourceRangeKey] = list(self.src_map.keys())
+        used = {k.id for k in self._retired} | {v.id for v in self.fes.values()}
+        self._next_id = max(used, default=0) + 1
+
+    def _new_id(self) -> int:
+        new = self._next_id
+        self._next_id += 1
+        return new
+
+    def apply(self, desired: Mapping[str, ServiceNAT]) -> NatApplyResult:
+        started = time.monotonic()
+        result = NatApplyResult()
+        changed = [k for k, svc in desired.items() if self.services.get(k) is not svc]
+        removed = [k for k in self.services if k not in desired]
+        if not changed and not removed and not self._retired:
+            return self._finish(result, started)
+
+        be_writes: dict[tuple[int, int], Backend] = {}
+        be_deletes: list[tuple[int, int]] = []
+        fe_writes: dict[FeKey, FrontendValue] = {}
+        src_writes: set[SrcKey] = set()
+        want_fes: dict[FeKey, str] = {}  # frontends of the changed services, to find stale ones
+        dropped_sets: list[str] = []
+
+        for name in changed:
+            svc = desired[name]
+            old = self.services.get(name)
+            for set_name, backends in svc.backend_sets.items():
+                current = self.sets.get(set_name)
+                if current is None:
+                    current = self.sets[set_name] = _Set(self._new_id(), ())
+                if current.backends == backends:
+                    continue
+                for i, be in enumerate(backends):
+                    if i >= len(current.backends) or current.backends[i] != be:
+                        be_writes[(current.id, i)] = be
+                gone = set(current.backends) - set(backends)
+                result.backends_removed |= bool(gone)
+                be_deletes += [(current.id, i) for i in range(len(backends), len(current.backends))]
+                current.backends = backends
+            for fe in svc.frontends:
+                st = self.sets[fe.backend_set]
+                fk = (fe.addr, fe.port, fe.protocol)
+                want_fes[fk] = name
+                value = FrontendValue(
+                    id=st.id, count=len(st.backends), flags=fe.flags, affinity_s=fe.affinity_s
+                )
+                old_value = self.fes.get(fk)
+                if old_value is None or bytes(old_value) != bytes(value):
+                    fe_writes[fk] = value
+                for cidr in fe.source_ranges:
+                    src_writes.add((st.id, cidr))
+            if old is not None:
+                dropped_sets += [s for s in old.backend_sets if s not in svc.backend_sets]
+        for name in removed:
+            dropped_sets += list(self.services[name].backend_sets)
+
+        fe_deletes = self._stale_frontends(changed, removed, want_fes, desired)
+        for set_name in dropped_sets:
+            dropped = self.sets.pop(set_name, None)
+            if dropped is not None:
+                result.backends_removed |= bool(dropped.backends)
+                be_deletes += [(dropped.id, i) for i in range(len(dropped.backends))]
+        live_ids = {st.id for st in self.sets.values()}
+        touched_ids = {
+            self.sets[b].id for n in changed for b in desired[n].backend_sets if b in self.sets
+        }
+        src_deletes = {
+            s
+            for s in self.srcs
+            if s[0] not in live_ids or (s[0] in touched_ids and s not in src_writes)
+        }
+
+        try:
+            result.writes = self._write(
+                be_writes, src_writes - self.srcs, fe_writes, fe_deletes, be_deletes, src_deletes
+            )
+        except OSError as e:
+            # the maps are untouched past the failed batch; forget what we believed of the
+            # changed services so that the next apply rewrites them
+            for name in changed:
+                self.services.pop(name, None)
+            result.errors.append(f"NAT maps: {e}")
+            return self._finish(result, started)
+        self.srcs = (self.srcs | src_writes) - src_deletes
+        for fk, value in fe_writes.items():
+            self.fes[fk] = value
+        for fk in fe_deletes:
+            self.fes.pop(fk, None)
+        for name in changed:
+            self.services[name] = desired[name]
+        for name in removed:
+            del self.services[name]
+        return self._finish(result, started)
+
+    def _stale_frontends(
+        self,
+        changed: list[str],
+        removed: list[str],
+        want: dict[FeKey, str],
+        desired: Mapping[str, ServiceNAT],
+    ) -> list[FeKey]:
+        """Frontends of changed/removed services (and adopted ones) that nobody wants now."""
+        candidates: set[FeKey] = set()
+        for name in changed + removed:
+            old = self.services.get(name)
+            if old is not None:
+                candidates |= {(f.addr, f.port, f.protocol) for f in old.frontends}
+        if self._retired or not self.services:  # first apply: adopted frontends too
+            candidates |= set(self.fes)
+            want = dict(want)
+            for name, svc in desired.items():
+                for f in svc.frontends:
+                    want.setdefault((f.addr, f.port, f.protocol), name)
+        return [fk for fk in candidates if fk not in want and fk in self.fes]
+
+    def _write(
+        self,
+        be_writes: dict[tuple[int, int], Backend],
+        src_writes: set[SrcKey],
+        fe_writes: dict[FeKey, FrontendValue],
+        fe_deletes: list[FeKey],
+        be_deletes: list[tuple[int, int]],
+        src_deletes: set[SrcKey],
+    ) -> int:
+        writes = 0
+        if be_writes:
+            keys = [BackendKey(id=i, ordinal=o) for i, o in be_writes]
+            values = [BackendValue.make(a, p) for a, p in be_writes.values()]
+            writes += self.be_map.update_batch(keys, values)
+        one = ctypes.c_uint32(1)
+        for set_id, cidr in src_writes:
+            self.src_map.update(SourceRangeKey.make(set_id, cidr), one)
+            writes += 1
+        if fe_writes:
+            keys_fe = [FrontendKey.make(a, p, proto) for a, p, proto in fe_writes]
+            writes += self.fe_map.update_batch(keys_fe, list(fe_writes.values()))
+        writes += _delete_many(self.fe_map, [FrontendKey.make(*fk) for fk in fe_deletes])
+        retired, self._retired = self._retired, []
+        be_keys = [BackendKey(id=i, ordinal=o) for i, o in be_deletes] + retired
+        writes += _delete_many(self.be_map, be_keys)
+        for set_id, cidr in src_deletes:
+            self.src_map.delete(SourceRangeKey.make(set_id, cidr))
+        for key in self._retired_src:
+            self.src_map.delete(key)
+        self._retired_src = []
+        return writes
+
+    def _finish(self, result: NatApplyResult, started: float) -> NatApplyResult:
+        result.frontends = len(self.fes)
+        result.backends = sum(len(s.backends) for s in self.sets.values())
+        result.seconds = time.monotonic() - started
+        return result
+
+
+def _delete_many(bpf_map: libbpf.Map[Any, Any], keys: list[Any]) -> int:
+    """Batch delete; if some key is already gone (ENOENT stops a batch), one by one."""
+    try:
+        return bpf_map.delete_batch(keys)
+    except OSError:
+        return sum(int(bpf_map.delete(k)) for k in keys)
+
+
+def _addr(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+def _proto(value: int) -> str:
+    return PROTOCOL_NAMES.get(value, str(value))
