@@ -171,13 +171,24 @@ static __always_inline int ctlb_restore_frontend(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/*
+ * UDP is translated at the socket in mode Enabled, and always for the node's
+ * own sockets: pods' UDP has the per-packet path on their veth, the node's
+ * stack has none.
+ */
+static __always_inline int ctlb_udp_here(struct bpf_sock_addr *ctx)
+{
+	return cfg_ctlb_udp ||
+	       (cfg_host_netns && bpf_get_netns_cookie(ctx) == cfg_host_netns);
+}
+
 SEC("cgroup/connect4")
 int tby_ctlb_conn4(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	__u32 proto = ctx->protocol;
 
-	if (proto != IPPROTO_TCP && !(proto == IPPROTO_UDP && cfg_ctlb_udp))
+	if (proto != IPPROTO_TCP && !(proto == IPPROTO_UDP && ctlb_udp_here(ctx)))
 		return SOCK_ALLOW;
 	if (ctlb_translate(ctx, sk ? sk->src_ip4 : 0))
 		counter_inc(TBY_R_CTLB_CONNECT);
@@ -187,7 +198,7 @@ int tby_ctlb_conn4(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg4")
 int tby_ctlb_send4(struct bpf_sock_addr *ctx)
 {
-	if (!cfg_ctlb_udp)
+	if (!ctlb_udp_here(ctx))
 		return SOCK_ALLOW;
 	/* msg_src_ip4: the bound address or IP_PKTINFO's, 0 if the route picks */
 	if (ctlb_translate(ctx, ctx->msg_src_ip4))

@@ -44,6 +44,7 @@ from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.dataplane.ctlb import CtlbManager, reap
 from tabby.lab.processes import enter
 from tabby.lab.traffic import in_netns
+from tabby.netlink.links import netns_cookie
 from tabby.preflight import cgroup2_mount
 
 pytestmark = pytest.mark.root
@@ -238,9 +239,14 @@ def test_cgroup() -> Iterator[str]:
 
 
 def _make_env(
-    bpf_dir: Path, pin_root: str, cgroup: str, netns: tuple[str, str], mode: str
+    bpf_dir: Path,
+    pin_root: str,
+    cgroup: str,
+    netns: tuple[str, str],
+    mode: str,
+    host_netns: int = 0,
 ) -> Iterator[Env]:
-    config = DatapathConfig.build(ctlb_udp=mode == "Enabled")
+    config = DatapathConfig.build(ctlb_udp=mode == "Enabled", host_netns=host_netns)
     with DatapathObjects(pin_root, config, bpf_dir) as dp:
         servers = Servers(netns[1])
         ctlb = CtlbManager(pin_root)
@@ -264,6 +270,15 @@ def tcp_mode(
     bpf_dir: Path, pin_root: str, test_cgroup: str, netns_pair: tuple[str, str]
 ) -> Iterator[Env]:
     yield from _make_env(bpf_dir, pin_root, test_cgroup, netns_pair, "TCP")
+
+
+@pytest.fixture
+def tcp_mode_client_is_host(
+    bpf_dir: Path, pin_root: str, test_cgroup: str, netns_pair: tuple[str, str]
+) -> Iterator[Env]:
+    """TCP mode, with the client's netns playing the node's own (hostNetwork) namespace."""
+    cookie = in_netns(netns_pair[0], netns_cookie)
+    yield from _make_env(bpf_dir, pin_root, test_cgroup, netns_pair, "TCP", host_netns=cookie)
 
 
 # ---------------------------------------------------------------------------- TCP
@@ -328,7 +343,23 @@ def test_tcp_mode_leaves_udp_alone(tcp_mode: Env) -> None:
         assert c("tcp", ip=VIP, port=80)["reply"] == BACKEND_A
         assert c("udp_connect", ip=VIP, port=53)["errno"] == errno.ENETUNREACH
         assert c("sendto", ip=VIP, port=53)["errno"] == errno.ENETUNREACH
-    assert sorted(os.listdir(f"{tcp_mode.ctlb.pin_dir}")) == ["connect4", "getpeername4"]
+    assert sorted(os.listdir(f"{tcp_mode.ctlb.pin_dir}")) == [
+        "connect4",
+        "getpeername4",
+        "recvmsg4",
+        "sendmsg4",
+    ]
+
+
+def test_tcp_mode_translates_udp_of_the_nodes_own_sockets(tcp_mode_client_is_host: Env) -> None:
+    env = tcp_mode_client_is_host
+    env.frontend(53, "UDP", [(BACKEND_A, UDP_PORT)], set_id=2)
+    sent = env.count(Reason.CTLB_SENDMSG)
+    with client(env) as c:
+        assert c("sendto", ip=VIP, port=53) == {"reply": BACKEND_A, "src": [VIP, 53]}
+        assert c("udp_connect", ip=VIP, port=53) == {"peer": [VIP, 53]}
+        assert c("udp_send") == {"reply": BACKEND_A, "src": [VIP, 53]}
+    assert env.count(Reason.CTLB_SENDMSG) - sent == 1
 
 
 def test_stale_connected_udp_socket_is_destroyed_and_reconnects(enabled: Env) -> None:

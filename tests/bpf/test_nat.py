@@ -13,6 +13,7 @@ from typing import Any
 import packets as P
 import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Ether, raw
+from scapy.layers.inet import TCPerror, UDPerror
 
 from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
 from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtKey, CtType
@@ -299,3 +300,57 @@ def test_non_service_traffic_is_untouched(node: Node) -> None:
     data = frame(P.POD_IP, "100.96.0.70", TCP(sport=44000, dport=80, flags="S"))
     verdict, out, delta = node.run("tby_from_wl", data)
     assert verdict == TC_ACT_OK and raw(out) == data and Reason.NAT_NEW not in delta
+
+
+def test_icmp_error_from_a_backend_is_translated_back(node: Node) -> None:
+    node.program(
+        (service(ports=[{"port": 53, "targetPort": 8080, "protocol": "UDP"}]), [slice_of()])
+    )
+    _, out, _ = node.run("tby_from_wl", frame(P.POD_IP, VIP, UDP(sport=5353, dport=53)))
+    backend = out[IP].dst
+    quote = IP(src=P.POD_IP, dst=backend) / UDP(sport=5353, dport=8080) / b"q"
+    error = raw(Ether() / IP(src=backend, dst=P.POD_IP) / ICMP(type=3, code=3) / quote)
+    verdict, out, delta = node.run("tby_to_wl", error)
+    assert verdict == TC_ACT_OK and delta.get(Reason.NAT_ICMP_ERR) == 1
+    inner = out[ICMP].payload
+    assert (out[IP].src, out[IP].dst) == (VIP, P.POD_IP)
+    assert (inner.src, inner.dst, inner[UDPerror].sport, inner[UDPerror].dport) == (
+        P.POD_IP,
+        VIP,
+        5353,
+        53,
+    )
+    again = out.copy()
+    del again[IP].chksum, again[ICMP].chksum, again[ICMP].payload.chksum
+    assert raw(Ether(raw(again))) == raw(out)  # outer, ICMP and quoted IP checksums all valid
+
+
+def test_icmp_error_for_a_snated_nodeport_flow_reaches_the_client(node: Node) -> None:
+    node.program(
+        (
+            service(
+                type="NodePort", ports=[{"port": 80, "targetPort": 8080, "nodePort": NODEPORT}]
+            ),
+            [slice_of(addrs=BACKENDS[:1])],
+        )
+    )
+    syn = frame(P.EXTERNAL_IP, P.NODE_IP, TCP(sport=50001, dport=NODEPORT, flags="S"))
+    _, out, _ = node.run("tby_from_host", syn)
+    snat_port = out[TCP].sport
+    quote = IP(src=P.NODE_IP, dst=BACKENDS[0]) / TCP(sport=snat_port, dport=8080, flags="S")
+    error = raw(
+        Ether()
+        / IP(src="172.20.64.1", dst=P.NODE_IP)
+        / ICMP(type=3, code=4, nexthopmtu=1400)
+        / quote
+    )
+    verdict, out, delta = node.run("tby_from_host", error)
+    assert delta.get(Reason.NAT_ICMP_ERR) == 1
+    inner = out[ICMP].payload
+    assert (out[IP].src, out[IP].dst) == ("172.20.64.1", P.EXTERNAL_IP)  # a router's error
+    assert (inner.src, inner[TCPerror].sport, inner.dst, inner[TCPerror].dport) == (
+        P.EXTERNAL_IP,
+        50001,
+        P.NODE_IP,
+        NODEPORT,
+    )

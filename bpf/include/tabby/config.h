@@ -15,5 +15,8 @@ const volatile __u32 cfg_vni = 4096; /* VXLAN network identifier */
 const volatile __be32 cfg_host_ip = 0; /* this node's underlay address */
 const volatile __u32 cfg_log_level = 0; /* 0 off, 1 info, 2 debug */
 const volatile __u32 cfg_ctlb_udp = 0; /* connect-time LB also for UDP (mode Enabled) */
+/* the node's own netns: its (hostNetwork) sockets get UDP translated in every
+ * mode, since no per-packet path serves what the node's stack sends */
+const volatile __u64 cfg_host_netns = 0;
 
 #endif /* __TABBY_CONFIG_H */

@@ -19,6 +19,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "counters.h"
+#include "nat.h"
 #include "parse.h"
 
 /*
@@ -32,15 +33,6 @@
 #define TBY_ICMP_QUOTE_UDP 28
 #define TBY_ICMP_QUOTE_TCP 40
 #define TBY_ICMP_ROOM (sizeof(struct iphdr) + sizeof(struct icmphdr))
-
-static __always_inline __u16 icmp_fold(__s64 sum)
-{
-	__u32 csum = (__u32)sum;
-
-	csum = (csum & 0xffff) + (csum >> 16);
-	csum = (csum & 0xffff) + (csum >> 16);
-	return (__u16)~csum;
-}
 
 /* Rewrites the packet in place into the ICMP error; 0 on success. */
 static __always_inline int icmp_build_unreach(struct __sk_buff *skb,
@@ -69,11 +61,11 @@ static __always_inline int icmp_build_unreach(struct __sk_buff *skb,
 	ip.ttl = 64;
 	ip.protocol = IPPROTO_ICMP;
 	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(body.icmp) + quote_len);
-	ip.check = icmp_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	ip.check = icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
 	body.icmp.type = ICMP_DEST_UNREACH;
 	body.icmp.code = ICMP_PORT_UNREACH;
 	body.icmp.checksum =
-		icmp_fold(bpf_csum_diff(NULL, 0, (__be32 *)&body,
+		icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&body,
 					sizeof(body.icmp) + quote_len, 0));
 
 	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);

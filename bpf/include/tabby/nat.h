@@ -10,6 +10,7 @@
 
 #include <linux/bpf.h>
 #include <linux/errno.h>
+#include <linux/icmp.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/stddef.h>
@@ -41,6 +42,15 @@ enum nat_result {
 #define TBY_SNAT_PORT_SPAN 28232 /* 32768..60999, Linux's ephemeral range */
 #define TBY_SNAT_TRIES 4
 #define TBY_NS_PER_S 1000000000ULL
+
+static __always_inline __u16 icmp_fold_csum(__s64 sum)
+{
+	__u32 csum = (__u32)sum;
+
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	return (__u16)~csum;
+}
 
 /*
  * Rewrites one address (and port) of the packet with checksums. l4 = 0 for a
@@ -313,6 +323,89 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 	return NAT_DONE;
 }
 
+/* The part of an ICMP error this code reads and rewrites. */
+struct nat_icmp_quote {
+	struct iphdr ip; /* the offending packet's header, as the error quotes it */
+	__be16 sport;
+	__be16 dport;
+	__be32 l4_rest;
+};
+
+static __always_inline int nat_icmp_is_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED ||
+	       type == ICMP_PARAMETERPROB;
+}
+
+/*
+ * An ICMP error about a translated flow (a backend's port unreachable, a
+ * router's fragmentation needed) quotes the translated tuple, which is the
+ * flow's REV key. The quote gets the frontend (and the original client) back,
+ * and so do the outer addresses where they were the translated ones, so the
+ * client's socket sees the error (and PMTU discovery works).
+ */
+static __always_inline enum nat_result nat_icmp_error(struct __sk_buff *skb,
+						      const struct parsed_pkt *pkt)
+{
+	__u32 off = pkt->l4_off + sizeof(struct icmphdr);
+	struct nat_icmp_quote old, new;
+	struct tby_ct_key k = {};
+	struct tby_ct_val *v;
+	struct icmphdr icmp;
+	__s64 diff;
+
+	if (pkt->is_frag || bpf_skb_load_bytes(skb, pkt->l4_off, &icmp, sizeof(icmp)) ||
+	    !nat_icmp_is_error(icmp.type) || bpf_skb_load_bytes(skb, off, &old, sizeof(old)))
+		return NAT_PASS;
+	if (old.ip.ihl != 5 ||
+	    (old.ip.protocol != IPPROTO_TCP && old.ip.protocol != IPPROTO_UDP))
+		return NAT_PASS;
+	k.src = old.ip.saddr;
+	k.dst = old.ip.daddr;
+	k.sport = old.sport;
+	k.dport = old.dport;
+	k.proto = old.ip.protocol;
+	v = bpf_map_lookup_elem(&tby_ct, &k);
+	if (!v || v->type != TBY_CT_NAT_REV)
+		return NAT_PASS;
+
+	new = old;
+	new.ip.daddr = v->nat_addr;
+	new.dport = v->nat_port;
+	if (v->nat_saddr) {
+		new.ip.saddr = v->nat_saddr;
+		new.sport = v->nat_sport;
+	}
+	new.ip.check = 0;
+	new.ip.check = icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&new.ip,
+						    sizeof(new.ip), 0));
+	diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&new,
+			     sizeof(new), 0);
+	if (bpf_l4_csum_replace(skb, pkt->l4_off + offsetof(struct icmphdr, checksum),
+				0, diff, 0) ||
+	    bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0))
+		goto fail;
+	/* the outer header: from the backend -> from the frontend; to the SNAT
+	 * address -> to the client (L3 only: ICMP has no pseudo header) */
+	if (pkt->saddr == old.ip.daddr &&
+	    (bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
+				 pkt->saddr, new.ip.daddr, sizeof(__be32)) ||
+	     bpf_skb_store_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, saddr),
+				 &new.ip.daddr, sizeof(__be32), 0)))
+		goto fail;
+	if (v->nat_saddr && pkt->daddr == old.ip.saddr &&
+	    (bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
+				 pkt->daddr, new.ip.saddr, sizeof(__be32)) ||
+	     bpf_skb_store_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr),
+				 &new.ip.saddr, sizeof(__be32), 0)))
+		goto fail;
+	counter_inc(TBY_R_NAT_ICMP_ERR);
+	return NAT_DONE;
+fail:
+	counter_inc(TBY_R_DROP_NAT_FAIL);
+	return NAT_DROP;
+}
+
 /*
  * Conntrack, then frontends. A FWD hit translates the forward direction; a
  * REV hit on the reversed tuple translates a reply. A REV hit on the packet's
@@ -327,6 +420,8 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 	struct tby_ct_key rk = {}; /* padding is part of the key */
 	struct tby_ct_val *v;
 
+	if (pkt->ip_proto == IPPROTO_ICMP)
+		return nat_icmp_error(skb, pkt);
 	if (ct_flow_of(skb, pkt, &f))
 		return NAT_PASS;
 	if (f.has_ports) {

@@ -55,6 +55,7 @@ class DatapathConfig(ctypes.Structure):
         ("cfg_host_ip", _be32),
         ("cfg_log_level", ctypes.c_uint32),
         ("cfg_ctlb_udp", ctypes.c_uint32),
+        ("cfg_host_netns", ctypes.c_uint64),
     ]
 
     @classmethod
@@ -64,6 +65,7 @@ class DatapathConfig(ctypes.Structure):
         host_ip: str = "0.0.0.0",
         log_level: int = 0,
         ctlb_udp: bool = False,
+        host_netns: int = 0,
     ) -> DatapathConfig:
         if not 0 < vni < 1 << 24:
             raise ValueError(f"VNI {vni} is outside 1..16777215")
@@ -72,6 +74,7 @@ class DatapathConfig(ctypes.Structure):
             cfg_host_ip=int(ipaddress.IPv4Address(host_ip)),
             cfg_log_level=log_level,
             cfg_ctlb_udp=int(ctlb_udp),
+            cfg_host_netns=host_netns,
         )
 
 

@@ -2,8 +2,9 @@
 and the reaper of connected UDP sockets whose backend went away.
 
 Modes (Calico's ``bpfConnectTimeLoadBalancing``):
-- ``TCP`` (default): connect4 + getpeername4; the programs translate TCP only (``cfg_ctlb_udp``
-  is 0), UDP is NATed per packet by the tc programs;
+- ``TCP`` (default): all four hooks; the programs translate TCP, and UDP only for sockets of the
+  node's own netns (``cfg_host_netns``: the node's stack has no per-packet path); pods' UDP is
+  NATed per packet by the tc programs;
 - ``Enabled``: all four hooks, TCP and UDP (``cfg_ctlb_udp`` 1, set at load by node.py);
 - ``Disabled``: nothing attached.
 
@@ -47,7 +48,7 @@ HOOKS: dict[str, tuple[str, int]] = {
     "getpeername4": ("tby_ctlb_peer4", libbpf.BPF_CGROUP_INET4_GETPEERNAME),
 }
 MODE_HOOKS: dict[str, tuple[str, ...]] = {
-    "TCP": ("connect4", "getpeername4"),
+    "TCP": ("connect4", "sendmsg4", "recvmsg4", "getpeername4"),  # UDP: the node's own only
     "Enabled": ("connect4", "sendmsg4", "recvmsg4", "getpeername4"),
     "Disabled": (),
 }

@@ -169,6 +169,7 @@ def _load(pin_root: str, state: NodeState) -> DatapathObjects:
         host_ip=state.node_ip or "0.0.0.0",
         log_level=LOG_LEVELS[state.log_level],
         ctlb_udp=state.ctlb_mode == "Enabled",
+        host_netns=links.netns_cookie(),
     )
     return DatapathObjects(pin_root, config).load()
 

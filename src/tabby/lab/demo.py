@@ -6,6 +6,7 @@ address each server saw, so "no SNAT between pods" is visible, not claimed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from tabby.lab import state, traffic
 from tabby.lab.cluster import Lab, LabError
+from tabby.lab.topology import EXTERNAL_CLIENT_IP
 
 
 def _cell(ok: bool, text: str) -> str:
@@ -51,7 +53,8 @@ def run(name: str, console: Console) -> int:
     ]
     for pod, node, image in wanted:
         if f"default/{pod}" not in existing:
-            ip = lab.add_pod(pod, node, image=image, wait=False)
+            labels = {"app": "web" if pod.startswith("web-") else pod, "pod": pod}
+            ip = lab.add_pod(pod, node, image=image, labels=labels, wait=False)
             console.log(f"pod {pod} ({image}) on {node}: {ip}")
     lab.wait_ready()
     client = lab.pod("client")
@@ -87,6 +90,7 @@ def run(name: str, console: Console) -> int:
     with open(access_log) as f:
         lines = f.read().splitlines()
     console.print("  " + (lines[-1] if lines else "(empty)"))
+    ok_all &= _services(lab, console)
     web2 = lab.pod("web-2")["ip"]
     console.print(
         "\nThe lab is running. Explore it:\n"
@@ -94,8 +98,63 @@ def run(name: str, console: Console) -> int:
         "  .venv/bin/tabbyctl get pods -o wide            the datastore\n"
         f"  .venv/bin/tabbyctl lab exec client -- curl -s http://{web2}:8080/clientip\n"
         "  .venv/bin/tabbyctl lab pod add web-4 --node node2\n"
+        "  .venv/bin/tabbyctl bpf nat dump --node node1    services as node1's BPF maps hold them\n"
+        "  .venv/bin/tabbyctl bpf conntrack dump --node node1\n"
         "  .venv/bin/tabbyctl patch felixconfiguration default "
         '--patch=\'{"spec": {"bpfEnabled": false}}\'\n'
         "Tear it down: make down   (or .venv/bin/tabbyctl lab down)"
     )
     return 0 if ok_all else 1
+
+
+WEB_VIP, EMPTY_VIP, WEB_NODEPORT = "100.64.0.10", "100.64.0.11", 30080
+
+
+def _service(name: str, vip: str, app: str, **spec: object) -> dict[str, object]:
+    ports = [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+        {"name": "dns", "port": 53, "targetPort": "udp", "protocol": "UDP"},
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": vip, "selector": {"app": app}, "ports": ports, **spec},
+    }
+
+
+def _services(lab: Lab, console: Console) -> bool:
+    """kube-proxy's job, done in BPF: a ClusterIP and NodePort service over the web pods."""
+    web = _service("web", WEB_VIP, "web", type="NodePort")
+    web["spec"]["ports"][0]["nodePort"] = WEB_NODEPORT  # type: ignore[index]
+    lab.datastore().apply([web, _service("empty", EMPTY_VIP, "nothing")])
+    lab.wait_ready()
+    client = lab.pod("client")
+    table = Table(title="services (no iptables, no IPVS: NAT in BPF on every node)")
+    for col in ("from", "to", "answers (12 tries)", "source the server saw"):
+        table.add_column(col)
+    rows = [("pod client", client["netns"], WEB_VIP, 80)]
+    rows += [
+        (f"external {EXTERNAL_CLIENT_IP}", lab.plan.external_netns, n.ip, WEB_NODEPORT)
+        for n in lab.plan.nodes
+    ]
+    ok = True
+    for who, netns, ip, port in rows:
+        answers = [
+            traffic.reachable(functools.partial(traffic.http_get, netns, ip, port, "/hostname"))
+            for _ in range(12)
+        ]
+        good = all(a[0] for a in answers)
+        names = sorted({a[1] for a in answers}) if good else [answers[-1][1]]
+        ok &= good
+        source = _probe(traffic.http_get, netns, ip, port, "/clientip")
+        table.add_row(who, f"{ip}:{port}", _cell(good, ", ".join(names)), source)
+    refused = traffic.reachable(lambda: traffic.http_get(client["netns"], EMPTY_VIP, 80, "/"))
+    table.add_row(
+        "pod client",
+        f"{EMPTY_VIP}:80 (no endpoints)",
+        _cell(not refused[0] and "refused" in refused[1].lower(), refused[1]),
+        "-",
+    )
+    console.print(table)
+    return ok

@@ -7,6 +7,7 @@ an IPRoute socket is opened after the switch, never carried across namespaces.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,6 +50,15 @@ def default_route_device(ipr: IPRoute) -> str | None:
         if oif:
             return str(link_attr(ipr, int(oif), "IFLA_IFNAME"))
     return None
+
+
+SO_NETNS_COOKIE = 71  # linux/socket.h (Python's socket module lacks it)
+
+
+def netns_cookie() -> int:
+    """The cookie of the calling thread's network namespace (what bpf_get_netns_cookie says)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
 def write_sysctl(path: str, value: str) -> None:
