@@ -4,6 +4,9 @@ every path crosses nodes (and subnets)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -11,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tabby.lab import traffic
+from tabby.lab import processes, traffic
 from tabby.lab.cluster import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -141,3 +144,71 @@ def test_removed_backend_gets_no_new_connections(lab: Lab, cluster: dict[str, An
     assert seen == {"web-a"}
     lab.add_pod("web-b", "node3", labels={"app": "web", "pod": "web-b"})
     wait_for_backends(lab, "web", 2)
+
+
+def _get(sock: socket.socket, path: str) -> str:
+    """One request on a kept-alive HTTP/1.1 connection to netexec."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+                 .split(b":")[1])  # fmt: skip
+    while len(body) < length:
+        body += sock.recv(4096)
+    return body.decode()
+
+
+def test_agent_restart_keeps_open_service_connections_and_nat(
+    lab: Lab, cluster: dict[str, Any]
+) -> None:
+    client = cluster["client"]
+    sock = traffic.in_netns(client["netns"], lambda: socket.create_connection((VIP, 80), 3))
+    try:
+        first = _get(sock, "/hostname")
+        old = lab.agent_proc("node1")
+        os.kill(old["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while processes.alive(old) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(old["pid"], os.WNOHANG)
+            time.sleep(0.02)
+        assert _get(sock, "/hostname") == first  # no agent at all: the maps keep serving
+        lab.start_agent(lab.plan.node("node1"))
+        lab.wait_ready()
+        assert _get(sock, "/hostname") == first  # the new agent rewrote the sets, not the flow
+    finally:
+        sock.close()
+    seen = {traffic.http_get(client["netns"], VIP, 80, "/hostname") for _ in range(20)}
+    assert seen == {"web-a", "web-b"}
+
+
+def test_udp_flow_moves_on_when_its_backend_is_deleted(lab: Lab, cluster: dict[str, Any]) -> None:
+    """The same client socket (same 5-tuple, so the same conntrack entry) reaches the other
+    backend once its own is gone: the agent sweeps stale UDP conntrack, as kube-proxy does."""
+    client = cluster["client"]
+    sock = traffic.in_netns(
+        client["netns"], lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    )
+    sock.settimeout(1)
+
+    def ask() -> str:
+        for _ in range(3):
+            sock.sendto(b"hostname", (VIP, 53))
+            with contextlib.suppress(TimeoutError):
+                return sock.recv(100).decode()
+        raise TimeoutError("no UDP answer")
+
+    try:
+        first = ask()
+        assert ask() == first  # conntrack keeps the flow on its backend
+        lab.del_pod(first)
+        wait_for_backends(lab, "web", 1)
+        other = ask()
+        assert other != first and other in {"web-a", "web-b"}
+    finally:
+        sock.close()
+        lab.add_pod(first, "node2" if first == "web-a" else "node3",
+                    labels={"app": "web", "pod": first})  # fmt: skip
+        wait_for_backends(lab, "web", 2)
