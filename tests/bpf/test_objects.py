@@ -5,9 +5,6 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import packets as P
@@ -110,17 +107,6 @@ def test_map_batch_operations(pin_root: str) -> None:
 def test_test_run_reports_duration(datapath: DatapathObjects) -> None:
     verdict, _, duration_ns = libbpf.test_run(datapath.prog_fd("tby_to_wl"), P.tcp(), repeat=1000)
     assert verdict == libbpf.TC_ACT_OK and 0 < duration_ns < 100_000
-
-
-@pytest.fixture
-def scratch_netns() -> Iterator[str]:
-    name = f"tabby-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_tcx_link_pin_adopt_and_swap(datapath: DatapathObjects, scratch_netns: str) -> None:

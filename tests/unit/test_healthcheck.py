@@ -9,9 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -170,17 +168,6 @@ def test_kube_proxy_healthz(servers: HealthServers) -> None:
 
 
 # --- inside a network namespace (as the agent's worker thread does) -----------------------------
-
-
-@pytest.fixture
-def scratch_netns() -> Iterator[str]:
-    name = f"tabby-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.mark.root
