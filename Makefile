@@ -2,23 +2,29 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client
 CLANG_FLAGS := -O2 -g -target bpf -Wall -Wextra -Werror -Ibpf/include -I/usr/include/x86_64-linux-gnu
 BPF_SRCS := $(wildcard bpf/*.c)
 BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
 BPF_HDRS := $(wildcard bpf/include/tabby/*.h)
 
-.PHONY: setup apt venv bpf lint test demo down clean
+.PHONY: setup apt venv bpf lint test bench demo down clean
 
 setup: apt venv bpf
 
 apt: build/.apt-done
-build/.apt-done:
+# Re-checked when the Makefile changes (a package added to APT_PKGS). Installing etcd-server
+# starts a system etcd on 2379 where systemd runs: tests start their own, so one we started is
+# stopped and disabled again.
+build/.apt-done: Makefile
 	@mkdir -p build
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  if echo "$$missing" | grep -qw etcd-server && [ -d /run/systemd/system ]; then \
+	    systemctl disable --now etcd >/dev/null 2>&1 || true; \
+	  fi; \
 	fi
 	@touch $@
 
@@ -41,6 +47,17 @@ lint: venv
 
 test: setup lint
 	$(PY) -m pytest -q tests
+
+# Benchmarks (root, a few minutes; never part of `make test`). Each lab bench creates and removes
+# its own lab (`bench`, `benchconn`), also on failure or Ctrl-C. See bench/README.md.
+BENCH_CC := $(shell command -v gcc || command -v clang)
+build/bench/connload: bench/connload.c
+	@mkdir -p build/bench
+	$(BENCH_CC) -O2 -Wall -Wextra -Werror -o $@ $<
+
+bench: setup build/bench/connload
+	$(PY) bench/services_scale.py
+	$(PY) bench/conn_rate.py
 
 demo: setup
 	$(VENV)/bin/tabbyctl lab demo

@@ -8,9 +8,11 @@ missing, so an agent fails at start-up with a reason instead of later with an er
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import subprocess
+import threading
 from dataclasses import dataclass
 
 BPFFS = "/sys/fs/bpf"
@@ -18,6 +20,8 @@ BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 MIN_KERNEL = (5, 10)  # cgroup sock_addr, LPM tries, bpf_skb_adjust_room encap flags
 TCX_KERNEL = (6, 6)
 CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+CLONE_NEWNET = 0x40000000
+WIREGUARD_MODULE = "/sys/module/wireguard"
 
 
 class PreflightError(Exception):
@@ -84,6 +88,41 @@ def libbpf_loadable() -> bool:
     return True
 
 
+def wireguard_support() -> tuple[bool, str]:
+    """Whether this kernel can create a WireGuard link, and how we know.
+
+    Loaded module: yes. Otherwise the real test: create a ``wireguard`` link in a throw-away
+    network namespace (a thread unshares one; it vanishes with the thread), so a built-in or
+    auto-loadable module passes and a kernel without WireGuard answers EOPNOTSUPP. Nothing is
+    created in any namespace that outlives the probe.
+    """
+    if os.path.isdir(WIREGUARD_MODULE):
+        return True, f"{WIREGUARD_MODULE} present"
+    result: list[tuple[bool, str]] = []
+
+    def probe() -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            result.append((False, f"cannot probe: unshare(CLONE_NEWNET): {os.strerror(err)}"))
+            return
+        try:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname="tby-wgprobe", kind="wireguard")
+            result.append((True, "a wireguard link can be created"))
+        except NetlinkError as e:
+            reason = "not supported by this kernel" if e.code == errno.EOPNOTSUPP else str(e)
+            result.append((False, f"creating a wireguard link: {reason}"))
+
+    t = threading.Thread(target=probe, name="wireguard-probe")  # its netns dies with it
+    t.start()
+    t.join()
+    return result[0] if result else (False, "probe failed")
+
+
 def run_checks(mount: bool = True) -> list[Check]:
     """Every check, in order; mounts bpffs when ``mount`` and it is missing."""
     checks: list[Check] = []
@@ -118,6 +157,8 @@ def run_checks(mount: bool = True) -> list[Check]:
         have = bool(caps & (1 << bit))
         checks.append(Check(cap, have, "present" if have else "missing"))
     checks.append(Check("libbpf", libbpf_loadable(), "libbpf.so.1 (apt: libbpf1)"))
+    wg_ok, wg_detail = wireguard_support()
+    checks.append(Check("wireguard", wg_ok, wg_detail, required=False))
     return checks
 
 

@@ -354,3 +354,43 @@ def test_icmp_error_for_a_snated_nodeport_flow_reaches_the_client(node: Node) ->
         P.NODE_IP,
         NODEPORT,
     )
+
+
+def _syn(sport: int, flags: str = "S") -> bytes:
+    return frame(P.POD_IP, VIP, TCP(sport=sport, dport=80, flags=flags))
+
+
+def test_syn_retransmit_keeps_its_pair_but_a_reused_port_starts_over(node: Node) -> None:
+    node.program((service(), [slice_of()]))
+    _, out, _ = node.run("tby_from_wl", _syn(45000))
+    first = out[IP].dst
+    _, out, delta = node.run("tby_from_wl", _syn(45000))  # retransmitted SYN
+    assert (out[IP].dst, delta.get(Reason.NAT_FWD)) == (first, 1)
+    # the connection closes both ways...
+    node.run("tby_from_wl", _syn(45000, "FA"))
+    node.run("tby_to_wl", frame(first, P.POD_IP, TCP(sport=8080, dport=45000, flags="FA")))
+    # ...and a new connection from the same port is a new flow
+    _, _, delta = node.run("tby_from_wl", _syn(45000))
+    assert delta.get(Reason.NAT_NEW) == 1
+
+
+def test_syn_on_a_pair_whose_backend_left_picks_a_live_one(node: Node) -> None:
+    node.program((service(), [slice_of()]))
+    _, out, _ = node.run("tby_from_wl", _syn(46000, "S"))
+    gone = out[IP].dst
+    node.run("tby_from_wl", _syn(46000, "A"))
+    node.program((service(), [slice_of(addrs=tuple(b for b in BACKENDS if b != gone))]))
+    _, out, delta = node.run("tby_from_wl", _syn(46000, "S"))
+    assert delta.get(Reason.NAT_NEW) == 1 and out[IP].dst != gone
+
+
+def test_nodeport_to_the_nodes_own_address_is_not_snated(node: Node) -> None:
+    svc = service(type="NodePort", ports=[{"port": 80, "targetPort": 6443, "nodePort": NODEPORT}])
+    node.program((svc, [slice_of(addrs=(P.NODE_IP,), port=6443)]))
+    syn = frame(P.EXTERNAL_IP, P.NODE_IP, TCP(sport=50002, dport=NODEPORT, flags="S"))
+    _, out, _ = node.run("tby_from_host", syn)
+    assert (out[IP].src, out[IP].dst, out[TCP].dport) == (P.EXTERNAL_IP, P.NODE_IP, 6443)
+    # the node's own reply leaves through the data interface, where to-host translates it
+    reply = frame(P.NODE_IP, P.EXTERNAL_IP, TCP(sport=6443, dport=50002, flags="SA"))
+    _, out, delta = node.run("tby_to_host", reply)
+    assert delta.get(Reason.NAT_REV) == 1 and out[TCP].sport == NODEPORT

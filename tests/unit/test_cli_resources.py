@@ -131,9 +131,12 @@ def test_patch_creates_default_felix_configuration_and_warns(tabbyctl):
 
 
 def test_datastore_errors_are_one_line(tabbyctl, tmp_path):
-    out = tabbyctl("get", "pods", "--datastore", "etcd://127.0.0.1:2379")
+    out = tabbyctl("get", "pods", "--datastore", "kubernetes://in-cluster")
     assert out.exit_code == 1 and "not implemented yet" in out.stderr
     assert "Traceback" not in out.output
+    out = tabbyctl("get", "pods", "--datastore", "etcd://127.0.0.1:1")  # nothing listens there
+    assert out.exit_code == 1 and "etcd://127.0.0.1:1" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.output
     bad = tmp_path / "junk.db"
     bad.write_bytes(b"junk" * 1000)
     out = tabbyctl("get", "pods", "--datastore", f"sqlite://{bad}")

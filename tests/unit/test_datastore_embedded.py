@@ -52,7 +52,7 @@ def test_open_datastore_urls(tmp_path):
     assert store.revision() == 0
     assert (tmp_path / "deep/dir/store.db").exists()
     with pytest.raises(DatastoreError, match="not implemented yet"):
-        open_datastore("etcd://127.0.0.1:2379")
+        open_datastore("kubernetes://in-cluster")
     with pytest.raises(DatastoreError, match="absolute path"):
         open_datastore("sqlite://relative.db")
 

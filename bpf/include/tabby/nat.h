@@ -306,8 +306,11 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 	if ((hooks & NAT_HOOK_HAIRPIN) && be.addr == f->key.src) {
 		snat = TBY_HAIRPIN_IP;
 	} else if ((hooks & NAT_HOOK_SNAT_REMOTE) && cfg_host_ip) {
+		/* a local pod or this node itself replies through a hook of ours
+		 * (from-workload, to-host); anything else must answer via us */
 		rt = route_lookup(be.addr);
-		if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
+		if (be.addr != cfg_host_ip &&
+		    (!rt || !(rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_LOCAL_HOST))))
 			snat = cfg_host_ip;
 	}
 	if (nat_create_pair(f, &be, snat, &fwd, now)) {
@@ -406,6 +409,85 @@ fail:
 	return NAT_DROP;
 }
 
+#define TBY_NAT_LIVE_SCAN 64 /* ordinals checked for a reused pair's backend */
+
+/* Is addr:port still a backend of the frontend the FWD key addresses? */
+static __always_inline int nat_backend_live(const struct tby_ct_key *fwd_key,
+					    const struct tby_ct_val *v)
+{
+	struct tby_nat_fe_key fk = {
+		.addr = fwd_key->dst,
+		.port = fwd_key->dport,
+		.proto = fwd_key->proto,
+	};
+	struct tby_nat_be_key bk = {};
+	struct tby_nat_fe_val *fe;
+	struct tby_nat_be_val *be;
+	__u32 i;
+
+	fe = bpf_map_lookup_elem(&tby_nat_fe, &fk);
+	if (!fe)
+		return 0;
+	if (fe->count > TBY_NAT_LIVE_SCAN)
+		return 1; /* too big to check here: the old backend is kept */
+	bk.id = fe->id;
+	for (i = 0; i < TBY_NAT_LIVE_SCAN && i < fe->count; i++) {
+		bk.ordinal = i;
+		be = bpf_map_lookup_elem(&tby_nat_be, &bk);
+		if (be && be->addr == v->nat_addr && be->port == v->nat_port)
+			return 1;
+	}
+	return 0;
+}
+
+/* The REV half's key of the pair whose FWD half is v, keyed by f. */
+static __always_inline void nat_rev_key(const struct flow *f,
+					const struct tby_ct_val *v,
+					struct tby_ct_key *rk)
+{
+	rk->src = v->nat_saddr ? v->nat_saddr : f->key.src;
+	rk->sport = v->nat_saddr ? v->nat_sport : f->key.sport;
+	rk->dst = v->nat_addr;
+	rk->dport = v->nat_port;
+	rk->proto = f->key.proto;
+}
+
+/*
+ * A SYN on a pair whose connection closed (FIN both ways, or RST, seen on
+ * either half) or whose backend left the service is a new connection reusing
+ * the client port: the pair is dropped and the flow starts over, as
+ * nf_conntrack does. A retransmitted SYN of a live pair keeps it.
+ */
+static __always_inline int nat_pair_reusable(const struct flow *f,
+					     const struct tby_ct_val *v)
+{
+	__u8 closed = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
+	struct tby_ct_key rk = {};
+	struct tby_ct_val *rev;
+	__u8 tcp = v->tcp;
+
+	if (f->key.proto != IPPROTO_TCP || !(f->tcp_flags & TBY_TCPF_SYN) ||
+	    (f->tcp_flags & TBY_TCPF_ACK))
+		return 0;
+	nat_rev_key(f, v, &rk);
+	rev = bpf_map_lookup_elem(&tby_ct, &rk);
+	if (rev)
+		tcp |= rev->tcp;
+	if ((tcp & closed) == closed || (tcp & TBY_CT_RST))
+		return 1;
+	return !nat_backend_live(&f->key, v);
+}
+
+static __always_inline void nat_delete_pair(const struct flow *f,
+					    const struct tby_ct_val *v)
+{
+	struct tby_ct_key rk = {};
+
+	nat_rev_key(f, v, &rk);
+	bpf_map_delete_elem(&tby_ct, &rk);
+	bpf_map_delete_elem(&tby_ct, &f->key);
+}
+
 /*
  * Conntrack, then frontends. A FWD hit translates the forward direction; a
  * REV hit on the reversed tuple translates a reply. A REV hit on the packet's
@@ -426,6 +508,11 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 		return NAT_PASS;
 	if (f.has_ports) {
 		v = bpf_map_lookup_elem(&tby_ct, &f.key);
+		if (v && v->type == TBY_CT_NAT_FWD && (hooks & NAT_HOOK_FRONTENDS) &&
+		    nat_pair_reusable(&f, v)) {
+			nat_delete_pair(&f, v);
+			v = NULL;
+		}
 		if (v) {
 			ct_touch(v, &f, 0);
 			if (v->type != TBY_CT_NAT_FWD)

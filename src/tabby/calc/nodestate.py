@@ -90,6 +90,8 @@ class NodeState:
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
+    vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
+    wireguard: bool = False  # wireguardEnabled: asked for; the dataplane says what it can do
 
 
 def node_internal_ip(node: Obj) -> str | None:
@@ -153,6 +155,8 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
+    state.vxlan_mtu = int(cfg.get("vxlanMTU", 0) or 0)
+    state.wireguard = bool(cfg.get("wireguardEnabled", False))
     pools = [
         p
         for p in resources.get("IPPool", {}).values()
@@ -194,8 +198,15 @@ def compute(resources: Resources, node: str) -> NodeState:
             state.warnings.append(f"block {cidr} belongs to unknown node {owner!r}: not routed")
             continue
         encap = _encap_between(pool, me, peer)
-        flags = RT_REMOTE_WL | (RT_ENCAP_VXLAN if encap == "vxlan" else 0)
-        flags |= RT_ENCAP_IPIP if encap == "ipip" else 0
+        if encap == "ipip":
+            # No IP-in-IP in the datapath yet: a plain route via a node across a router would
+            # black-hole the traffic, so the block is left out and /readyz says why.
+            state.warnings.append(
+                f"block {cidr} on {owner}: needs IP-in-IP (IPPool ipipMode), which is not in "
+                "tabby's datapath yet: not routed (use vxlanMode)"
+            )
+            continue
+        flags = RT_REMOTE_WL | (RT_ENCAP_VXLAN if encap == "vxlan" else 0)  # RT_ENCAP_IPIP: later
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
     return state

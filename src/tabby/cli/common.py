@@ -18,7 +18,7 @@ DatastoreOpt = typer.Option(
     DEFAULT_DATASTORE,
     "--datastore",
     envvar="TABBY_DATASTORE",
-    help="datastore URL (sqlite:///abs/path.db)",
+    help="datastore URL (sqlite:///abs/path.db, etcd://HOST:PORT, etcd+unix:///path)",
 )
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

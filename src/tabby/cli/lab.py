@@ -33,12 +33,27 @@ def _lab(name: str) -> Any:
 
 
 @app.command()
-def up(name: str = NameOpt, nodes: int = typer.Option(3, help="number of nodes")) -> None:
+def up(
+    name: str = NameOpt,
+    nodes: int = typer.Option(3, help="number of nodes (without --cluster-spec)"),
+    cluster_spec: str | None = typer.Option(
+        None,
+        "--cluster-spec",
+        help="kOps cluster manifest: subnets, node count, pool and encapsulation from it",
+    ),
+    fabric_mtu: int = typer.Option(1500, help="MTU of the fabric links (9001: AWS jumbo frames)"),
+) -> None:
     """Build the lab: fabric, nodes, external client, one agent per node."""
+    from tabby.cli import cluster as cluster_cli
     from tabby.lab.cluster import Lab, LabError
     from tabby.lab.topology import TopologyError
     from tabby.preflight import PreflightError
 
+    spec = None
+    if cluster_spec is not None:
+        result = cluster_cli.load(cluster_spec)
+        cluster_cli.report(result)  # warnings; errors end here, before anything is built
+        spec = result.cluster
     try:
         with console.status(f"bringing lab {name} up") as status:
 
@@ -46,7 +61,7 @@ def up(name: str = NameOpt, nodes: int = typer.Option(3, help="number of nodes")
                 status.update(message)
                 console.log(message)
 
-            Lab.up(name, nodes, progress=report)
+            Lab.up(name, nodes, progress=report, cluster=spec, fabric_mtu=fabric_mtu)
     except (LabError, TopologyError, PreflightError) as e:
         _fail(str(e))
     console.print(f"lab [bold]{name}[/] is up: `tabbyctl lab status --name {name}`")

@@ -6,7 +6,9 @@ result JSON, or its error JSON with a non-zero exit. It runs in the node's netwo
 Example config:
   {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tabby-cni", "nodename": "node1",
    "datastore": "sqlite:///run/tabby/demo/store.db", "mtu": 0, "ipam": {"type": "tabby-ipam"}}
-``mtu: 0`` (or absent) means: the data interface's MTU minus the VXLAN overhead.
+``mtu: 0`` (or absent) means: as Calico, the data interface's MTU minus the overhead of the
+encapsulations the cluster enables (VXLAN 50, IP-in-IP 20, WireGuard 60), or their configured
+``vxlanMTU``/``ipipMTU``/``wireguardMTU`` (calc/mtu.py).
 """
 
 from __future__ import annotations

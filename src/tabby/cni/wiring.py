@@ -14,7 +14,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tabby.calc import names
-from tabby.calc.mtu import pod_mtu
+from tabby.calc.mtu import workload_mtu
 from tabby.cni.ipam import BlockIPAM, IPAMError
 from tabby.cni.plugin import (
     E_INVALID_ENV,
@@ -37,14 +37,18 @@ def _ipam(req: Request) -> BlockIPAM:
         raise CNIError(E_TRY_AGAIN, f"datastore unavailable: {e}") from e
 
 
-def _mtu(req: Request) -> int:
+def _mtu(req: Request, ipam: BlockIPAM) -> int:
+    """The config's ``mtu``, else Calico's auto MTU: the data interface's minus the overhead of
+    the encapsulations the pools and FelixConfiguration enable (or their configured MTUs)."""
     configured = int(req.config.get("mtu", 0) or 0)
     if configured:
         return configured
     with links.rtnl() as ipr:
         dev = req.config.get("dataInterface") or links.default_route_device(ipr)
         data_mtu = links.link_mtu(ipr, dev) if dev else None
-    return pod_mtu(data_mtu or 1500, "vxlan")
+    felix = ipam.ds.get("FelixConfiguration", "default") or {}
+    pools = ipam.ds.list("IPPool")[0]
+    return workload_mtu(data_mtu or 1500, felix.get("spec", {}) or {}, pools)
 
 
 def add(req: Request) -> dict[str, Any]:
@@ -58,7 +62,7 @@ def add(req: Request) -> dict[str, Any]:
         raise CNIError(E_TRY_AGAIN, f"IPAM: {e}") from e
     host = names.host_ifname(req.pod_namespace, req.pod_name)
     try:
-        host_mac, pod_mac = _wire(req, path, host, ip, _mtu(req))
+        host_mac, pod_mac = _wire(req, path, host, ip, _mtu(req, ipam))
     except Exception as e:
         _unwire(host)
         ipam.release(req.handle)

@@ -60,6 +60,7 @@ class NodeDataplane:
         self.last_nat = NatApplyResult()
         self.health = HealthServers()  # kube-proxy's health ports, bound in this netns
         self.bpf_enabled: bool | None = None
+        self.wireguard: tuple[bool, str] | None = None  # preflight.wireguard_support(), cached
         self.tcx_supported = preflight.kernel_version() >= preflight.TCX_KERNEL
         for knob, value in _node_sysctls(data_iface).items():
             links.write_sysctl(knob, value)
@@ -77,7 +78,11 @@ class NodeDataplane:
     def apply(self, state: NodeState) -> ApplyResult:
         warnings = list(state.warnings)
         self._reload_if_needed(state)
-        errors = self.tunnel.apply(state.needs_vxlan, state.vni, state.vxlan_port, state.tunnel_ip)
+        errors = self.tunnel.apply(
+            state.needs_vxlan, state.vni, state.vxlan_port, state.tunnel_ip, state.vxlan_mtu
+        )
+        if state.wireguard:
+            warnings.append(self._wireguard_refusal())
         errors += self.routes.apply(state.routes)
         # services before the programs that read them are attached to new interfaces
         self.last_nat = self.nat.apply(state.services)
@@ -98,6 +103,17 @@ class NodeDataplane:
             state.kube_proxy_healthz_port, state.health_checks, ready=not errors
         )
         return ApplyResult(errors, warnings)
+
+    def _wireguard_refusal(self) -> str:
+        """One line for /readyz: wireguardEnabled is not honoured (probed once, for real)."""
+        if self.wireguard is None:
+            self.wireguard = preflight.wireguard_support()
+        ok, detail = self.wireguard
+        if ok:
+            why = "tabby does not implement WireGuard encryption yet"
+        else:
+            why = f"WireGuard is not available on this node ({detail})"
+        return f"wireguardEnabled: {why}: pod traffic is NOT encrypted"
 
     def _apply_ctlb(self, state: NodeState, warnings: list[str]) -> list[str]:
         """Connect-time LB hooks per bpfConnectTimeLoadBalancing, then (the NAT maps being

@@ -24,7 +24,10 @@ class TunnelManager:
     def __init__(self, data_iface: str) -> None:
         self.data_iface = data_iface
 
-    def apply(self, wanted: bool, vni: int, port: int, tunnel_ip: str | None) -> list[str]:
+    def apply(
+        self, wanted: bool, vni: int, port: int, tunnel_ip: str | None, mtu: int = 0
+    ) -> list[str]:
+        """``mtu``: FelixConfiguration vxlanMTU; 0 derives it from the data interface."""
         with links.rtnl() as ipr:
             idx = links.ifindex(ipr, names.TUNNEL_DEVICE)
             if not wanted:
@@ -33,7 +36,7 @@ class TunnelManager:
                     log.info("removed %s", names.TUNNEL_DEVICE)
                 return []
             data_mtu = links.link_mtu(ipr, self.data_iface) or 1500
-            mtu = pod_mtu(data_mtu, "vxlan")
+            mtu = mtu or pod_mtu(data_mtu, "vxlan")
             if idx is not None and not self._matches(ipr, idx, port):
                 links.delete_link(ipr, names.TUNNEL_DEVICE)
                 idx = None

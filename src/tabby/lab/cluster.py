@@ -8,6 +8,7 @@ directories ``/sys/fs/bpf/tabby/<lab>-*``, the cgroup subtree and the state dire
 from __future__ import annotations
 
 import glob
+import ipaddress
 import json
 import os
 import shutil
@@ -24,8 +25,10 @@ from tabby.bpf.objects import PIN_BASE, node_pin_root
 from tabby.dataplane.node import remove_pins
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Datastore
+from tabby.datastore.services import DEFAULT_SERVICE_CIDR
 from tabby.lab import cgroups, fabric, pods, processes, state, topology
 from tabby.lab.topology import LabPlan, NodePlan
+from tabby.model import kops
 from tabby.netlink.netns import enter_netns
 
 HEALTH_PORT = 9099
@@ -36,28 +39,37 @@ class LabError(Exception):
     pass
 
 
-def base_resources(plan: LabPlan) -> list[dict[str, Any]]:
-    """What a fresh lab cluster holds: config, the pool (VXLAN Always), nodes, the default ns."""
-    objs: list[dict[str, Any]] = [
-        {
-            "apiVersion": "projectcalico.org/v3",
-            "kind": "FelixConfiguration",
-            "metadata": {"name": "default"},
-            "spec": {"bpfEnabled": True, "bpfExternalServiceMode": "Tunnel", "vxlanVNI": 4096},
-        },
-        {
-            "apiVersion": "projectcalico.org/v3",
-            "kind": "IPPool",
-            "metadata": {"name": "default-ipv4-ippool"},
-            "spec": {
-                "cidr": topology.POOL_CIDR,
-                "blockSize": 26,
-                "vxlanMode": "Always",
-                "ipipMode": "Never",
-                "natOutgoing": True,
+def base_resources(
+    plan: LabPlan, config: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """What a fresh lab cluster holds: config, the pool (VXLAN Always), nodes, the default ns.
+
+    ``config``: the FelixConfiguration and IPPool(s) to use instead of the lab's (a cluster spec's
+    rendering, see ``spec_resources``)."""
+    objs: list[dict[str, Any]] = (
+        list(config)
+        if config is not None
+        else [
+            {
+                "apiVersion": "projectcalico.org/v3",
+                "kind": "FelixConfiguration",
+                "metadata": {"name": "default"},
+                "spec": {"bpfEnabled": True, "bpfExternalServiceMode": "Tunnel", "vxlanVNI": 4096},
             },
-        },
-    ]
+            {
+                "apiVersion": "projectcalico.org/v3",
+                "kind": "IPPool",
+                "metadata": {"name": "default-ipv4-ippool"},
+                "spec": {
+                    "cidr": topology.POOL_CIDR,
+                    "blockSize": 26,
+                    "vxlanMode": "Always",
+                    "ipipMode": "Never",
+                    "natOutgoing": True,
+                },
+            },
+        ]
+    )
     for ns in ("default", "kube-system"):
         objs.append(
             {
@@ -87,6 +99,36 @@ def base_resources(plan: LabPlan) -> list[dict[str, Any]]:
     return objs
 
 
+def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rendered FelixConfiguration + IPPool a lab from ``cluster`` applies, and warnings.
+
+    IP-in-IP is not in tabby's datapath yet: a pool asking for it gets VXLAN in the same mode
+    (Always or CrossSubnet), so pod traffic keeps flowing, and the lab says so.
+    """
+    objs, warnings = kops.render(cluster), []
+    for obj in objs:
+        spec = obj["spec"]
+        if obj["kind"] == "IPPool" and spec.get("ipipMode", "Never") != "Never":
+            mode = spec["ipipMode"]
+            warnings.append(
+                f"IPPool {obj['metadata']['name']}: ipipMode {mode}: IP-in-IP is not in tabby's "
+                f"datapath yet; the lab uses vxlanMode {mode} instead"
+            )
+            spec["ipipMode"], spec["vxlanMode"] = "Never", mode
+        if obj["kind"] == "IPPool":
+            pool = ipaddress.ip_network(spec["cidr"])
+            for other in (topology.HOST_NET, topology.EXTERNAL_CIDR, topology.LOADBALANCER_CIDR):
+                if pool.overlaps(ipaddress.ip_network(other)):
+                    raise LabError(f"pod CIDR {pool} overlaps {other}, which the lab uses")
+    svc = cluster.service_cidr
+    if svc and svc != DEFAULT_SERVICE_CIDR:
+        warnings.append(
+            f"serviceClusterIPRange {svc}: the lab's datastore allocates ClusterIPs from "
+            f"{DEFAULT_SERVICE_CIDR}"
+        )
+    return objs, warnings
+
+
 def _rmdir_if_empty(path: str) -> None:
     """Shared parents (tabby's cgroup, pin and run dirs) go with the last lab using them."""
     try:
@@ -107,7 +149,13 @@ class Lab:
     def __init__(self, name: str = "demo") -> None:
         saved = state.read(name)
         self.name = name
-        self.plan = topology.plan(name, int(saved.get("nodes", 3)))
+        self.plan = topology.plan(
+            name,
+            int(saved.get("nodes", 3)),
+            subnets=saved.get("subnets"),
+            placement=saved.get("placement"),
+            fabric_mtu=int(saved.get("fabric_mtu", 1500)),
+        )
 
     @property
     def url(self) -> str:
@@ -118,8 +166,26 @@ class Lab:
 
     # ------------------------------------------------------------------ up / down
     @classmethod
-    def up(cls, name: str = "demo", nodes: int = 3, progress: Progress = print) -> Lab:
-        plan = topology.plan(name, nodes)
+    def up(
+        cls,
+        name: str = "demo",
+        nodes: int = 3,
+        progress: Progress = print,
+        *,
+        cluster: kops.KopsCluster | None = None,
+        fabric_mtu: int = 1500,
+    ) -> Lab:
+        """Build lab ``name``; from a kOps ``cluster`` spec (its subnets, node count, pool and
+        encapsulation; ``nodes`` is then ignored), with every fabric link at ``fabric_mtu``."""
+        config = None
+        if cluster is not None:
+            spec_plan = topology.from_spec(name, cluster, fabric_mtu)
+            plan = spec_plan.plan
+            config, warnings = spec_resources(cluster)
+            for warning in (*spec_plan.warnings, *warnings):
+                progress(f"warning: {warning}")
+        else:
+            plan = topology.plan(name, nodes, fabric_mtu=fabric_mtu)
         taken = fabric.lab_netns(plan.netns_prefix())
         if state.exists(name) or taken:
             raise LabError(
@@ -130,19 +196,25 @@ class Lab:
         lab = cls.__new__(cls)
         lab.name, lab.plan = name, plan
         try:
-            lab._build(progress)
+            lab._build(progress, config)
         except BaseException:
             progress("lab up failed: removing what was created")
             cls.down(name, progress=lambda _m: None)
             raise
         return lab
 
-    def _build(self, progress: Progress) -> None:
+    def _build(self, progress: Progress, config: list[dict[str, Any]] | None = None) -> None:
+        subnets = [s.cidr for s in self.plan.subnets]
         with state.editing(self.name) as st:
             st["name"], st["nodes"] = self.name, len(self.plan.nodes)
+            st["subnets"], st["fabric_mtu"] = subnets, self.plan.fabric_mtu
+            st["placement"] = [subnets.index(n.subnet) for n in self.plan.nodes]
         ds = self.datastore()
-        ds.apply(base_resources(self.plan))
-        progress(f"fabric: {self.plan.fabric_netns} (router for {', '.join(topology.SUBNETS)})")
+        ds.apply(base_resources(self.plan, config))
+        progress(
+            f"fabric: {self.plan.fabric_netns} (router for {', '.join(subnets)}, "
+            f"MTU {self.plan.fabric_mtu})"
+        )
         fabric.build_fabric(self.plan)
         fabric.build_external(self.plan)
         for node in self.plan.nodes:

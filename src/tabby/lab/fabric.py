@@ -36,15 +36,23 @@ def lab_netns(prefix: str) -> list[str]:
 def build_fabric(plan: LabPlan) -> None:
     add_netns(plan.fabric_netns)
     with enter_netns(plan.fabric_netns), links.rtnl() as ipr:
-        for bridge, subnet in zip(topology.BRIDGES, topology.SUBNETS, strict=True):
-            net = ipaddress.ip_network(subnet)
-            ipr.link("add", ifname=bridge, kind="bridge")
-            idx = links.ifindex(ipr, bridge)
+        for sub in plan.subnets:
+            net = ipaddress.ip_network(sub.cidr)
+            ipr.link("add", ifname=sub.bridge, kind="bridge")
+            idx = links.ifindex(ipr, sub.bridge)
+            ipr.link("set", index=idx, mtu=plan.fabric_mtu)
             ipr.addr(
                 "add", index=idx, address=str(net.network_address + 1), prefixlen=net.prefixlen
             )
             ipr.link("set", index=idx, state="up")
         links.write_sysctl("net/ipv4/ip_forward", "1")
+        # LoadBalancer ingress IPs and externalIPs are announced by every node, as a BGP-speaking
+        # load balancer would: one ECMP route (hashed per source/destination address pair).
+        hops = [{"gateway": node.ip} for node in plan.nodes]
+        if len(hops) == 1:
+            ipr.route("add", dst=topology.LOADBALANCER_CIDR, gateway=hops[0]["gateway"])
+        else:
+            ipr.route("add", dst=topology.LOADBALANCER_CIDR, multipath=hops)
 
 
 def build_external(plan: LabPlan) -> None:
@@ -74,7 +82,12 @@ def build_node(plan: LabPlan, node: NodePlan) -> None:
             "add",
             ifname=node.fabric_port,
             kind="veth",
-            peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{node.netns}"},
+            mtu=plan.fabric_mtu,
+            peer={
+                "ifname": "eth0",
+                "net_ns_fd": f"/run/netns/{node.netns}",
+                "mtu": plan.fabric_mtu,
+            },
         )
         idx = links.ifindex(ipr, node.fabric_port)
         ipr.link("set", index=idx, master=links.ifindex(ipr, node.bridge), state="up")

@@ -42,11 +42,13 @@ def spawn(
     netns: str | None = None,
     cgroup: str | None = None,
     env: dict[str, str] | None = None,
+    cwd: str | None = None,
 ) -> dict[str, Any]:
     log = open(log_path, "ab")
     try:
         proc = subprocess.Popen(
             list(argv),
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

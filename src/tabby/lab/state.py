@@ -21,7 +21,9 @@ def lab_dir(lab: str) -> str:
 
 
 def datastore_url(lab: str) -> str:
-    return f"sqlite:///{lab_dir(lab)}/store.db"
+    """The URL every lab component uses: the embedded store, unless the lab was brought up on
+    another datastore (state.json ``datastore``, e.g. etcd on a unix socket)."""
+    return str(read(lab).get("datastore") or f"sqlite:///{lab_dir(lab)}/store.db")
 
 
 def _path(lab: str) -> str:

@@ -64,6 +64,7 @@ _felix_spec = Struct(
         "vxlanPort": port,
         "vxlanMTU": _mtu,
         "ipipMTU": _mtu,
+        "wireguardMTU": _mtu,
         "logSeverityScreen": enum("Debug", "Info", "Warning", "Error", "Fatal"),
         "healthPort": port,
         "prometheusMetricsEnabled": boolean,
