@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import select
 import socket
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -42,7 +39,7 @@ from tabby.bpf.maps.nat import (
 )
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.dataplane.ctlb import CtlbManager, reap
-from tabby.lab.processes import enter
+from tabby.lab.sockclient import SocketClient
 from tabby.lab.traffic import in_netns
 from tabby.netlink.links import netns_cookie
 from tabby.preflight import cgroup2_mount
@@ -53,48 +50,6 @@ VIP = "10.96.0.10"
 CLIENT_IP = "198.18.0.1"
 BACKEND_A, BACKEND_B = "198.18.0.2", "198.18.0.3"
 TCP_PORT, UDP_PORT = 8080, 5353
-
-# The client: one JSON command per stdin line, one JSON answer per stdout line.
-CLIENT = r"""
-import json, socket, sys
-udp = None
-def answer(**kw):
-    print(json.dumps(kw), flush=True)
-for line in sys.stdin:
-    cmd = json.loads(line)
-    op, addr = cmd["op"], (cmd.get("ip"), cmd.get("port"))
-    try:
-        if op == "tcp":
-            with socket.socket() as s:
-                s.settimeout(3)
-                if cmd.get("bind"):
-                    s.bind((cmd["bind"], 0))
-                s.connect(addr)
-                peer = s.getpeername()
-                answer(peer=list(peer), reply=s.recv(64).decode())
-        elif op == "sendto":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(3)
-                s.sendto(b"hi", addr)
-                data, src = s.recvfrom(64)
-                answer(reply=data.decode(), src=list(src))
-        elif op == "udp_connect":
-            if udp is not None:
-                udp.close()
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.settimeout(3)
-            udp.connect(addr)
-            answer(peer=list(udp.getpeername()))
-        elif op == "udp_send":
-            udp.send(b"hi")
-            data, src = udp.recvfrom(64)
-            answer(reply=data.decode(), src=list(src))
-        elif op == "udp_recv":
-            data, src = udp.recvfrom(64)
-            answer(reply=data.decode(), src=list(src))
-    except OSError as e:
-        answer(errno=e.errno if e.errno is not None else -1, error=str(e))
-"""
 
 
 @dataclass
@@ -119,39 +74,9 @@ class Env:
         return self.dp.counters().get(reason)
 
 
-class Client:
-    """The client process, started in the client netns and (unless ``cgroup`` is None) the
-    test cgroup; ended by its pid."""
-
-    def __init__(self, netns: str, cgroup: str | None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: enter(f"/run/netns/{netns}", cgroup),
-        )
-
-    def __call__(self, op: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
-        assert ready, f"client gave no answer to {op}"
-        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-@contextlib.contextmanager
-def client(env: Env, in_cgroup: bool = True) -> Iterator[Client]:
-    c = Client(env.client_ns, env.cgroup if in_cgroup else None)
-    try:
-        yield c
-    finally:
-        c.close()
+def client(env: Env, in_cgroup: bool = True) -> SocketClient:
+    """A client process in the client netns and (unless told otherwise) the test cgroup."""
+    return SocketClient(env.client_ns, env.cgroup if in_cgroup else None)
 
 
 class Servers:

@@ -7,111 +7,28 @@ The client pod is on node1, the backends on node2 and node3.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
-import select
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters, Reason
-from tabby.lab.cluster import Lab, pin_root
-from tabby.lab.processes import enter
+from tabby.bpf.maps.counters import Reason
+from tabby.lab.cluster import Lab
+from tabby.lab.sockclient import SocketClient
+
+from .service_lab import counter_delta, counters
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 VIP = "100.64.0.20"
 BACKENDS = {"ctlb-a": "node2", "ctlb-b": "node3"}
 
-# One JSON command per stdin line, one JSON answer per stdout line (netexec's protocol inside).
-CLIENT = r"""
-import json, socket, sys
-udp = None
-def answer(**kw):
-    print(json.dumps(kw), flush=True)
-for line in sys.stdin:
-    cmd = json.loads(line)
-    op, addr = cmd["op"], (cmd.get("ip"), cmd.get("port"))
-    try:
-        if op == "http":
-            with socket.create_connection(addr, timeout=3) as s:
-                peer = s.getpeername()
-                req = f"GET {cmd['path']} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                s.sendall(req.encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            answer(peer=list(peer), body=data.partition(b"\r\n\r\n")[2].decode())
-        elif op == "sendto":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(2)
-                s.sendto(cmd["payload"].encode(), addr)
-                data, src = s.recvfrom(512)
-                answer(reply=data.decode(), src=list(src))
-        elif op == "udp_connect":
-            if udp is not None:
-                udp.close()
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.settimeout(2)
-            udp.connect(addr)
-            answer(peer=list(udp.getpeername()))
-        elif op == "udp_send":
-            udp.send(cmd["payload"].encode())
-            data, src = udp.recvfrom(512)
-            answer(reply=data.decode(), src=list(src))
-        elif op == "udp_recv":
-            data, src = udp.recvfrom(512)
-            answer(reply=data.decode(), src=list(src))
-    except OSError as e:
-        answer(errno=e.errno if e.errno is not None else -1, error=str(e))
-"""
 
-
-class PodClient:
-    def __init__(self, lab: Lab, pod: str) -> None:
-        netns, cgroup = lab.exec_argv(pod, [])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: enter(f"/run/netns/{netns}", cgroup),
-        )
-
-    def __call__(self, op: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
-        assert ready, f"pod client gave no answer to {op}"
-        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
-
-
-@contextlib.contextmanager
-def pod_client(lab: Lab, pod: str) -> Iterator[PodClient]:
-    c = PodClient(lab, pod)
-    try:
-        yield c
-    finally:
-        c.proc.kill()  # ours, by its pid
-        c.proc.wait()
-
-
-def counters(lab: Lab, node: str) -> dict[str, int]:
-    m = COUNTERS_SPEC.open_pinned(pin_root(lab.name, node))
-    try:
-        return Counters(m).read()
-    finally:
-        m.close()
-
-
-def delta(before: dict[str, int], after: dict[str, int], reason: Reason) -> int:
-    return after[reason.label] - before[reason.label]
+def pod_client(lab: Lab, pod: str) -> SocketClient:
+    """A client process inside the pod: its netns and its cgroup."""
+    netns, cgroup = lab.exec_argv(pod, [])
+    return SocketClient(netns, cgroup)
 
 
 def set_mode(lab: Lab, mode: str) -> None:
@@ -164,13 +81,15 @@ def cluster(lab: Lab) -> dict[str, Any]:
 def test_pod_tcp_to_clusterip_is_balanced_at_connect(lab: Lab, cluster: dict[str, Any]) -> None:
     before = counters(lab, "node1")
     with pod_client(lab, "cl") as c:
-        answers = [c("http", ip=VIP, port=80, path="/hostname") for _ in range(16)]
-        clientip = c("http", ip=VIP, port=80, path="/clientip")
+        answers = [c("tcp", ip=VIP, port=80, path="/hostname") for _ in range(16)]
+        clientip = c("tcp", ip=VIP, port=80, path="/clientip")
     after = counters(lab, "node1")
     assert all(a.get("peer") == [VIP, 80] for a in answers), answers  # getpeername: the VIP
     assert {a["body"] for a in answers} == set(BACKENDS)
     assert clientip["body"].split(":")[0] == cluster["client"]["ip"]
-    assert delta(before, after, Reason.CTLB_CONNECT) == 17, "translated per packet, not at connect"
+    assert counter_delta(before, after, Reason.CTLB_CONNECT) == 17, (
+        "translated per packet, not at connect"
+    )
 
 
 def test_udp_is_per_packet_in_tcp_mode_and_at_send_when_enabled(
@@ -180,15 +99,17 @@ def test_udp_is_per_packet_in_tcp_mode_and_at_send_when_enabled(
     with pod_client(lab, "cl") as c:
         got = c("sendto", ip=VIP, port=53, payload="hostname")
     assert got.get("src") == [VIP, 53] and got["reply"] in BACKENDS, got
-    assert delta(before, counters(lab, "node1"), Reason.CTLB_SENDMSG) == 0  # default mode TCP
+    assert (
+        counter_delta(before, counters(lab, "node1"), Reason.CTLB_SENDMSG) == 0
+    )  # default mode TCP
     set_mode(lab, "Enabled")
     before = counters(lab, "node1")
     with pod_client(lab, "cl") as c:
         got = c("sendto", ip=VIP, port=53, payload="hostname")
     after = counters(lab, "node1")
     assert got.get("src") == [VIP, 53] and got["reply"] in BACKENDS, got
-    assert delta(before, after, Reason.CTLB_SENDMSG) == 1
-    assert delta(before, after, Reason.CTLB_RECVMSG) == 1
+    assert counter_delta(before, after, Reason.CTLB_SENDMSG) == 1
+    assert counter_delta(before, after, Reason.CTLB_RECVMSG) == 1
 
 
 def test_connected_udp_moves_on_when_its_backend_goes(lab: Lab, cluster: dict[str, Any]) -> None:
