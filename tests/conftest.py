@@ -84,3 +84,16 @@ def scratch_netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="session")
+def etcd_binary() -> str:
+    """Debian's etcd-server (make setup installs it): without it, tests that start an etcd fail
+    under CI=true and skip elsewhere."""
+    path = shutil.which("etcd")
+    if path is None:
+        problem = "etcd is not installed (apt-get install etcd-server, or make setup)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"missing under CI: {problem}")
+        pytest.skip(problem)
+    return path

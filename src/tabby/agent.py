@@ -9,6 +9,7 @@ namespace, loads and attaches the BPF programs, applies every desired state and 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import queue
@@ -390,6 +391,12 @@ class Agent:
                 on(key, obj)
         self.metrics.mark_in_sync()
         self._publish(revision)
+        # The cluster's objects and their calc results live as long as the agent: move them out
+        # of the cyclic GC's sight, or every collection walks them (a third of the time to
+        # program 20,000 services, measured by bench/services_scale.py).
+        gc.unfreeze()  # what an earlier relist froze may be garbage now
+        gc.collect()
+        gc.freeze()
         return revision
 
     def _watch(self, ds: Datastore, revision: int) -> None:

@@ -289,18 +289,22 @@ def test_tcp_mode_translates_udp_of_the_nodes_own_sockets(tcp_mode_client_is_hos
 
 def test_stale_connected_udp_socket_is_destroyed_and_reconnects(enabled: Env) -> None:
     enabled.frontend(53, "UDP", [(BACKEND_A, UDP_PORT)], set_id=2)
-    fe_map, be_map = enabled.dp.map(FRONTENDS_SPEC), enabled.dp.map(BACKENDS_SPEC)
+    be_map = enabled.dp.map(BACKENDS_SPEC)
     reaper = enabled.dp.prog_fd("tby_ctlb_reap")
     with client(enabled) as c:
         assert c("udp_connect", ip=VIP, port=53) == {"peer": [VIP, 53]}
         assert c("udp_send") == {"reply": BACKEND_A, "src": [VIP, 53]}
         # first round after start: the reaper runs, finds the socket's backend alive
-        assert enabled.ctlb.reap_stale_udp(enabled.cgroup, reaper, fe_map, be_map) == []
+        assert enabled.ctlb.reap_stale_udp(enabled.cgroup, reaper, needed=False) == []
         assert c("udp_send")["reply"] == BACKEND_A
         assert reap(enabled.cgroup, reaper) == []
         # backend A leaves, B takes its ordinal: the connected socket must not stay on A
         be_map.update(BackendKey(2, 0), BackendValue.make(BACKEND_B, UDP_PORT))
-        assert enabled.ctlb.reap_stale_udp(enabled.cgroup, reaper, fe_map, be_map) == []
+        # a round without removals does not run it...
+        assert enabled.ctlb.reap_stale_udp(enabled.cgroup, reaper, needed=False) == []
+        assert c("udp_send")["reply"] == BACKEND_A
+        # ...the NAT apply that removed A does
+        assert enabled.ctlb.reap_stale_udp(enabled.cgroup, reaper, needed=True) == []
         assert c("udp_recv")["errno"] == errno.ECONNABORTED  # the application learns
         assert c("udp_connect", ip=VIP, port=53) == {"peer": [VIP, 53]}
         assert c("udp_send") == {"reply": BACKEND_B, "src": [VIP, 53]}

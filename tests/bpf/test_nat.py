@@ -394,3 +394,18 @@ def test_nodeport_to_the_nodes_own_address_is_not_snated(node: Node) -> None:
     reply = frame(P.NODE_IP, P.EXTERNAL_IP, TCP(sport=6443, dport=50002, flags="SA"))
     _, out, delta = node.run("tby_to_host", reply)
     assert delta.get(Reason.NAT_REV) == 1 and out[TCP].sport == NODEPORT
+
+
+def test_direct_connection_reusing_a_closed_service_tuple_is_not_translated(node: Node) -> None:
+    node.program((service(), [slice_of(addrs=BACKENDS[:1])]))
+    backend = BACKENDS[0]
+    node.run("tby_from_wl", _syn(47000))
+    node.run("tby_from_wl", _syn(47000, "FA"))
+    node.run("tby_to_wl", frame(backend, P.POD_IP, TCP(sport=8080, dport=47000, flags="FA")))
+    # the pod now connects to the backend's own address from the same port
+    direct = frame(P.POD_IP, backend, TCP(sport=47000, dport=8080, flags="S"))
+    _, out, _ = node.run("tby_from_wl", direct)
+    assert raw(out) == direct
+    reply = frame(backend, P.POD_IP, TCP(sport=8080, dport=47000, flags="SA"))
+    _, out, delta = node.run("tby_to_wl", reply)
+    assert raw(out) == reply and Reason.NAT_REV not in delta

@@ -131,3 +131,27 @@ def test_block_of_an_unknown_node_is_a_warning_not_a_route():
 def test_empty_inputs():
     st = compute({}, "n1")
     assert st.routes == {} and st.endpoints == {} and st.node_ip is None
+
+
+def test_ipip_is_not_in_the_datapath_so_encapsulated_blocks_are_left_out_with_a_warning():
+    ipip = {
+        "kind": "IPPool",
+        "metadata": {"name": "p"},
+        "spec": {"cidr": "100.96.0.0/11", "ipipMode": "CrossSubnet", "vxlanMode": "Never"},
+    }
+    st = compute(resources([o for o in OBJS if o["kind"] != "IPPool"] + [ipip]), "n1")
+    assert "100.96.0.64/26" not in st.routes and "100.96.0.64/26" not in st.kernel_routes  # n2
+    assert st.kernel_routes["100.96.0.128/26"].encap == "none"  # n3: same subnet, plain route
+    assert any("100.96.0.64/26" in w and "IP-in-IP" in w for w in st.warnings)
+    assert not st.needs_vxlan
+
+
+def test_vxlan_mtu_and_wireguard_come_from_felixconfiguration():
+    fc = {
+        "kind": "FelixConfiguration",
+        "metadata": {"name": "default"},
+        "spec": {"vxlanMTU": 8000, "wireguardEnabled": True},
+    }
+    st = compute(resources(OBJS + [fc]), "n1")
+    assert st.vxlan_mtu == 8000 and st.wireguard is True
+    assert compute(resources(OBJS), "n1").vxlan_mtu == 0

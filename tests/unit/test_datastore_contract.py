@@ -12,7 +12,6 @@ of the object's last write.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -72,16 +71,6 @@ def service(name: str, type_: str = "ClusterIP") -> dict[str, Any]:
 # --- etcd, for real ------------------------------------------------------------------------------
 
 
-def require_etcd() -> str:
-    exe = etcd_proc.binary()
-    if exe is None:
-        problem = "etcd is not installed (make setup installs Debian's etcd-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"missing under CI: {problem}")
-        pytest.skip(problem)
-    return exe
-
-
 class EtcdServer:
     """One etcd process on loopback; restartable on the same ports and data dir."""
 
@@ -113,8 +102,7 @@ class EtcdServer:
 
 
 @pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    require_etcd()
+def etcd_server(tmp_path_factory: pytest.TempPathFactory, etcd_binary: str) -> Iterator[EtcdServer]:
     work = tmp_path_factory.mktemp("etcd")
     server = EtcdServer(work)
     try:
@@ -122,6 +110,7 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
         yield server
     finally:
         server.stop()
+        shutil.rmtree(server.work / "data", ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -457,8 +446,7 @@ def test_etcd_key_layout_and_paged_list(etcd_server, monkeypatch):
 
 
 @pytest.mark.etcd
-def test_etcd_restart_watch_resumes(tmp_path):
-    require_etcd()
+def test_etcd_restart_watch_resumes(tmp_path, etcd_binary):
     server = EtcdServer(tmp_path)
     try:
         server.start()
@@ -497,11 +485,11 @@ def test_etcd_restart_watch_resumes(tmp_path):
         ds.close()
     finally:
         server.stop()
+        shutil.rmtree(server.work / "data", ignore_errors=True)
 
 
 @pytest.mark.etcd
-def test_etcd_watch_gives_up_when_etcd_stays_away(tmp_path):
-    require_etcd()
+def test_etcd_watch_gives_up_when_etcd_stays_away(tmp_path, etcd_binary):
     server = EtcdServer(tmp_path)
     try:
         server.start()
@@ -515,6 +503,7 @@ def test_etcd_watch_gives_up_when_etcd_stays_away(tmp_path):
         ds.close()
     finally:
         server.stop()
+        shutil.rmtree(server.work / "data", ignore_errors=True)
 
 
 @pytest.mark.etcd

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tabby.preflight import bpffs_mounted, cgroup2_mount, kernel_version
 
 HYBRID = """\
@@ -26,3 +28,31 @@ def test_bpffs_detection():
 def test_kernel_version():
     assert kernel_version("6.18.44-fc-v657") == (6, 18)
     assert kernel_version("5.10.0") == (5, 10)
+
+
+def test_wireguard_loaded_module_is_enough(tmp_path, monkeypatch):
+    from tabby import preflight
+
+    monkeypatch.setattr(preflight, "WIREGUARD_MODULE", str(tmp_path))
+    assert preflight.wireguard_support() == (True, f"{tmp_path} present")
+
+
+@pytest.mark.root
+def test_wireguard_probe_is_real_and_leaves_nothing(tmp_path, monkeypatch):
+    """The probe creates a wireguard link in a throw-away namespace: on this kernel (no
+    WireGuard) the kernel's own EOPNOTSUPP answers; on a kernel with it the link is created."""
+    from pyroute2 import IPRoute
+
+    from tabby import preflight
+
+    monkeypatch.setattr(preflight, "WIREGUARD_MODULE", str(tmp_path / "absent"))
+    ok, detail = preflight.wireguard_support()
+    assert detail in (
+        "a wireguard link can be created",
+        "creating a wireguard link: not supported by this kernel",
+    )
+    assert ok == (detail == "a wireguard link can be created")
+    with IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname="tby-wgprobe"), "the probe leaked a link"
+    row = next(c for c in preflight.run_checks(mount=False) if c.name == "wireguard")
+    assert not row.required

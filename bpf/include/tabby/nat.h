@@ -478,6 +478,33 @@ static __always_inline int nat_pair_reusable(const struct flow *f,
 	return !nat_backend_live(&f->key, v);
 }
 
+/*
+ * A SYN from a client that matches a closed pair's REV half is a direct
+ * connection (no service) reusing the tuple of a finished service flow: its
+ * replies must not be translated, so the pair goes.
+ */
+static __always_inline int nat_rev_closed_by_syn(const struct flow *f,
+						 const struct tby_ct_val *rev,
+						 struct tby_ct_key *fwd_key)
+{
+	__u8 closed = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
+	struct tby_ct_val *fwd;
+	__u8 tcp = rev->tcp;
+
+	if (f->key.proto != IPPROTO_TCP || !(f->tcp_flags & TBY_TCPF_SYN) ||
+	    (f->tcp_flags & TBY_TCPF_ACK))
+		return 0;
+	fwd_key->src = rev->nat_saddr ? rev->nat_saddr : f->key.src;
+	fwd_key->sport = rev->nat_saddr ? rev->nat_sport : f->key.sport;
+	fwd_key->dst = rev->nat_addr;
+	fwd_key->dport = rev->nat_port;
+	fwd_key->proto = f->key.proto;
+	fwd = bpf_map_lookup_elem(&tby_ct, fwd_key);
+	if (fwd)
+		tcp |= fwd->tcp;
+	return (tcp & closed) == closed || (tcp & TBY_CT_RST);
+}
+
 static __always_inline void nat_delete_pair(const struct flow *f,
 					    const struct tby_ct_val *v)
 {
@@ -511,6 +538,12 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 		if (v && v->type == TBY_CT_NAT_FWD && (hooks & NAT_HOOK_FRONTENDS) &&
 		    nat_pair_reusable(&f, v)) {
 			nat_delete_pair(&f, v);
+			v = NULL;
+		}
+		if (v && v->type == TBY_CT_NAT_REV && (hooks & NAT_HOOK_FRONTENDS) &&
+		    nat_rev_closed_by_syn(&f, v, &rk)) {
+			bpf_map_delete_elem(&tby_ct, &rk);
+			bpf_map_delete_elem(&tby_ct, &f.key);
 			v = NULL;
 		}
 		if (v) {

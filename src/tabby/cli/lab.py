@@ -42,6 +42,10 @@ def up(
         help="kOps cluster manifest: subnets, node count, pool and encapsulation from it",
     ),
     fabric_mtu: int = typer.Option(1500, help="MTU of the fabric links (9001: AWS jumbo frames)"),
+    datastore: str = typer.Option(
+        "sqlite",
+        help="sqlite (embedded store) | etcd (a private etcd on loopback, stopped by down)",
+    ),
 ) -> None:
     """Build the lab: fabric, nodes, external client, one agent per node."""
     from tabby.cli import cluster as cluster_cli
@@ -50,6 +54,8 @@ def up(
     from tabby.preflight import PreflightError
 
     spec = None
+    if cluster_spec is not None and nodes != 3:
+        console.print("[yellow]warning:[/] --nodes is ignored: the spec's InstanceGroups decide")
     if cluster_spec is not None:
         result = cluster_cli.load(cluster_spec)
         cluster_cli.report(result)  # warnings; errors end here, before anything is built
@@ -61,7 +67,14 @@ def up(
                 status.update(message)
                 console.log(message)
 
-            Lab.up(name, nodes, progress=report, cluster=spec, fabric_mtu=fabric_mtu)
+            Lab.up(
+                name,
+                nodes,
+                progress=report,
+                cluster=spec,
+                fabric_mtu=fabric_mtu,
+                datastore=datastore,
+            )
     except (LabError, TopologyError, PreflightError) as e:
         _fail(str(e))
     console.print(f"lab [bold]{name}[/] is up: `tabbyctl lab status --name {name}`")
@@ -121,6 +134,8 @@ def status(name: str = NameOpt) -> None:
         )
     console.print(pods)
     console.print(f"datastore: {lab.url}  (export TABBY_DATASTORE to point tabbyctl elsewhere)")
+    if lab.etcd_url:
+        console.print(f"etcd: {lab.etcd_url}  (tabbyctl --datastore {lab.etcd_url} ...)")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 
 from tabby.bpf import libbpf
 from tabby.bpf.maps.ctlb import CtlbSockKey, parse_reaped
-from tabby.bpf.maps.nat import PROTOCOLS
 from tabby.netlink.netns import setns_fd
 
 log = logging.getLogger(__name__)
@@ -52,14 +51,13 @@ MODE_HOOKS: dict[str, tuple[str, ...]] = {
     "Enabled": ("connect4", "sendmsg4", "recvmsg4", "getpeername4"),
     "Disabled": (),
 }
-UdpPairs = frozenset[tuple[int, int, int, int]]  # (frontend addr, port, backend addr, port)
 
 
 class CtlbManager:
     def __init__(self, pin_root: str) -> None:
         self.pin_dir = os.path.join(pin_root, "ctlb")
         self.programmed: dict[str, tuple[int, int]] = {}  # hook -> (prog id, cgroup id)
-        self._udp_pairs: UdpPairs | None = None  # as of the last reap; None: reap next time
+        self._first_reap = True  # after a restart a backend may have left while we were down
 
     # ------------------------------------------------------------------ hooks
 
@@ -125,49 +123,23 @@ class CtlbManager:
 
     # ------------------------------------------------------------------ stale connected UDP
 
-    def reap_stale_udp(
-        self,
-        cgroup_path: str | None,
-        reaper_fd: int,
-        frontends: libbpf.Map[Any, Any],
-        backends: libbpf.Map[Any, Any],
-    ) -> list[str]:
-        """Destroy connected UDP sockets whose backend left its frontend; only when one did.
+    def reap_stale_udp(self, cgroup_path: str | None, reaper_fd: int, needed: bool) -> list[str]:
+        """Destroy connected UDP sockets whose backend left its frontend.
 
-        Runs after the NAT maps were programmed for this round. Returns errors.
+        ``needed``: some backend left a set in this round's NAT apply (or the agent just
+        started). The reaper program itself checks each socket against the NAT maps, so a
+        round without removals costs nothing: no map is read from user space. Returns errors.
         """
-        if cgroup_path is None:
+        if cgroup_path is None or not (needed or self._first_reap):
             return []
-        try:
-            pairs = udp_pairs(frontends, backends)
-        except OSError as e:
-            return [f"ctlb: reading the NAT maps: {e}"]
-        if self._udp_pairs is not None and self._udp_pairs <= pairs:
-            self._udp_pairs = pairs
-            return []
+        self._first_reap = False
         try:
             reaped = reap(cgroup_path, reaper_fd)
         except OSError as e:
             return [f"ctlb: reaping stale UDP sockets in {cgroup_path}: {e}"]
         for key in reaped:
             log.info("ctlb: destroyed UDP %s (backend left its service)", key.describe())
-        self._udp_pairs = pairs
         return []
-
-
-def udp_pairs(frontends: libbpf.Map[Any, Any], backends: libbpf.Map[Any, Any]) -> UdpPairs:
-    """Every (UDP frontend, backend) pair the NAT maps offer now."""
-    by_ordinal = {(k.id, k.ordinal): (v.addr, v.port) for k, v in backends.lookup_batch()}
-    out = set()
-    for fe, val in frontends.lookup_batch():
-        if fe.proto != PROTOCOLS["UDP"]:
-            continue
-        for ordinal in range(val.count):
-            be = by_ordinal.get((val.id, ordinal))
-            if be is not None:
-                out.add((fe.addr, fe.port, *be))
-    return frozenset(out)
-
 
 def cgroup_netns_fds(cgroup_path: str) -> list[int]:
     """One open fd per distinct network namespace of the processes in the cgroup subtree.

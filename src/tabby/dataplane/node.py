@@ -123,10 +123,7 @@ class NodeDataplane:
             warnings.append("no --cgroup given: connect-time load balancing is off")
         errors = self.ctlb.apply(self.cgroup, mode, self.objects.prog_fds())
         errors += self.ctlb.reap_stale_udp(
-            self.cgroup,
-            self.objects.prog_fd(REAPER),
-            self.objects.map(FRONTENDS_SPEC),
-            self.objects.map(BACKENDS_SPEC),
+            self.cgroup, self.objects.prog_fd(REAPER), self.last_nat.backends_removed
         )
         return errors
 

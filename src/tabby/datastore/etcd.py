@@ -55,11 +55,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import grpc
-import grpc.aio
-from etcd3aio import EtcdError, prefix_range_end
-from etcd3aio._protobuf import Compare, RequestOp, WatchCreateRequest, WatchRequest, WatchStub
-from etcd3aio.kv import KVService
+# gRPC's fork handlers only log "skipping fork() handlers" when a process with a live channel
+# forks (the lab spawns agents and pods): our children exec at once and never use gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402 - after the environment it reads
+import grpc.aio  # noqa: E402
+from etcd3aio import EtcdError, prefix_range_end  # noqa: E402
+from etcd3aio._protobuf import (  # noqa: E402
+    Compare,
+    RequestOp,
+    WatchCreateRequest,
+    WatchRequest,
+    WatchStub,
+)
+from etcd3aio.kv import KVService  # noqa: E402
 
 from tabby.datastore import services
 from tabby.datastore.api import (

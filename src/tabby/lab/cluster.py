@@ -26,12 +26,13 @@ from tabby.dataplane.node import remove_pins
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Datastore
 from tabby.datastore.services import DEFAULT_SERVICE_CIDR
-from tabby.lab import cgroups, fabric, pods, processes, state, topology
+from tabby.lab import cgroups, etcd, fabric, pods, processes, state, topology
 from tabby.lab.topology import LabPlan, NodePlan
 from tabby.model import kops
 from tabby.netlink.netns import enter_netns
 
 HEALTH_PORT = 9099
+DATASTORES = ("sqlite", "etcd")
 Progress = Callable[[str], None]
 
 
@@ -164,6 +165,34 @@ class Lab:
     def datastore(self) -> Datastore:
         return open_datastore(self.url)
 
+    @property
+    def etcd_url(self) -> str | None:
+        """``etcd://127.0.0.1:PORT`` of a lab on etcd (for tabbyctl), else None."""
+        url = state.read(self.name).get("etcd_url")
+        return str(url) if url else None
+
+    def _start_etcd(self, progress: Progress) -> None:
+        """A private etcd for this lab: data in its state dir, clients on 127.0.0.1:<free port>
+        and on a unix socket there (tabby-cni runs in node namespaces, where 127.0.0.1 is the
+        node's); recorded as a lab process, so `lab down` stops it by PID."""
+        work = state.lab_dir(self.name)
+        os.makedirs(work, exist_ok=True)
+        client, peer = etcd.free_port(), etcd.free_port()
+        try:
+            argv = etcd.argv(os.path.join(work, "etcd"), client, peer, unix_socket=True)
+        except etcd.EtcdError as e:
+            raise LabError(str(e)) from None
+        self._start("etcd", argv, cgroups.group(self.name, "control"), cwd=work)
+        url = f"etcd+unix://{etcd.socket_path(work)}"
+        with state.editing(self.name) as st:
+            st["datastore"], st["etcd_url"] = url, f"etcd://127.0.0.1:{client}"
+            rec = next(p for p in st["procs"] if p["role"] == "etcd")
+        try:
+            etcd.wait_ready(url, alive=lambda: processes.alive(rec))
+        except etcd.EtcdError as e:
+            raise LabError(f"{e} (log: {os.path.join(work, 'etcd.log')})") from None
+        progress(f"etcd: 127.0.0.1:{client} and {etcd.socket_path(work)}")
+
     # ------------------------------------------------------------------ up / down
     @classmethod
     def up(
@@ -174,9 +203,14 @@ class Lab:
         *,
         cluster: kops.KopsCluster | None = None,
         fabric_mtu: int = 1500,
+        datastore: str = "sqlite",
     ) -> Lab:
         """Build lab ``name``; from a kOps ``cluster`` spec (its subnets, node count, pool and
-        encapsulation; ``nodes`` is then ignored), with every fabric link at ``fabric_mtu``."""
+        encapsulation; ``nodes`` is then ignored), with every fabric link at ``fabric_mtu``.
+        ``datastore``: ``sqlite`` (the embedded store) or ``etcd`` (a private etcd, see
+        ``_start_etcd``)."""
+        if datastore not in DATASTORES:
+            raise LabError(f"datastore {datastore!r}: use one of {', '.join(DATASTORES)}")
         config = None
         if cluster is not None:
             spec_plan = topology.from_spec(name, cluster, fabric_mtu)
@@ -196,6 +230,8 @@ class Lab:
         lab = cls.__new__(cls)
         lab.name, lab.plan = name, plan
         try:
+            if datastore == "etcd":
+                lab._start_etcd(progress)
             lab._build(progress, config)
         except BaseException:
             progress("lab up failed: removing what was created")
@@ -231,9 +267,11 @@ class Lab:
             self.start_agent(node)
         self.wait_ready(progress=progress)
 
-    def _start(self, role: str, argv: list[str], cgroup: str | None) -> None:
+    def _start(
+        self, role: str, argv: list[str], cgroup: str | None, cwd: str | None = None
+    ) -> None:
         log = os.path.join(state.lab_dir(self.name), f"{role.replace(' ', '-')}.log")
-        rec = processes.spawn(argv, role, log, cgroup=cgroup)
+        rec = processes.spawn(argv, role, log, cgroup=cgroup, cwd=cwd)
         with state.editing(self.name) as st:
             st["procs"] = [p for p in st["procs"] if p["role"] != role] + [rec]
 
@@ -270,7 +308,8 @@ class Lab:
         for pod in saved.get("pods", {}).values():
             for proc in pod.get("procs", []):
                 processes.stop(proc)
-        for proc in saved.get("procs", []):
+        # The datastore (a lab etcd) goes last: agents and the controller stop while it is up.
+        for proc in sorted(saved.get("procs", []), key=lambda p: bool(p["role"] == "etcd")):
             processes.stop(proc)
         topology.plan(name, 1)  # validates the name before anything is removed by prefix
         for ns in fabric.lab_netns(f"{name}-"):

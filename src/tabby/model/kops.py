@@ -313,7 +313,8 @@ def _cluster(
     kube_proxy_enabled = kp_enabled is not False
 
     calico = _networking(rep, spec.get("networking"), ipv6=ipv6, cloud=cloud)
-    if calico.bpf_enabled and kube_proxy_enabled:
+    kp_checked = _get(kube_proxy, "enabled") is None or isinstance(kp_enabled, bool)
+    if calico.bpf_enabled and kube_proxy_enabled and kp_checked:
         rep.error(
             "spec.kubeProxy.enabled",
             "must be false when networking.calico.bpfEnabled is true: the eBPF dataplane "

@@ -1,0 +1,115 @@
+"""A lab whose agents, controller, CNI and tabbyctl all run on etcd (Calico's etcd mode).
+
+The lab starts its own etcd (loopback TCP on free ports + a unix socket in its state dir, data
+there too), records it as a lab process and stops it by PID on `lab down`. The checks are the
+first ones of test_pod_networking and test_services, on the etcd datastore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tabby.datastore.etcd import EtcdDatastore
+from tabby.lab import etcd, processes, state, traffic
+from tabby.lab.cluster import Lab
+
+from .test_services import service, wait_for_backends
+
+pytestmark = [pytest.mark.root, pytest.mark.lab, pytest.mark.etcd]
+
+VIP = "100.64.0.20"
+
+
+@pytest.fixture(scope="module")
+def lab(root_caps: None, etcd_binary: str) -> Iterator[Lab]:
+    """Overrides conftest's: a 2-node lab on etcd; after down, its etcd must be gone."""
+    name = "e" + uuid.uuid4().hex[:7]
+    try:
+        yield Lab.up(name, 2, progress=lambda _m: None, datastore="etcd")
+    finally:
+        recorded = [p for p in state.read(name).get("procs", []) if p["role"] == "etcd"]
+        Lab.down(name, progress=lambda _m: None)
+    assert recorded and not any(processes.alive(p) for p in recorded), "lab down left etcd"
+    assert not os.path.exists(state.lab_dir(name))
+
+
+@pytest.fixture(scope="module")
+def cluster(lab: Lab) -> dict[str, Any]:
+    lab.add_pod("client", "node1", wait=False)
+    lab.add_pod("web-a", "node2", labels={"app": "web"}, wait=False)
+    lab.add_pod("web-b", "node2", labels={"app": "web"}, wait=False)
+    lab.datastore().apply([service("web", VIP, {"app": "web"})])
+    wait_for_backends(lab, "web", 2)
+    return {n: lab.pod(n) for n in ("client", "web-a", "web-b")}
+
+
+def test_the_lab_runs_on_etcd(lab: Lab) -> None:
+    assert lab.url.startswith("etcd+unix:///run/tabby/") and lab.etcd_url
+    assert isinstance(lab.datastore(), EtcdDatastore)
+    for node in lab.plan.nodes:
+        argv = lab.agent_proc(node.name)["argv"]
+        assert argv[argv.index("--datastore") + 1] == lab.url
+
+
+def test_pods_talk_across_nodes(cluster: dict[str, Any]) -> None:
+    client, web = cluster["client"], cluster["web-a"]
+    assert traffic.http_get(client["netns"], web["ip"], 8080, "/hostname") == "web-a"
+    seen = traffic.http_get(client["netns"], web["ip"], 8080, "/clientip").split(":")[0]
+    assert seen == client["ip"], "no SNAT between pods"
+
+
+def test_clusterip_service(cluster: dict[str, Any]) -> None:
+    client = cluster["client"]
+    seen = Counter(traffic.http_get(client["netns"], VIP, 80, "/hostname") for _ in range(20))
+    assert set(seen) == {"web-a", "web-b"}, seen
+    assert traffic.udp_request(client["netns"], VIP, 53, b"hostname") in {"web-a", "web-b"}
+
+
+def test_tabbyctl_reads_the_lab_etcd(lab: Lab, cluster: dict[str, Any]) -> None:
+    tabbyctl = os.path.join(os.path.dirname(sys.executable), "tabbyctl")
+    assert lab.etcd_url is not None
+    out = subprocess.run(
+        [tabbyctl, "get", "pods", "--datastore", lab.etcd_url, "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    items = listed["items"] if isinstance(listed, dict) else listed
+    names = {p["metadata"]["name"] for p in items}
+    assert {"client", "web-a", "web-b"} <= names
+    ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in items}
+    assert ips["client"] == cluster["client"]["ip"]
+    env = {**os.environ, "TABBY_DATASTORE": lab.etcd_url}
+    out = subprocess.run(
+        [tabbyctl, "get", "services"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert out.returncode == 0 and "web" in out.stdout and VIP in out.stdout, out.stderr
+
+
+def test_agents_follow_etcd_through_a_restart(lab: Lab, cluster: dict[str, Any]) -> None:
+    """etcd stopped (by PID) and started again on the same data: the agents' watches resume and
+    program a pod added afterwards."""
+    rec = next(p for p in state.read(lab.name)["procs"] if p["role"] == "etcd")
+    processes.stop(rec)
+    assert not processes.alive(rec)
+    work = state.lab_dir(lab.name)
+    new = processes.spawn(
+        rec["argv"], "etcd", os.path.join(work, "etcd.log"), cgroup=None, cwd=work
+    )
+    with state.editing(lab.name) as st:
+        st["procs"] = [p for p in st["procs"] if p["role"] != "etcd"] + [new]
+    etcd.wait_ready(lab.url, alive=lambda: processes.alive(new))
+    ip = lab.add_pod("late", "node2")  # waits until every agent has programmed it
+    client = cluster["client"]
+    assert traffic.http_get(client["netns"], ip, 8080, "/hostname") == "late"
