@@ -51,7 +51,6 @@ from tabby.bpf.maps.nat import (
 )
 from tabby.bpf.objects import PIN_BASE, DatapathConfig, DatapathObjects
 from tabby.calc.services import ServiceIndex
-from tabby.dataplane.ctlb import udp_pairs
 from tabby.dataplane.nat import NatManager
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "services_scale.json")
@@ -78,7 +77,6 @@ class ScaleRow:
     change_writes: int = 0
     restart_adopt_s: float = 0.0
     restart_apply_s: float = 0.0
-    udp_pairs_s: float = 0.0  # dataplane.ctlb.udp_pairs: read by every NodeDataplane.apply
 
 
 @contextlib.contextmanager
@@ -139,10 +137,6 @@ def measure(n: int, profile: bool = False) -> ScaleRow:
             t6 = time.perf_counter()
             assert not again.errors and count(maps[0]) == n and count(maps[1]) == 3 * n
             row.restart_adopt_s, row.restart_apply_s = t5 - t4, t6 - t5
-            # what NodeDataplane.apply pays on every round besides NAT (ctlb.reap_stale_udp)
-            t7 = time.perf_counter()
-            udp_pairs(maps[0], maps[1])
-            row.udp_pairs_s = time.perf_counter() - t7
         finally:
             for m in maps:
                 m.close()
@@ -211,7 +205,6 @@ def part_a(sizes: list[int], profile: bool) -> list[ScaleRow]:
         "1 change ms (p10-p90)",
         "calc / write ms",
         "restart adopt + apply s",
-        "udp_pairs s",
     ):
         table.add_column(col, justify="right")
     for r in rows:
@@ -227,7 +220,6 @@ def part_a(sizes: list[int], profile: bool) -> list[ScaleRow]:
             f"{r.change['p90'] * 1e3:.2f})",
             f"{r.change_calc['median'] * 1e3:.2f} / {r.change_write['median'] * 1e3:.2f}",
             f"{r.restart_adopt_s:.3f} + {r.restart_apply_s:.3f}",
-            f"{r.udp_pairs_s:.3f}",
         )
     console.print(table)
     return rows

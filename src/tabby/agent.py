@@ -147,7 +147,12 @@ class Metrics:
             self._in_sync_at = time.monotonic()
 
     def observe_nat(
-        self, frontends: int, backends: int, seconds: float, complete: bool = True
+        self,
+        frontends: int,
+        backends: int,
+        seconds: float,
+        complete: bool = True,
+        finished_at: float | None = None,
     ) -> None:
         """One NAT apply took ``seconds`` and left ``frontends``/``backends`` in the maps.
 
@@ -159,7 +164,8 @@ class Metrics:
         self.nat_sync_s.observe(seconds)
         if complete and not self._nat_first_done and self._in_sync_at is not None:
             self._nat_first_done = True
-            self.nat_sync_from_insync_s.set(time.monotonic() - self._in_sync_at)
+            done = time.monotonic() if finished_at is None else finished_at
+            self.nat_sync_from_insync_s.set(done - self._in_sync_at)
 
 
 class _PacketCollector:
@@ -281,7 +287,9 @@ class DataplaneWorker(threading.Thread):
             result = self.dataplane.apply(state)
             errors, warnings = result.errors, result.warnings
             nat = self.dataplane.last_nat
-            self.metrics.observe_nat(nat.frontends, nat.backends, nat.seconds, not nat.errors)
+            self.metrics.observe_nat(
+                nat.frontends, nat.backends, nat.seconds, not nat.errors, nat.finished_at
+            )
         except Exception as e:  # noqa: BLE001 - any failure is retried, and reported on /readyz
             log.exception("apply failed")
             errors, warnings = [f"apply: {e}"], []
@@ -382,6 +390,12 @@ class Agent:
             for obj in items:
                 fresh[kind][_key(obj)] = obj
         self.resources = fresh
+        # The cluster's objects live as long as the agent: move them out of the cyclic GC's
+        # sight before calc allocates, or every collection walks them (a third of the time to
+        # program 20,000 services, measured by bench/services_scale.py).
+        gc.unfreeze()  # what an earlier relist froze may be garbage now
+        gc.collect()
+        gc.freeze()
         self.services = ServiceIndex(self.node)
         for kind, on in (
             ("Service", self.services.on_service),
@@ -391,12 +405,7 @@ class Agent:
                 on(key, obj)
         self.metrics.mark_in_sync()
         self._publish(revision)
-        # The cluster's objects and their calc results live as long as the agent: move them out
-        # of the cyclic GC's sight, or every collection walks them (a third of the time to
-        # program 20,000 services, measured by bench/services_scale.py).
-        gc.unfreeze()  # what an earlier relist froze may be garbage now
-        gc.collect()
-        gc.freeze()
+        gc.freeze()  # and the calc results too
         return revision
 
     def _watch(self, ds: Datastore, revision: int) -> None:

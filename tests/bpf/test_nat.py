@@ -409,3 +409,32 @@ def test_direct_connection_reusing_a_closed_service_tuple_is_not_translated(node
     reply = frame(backend, P.POD_IP, TCP(sport=8080, dport=47000, flags="SA"))
     _, out, delta = node.run("tby_to_wl", reply)
     assert raw(out) == reply and Reason.NAT_REV not in delta
+
+
+def _dump(node: Node) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    fe = {bytes(k): bytes(v) for k, v in node.dp.map(FRONTENDS_SPEC).lookup_batch()}
+    be = {bytes(k): bytes(v) for k, v in node.dp.map(BACKENDS_SPEC).lookup_batch()}
+    return fe, be
+
+
+def test_a_restarted_manager_adopts_unchanged_sets_and_cleans_the_rest(node: Node) -> None:
+    web, gone = service(), service("gone", ports=[{"port": 81, "targetPort": 8080}])
+    gone["spec"]["clusterIP"] = "100.64.0.99"
+    node.program((web, [slice_of()]), (gone, [slice_of("gone", addrs=BACKENDS[:1])]))
+    before_fe, before_be = _dump(node)
+    _, out, _ = node.run("tby_from_wl", _syn(48000))  # a flow open across the restart
+
+    # "the agent restarted": a new manager on the same pins, one service fewer
+    node.nat = NatManager(
+        *(node.dp.map(s) for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC))
+    )
+    result = node.nat.apply({"default/web": service_nat(web, [slice_of()], NODE, P.NODE_IP)})
+    assert not result.errors
+    after_fe, after_be = _dump(node)
+    web_fe = {k: v for k, v in before_fe.items() if k in after_fe}
+    assert after_fe == web_fe and len(after_fe) == 1  # web kept as it was, gone deleted
+    assert after_be == {k: v for k, v in before_be.items() if k in after_be}
+    assert len(after_be) == len(BACKENDS)
+    assert result.writes == 2  # gone's frontend and backend deleted: nothing of web rewritten
+    _, again, delta = node.run("tby_from_wl", _syn(48000, "A"))
+    assert again[IP].dst == out[IP].dst and delta.get(Reason.NAT_FWD) == 1

@@ -439,6 +439,40 @@ class Map(Generic[K, V]):
         _check(rc, f"delete_batch {self.name}")
         return count.value
 
+    def lookup_batch_raw(self, chunk: int = 4096) -> tuple[bytes, bytes, int]:
+        """The whole map as (keys, values, count): packed bytes, one fixed-size record each.
+
+        For large maps decoded with ``struct``: no Python object per entry on the way.
+        """
+        keys, values, total = [], [], 0
+        in_batch, out_batch = ctypes.c_uint64(0), ctypes.c_uint64(0)
+        karr = (self.key_type * chunk)()  # type: ignore[operator]
+        varr = (self.value_type * chunk)()  # type: ignore[operator]
+        ksize = ctypes.sizeof(self.key_type)  # type: ignore[arg-type]
+        vsize = ctypes.sizeof(self.value_type)  # type: ignore[arg-type]
+        opts = _MapBatchOpts(ctypes.sizeof(_MapBatchOpts), 0, 0)
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            rc = _lib.bpf_map_lookup_batch(
+                self.fd,
+                None if first else ctypes.byref(in_batch),
+                ctypes.byref(out_batch),
+                karr,
+                varr,
+                ctypes.byref(count),
+                ctypes.byref(opts),
+            )
+            if rc < 0 and rc != -_ENOENT:
+                _check(rc, f"lookup_batch {self.name}")
+            keys.append(bytes(memoryview(karr).cast("B")[: count.value * ksize]))
+            values.append(bytes(memoryview(varr).cast("B")[: count.value * vsize]))
+            total += count.value
+            if rc == -_ENOENT:
+                return b"".join(keys), b"".join(values), total
+            first = False
+            in_batch.value = out_batch.value
+
     def lookup_batch(self, chunk: int = 4096) -> list[tuple[K, V]]:
         """Dump the map with BPF_MAP_LOOKUP_BATCH (hash and array maps; not LPM tries)."""
         out: list[tuple[K, V]] = []

@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from socket import inet_aton
+from socket import inet_aton, inet_ntoa
 from typing import Any
 
 from tabby.bpf import libbpf
@@ -56,6 +56,7 @@ class NatApplyResult:
     backends: int = 0
     writes: int = 0
     seconds: float = 0.0
+    finished_at: float = 0.0  # time.monotonic() of the last map write
 
 
 class NatManager:
@@ -71,17 +72,46 @@ class NatManager:
         self.fes: dict[FeKey, FrontendValue] = {}
         self.srcs: set[SrcKey] = set()
         self._backend_count = 0  # sum of len(set.backends) over self.sets, kept as they change
+        self._first = True  # until an apply went through: adopted state still to be judged
         self._adopt()
 
     def _adopt(self) -> None:
-        """What is pinned from a previous run: frontends to replace or delete, ids to retire."""
-        for key, value in self.fe_map.lookup_batch():
-            fk = (_addr(key.addr), int(key.port), _proto(key.proto))
-            self.fes[fk] = value
-        self._retired: list[BackendKey] = [k for k, _ in self.be_map.lookup_batch()]
+        """What is pinned from a previous run: frontends, and the backend sets they point at.
+
+        A set whose frontend and backends are still what calc wants keeps its id and costs no
+        write after a restart; sets nobody claims in the first apply are deleted then.
+        """
+        keys, values, count = self.fe_map.lookup_batch_raw()
+        fe_vals: Any = (FrontendValue * count).from_buffer_copy(values) if count else []
+        for (addr, port, proto), value in zip(_FE_KEY.iter_unpack(keys), fe_vals, strict=True):
+            self.fes[(inet_ntoa(addr), port, _proto(proto))] = FrontendValue.from_buffer_copy(value)
+        keys, values, _ = self.be_map.lookup_batch_raw()
+        by_id: dict[int, dict[int, Backend]] = {}
+        for (set_id, ordinal), (addr, port) in zip(
+            _BE_KEY.iter_unpack(keys), _BE_VAL.iter_unpack(values), strict=True
+        ):
+            by_id.setdefault(set_id, {})[ordinal] = (inet_ntoa(addr), port)
+        self._adopted: dict[int, dict[int, Backend]] = by_id  # id -> ordinal -> backend
         self._retired_src: list[SourceRangeKey] = list(self.src_map.keys())
-        used = {k.id for k in self._retired} | {v.id for v in self.fes.values()}
+        used = set(by_id) | {v.id for v in self.fes.values()}
         self._next_id = max(used, default=0) + 1
+
+    def _claim(self, svc: ServiceNAT, set_name: str) -> _Set | None:
+        """An adopted set for ``set_name``: the one its (first) pinned frontend points at."""
+        for fe in svc.frontends:
+            if fe.backend_set != set_name:
+                continue
+            old = self.fes.get((fe.addr, fe.port, fe.protocol))
+            ordinals = self._adopted.pop(old.id, None) if old is not None else None
+            if ordinals is None:
+                return None
+            backends = tuple(ordinals[i] for i in range(len(ordinals)) if i in ordinals)
+            if len(backends) != len(ordinals):  # a hole: not ours to trust, rewrite it
+                self._adopted[old.id] = ordinals  # type: ignore[union-attr]
+                return None
+            self._backend_count += len(backends)
+            return _Set(old.id, backends)  # type: ignore[union-attr]
+        return None
 
     def _new_id(self) -> int:
         new = self._next_id
@@ -101,7 +131,7 @@ class NatManager:
             if len(programmed) + added != len(desired)
             else []
         )
-        if not changed and not removed and not self._retired:
+        if not changed and not removed and not self._first:
             return self._finish(result, started)
 
         be_writes: dict[tuple[int, int], Backend] = {}
@@ -117,7 +147,8 @@ class NatManager:
             for set_name, backends in svc.backend_sets.items():
                 current = self.sets.get(set_name)
                 if current is None:
-                    current = self.sets[set_name] = _Set(self._new_id(), ())
+                    current = self._claim(svc, set_name) or _Set(self._new_id(), ())
+                    self.sets[set_name] = current
                 if current.backends == backends:
                     continue
                 for i, be in enumerate(backends):
@@ -184,6 +215,7 @@ class NatManager:
             self.services[name] = desired[name]
         for name in removed:
             del self.services[name]
+        self._first = False
         return self._finish(result, started)
 
     def _stale_frontends(
@@ -199,7 +231,7 @@ class NatManager:
             old = self.services.get(name)
             if old is not None:
                 candidates |= {(f.addr, f.port, f.protocol) for f in old.frontends}
-        if self._retired or not self.services:  # first apply: adopted frontends too
+        if self._first:  # the first apply after start: adopted frontends too
             candidates |= set(self.fes)
             want = dict(want)
             for name, svc in desired.items():
@@ -239,7 +271,9 @@ class NatManager:
             values_fe = _packed(FrontendValue, [bytes(v) for v in fe_writes.values()])
             writes += self.fe_map.update_batch(keys_fe, values_fe)
         writes += _delete_many(self.fe_map, [FrontendKey.make(*fk) for fk in fe_deletes])
-        retired, self._retired = self._retired, []
+        # sets adopted at start that no wanted frontend claimed: after the frontends moved on
+        retired = [BackendKey(i, o) for i, ordinals in self._adopted.items() for o in ordinals]
+        self._adopted = {}
         be_keys = [BackendKey(id=i, ordinal=o) for i, o in be_deletes] + retired
         writes += _delete_many(self.be_map, be_keys)
         for set_id, cidr in src_deletes:
@@ -252,7 +286,8 @@ class NatManager:
     def _finish(self, result: NatApplyResult, started: float) -> NatApplyResult:
         result.frontends = len(self.fes)
         result.backends = self._backend_count
-        result.seconds = time.monotonic() - started
+        result.finished_at = time.monotonic()
+        result.seconds = result.finished_at - started
         return result
 
 
