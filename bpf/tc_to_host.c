@@ -2,7 +2,9 @@
 /*
  * to-host: TC egress of the node's data interface, i.e. packets leaving for
  * the network. Replies that the node's own stack sends for a service flow
- * (a hostNetwork backend reached through a NodePort) get their frontend back.
+ * (a hostNetwork backend reached through a NodePort) get their frontend back;
+ * pods of natOutgoing pools leaving the cluster get the node's address;
+ * then packets routed to an IP-in-IP block get their outer header (ipip.h).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -12,6 +14,7 @@
 #include "tabby/maps.h"
 #include "tabby/config.h"
 #include "tabby/counters.h"
+#include "tabby/ipip.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
 
@@ -22,7 +25,9 @@ int tby_to_host(struct __sk_buff *skb)
 
 	if (parse_packet(skb, &pkt) != PARSE_IPV4)
 		return TC_ACT_OK;
-	if (nat_handle(skb, &pkt, 0) == NAT_DROP)
+	if (nat_handle(skb, &pkt, NAT_HOOK_MASQ) == NAT_DROP)
+		return TC_ACT_SHOT;
+	if (ipip_encap(skb) == IPIP_DROP)
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }

@@ -19,7 +19,7 @@ from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
 from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtKey, CtType
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
-from tabby.bpf.maps.routes import RouteValue
+from tabby.bpf.maps.routes import RouteFlags, RouteValue
 from tabby.bpf.objects import DatapathObjects
 from tabby.calc.services import service_nat
 from tabby.dataplane.nat import NatManager
@@ -438,3 +438,26 @@ def test_a_restarted_manager_adopts_unchanged_sets_and_cleans_the_rest(node: Nod
     assert result.writes == 2  # gone's frontend and backend deleted: nothing of web rewritten
     _, again, delta = node.run("tby_from_wl", _syn(48000, "A"))
     assert again[IP].dst == out[IP].dst and delta.get(Reason.NAT_FWD) == 1
+
+
+def test_nat_outgoing_masquerades_pods_leaving_the_cluster_only(node: Node) -> None:
+    routes = node.dp.routes()
+    routes.upsert(f"{P.POD_IP}/32", RouteValue.make(RouteFlags.LOCAL_WL | RouteFlags.NAT_OUT, 1))
+    out_of_cluster = frame(P.POD_IP, P.EXTERNAL_IP, TCP(sport=49000, dport=443, flags="S"))
+    _, out, delta = node.run("tby_to_host", out_of_cluster)
+    assert delta.get(Reason.NAT_MASQ) == 1
+    assert (out[IP].src, out[IP].dst, out[TCP].dport) == (P.NODE_IP, P.EXTERNAL_IP, 443)
+    assert_checksums_valid(out)
+    reply = frame(P.EXTERNAL_IP, P.NODE_IP, TCP(sport=443, dport=out[TCP].sport, flags="SA"))
+    _, back, delta = node.run("tby_from_host", reply)
+    assert delta.get(Reason.NAT_REV) == 1
+    assert (back[IP].src, back[IP].dst, back[TCP].dport) == (P.EXTERNAL_IP, P.POD_IP, 49000)
+    # inside the pools (a remote pod's block): no SNAT
+    to_pod = frame(P.POD_IP, BACKENDS[0], TCP(sport=49001, dport=80, flags="S"))
+    _, out, delta = node.run("tby_to_host", to_pod)
+    assert raw(out) == to_pod and Reason.NAT_MASQ not in delta
+    # a pod of a pool without natOutgoing: no SNAT either
+    routes.upsert(f"{P.POD_IP}/32", RouteValue.local_workload(1))
+    plain = frame(P.POD_IP, P.EXTERNAL_IP, TCP(sport=49002, dport=443, flags="S"))
+    _, out, delta = node.run("tby_to_host", plain)
+    assert raw(out) == plain and Reason.NAT_MASQ not in delta

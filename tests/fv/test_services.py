@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from tabby.lab import processes, traffic
 from tabby.lab.cluster import Lab
+from tabby.lab.topology import EXTERNAL_CLIENT_IP
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -212,3 +214,34 @@ def test_udp_flow_moves_on_when_its_backend_is_deleted(lab: Lab, cluster: dict[s
         lab.add_pod(first, "node2" if first == "web-a" else "node3",
                     labels={"app": "web", "pod": first})  # fmt: skip
         wait_for_backends(lab, "web", 2)
+
+
+def test_nat_outgoing_pods_reach_the_outside_as_their_node(
+    lab: Lab, cluster: dict[str, Any]
+) -> None:
+    """The lab's pool has natOutgoing (kOps' default): the external client sees node1's address
+    when the client pod on node1 connects to it, and the reply finds the pod."""
+    client = cluster["client"]
+    listener = traffic.in_netns(lab.plan.external_netns, lambda: socket.create_server(("", 7070)))
+    listener.settimeout(5)
+    seen: list[str] = []
+
+    def serve() -> None:
+        conn, peer = listener.accept()
+        with conn:
+            seen.append(peer[0])
+            conn.sendall(b"hello from outside")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+
+        def fetch() -> bytes:
+            with socket.create_connection((EXTERNAL_CLIENT_IP, 7070), timeout=3) as s:
+                return s.recv(100)
+
+        assert traffic.in_netns(client["netns"], fetch) == b"hello from outside"
+    finally:
+        server.join(6)
+        listener.close()
+    assert seen == [lab.plan.node("node1").ip]

@@ -28,6 +28,7 @@
 #define NAT_HOOK_FRONTENDS (1U << 0) /* start new flows to frontends */
 #define NAT_HOOK_SNAT_REMOTE (1U << 1) /* from outside: SNAT flows to remote backends */
 #define NAT_HOOK_HAIRPIN (1U << 2) /* a pod reaching itself: SNAT to the gateway */
+#define NAT_HOOK_MASQ (1U << 3) /* leaving the node: natOutgoing for local pods */
 
 enum nat_result {
 	NAT_PASS, /* not a service flow, or already translated */
@@ -516,6 +517,51 @@ static __always_inline void nat_delete_pair(const struct flow *f,
 }
 
 /*
+ * natOutgoing (Calico's IPPool field): a local pod of such a pool reaching
+ * an address outside the pools leaves with the node's address. The pair is a
+ * NAT pair whose "backend" is the destination itself: FWD only SNATs, and
+ * the REV half turns replies back towards the pod.
+ */
+static __always_inline enum nat_result nat_masquerade(struct __sk_buff *skb,
+						      const struct parsed_pkt *pkt,
+						      const struct flow *f)
+{
+	struct tby_nat_be_val same = { .addr = f->key.dst, .port = f->key.dport };
+	struct tby_route_val *rt;
+	struct tby_ct_val fwd = {};
+
+	if (!cfg_host_ip || !f->has_ports || pkt->is_frag)
+		return NAT_PASS;
+	rt = route_lookup(f->key.src);
+	if (!rt || (rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_NAT_OUT)) !=
+			   (TBY_RT_LOCAL_WL | TBY_RT_NAT_OUT))
+		return NAT_PASS;
+	/*
+	 * Inside the cluster (pods, tunnel addresses, and the nodes, which
+	 * route pods themselves) nothing is masqueraded: a pod's reply to a
+	 * flow another node SNATed towards it must keep its address. Only a
+	 * flow's first packet starts a pair (a TCP SYN; any UDP datagram).
+	 */
+	rt = route_lookup(f->key.dst);
+	if (rt && (rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_REMOTE_WL | TBY_RT_TUNNEL_ADDR |
+				TBY_RT_LOCAL_HOST | TBY_RT_REMOTE_HOST)))
+		return NAT_PASS;
+	if (f->key.proto == IPPROTO_TCP &&
+	    (f->tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_ACK)) != TBY_TCPF_SYN)
+		return NAT_PASS;
+	if (nat_create_pair(f, &same, cfg_host_ip, &fwd, bpf_ktime_get_ns())) {
+		counter_inc(TBY_R_DROP_CT_FULL);
+		return NAT_DROP;
+	}
+	if (nat_apply_fwd(skb, pkt, f, &fwd)) {
+		counter_inc(TBY_R_DROP_NAT_FAIL);
+		return NAT_DROP;
+	}
+	counter_inc(TBY_R_NAT_MASQ);
+	return NAT_DONE;
+}
+
+/*
  * Conntrack, then frontends. A FWD hit translates the forward direction; a
  * REV hit on the reversed tuple translates a reply. A REV hit on the packet's
  * own tuple (or a FWD hit on the reversed one) is a packet some earlier hook
@@ -571,6 +617,8 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 			return NAT_DONE;
 		}
 	}
+	if (hooks & NAT_HOOK_MASQ)
+		return nat_masquerade(skb, pkt, &f);
 	if (!(hooks & NAT_HOOK_FRONTENDS))
 		return NAT_PASS;
 	return nat_new_flow(skb, pkt, &f, hooks);

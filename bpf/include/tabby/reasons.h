@@ -19,7 +19,7 @@ enum tby_reason {
 	TBY_R_DROP_BAD_TUNNEL, /* no tunnel metadata or a foreign VNI */
 	TBY_R_DROP_UNKNOWN_VTEP, /* outer source is not a known node */
 	TBY_R_DROP_ETHERTYPE, /* an L3 protocol a pod may not send */
-	TBY_R_DROP_ENCAP_FAIL, /* bpf_skb_set_tunnel_key failed */
+	TBY_R_DROP_ENCAP_FAIL, /* tunnel key or IP-in-IP header could not be set */
 	TBY_R_NAT_NEW, /* a new service flow: backend chosen, NAT pair created */
 	TBY_R_NAT_FWD, /* forward packet of a NAT flow translated */
 	TBY_R_NAT_REV, /* reply of a NAT flow translated back */
@@ -34,6 +34,11 @@ enum tby_reason {
 	TBY_R_DROP_NAT_FAIL, /* rewrite or ICMP reply could not be built */
 	TBY_R_DROP_FRAG, /* non-first fragment of an unknown datagram to a service */
 	TBY_R_DROP_CT_FULL, /* no NAT port or conntrack slot for a new flow */
+	TBY_R_NAT_MASQ, /* natOutgoing: a pod's flow leaving the cluster SNATed */
+	TBY_R_ENCAP_IPIP, /* IP-in-IP header added towards a remote node */
+	TBY_R_DECAP_IPIP, /* IP-in-IP from a known node: outer header removed */
+	TBY_R_DROP_IPIP_SRC, /* IP-in-IP to us from an address that is no node */
+	TBY_R_DROP_IPIP_FRAG, /* fragmented IP-in-IP: never sent by a node (MTU, DF) */
 	TBY_REASON_MAX,
 };
 
@@ -44,7 +49,8 @@ enum tby_reason {
 	 (1ULL << TBY_R_DROP_UNKNOWN_VTEP) | (1ULL << TBY_R_DROP_ETHERTYPE) | \
 	 (1ULL << TBY_R_DROP_ENCAP_FAIL) | (1ULL << TBY_R_DROP_NO_LOCAL) | \
 	 (1ULL << TBY_R_DROP_SRC_RANGE) | (1ULL << TBY_R_DROP_NAT_FAIL) |  \
-	 (1ULL << TBY_R_DROP_FRAG) | (1ULL << TBY_R_DROP_CT_FULL))
+	 (1ULL << TBY_R_DROP_FRAG) | (1ULL << TBY_R_DROP_CT_FULL) |     \
+	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG))
 
 /*
  * The counter key is a plain __u32 (array maps demand an integer key), so no

@@ -20,6 +20,7 @@
 #define TBY_RT_ENCAP_VXLAN (1U << 4) /* reach it through the VXLAN device */
 #define TBY_RT_ENCAP_IPIP (1U << 5) /* reach it with IP-in-IP */
 #define TBY_RT_TUNNEL_ADDR (1U << 6) /* a node's tunnel-device address */
+#define TBY_RT_NAT_OUT (1U << 7) /* local pod of a natOutgoing pool: SNAT when leaving */
 
 /* Key of tby_routes; the layout struct bpf_lpm_trie_key requires. */
 struct tby_route_key {

@@ -28,6 +28,7 @@ RT_REMOTE_HOST = 8
 RT_ENCAP_VXLAN = 16
 RT_ENCAP_IPIP = 32
 RT_TUNNEL_ADDR = 64
+RT_NAT_OUT = 128
 
 DEFAULT_VNI = 4096
 DEFAULT_VXLAN_PORT = 4789
@@ -177,7 +178,9 @@ def compute(resources: Resources, node: str) -> NodeState:
             continue
         ifname = names.host_ifname(ns, name)
         state.endpoints[ifname] = Endpoint(ns, name, ip, ifname)
-        state.routes[f"{ip}/32"] = Route(f"{ip}/32", RT_LOCAL_WL, ifname=ifname)
+        pool = _pool_for(ipaddress.IPv4Network(f"{ip}/32"), pools) if ":" not in ip else None
+        masq = RT_NAT_OUT if pool and pool["spec"].get("natOutgoing") else 0
+        state.routes[f"{ip}/32"] = Route(f"{ip}/32", RT_LOCAL_WL | masq, ifname=ifname)
 
     for block in resources.get("IPAMBlock", {}).values():
         spec = block.get("spec", {})

@@ -45,6 +45,11 @@ class Reason(enum.IntEnum):
     DROP_NAT_FAIL = 23
     DROP_FRAG = 24
     DROP_CT_FULL = 25
+    NAT_MASQ = 26
+    ENCAP_IPIP = 27
+    DECAP_IPIP = 28
+    DROP_IPIP_SRC = 29
+    DROP_IPIP_FRAG = 30
 
     @property
     def c_name(self) -> str:

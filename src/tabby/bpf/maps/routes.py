@@ -28,6 +28,7 @@ class RouteFlags(enum.IntFlag):
     ENCAP_VXLAN = 1 << 4
     ENCAP_IPIP = 1 << 5
     TUNNEL_ADDR = 1 << 6
+    NAT_OUT = 1 << 7
 
 
 # describe() words, in the order they are printed
@@ -38,7 +39,11 @@ _KIND_WORDS = (
     (RouteFlags.REMOTE_HOST, "remote-host"),
     (RouteFlags.TUNNEL_ADDR, "tunnel-addr"),
 )
-_ENCAP_WORDS = ((RouteFlags.ENCAP_VXLAN, "vxlan"), (RouteFlags.ENCAP_IPIP, "ipip"))
+_ENCAP_WORDS = (
+    (RouteFlags.ENCAP_VXLAN, "vxlan"),
+    (RouteFlags.ENCAP_IPIP, "ipip"),
+    (RouteFlags.NAT_OUT, "nat-outgoing"),
+)
 
 
 class RouteKey(ctypes.Structure):
