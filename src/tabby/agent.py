@@ -33,6 +33,7 @@ from tabby.dataplane.conntrack import GcStats
 from tabby.dataplane.node import NodeDataplane
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event
+from tabby.datastore.typha import consistent
 from tabby.netlink import links
 from tabby.netlink.netns import setns_path
 
@@ -364,6 +365,7 @@ class Agent:
         if self.worker.failed:
             raise RuntimeError(f"dataplane worker failed to start: {self.worker.failed}")
         while not self.stop.is_set():
+            ds: Datastore | None = None
             try:
                 ds = open_datastore(self.url)
                 self._ensure_tunnel_address(ds)
@@ -374,12 +376,16 @@ class Agent:
             except (DatastoreError, IPAMError) as e:
                 log.warning("datastore: %s (retrying; the dataplane keeps what it has)", e)
                 self.stop.wait(RETRY_S)
+            finally:
+                if ds is not None:  # a fan-out client holds a connection and a thread
+                    ds.close()
 
     def _ensure_tunnel_address(self, ds: Datastore) -> None:
         """Claim this node's VXLAN device address from IPAM, as calico-node does at start-up."""
         pools, _ = ds.list("IPPool")
         if any(p["spec"].get("vxlanMode", "Never") != "Never" for p in pools):
-            ip = BlockIPAM(ds).assign(self.node, names.tunnel_handle(self.node))
+            # IPAM's compare-and-swap reads the real store, not a fan-out's replica
+            ip = BlockIPAM(consistent(ds)).assign(self.node, names.tunnel_handle(self.node))
             log.info("tunnel address %s", ip)
 
     def _relist(self, ds: Datastore) -> int:

@@ -117,7 +117,8 @@ def test_bpf_route_map_holds_pods_blocks_and_nodes(lab, pods):
     from tabby.bpf.maps.routes import ROUTES_SPEC, RouteFlags, RoutesMap
 
     routes = RoutesMap(ROUTES_SPEC.open_pinned(pin_root(lab.name, "node1"))).dump()
-    assert routes[f"{pods['a1']['ip']}/32"].route_flags == RouteFlags.LOCAL_WL
+    # the lab's pool has natOutgoing (kOps' default): its pods leave the cluster SNATed
+    assert routes[f"{pods['a1']['ip']}/32"].route_flags == RouteFlags.LOCAL_WL | RouteFlags.NAT_OUT
     remote = [c for c, v in routes.items() if RouteFlags.REMOTE_WL in v.route_flags]
     assert any(c.endswith("/26") for c in remote)
     assert f"{lab.plan.node('node2').ip}/32" in routes

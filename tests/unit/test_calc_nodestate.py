@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from tabby.calc import names
 from tabby.calc.nodestate import (
+    RT_ENCAP_IPIP,
     RT_ENCAP_VXLAN,
     RT_LOCAL_HOST,
     RT_LOCAL_WL,
     RT_REMOTE_HOST,
     RT_REMOTE_WL,
     RT_TUNNEL_ADDR,
+    KernelRoute,
     compute,
 )
 
@@ -133,17 +137,28 @@ def test_empty_inputs():
     assert st.routes == {} and st.endpoints == {} and st.node_ip is None
 
 
-def test_ipip_is_not_in_the_datapath_so_encapsulated_blocks_are_left_out_with_a_warning():
+@pytest.mark.parametrize("mode", ["CrossSubnet", "Always"])
+def test_ipip_blocks_are_routed_with_the_ipip_flag_and_a_kernel_route_via_the_peer(mode):
     ipip = {
         "kind": "IPPool",
         "metadata": {"name": "p"},
-        "spec": {"cidr": "100.96.0.0/11", "ipipMode": "CrossSubnet", "vxlanMode": "Never"},
+        "spec": {"cidr": "100.96.0.0/11", "ipipMode": mode, "vxlanMode": "Never"},
     }
-    st = compute(resources([o for o in OBJS if o["kind"] != "IPPool"] + [ipip]), "n1")
-    assert "100.96.0.64/26" not in st.routes and "100.96.0.64/26" not in st.kernel_routes  # n2
-    assert st.kernel_routes["100.96.0.128/26"].encap == "none"  # n3: same subnet, plain route
-    assert any("100.96.0.64/26" in w and "IP-in-IP" in w for w in st.warnings)
-    assert not st.needs_vxlan
+    fc = {"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"ipipMTU": 1400}}
+    st = compute(resources([o for o in OBJS if o["kind"] != "IPPool"] + [ipip, fc]), "n1")
+    n2 = st.routes["100.96.0.64/26"]  # n2: across the router, IP-in-IP in both modes
+    assert (n2.flags, n2.next_hop) == (RT_REMOTE_WL | RT_ENCAP_IPIP, "172.20.64.12")
+    assert st.kernel_routes["100.96.0.64/26"] == KernelRoute(
+        "100.96.0.64/26", "ipip", "172.20.64.12"
+    )
+    n3 = st.routes["100.96.0.128/26"]  # n3: same subnet, plain only in CrossSubnet
+    want = RT_REMOTE_WL if mode == "CrossSubnet" else RT_REMOTE_WL | RT_ENCAP_IPIP
+    assert n3.flags == want
+    assert st.kernel_routes["100.96.0.128/26"].encap == (
+        "none" if mode == "CrossSubnet" else "ipip"
+    )
+    assert not any("IP-in-IP" in w for w in st.warnings)
+    assert not st.needs_vxlan and st.ipip_mtu == 1400
 
 
 def test_vxlan_mtu_and_wireguard_come_from_felixconfiguration():

@@ -132,7 +132,7 @@ def test_patch_creates_default_felix_configuration_and_warns(tabbyctl):
 
 def test_datastore_errors_are_one_line(tabbyctl, tmp_path):
     out = tabbyctl("get", "pods", "--datastore", "kubernetes://in-cluster")
-    assert out.exit_code == 1 and "not implemented yet" in out.stderr
+    assert out.exit_code == 1 and "needs an absolute kubeconfig path" in out.stderr
     assert "Traceback" not in out.output
     out = tabbyctl("get", "pods", "--datastore", "etcd://127.0.0.1:1")  # nothing listens there
     assert out.exit_code == 1 and "etcd://127.0.0.1:1" in out.stderr

@@ -51,8 +51,10 @@ def test_open_datastore_urls(tmp_path):
     store = open_datastore(f"sqlite://{tmp_path}/deep/dir/store.db")
     assert store.revision() == 0
     assert (tmp_path / "deep/dir/store.db").exists()
-    with pytest.raises(DatastoreError, match="not implemented yet"):
+    with pytest.raises(DatastoreError, match="needs an absolute kubeconfig path"):
         open_datastore("kubernetes://in-cluster")
+    with pytest.raises(DatastoreError, match="use sqlite:"):
+        open_datastore("mysql://db")
     with pytest.raises(DatastoreError, match="absolute path"):
         open_datastore("sqlite://relative.db")
 

@@ -95,7 +95,7 @@ def test_encapsulation_defaults_to_ipip_cross_subnet_with_the_bgp_backend():
         "Never",
         "bird",
     )
-    assert "not in tabby's datapath" in warnings(variant({**BPF}))[f"{CALICO}.encapsulationMode"]
+    assert "no BGP" in warnings(variant({**BPF}))[f"{CALICO}.encapsulationMode"]
 
 
 def test_vxlan_defaults_to_cross_subnet():
@@ -406,11 +406,11 @@ def test_subnets_that_do_not_fit_the_lab(cidr):
         topology.plan("t", 2, subnets=[cidr])
 
 
-def test_lab_resources_from_an_ipip_spec_fall_back_to_vxlan_saying_so():
+def test_lab_resources_from_an_ipip_spec_keep_ipip():
     objs, warns = spec_resources(cluster_of(variant({**BPF})))
     pool = next(o for o in objs if o["kind"] == "IPPool")
-    assert (pool["spec"]["ipipMode"], pool["spec"]["vxlanMode"]) == ("Never", "CrossSubnet")
-    assert any("IP-in-IP is not in tabby's datapath" in w for w in warns)
+    assert (pool["spec"]["ipipMode"], pool["spec"]["vxlanMode"]) == ("CrossSubnet", "Never")
+    assert not any("IP-in-IP" in w for w in warns)
     plan = topology.from_spec("t", cluster_of(example())).plan
     kinds = [o["kind"] for o in base_resources(plan, objs)]
     assert kinds.count("IPPool") == 1 and kinds.count("Node") == 2

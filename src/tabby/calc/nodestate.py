@@ -30,6 +30,8 @@ RT_ENCAP_IPIP = 32
 RT_TUNNEL_ADDR = 64
 RT_NAT_OUT = 128
 
+_ENCAP_FLAGS: dict[Encap, int] = {"vxlan": RT_ENCAP_VXLAN, "ipip": RT_ENCAP_IPIP, "none": 0}
+
 DEFAULT_VNI = 4096
 DEFAULT_VXLAN_PORT = 4789
 NODE_ADDRESS_ANNOTATION = "projectcalico.org/IPv4Address"  # "ip/prefix": tells the node's subnet
@@ -57,11 +59,12 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class KernelRoute:
-    """A route in the node's kernel table: via the tunnel device, or straight to a peer node."""
+    """A route in the node's kernel table: via the tunnel device (vxlan), or towards a peer node
+    (none: plain; ipip: the data interface's egress program adds the outer header)."""
 
     cidr: str
     encap: Encap
-    gateway: str  # the peer node's address when encap is none
+    gateway: str  # the peer node's address (none, ipip)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class NodeState:
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
+    ipip_mtu: int = 0  # FelixConfiguration ipipMTU; 0: the data interface's minus 20
     wireguard: bool = False  # wireguardEnabled: asked for; the dataplane says what it can do
 
 
@@ -157,6 +161,7 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
     state.vxlan_mtu = int(cfg.get("vxlanMTU", 0) or 0)
+    state.ipip_mtu = int(cfg.get("ipipMTU", 0) or 0)
     state.wireguard = bool(cfg.get("wireguardEnabled", False))
     pools = [
         p
@@ -201,15 +206,9 @@ def compute(resources: Resources, node: str) -> NodeState:
             state.warnings.append(f"block {cidr} belongs to unknown node {owner!r}: not routed")
             continue
         encap = _encap_between(pool, me, peer)
-        if encap == "ipip":
-            # No IP-in-IP in the datapath yet: a plain route via a node across a router would
-            # black-hole the traffic, so the block is left out and /readyz says why.
-            state.warnings.append(
-                f"block {cidr} on {owner}: needs IP-in-IP (IPPool ipipMode), which is not in "
-                "tabby's datapath yet: not routed (use vxlanMode)"
-            )
-            continue
-        flags = RT_REMOTE_WL | (RT_ENCAP_VXLAN if encap == "vxlan" else 0)  # RT_ENCAP_IPIP: later
+        # IP-in-IP is added by the data interface's programs (no tunnel device): the kernel
+        # route only has to reach the peer's L2 next hop (dataplane/routes.py resolves it).
+        flags = RT_REMOTE_WL | _ENCAP_FLAGS[encap]
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
     return state

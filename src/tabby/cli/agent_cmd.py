@@ -1,5 +1,5 @@
-"""`tabby agent` (one per node, like calico-node/Felix) and `tabby controller` (the lab's
-kube-controller-manager stand-in)."""
+"""`tabby agent` (one per node, like calico-node/Felix), `tabby controller` (the lab's
+kube-controller-manager stand-in) and `tabby typha` (the fan-out for large clusters)."""
 
 from __future__ import annotations
 
@@ -40,15 +40,22 @@ def agent(
     cgroup: str = typer.Option(
         None, help="the node's cgroup v2 group for connect-time LB hooks; none: CTLB off"
     ),
+    typha: str = typer.Option(
+        None,
+        envvar="TABBY_TYPHA",
+        help="HOST:PORT of a `tabby typha` fan-out to read through (writes go to --datastore)",
+    ),
 ) -> None:
     """Program this node's dataplane from the datastore, and keep it programmed."""
     from tabby.agent import Agent
     from tabby.bpf.objects import node_pin_root
+    from tabby.datastore.typha import typha_url
     from tabby.preflight import PreflightError
 
     _logging(log_level)
     pins = pin_root or node_pin_root(node)
-    a = Agent(node, datastore, netns, pins, data_iface, health_port, cgroup)
+    url = typha_url(typha, datastore) if typha else datastore
+    a = Agent(node, url, netns, pins, data_iface, health_port, cgroup)
     signal.signal(signal.SIGTERM, lambda *_: _exit(a.stop))
     try:
         a.run()
@@ -67,3 +74,45 @@ def controller(datastore: str = DatastoreOpt, log_level: str = typer.Option("inf
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: _exit(stop))
     endpointslices.run(open_datastore(datastore), stop)
+
+
+@app.command()
+def typha(
+    datastore: str = DatastoreOpt,
+    listen: str = typer.Option(
+        "127.0.0.1:5473", help="HOST:PORT to serve agents on (Typha's port by default)"
+    ),
+    heartbeat_s: float = typer.Option(5.0, help="seconds between bookmarks (client liveness)"),
+    max_queue_frames: int = typer.Option(
+        1000, help="frames a client may fall behind before it is dropped (it then resyncs)"
+    ),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Hold one watch on the datastore and serve it to every agent (Typha's role)."""
+    import asyncio
+
+    from tabby.cli.common import fail
+    from tabby.datastore import DatastoreError, open_datastore
+    from tabby.fanout import FanoutServer, serve
+
+    _logging(log_level)
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        fail(f"--listen {listen!r}: needs HOST:PORT, as in 127.0.0.1:5473")
+    if datastore.startswith("typha://"):
+        fail("--datastore: typha serves a real datastore, not another typha")
+    try:
+        ds = open_datastore(datastore)
+    except DatastoreError as e:
+        fail(str(e))
+    server = FanoutServer(ds, heartbeat_s=heartbeat_s, max_queue_frames=max_queue_frames)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(server, host.strip("[]"), int(port), stop)
+
+    asyncio.run(main())
+    ds.close()

@@ -52,7 +52,7 @@ class NodeDataplane:
         self.cgroup = cgroup  # the node's cgroup v2 group: connect-time LB hooks go there
         self.ctlb = CtlbManager(pin_root)
         self.tunnel = TunnelManager(data_iface)
-        self.kernel_routes = KernelRouteManager()
+        self.kernel_routes = KernelRouteManager(data_iface)
         # own fds on the pins: they outlive a reload of the objects
         self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
@@ -95,7 +95,7 @@ class NodeDataplane:
             attach_type = "TC"
             warnings.append("bpfAttachType TCX needs kernel >= 6.6: using TC (clsact) instead")
         errors += self.attach.apply(self._attachments(state), self.objects.prog_fds(), attach_type)
-        errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip)
+        errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip, state.ipip_mtu)
         errors += self._apply_ctlb(state, warnings)
         # Last, so /healthz says whether everything above is programmed. A port we cannot bind
         # is a warning, as kube-proxy's event: it must not keep the node not ready.

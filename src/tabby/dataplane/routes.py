@@ -2,6 +2,12 @@
 
 The BPF map is adopted at start (dumped once) and then written as a delta. Kernel routes carry
 tabby's routing protocol number, so only routes recognisably ours are ever replaced or swept.
+
+An IP-in-IP block's kernel route points at the L2 next hop of its node: the node itself when it
+is on-link, else the gateway the node's own route to it uses (the fabric router). tby_to_host
+keeps the Ethernet header the kernel resolved and inserts the outer IP header, so that next hop
+must be the one the outer packet needs. The route's MTU is the data interface's minus 20 (or
+ipipMTU): forwarded and node-originated packets are clamped (PMTU) before the header is added.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pyroute2 import IPRoute
 
 from tabby.bpf.maps.routes import RouteFlags, RoutesMap, RouteValue
 from tabby.calc import names
+from tabby.calc.mtu import pod_mtu
 from tabby.calc.nodestate import KernelRoute, Route
 from tabby.netlink import links
 
@@ -48,19 +55,46 @@ class RouteMapManager:
 
 
 class KernelRouteManager:
-    def __init__(self) -> None:
-        self.programmed: dict[str, KernelRoute] = {}
+    def __init__(self, data_iface: str = "eth0") -> None:
+        self.data_iface = data_iface
+        # cidr -> (route, how it was programmed: the resolved IP-in-IP next hop and MTU)
+        self.programmed: dict[str, tuple[KernelRoute, tuple[str, int] | None]] = {}
 
-    def apply(self, desired: dict[str, KernelRoute], tunnel_ip: str | None) -> list[str]:
+    def apply(
+        self, desired: dict[str, KernelRoute], tunnel_ip: str | None, ipip_mtu: int = 0
+    ) -> list[str]:
+        """``ipip_mtu``: FelixConfiguration ipipMTU; 0 derives it from the data interface."""
         errors = []
         with links.rtnl() as ipr:
             present = self._ours(ipr)
             tunnel_idx = links.ifindex(ipr, names.TUNNEL_DEVICE)
+            data_idx = links.ifindex(ipr, self.data_iface)
+            hops: dict[str, str | None] = {}  # peer -> L2 next hop, resolved once per apply
+            if ipip_mtu == 0 and data_idx is not None:
+                ipip_mtu = pod_mtu(links.link_mtu(ipr, self.data_iface) or 1500, "ipip")
             for cidr, route in desired.items():
-                if self.programmed.get(cidr) == route and cidr in present:
+                how: tuple[str, int] | None = None
+                if route.encap == "ipip":
+                    if route.gateway not in hops:
+                        hops[route.gateway] = _l2_next_hop(ipr, route.gateway)
+                    hop = hops[route.gateway]
+                    if hop is None or data_idx is None:
+                        errors.append(f"route {cidr}: no route to node {route.gateway}")
+                        continue
+                    how = (hop, ipip_mtu)
+                if self.programmed.get(cidr) == (route, how) and cidr in present:
                     continue
                 try:
-                    if route.encap == "vxlan":
+                    if how is not None:
+                        links.replace_route(
+                            ipr,
+                            dst=cidr,
+                            gateway=how[0],
+                            oif=data_idx,
+                            metrics={"attrs": [("RTAX_MTU", how[1])]},
+                            proto=RTPROT_TABBY,
+                        )
+                    elif route.encap == "vxlan":
                         if tunnel_idx is None:
                             errors.append(f"route {cidr}: {names.TUNNEL_DEVICE} missing")
                             continue
@@ -74,7 +108,7 @@ class KernelRouteManager:
                         links.replace_route(
                             ipr, dst=cidr, gateway=route.gateway, proto=RTPROT_TABBY
                         )
-                    self.programmed[cidr] = route
+                    self.programmed[cidr] = (route, how)
                 except Exception as e:  # noqa: BLE001 - netlink errors carry the reason
                     errors.append(f"route {cidr}: {e}")
             for cidr in present - set(desired):
@@ -88,3 +122,15 @@ class KernelRouteManager:
         for r in ipr.route("dump", family=2, proto=RTPROT_TABBY):
             out.add(f"{r.get('RTA_DST')}/{r['dst_len']}")
         return out
+
+
+def _l2_next_hop(ipr: IPRoute, peer: str) -> str | None:
+    """Where the node's own route to ``peer`` goes first: its gateway, else ``peer`` (on-link)."""
+    try:
+        found = ipr.route("get", dst=peer)  # a lookup only: nothing is sent
+    except Exception:  # noqa: BLE001 - unreachable: the caller reports it
+        return None
+    for r in found:
+        if r.get("RTA_OIF"):
+            return str(r.get("RTA_GATEWAY") or peer)
+    return None

@@ -19,6 +19,9 @@ from tabby.datastore.api import (
 SQLITE_PREFIX = "sqlite://"
 ETCD_PREFIX = "etcd://"
 ETCD_UNIX_PREFIX = "etcd+unix://"
+KUBERNETES = "kubernetes"
+KUBERNETES_PREFIX = "kubernetes://"
+TYPHA_PREFIX = "typha://"
 
 
 def open_datastore(url: str) -> Datastore:
@@ -28,11 +31,29 @@ def open_datastore(url: str) -> Datastore:
     - ``etcd://HOST:PORT[,HOST:PORT...]``: etcd v3 over gRPC, no TLS;
     - ``etcd+unix:///abs/path``: etcd v3 on a unix socket (the lab's: reachable from every
       network namespace of the host).
+    - ``typha://HOST:PORT?datastore=<percent-encoded url>``: reads through a ``tabby typha``
+      fan-out, writes to the datastore named (datastore/typha.py); that URL carries the options.
 
-    Each takes an optional ``?service-cidr=10.96.0.0/12`` (default 100.64.0.0/13, kOps').
+    The sqlite and etcd ones take an optional ``?service-cidr=10.96.0.0/12`` (default
+    100.64.0.0/13, kOps').
+
+    - ``kubernetes``: the Kubernetes API, in-cluster (the pod's service account) when run in a
+      pod, else as kubectl finds it (``$KUBECONFIG``, then ``~/.kube/config``);
+    - ``kubernetes://``: the Kubernetes API named by ``$KUBECONFIG`` (or ``~/.kube/config``);
+    - ``kubernetes:///abs/path/kubeconfig``: the Kubernetes API named by that kubeconfig.
+
+    These take an optional ``?context=NAME`` (a kubeconfig context; default: the current one);
+    the API server allocates service addresses itself, so no ``service-cidr``.
+
     Raises DatastoreError (one line) for another scheme, a relative path, an unknown option or
     an unusable file.
     """
+    if url.startswith(TYPHA_PREFIX):
+        from tabby.datastore.typha import open_typha
+
+        return open_typha(url)
+    if url == KUBERNETES or url.startswith((KUBERNETES + "?", KUBERNETES_PREFIX)):
+        return _open_kubernetes(url)
     if url.startswith((ETCD_PREFIX, ETCD_UNIX_PREFIX)):
         return _open_etcd(url)
     if url.startswith(SQLITE_PREFIX):
@@ -48,8 +69,8 @@ def open_datastore(url: str) -> Datastore:
             return EmbeddedDatastore(path, service_cidr=options["service-cidr"])
         return EmbeddedDatastore(path)
     raise DatastoreError(
-        f"datastore {url!r}: use sqlite:///path, etcd://HOST:PORT or etcd+unix:///path "
-        "(the kubernetes datastore is not implemented yet)"
+        f"datastore {url!r}: use sqlite:///path, etcd://HOST:PORT or etcd+unix:///path, "
+        "kubernetes or kubernetes:///path/to/kubeconfig"
     )
 
 
@@ -59,6 +80,27 @@ def _options(url: str, query: str) -> dict[str, str]:
     if unknown:
         raise DatastoreError(f"datastore {url!r}: unknown option {unknown[0]!r}")
     return options
+
+
+def _open_kubernetes(url: str) -> Datastore:
+    location: str | None
+    if url.startswith(KUBERNETES_PREFIX):
+        location, _, query = url[len(KUBERNETES_PREFIX) :].partition("?")
+        if location and not location.startswith("/"):
+            raise DatastoreError(
+                f"datastore {url!r}: needs an absolute kubeconfig path, as in "
+                "kubernetes:///etc/tabby/kubeconfig (or kubernetes:// for $KUBECONFIG)"
+            )
+    else:
+        location, query = None, url.partition("?")[2]
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - {"context"})
+    if unknown:
+        why = " (the API server allocates service addresses)" if "service-cidr" in unknown else ""
+        raise DatastoreError(f"datastore {url!r}: unknown option {unknown[0]!r}{why}")
+    from tabby.datastore.kubernetes import KubernetesDatastore, config_for
+
+    return KubernetesDatastore(config_for(location, options.get("context")), name=url)
 
 
 def _open_etcd(url: str) -> Datastore:

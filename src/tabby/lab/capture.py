@@ -34,6 +34,16 @@ class Capture:
                 out.append(p)
         return out
 
+    def ipip_between(self, a: str, b: str) -> list[Any]:
+        """IP-in-IP packets (IP protocol 4) whose INNER header is a<->b."""
+        out = []
+        for p in self.packets:
+            if IP in p and p[IP].proto == 4:
+                ip = p[IP].payload
+                if isinstance(ip, IP) and {ip.src, ip.dst} == {a, b}:
+                    out.append(p)
+        return out
+
 
 @contextmanager
 def capture(netns: str, iface: str, bpf_filter: str = "") -> Iterator[Capture]:

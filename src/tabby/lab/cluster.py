@@ -103,19 +103,10 @@ def base_resources(
 def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], list[str]]:
     """The rendered FelixConfiguration + IPPool a lab from ``cluster`` applies, and warnings.
 
-    IP-in-IP is not in tabby's datapath yet: a pool asking for it gets VXLAN in the same mode
-    (Always or CrossSubnet), so pod traffic keeps flowing, and the lab says so.
-    """
+    The pool keeps its encapsulation (IP-in-IP is done by the data interface's programs)."""
     objs, warnings = kops.render(cluster), []
     for obj in objs:
         spec = obj["spec"]
-        if obj["kind"] == "IPPool" and spec.get("ipipMode", "Never") != "Never":
-            mode = spec["ipipMode"]
-            warnings.append(
-                f"IPPool {obj['metadata']['name']}: ipipMode {mode}: IP-in-IP is not in tabby's "
-                f"datapath yet; the lab uses vxlanMode {mode} instead"
-            )
-            spec["ipipMode"], spec["vxlanMode"] = "Never", mode
         if obj["kind"] == "IPPool":
             pool = ipaddress.ip_network(spec["cidr"])
             for other in (topology.HOST_NET, topology.EXTERNAL_CIDR, topology.LOADBALANCER_CIDR):

@@ -529,9 +529,9 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
             if ipip_mode != "Never":
                 rep.warn(
                     f"{CALICO_PATH}.encapsulationMode",
-                    "ipip (the kOps default): IP-in-IP is not in tabby's datapath yet; "
-                    "`tabbyctl lab up` uses VXLAN in the same mode instead, and an agent leaves "
-                    "routes that would need IP-in-IP out (saying so on /readyz)",
+                    "ipip (the kOps default): tabby encapsulates IP-in-IP in BPF, but runs no "
+                    "BGP (BIRD) yet: pod routes come from the IPAM blocks, as with VXLAN, so "
+                    "only routes learned over BGP (from outside the cluster) are missing",
                 )
         else:  # vxlan: Calico's VXLAN backend, no BIRD, so no IP-in-IP
             vxlan_mode = c.get("vxlanMode", default_mode)
@@ -566,7 +566,8 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
     if typha:
         rep.warn(
             f"{CALICO_PATH}.typhaReplicas",
-            f"{typha}: accepted; tabby has no Typha fan-out yet (agents read the datastore)",
+            f"{typha}: accepted; run `tabby typha` and start agents with --typha HOST:PORT "
+            "(the lab does not start it from the spec yet)",
         )
 
     wireguard = bool(c.get("wireguardEnabled", False))
