@@ -9,44 +9,21 @@ IP-in-IP CrossSubnet (kOps' default encapsulation) is tests/fv/test_ipip.py.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import yaml
 
 from tabby.lab import capture, traffic
 from tabby.lab.cluster import Lab
-from tabby.model import kops
+
+from . import spec_lab as spec_labs
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-demo-cluster.yaml"
-
-
-def two_subnet_spec() -> kops.KopsCluster:
-    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
-    cluster, _master, nodes = docs
-    assert cluster["spec"]["networking"]["calico"]["encapsulationMode"] == "vxlan"
-    cluster["spec"]["subnets"].append(
-        {"cidr": "172.20.64.0/19", "name": "us-east-1b", "type": "Public", "zone": "us-east-1b"}
-    )
-    nodes["spec"]["subnets"] = ["us-east-1b", "us-east-1a"]
-    nodes["spec"]["minSize"] = nodes["spec"]["maxSize"] = 2
-    result = kops.parse(docs)
-    assert result.ok and result.cluster is not None, [str(e) for e in result.errors]
-    return result.cluster
 
 
 @pytest.fixture(scope="module")
 def spec_lab(root_caps: None) -> Iterator[tuple[Lab, list[str]]]:
-    name = "x" + uuid.uuid4().hex[:7]
-    said: list[str] = []
-    try:
-        lab = Lab.up(name, progress=said.append, cluster=two_subnet_spec(), fabric_mtu=9001)
-        yield lab, said
-    finally:
-        Lab.down(name, progress=lambda _m: None)
+    yield from spec_labs.spec_lab("x", spec_labs.two_subnet_spec("vxlan"), 9001)
 
 
 @pytest.fixture(scope="module")

@@ -14,51 +14,27 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tabby.lab import capture, traffic
 from tabby.lab.cluster import Lab
-from tabby.model import kops
 
+from . import spec_lab as spec_labs
 from .service_lab import counters, service, wait_for_endpoints
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-demo-cluster.yaml"
 POOL = "default-ipv4-ippool"
 DATA_MTU = 1500
 VIP, NODEPORT = "100.64.0.77", 30077
 BIG = 20 << 20
 
 
-def ipip_spec() -> kops.KopsCluster:
-    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
-    cluster, _master, nodes = docs
-    cluster["spec"]["networking"]["calico"].pop("encapsulationMode")  # kOps' default: ipip
-    cluster["spec"]["subnets"].append(
-        {"cidr": "172.20.64.0/19", "name": "us-east-1b", "type": "Public", "zone": "us-east-1b"}
-    )
-    nodes["spec"]["subnets"] = ["us-east-1b", "us-east-1a"]
-    nodes["spec"]["minSize"] = nodes["spec"]["maxSize"] = 2
-    result = kops.parse(docs)
-    assert result.ok and result.cluster is not None, [str(e) for e in result.errors]
-    return result.cluster
-
-
 @pytest.fixture(scope="module")
 def spec_lab(root_caps: None) -> Iterator[tuple[Lab, list[str]]]:
-    name = "i" + uuid.uuid4().hex[:7]
-    said: list[str] = []
-    try:
-        lab = Lab.up(name, progress=said.append, cluster=ipip_spec(), fabric_mtu=DATA_MTU)
-        yield lab, said
-    finally:
-        Lab.down(name, progress=lambda _m: None)
+    yield from spec_labs.spec_lab("i", spec_labs.two_subnet_spec(None), DATA_MTU)
 
 
 @pytest.fixture(scope="module")

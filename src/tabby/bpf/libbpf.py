@@ -475,36 +475,16 @@ class Map(Generic[K, V]):
 
     def lookup_batch(self, chunk: int = 4096) -> list[tuple[K, V]]:
         """Dump the map with BPF_MAP_LOOKUP_BATCH (hash and array maps; not LPM tries)."""
-        out: list[tuple[K, V]] = []
-        in_batch, out_batch = ctypes.c_uint64(0), ctypes.c_uint64(0)  # opaque cursor
-        karr = (self.key_type * chunk)()  # type: ignore[operator]
-        varr = (self.value_type * chunk)()  # type: ignore[operator]
-        opts = _MapBatchOpts(ctypes.sizeof(_MapBatchOpts), 0, 0)
-        first = True
-        while True:
-            count = ctypes.c_uint32(chunk)
-            rc = _lib.bpf_map_lookup_batch(
-                self.fd,
-                None if first else ctypes.byref(in_batch),
-                ctypes.byref(out_batch),
-                karr,
-                varr,
-                ctypes.byref(count),
-                ctypes.byref(opts),
+        keys, values, count = self.lookup_batch_raw(chunk)
+        ksize = ctypes.sizeof(self.key_type)  # type: ignore[arg-type]
+        vsize = ctypes.sizeof(self.value_type)  # type: ignore[arg-type]
+        return [
+            (
+                self.key_type.from_buffer_copy(keys, i * ksize),  # type: ignore[attr-defined]
+                self.value_type.from_buffer_copy(values, i * vsize),  # type: ignore[attr-defined]
             )
-            if rc < 0 and rc != -_ENOENT:
-                _check(rc, f"lookup_batch {self.name}")
-            for i in range(count.value):
-                out.append(
-                    (
-                        self.key_type.from_buffer_copy(karr[i]),  # type: ignore[attr-defined]
-                        self.value_type.from_buffer_copy(varr[i]),  # type: ignore[attr-defined]
-                    )
-                )
-            if rc == -_ENOENT:  # the kernel says the dump is complete
-                return out
-            first = False
-            in_batch.value = out_batch.value
+            for i in range(count)
+        ]
 
 
 def map_create(

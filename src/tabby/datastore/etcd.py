@@ -72,6 +72,7 @@ from etcd3aio._protobuf import (  # noqa: E402
 from etcd3aio.kv import KVService  # noqa: E402
 
 from tabby.datastore import services
+from tabby.datastore.aioloop import shared_loop
 from tabby.datastore.api import (
     AlreadyExists,
     Compacted,
@@ -113,21 +114,6 @@ T = TypeVar("T")
 
 
 # --- the shared event loop -----------------------------------------------------------------------
-
-_loop_lock = threading.Lock()
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_pid = 0
-
-
-def _shared_loop() -> asyncio.AbstractEventLoop:
-    """The process's etcd event loop, started on first use in a daemon thread."""
-    global _loop, _loop_pid
-    with _loop_lock:
-        if _loop is None or _loop_pid != os.getpid():  # a forked child needs its own
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="tabby-etcd", daemon=True).start()
-            _loop, _loop_pid = loop, os.getpid()
-        return _loop
 
 
 def _close_channel(loop: asyncio.AbstractEventLoop, channel: grpc.aio.Channel) -> None:
@@ -333,7 +319,7 @@ class EtcdDatastore:
             raise DatastoreError(f"datastore {self.name}: service CIDR {net} is too small")
         self.service_cidr = str(net)
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._loop = _shared_loop()
+        self._loop = shared_loop()
         self._channel, self._kv, self._watch_stub = self._call(self._open())
         weakref.finalize(self, _close_channel, self._loop, self._channel)
 

@@ -82,6 +82,7 @@ from lightkube.generic_resource import (
     create_api_info,
 )
 
+from tabby.datastore.aioloop import shared_loop
 from tabby.datastore.api import (
     AlreadyExists,
     Compacted,
@@ -122,22 +123,6 @@ Key = tuple[str, str]  # namespace ("" if cluster-scoped), name
 
 
 # --- the shared event loop -----------------------------------------------------------------------
-
-_loop_lock = threading.Lock()
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_pid = 0
-
-
-def _shared_loop() -> asyncio.AbstractEventLoop:
-    """The process's Kubernetes client loop, started on first use in a daemon thread."""
-    global _loop, _loop_pid
-    with _loop_lock:
-        if _loop is None or _loop_pid != os.getpid():  # a forked child needs its own
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="tabby-kube", daemon=True).start()
-            _loop, _loop_pid = loop, os.getpid()
-        return _loop
-
 
 # --- configuration -------------------------------------------------------------------------------
 
@@ -285,7 +270,7 @@ class KubernetesDatastore:
         self.reconnect_timeout_s = reconnect_timeout_s
         self.watch_timeout_s = watch_timeout_s
         self.backoff_s = backoff_s
-        self._loop = _shared_loop()
+        self._loop = shared_loop()
         self._client: Any = self._call(self._open(config))
         self._generic: Any = self._client._client  # lightkube's request builder and sender
         self._seeds: dict[str, tuple[int, dict[Key, Obj]]] = {}  # kind -> newest full list

@@ -1,0 +1,46 @@
+"""Labs built from the example kOps spec stretched over two subnets (shared by fv modules)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from tabby.lab.cluster import Lab
+from tabby.model import kops
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-demo-cluster.yaml"
+
+
+def two_subnet_spec(encapsulation: str | None) -> kops.KopsCluster:
+    """The example with a second subnet (us-east-1b, across the fabric's router) and two
+    workers spread over both; ``encapsulation`` None leaves kOps' default (ipip)."""
+    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    cluster, _master, nodes = docs
+    calico = cluster["spec"]["networking"]["calico"]
+    if encapsulation is None:
+        calico.pop("encapsulationMode")
+    else:
+        calico["encapsulationMode"] = encapsulation
+    cluster["spec"]["subnets"].append(
+        {"cidr": "172.20.64.0/19", "name": "us-east-1b", "type": "Public", "zone": "us-east-1b"}
+    )
+    nodes["spec"]["subnets"] = ["us-east-1b", "us-east-1a"]
+    nodes["spec"]["minSize"] = nodes["spec"]["maxSize"] = 2
+    result = kops.parse(docs)
+    assert result.ok and result.cluster is not None, [str(e) for e in result.errors]
+    return result.cluster
+
+
+def spec_lab(
+    prefix: str, spec: kops.KopsCluster, fabric_mtu: int
+) -> Iterator[tuple[Lab, list[str]]]:
+    """A lab from ``spec`` and what it said coming up; removed even when a test fails."""
+    name = prefix + uuid.uuid4().hex[:7]
+    said: list[str] = []
+    try:
+        yield Lab.up(name, progress=said.append, cluster=spec, fabric_mtu=fabric_mtu), said
+    finally:
+        Lab.down(name, progress=lambda _m: None)
