@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 
+from tabby.bpf.maps.counters import Reason
 from tabby.lab import processes, traffic
 from tabby.lab.cluster import Lab
 from tabby.lab.topology import EXTERNAL_CLIENT_IP
+
+from .service_lab import counter_delta, counters
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -245,3 +248,32 @@ def test_nat_outgoing_pods_reach_the_outside_as_their_node(
         server.join(6)
         listener.close()
     assert seen == [lab.plan.node("node1").ip]
+
+
+def test_icmp_error_from_a_backend_reaches_the_client_through_the_service(
+    lab: Lab, cluster: dict[str, Any]
+) -> None:
+    """UDP to a service port whose backends do not listen: each backend answers ICMP port
+    unreachable from its own address about the translated flow; only if tabby translates the
+    error back (source and quote) does the client's socket, connected to the ClusterIP, see it."""
+    closed = service("closed", "100.64.0.13", {"app": "web"})
+    closed["spec"]["ports"] = [{"name": "dns", "port": 53, "targetPort": 9999, "protocol": "UDP"}]
+    lab.datastore().apply([closed])
+    lab.wait_ready()
+
+    def ask() -> str:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.connect(("100.64.0.13", 53))
+            s.send(b"hostname")
+            try:
+                s.recv(100)
+            except ConnectionRefusedError:
+                return "refused"
+            except TimeoutError:
+                return "timeout"
+        return "answered"
+
+    before = counters(lab, "node1")
+    assert traffic.in_netns(cluster["client"]["netns"], ask) == "refused"
+    assert counter_delta(before, counters(lab, "node1"), Reason.NAT_ICMP_ERR) >= 1
