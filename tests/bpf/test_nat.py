@@ -461,3 +461,22 @@ def test_nat_outgoing_masquerades_pods_leaving_the_cluster_only(node: Node) -> N
     plain = frame(P.POD_IP, P.EXTERNAL_IP, TCP(sport=49002, dport=443, flags="S"))
     _, out, delta = node.run("tby_to_host", plain)
     assert raw(out) == plain and Reason.NAT_MASQ not in delta
+
+
+def test_a_client_port_reused_for_another_frontend_on_the_same_backend(node: Node) -> None:
+    """Port 48500 talked to backend B through one service and closed; reused through another
+    service that lands on B too, the translated tuple is the same: the closed pair gives way.
+    While the first flow is still open, the second is refused (the documented collision)."""
+    other = service("other", ports=[{"port": 81, "targetPort": 8080}])
+    other["spec"]["clusterIP"] = "100.64.0.98"
+    one = (BACKENDS[0],)
+    node.program((service(), [slice_of(addrs=one)]), (other, [slice_of("other", addrs=one)]))
+    node.run("tby_from_wl", _syn(48500))
+    second = frame(P.POD_IP, "100.64.0.98", TCP(sport=48500, dport=81, flags="S"))
+    verdict, _, delta = node.run("tby_from_wl", second)
+    assert verdict == TC_ACT_REDIRECT and delta.get(Reason.DROP_CT_FULL) == 1  # still open
+    node.run("tby_from_wl", _syn(48500, "FA"))
+    node.run("tby_to_wl", frame(BACKENDS[0], P.POD_IP, TCP(sport=8080, dport=48500, flags="FA")))
+    verdict, out, delta = node.run("tby_from_wl", second)
+    assert verdict == TC_ACT_OK and delta.get(Reason.NAT_NEW) == 1 and out[IP].dst == BACKENDS[0]
+    assert node.ct_entry(P.POD_IP, 48500, VIP, 80) is None  # the closed pair's FWD went with it

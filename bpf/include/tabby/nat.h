@@ -159,23 +159,44 @@ static __always_inline int nat_source_allowed(const struct tby_nat_fe_val *fe,
 }
 
 /*
- * Stores the REV half first, without overwriting another flow's: a taken
+ * Stores the REV half first, without overwriting another live flow's: a taken
  * translated tuple is a collision (two frontends, one client port and one
- * backend). A REV left by this very flow (its FWD was evicted) is reused.
+ * backend). A REV left by this very flow (its FWD was evicted) is reused, and
+ * so is one of a flow that has closed (FIN both ways or RST on either half:
+ * the client port was reused for another frontend); its FWD half goes too.
  */
 static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 					 const struct tby_ct_val *rev)
 {
-	struct tby_ct_val *old;
+	__u8 closed = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
+	struct tby_ct_key fk = {};
+	struct tby_ct_val *old, *old_fwd;
+	__u8 tcp;
 
 	if (!bpf_map_update_elem(&tby_ct, rk, rev, BPF_NOEXIST))
 		return 0;
 	old = bpf_map_lookup_elem(&tby_ct, rk);
-	if (!old || old->type != TBY_CT_NAT_REV || old->nat_addr != rev->nat_addr ||
-	    old->nat_port != rev->nat_port || old->nat_saddr != rev->nat_saddr ||
-	    old->nat_sport != rev->nat_sport)
+	if (!old || old->type != TBY_CT_NAT_REV)
 		return -1;
-	return bpf_map_update_elem(&tby_ct, rk, rev, BPF_EXIST);
+	if (old->nat_addr == rev->nat_addr && old->nat_port == rev->nat_port &&
+	    old->nat_saddr == rev->nat_saddr && old->nat_sport == rev->nat_sport)
+		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_EXIST);
+	if (rk->proto != IPPROTO_TCP)
+		return -1;
+	/* the old pair's FWD key, from its REV (as nat_rev_closed_by_syn) */
+	fk.src = old->nat_saddr ? old->nat_saddr : rk->src;
+	fk.sport = old->nat_saddr ? old->nat_sport : rk->sport;
+	fk.dst = old->nat_addr;
+	fk.dport = old->nat_port;
+	fk.proto = rk->proto;
+	tcp = old->tcp;
+	old_fwd = bpf_map_lookup_elem(&tby_ct, &fk);
+	if (old_fwd)
+		tcp |= old_fwd->tcp;
+	if ((tcp & closed) != closed && !(tcp & TBY_CT_RST))
+		return -1;
+	bpf_map_delete_elem(&tby_ct, &fk);
+	return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
 }
 
 /* Creates the NAT pair of a new flow; fills fwd for the caller's rewrite. */
