@@ -25,10 +25,8 @@ import json
 import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from tabby.datastore.api import (
     Outcome,
     Unavailable,
 )
+from tabby.datastore.meta import same, stamp_metadata
 from tabby.model import Kind, ValidationError, lookup, validate
 from tabby.model.patch import merge_patch
 from tabby.model.validate import ref
@@ -80,20 +79,6 @@ def _key_of(obj: Obj) -> Key:
     return _key(kind, obj["metadata"]["name"], obj["metadata"].get("namespace"))
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _same(new: Obj, old: Obj) -> bool:
-    """Equal apart from server-managed metadata."""
-    managed = ("resourceVersion", "uid", "creationTimestamp")
-    strip = [
-        {**o, "metadata": {k: v for k, v in o["metadata"].items() if k not in managed}}
-        for o in (new, old)
-    ]
-    return strip[0] == strip[1]
-
-
 class _Txn:
     """One write transaction: reads see its own writes; every write takes the next revision."""
 
@@ -116,8 +101,7 @@ class _Txn:
         """Store ``obj`` (validated) over ``old``, stamping server-managed metadata."""
         self.revision += 1
         meta = obj["metadata"]
-        meta["uid"] = old["metadata"]["uid"] if old else str(uuid.uuid4())
-        meta["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else _now()
+        stamp_metadata(obj, old)
         meta["resourceVersion"] = str(self.revision)
         body = json.dumps(obj, separators=(",", ":"))
         self.db.execute(
@@ -303,7 +287,7 @@ class EmbeddedDatastore:
                 if old is not None and "status" not in obj and "status" in old:
                     obj["status"] = old["status"]  # apply does not clear status, as kubectl's
                 obj = txn.admit(obj, old)  # before the comparison: it fills allocated fields
-                if old is not None and _same(obj, old):
+                if old is not None and same(obj, old):
                     outcomes.append("unchanged")
                     continue
                 txn.put(obj, old)
@@ -354,7 +338,7 @@ class EmbeddedDatastore:
             if _key_of(new) != key:
                 raise ValidationError(f"{ref(old)}: a patch cannot change kind, name or namespace")
             new = txn.admit(new, old)
-            if _same(new, old):
+            if same(new, old):
                 return old
             txn.put(new, old)
             txn.check_pod_ips()

@@ -49,10 +49,8 @@ import queue
 import random
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 # gRPC's fork handlers only log "skipping fork() handlers" when a process with a live channel
@@ -85,6 +83,7 @@ from tabby.datastore.api import (
     Outcome,
     Unavailable,
 )
+from tabby.datastore.meta import same, stamp_metadata
 from tabby.model import Kind, UnknownKind, ValidationError, lookup, validate
 from tabby.model.patch import merge_patch
 from tabby.model.validate import ref
@@ -152,20 +151,6 @@ def _decode(value: bytes, revision: int) -> Obj:
     return obj
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _same(new: Obj, old: Obj) -> bool:
-    """Equal apart from server-managed metadata."""
-    managed = ("resourceVersion", "uid", "creationTimestamp")
-    strip = [
-        {**o, "metadata": {k: v for k, v in o["metadata"].items() if k not in managed}}
-        for o in (new, old)
-    ]
-    return strip[0] == strip[1]
-
-
 def _ref_of_key(key: str) -> str:
     kind, ns, name = key[len(ROOT) :].split("/", 2)
     return f"{kind} {name if ns == CLUSTER_SCOPED else f'{ns}/{name}'}"
@@ -223,8 +208,7 @@ class _Attempt:
 
     def put(self, obj: Obj, old: Obj | None) -> Obj:
         meta = obj["metadata"]
-        meta["uid"] = old["metadata"]["uid"] if old else str(uuid.uuid4())
-        meta["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else _now()
+        stamp_metadata(obj, old)
         meta.pop("resourceVersion", None)  # stamped with the commit's revision
         key = _key_of(obj)
         self.ops[key] = KVService.txn_op_put(key, _encode(obj))
@@ -427,7 +411,7 @@ class EtcdDatastore:
                 if old is not None and "status" not in obj and "status" in old:
                     obj["status"] = old["status"]  # apply does not clear status, as kubectl's
                 obj = await txn.admit(obj, old)  # before the comparison: it fills allocated fields
-                if old is not None and _same(obj, old):
+                if old is not None and same(obj, old):
                     outcomes.append("unchanged")
                     continue
                 txn.put(obj, old)
@@ -493,7 +477,7 @@ class EtcdDatastore:
             if _key_of(new) != key:
                 raise ValidationError(f"{ref(old)}: a patch cannot change kind, name or namespace")
             new = await txn.admit(new, old)
-            if _same(new, old):
+            if same(new, old):
                 return old
             txn.put(new, old)
             await txn.check_pod_ips()

@@ -95,6 +95,7 @@ from tabby.datastore.api import (
     Outcome,
     Unavailable,
 )
+from tabby.datastore.meta import same
 from tabby.model import KINDS, Kind, ValidationError, lookup, validate
 from tabby.model.patch import merge_patch
 from tabby.model.validate import ref
@@ -208,15 +209,6 @@ def _revision(value: Any) -> int:
             f"kubernetes datastore: resourceVersion {value!r} is not an integer: this API "
             "server is not backed by etcd revisions, which tabby relies on"
         ) from None
-
-
-def _same(new: Obj, old: Obj) -> bool:
-    """Equal apart from server-managed metadata."""
-    strip = [
-        {**o, "metadata": {k: v for k, v in o["metadata"].items() if k not in SERVER_MANAGED}}
-        for o in (new, old)
-    ]
-    return strip[0] == strip[1]
 
 
 def _one_line(text: str) -> str:
@@ -490,7 +482,7 @@ class KubernetesDatastore:
                 new = copy.deepcopy(obj)
                 if "status" not in new and "status" in old:
                     new["status"] = old["status"]  # apply does not clear status, as kubectl's
-                if _same(new, old):
+                if same(new, old, SERVER_MANAGED):
                     return "unchanged", 0
                 stored = await self._replace(new, old["metadata"]["resourceVersion"])
             except (AlreadyExists, Conflict):
@@ -550,7 +542,7 @@ class KubernetesDatastore:
                     raise ValidationError(
                         f"{ref(old)}: a patch cannot change kind, name or namespace"
                     )
-                if _same(new, old):
+                if same(new, old, SERVER_MANAGED):
                     return old
                 await self._check_pod_ips([new])
                 try:
