@@ -45,7 +45,7 @@ from tabby.datastore.api import (
     Outcome,
     Unavailable,
 )
-from tabby.datastore.meta import same, stamp_metadata
+from tabby.datastore.meta import check_pod_ips, pods_with_ips, same, stamp_metadata
 from tabby.model import Kind, ValidationError, lookup, validate
 from tabby.model.patch import merge_patch
 from tabby.model.validate import ref
@@ -139,24 +139,11 @@ class _Txn:
 
     def check_pod_ips(self) -> None:
         """Every written Pod's IPs lie in some IPPool, when any IPPool exists."""
-        pods = [o for o in self.written if o["kind"] == "Pod"]
+        pods = pods_with_ips(self.written)
         if not pods:
             return
         rows = self.db.execute("SELECT body FROM objects WHERE kind='IPPool'").fetchall()
-        pools = [ipaddress.ip_network(json.loads(r[0])["spec"]["cidr"]) for r in rows]
-        if not pools:
-            return
-        for pod in pods:
-            if pod.get("spec", {}).get("hostNetwork"):
-                continue  # a host-network pod carries its node's IP
-            for i, entry in enumerate(pod.get("status", {}).get("podIPs", [])):
-                addr = ipaddress.ip_address(entry["ip"])
-                if not any(addr in pool for pool in pools):
-                    field = "status.podIP" if i == 0 else f"status.podIPs[{i}].ip"
-                    cidrs = ", ".join(str(p) for p in pools)
-                    raise ValidationError(
-                        f"{ref(pod)}: {field}: {addr} is outside every IPPool ({cidrs})", field
-                    )
+        check_pod_ips(pods, [json.loads(r[0]) for r in rows])
 
     def finish(self, keep_events: int) -> None:
         self.db.execute("UPDATE meta SET value=? WHERE key='revision'", (self.revision,))

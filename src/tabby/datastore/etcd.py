@@ -83,7 +83,7 @@ from tabby.datastore.api import (
     Outcome,
     Unavailable,
 )
-from tabby.datastore.meta import same, stamp_metadata
+from tabby.datastore.meta import check_pod_ips, pods_with_ips, same, stamp_metadata
 from tabby.model import Kind, UnknownKind, ValidationError, lookup, validate
 from tabby.model.patch import merge_patch
 from tabby.model.validate import ref
@@ -234,26 +234,13 @@ class _Attempt:
 
     async def check_pod_ips(self) -> None:
         """Every written Pod's IPs lie in some IPPool, when any IPPool exists."""
-        pods = [o for o in self.written.values() if o["kind"] == "Pod"]
+        pods = pods_with_ips(self.written.values())
         if not pods:
             return
         stored = await self.scan(kind_prefix(lookup("IPPool")), compare_each=True)
         by_key = {_key_of(p): p for p in stored}
         by_key.update({k: o for k, o in self.written.items() if o["kind"] == "IPPool"})
-        pools = [ipaddress.ip_network(p["spec"]["cidr"]) for p in by_key.values()]
-        if not pools:
-            return
-        for pod in pods:
-            if pod.get("spec", {}).get("hostNetwork"):
-                continue  # a host-network pod carries its node's IP
-            for i, entry in enumerate(pod.get("status", {}).get("podIPs", [])):
-                addr = ipaddress.ip_address(entry["ip"])
-                if not any(addr in pool for pool in pools):
-                    field = "status.podIP" if i == 0 else f"status.podIPs[{i}].ip"
-                    cidrs = ", ".join(str(p) for p in pools)
-                    raise ValidationError(
-                        f"{ref(pod)}: {field}: {addr} is outside every IPPool ({cidrs})", field
-                    )
+        check_pod_ips(pods, by_key.values())
 
     def compares(self) -> list[Compare]:
         out = [

@@ -60,7 +60,6 @@ import builtins
 import concurrent.futures
 import copy
 import functools
-import ipaddress
 import os
 import queue
 import random
@@ -95,7 +94,7 @@ from tabby.datastore.api import (
     Outcome,
     Unavailable,
 )
-from tabby.datastore.meta import same
+from tabby.datastore.meta import check_pod_ips, pods_with_ips, same
 from tabby.model import KINDS, Kind, ValidationError, lookup, validate
 from tabby.model.patch import merge_patch
 from tabby.model.validate import ref
@@ -430,30 +429,13 @@ class KubernetesDatastore:
     async def _check_pod_ips(self, objs: Sequence[Obj]) -> None:
         """Every Pod's IPs lie in some IPPool, when any IPPool exists (the other datastores
         check it in their write transaction; here it is checked before the first write)."""
-        pods = [
-            o
-            for o in objs
-            if o["kind"] == "Pod"
-            and o.get("status", {}).get("podIPs")
-            and not o.get("spec", {}).get("hostNetwork")  # a host-network pod has its node's IP
-        ]
+        pods = pods_with_ips(objs)
         if not pods:
             return
         stored, _ = await self._list(lookup("IPPool"))
         by_name = {p["metadata"]["name"]: p for p in stored}
         by_name.update({o["metadata"]["name"]: o for o in objs if o["kind"] == "IPPool"})
-        pools = [ipaddress.ip_network(p["spec"]["cidr"]) for p in by_name.values()]
-        if not pools:
-            return
-        for pod in pods:
-            for i, entry in enumerate(pod["status"]["podIPs"]):
-                addr = ipaddress.ip_address(entry["ip"])
-                if not any(addr in pool for pool in pools):
-                    field = "status.podIP" if i == 0 else f"status.podIPs[{i}].ip"
-                    cidrs = ", ".join(str(p) for p in pools)
-                    raise ValidationError(
-                        f"{ref(pod)}: {field}: {addr} is outside every IPPool ({cidrs})", field
-                    )
+        check_pod_ips(pods, by_name.values())
 
     def apply_with_outcomes(self, objs: Sequence[Obj]) -> tuple[int, builtins.list[Outcome]]:
         valid = [validate(o) for o in objs]  # all validated before anything is sent
