@@ -642,23 +642,26 @@ def obj_pin(fd: int, path: str) -> None:
     _check(_lib.bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin {path}")
 
 
+InfoT = TypeVar("InfoT", bound=ctypes.Structure)
+
+
+def _obj_info(fd: int, info_type: type[InfoT], what: str) -> InfoT:
+    """bpf_obj_get_info_by_fd into the (prefix of the) info struct ``info_type`` mirrors."""
+    info = info_type()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
+    return info
+
+
 def prog_info(prog_fd: int) -> tuple[int, str]:
     """(program id, kernel name, truncated to 15 chars) of a program fd."""
-    info = _ProgInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(
-        _lib.bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)), "prog info"
-    )
+    info = _obj_info(prog_fd, _ProgInfo, "prog info")
     return info.id, info.name.decode()
 
 
 def link_info(link_fd: int) -> tuple[int, int, int]:
     """(program id, ifindex, attach type) of a tcx link fd, e.g. one reopened from its pin."""
-    info = _LinkInfoTcx()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(
-        _lib.bpf_obj_get_info_by_fd(link_fd, ctypes.byref(info), ctypes.byref(size)), "link info"
-    )
+    info = _obj_info(link_fd, _LinkInfoTcx, "link info")
     if info.type != BPF_LINK_TYPE_TCX:
         raise ValueError(f"link {info.id} is of type {info.type}, not tcx")
     return info.prog_id, info.ifindex, info.attach_type
@@ -812,11 +815,7 @@ def cgroup_attach(cgroup_path: str, prog_fd: int, attach_type: int) -> int:
 
 def cgroup_link_info(link_fd: int) -> tuple[int, int, int]:
     """(program id, cgroup id, attach type) of a cgroup link fd; cgroup id 0 once defunct."""
-    info = _LinkInfoCgroup()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(
-        _lib.bpf_obj_get_info_by_fd(link_fd, ctypes.byref(info), ctypes.byref(size)), "link info"
-    )
+    info = _obj_info(link_fd, _LinkInfoCgroup, "link info")
     if info.type != BPF_LINK_TYPE_CGROUP:
         raise ValueError(f"link {info.id} is of type {info.type}, not cgroup")
     return info.prog_id, info.cgroup_id, info.attach_type
