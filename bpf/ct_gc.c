@@ -33,6 +33,7 @@
 #include "tabby/types.h"
 #include "tabby/maps.h"
 #include "tabby/config.h"
+#include "tabby/ct.h"
 #include "tabby/ct_timeouts.h"
 
 struct ct_gc_ctx {
@@ -40,42 +41,11 @@ struct ct_gc_ctx {
 	struct tby_ct_gc_stats st;
 };
 
-struct ct_gc_be_ctx {
-	__u32 id;
-	__be32 addr;
-	__be16 port;
-	__u8 found;
-};
-
 static __always_inline int ct_gc_key_eq(const struct tby_ct_key *a,
 					const struct tby_ct_key *b)
 {
 	return a->src == b->src && a->dst == b->dst && a->sport == b->sport &&
 	       a->dport == b->dport && a->proto == b->proto;
-}
-
-/* The REV key of a FWD half: the tuple after DNAT (and SNAT, if any). */
-static __always_inline void ct_gc_rev_key(const struct tby_ct_key *fk,
-					  const struct tby_ct_val *fwd,
-					  struct tby_ct_key *rk)
-{
-	rk->src = fwd->nat_saddr ? fwd->nat_saddr : fk->src;
-	rk->sport = fwd->nat_saddr ? fwd->nat_sport : fk->sport;
-	rk->dst = fwd->nat_addr;
-	rk->dport = fwd->nat_port;
-	rk->proto = fk->proto;
-}
-
-/* The FWD key of a REV half: the original client -> frontend tuple. */
-static __always_inline void ct_gc_fwd_key(const struct tby_ct_key *rk,
-					  const struct tby_ct_val *rev,
-					  struct tby_ct_key *fk)
-{
-	fk->src = rev->nat_saddr ? rev->nat_saddr : rk->src;
-	fk->sport = rev->nat_saddr ? rev->nat_sport : rk->sport;
-	fk->dst = rev->nat_addr;
-	fk->dport = rev->nat_port;
-	fk->proto = rk->proto;
 }
 
 /*
@@ -92,10 +62,10 @@ static __always_inline int ct_gc_pair_ok(const struct tby_ct_key *fk,
 
 	if (fwd->type != TBY_CT_NAT_FWD || rev->type != TBY_CT_NAT_REV)
 		return 0;
-	ct_gc_rev_key(fk, fwd, &k);
+	ct_rev_key(fk, fwd, &k);
 	if (!ct_gc_key_eq(&k, rk))
 		return 0;
-	ct_gc_fwd_key(rk, rev, &k);
+	ct_fwd_key(rk, rev, &k);
 	return ct_gc_key_eq(&k, fk);
 }
 
@@ -121,41 +91,14 @@ static __always_inline __u64 ct_gc_timeout_ns(__u8 proto, __u8 tcp)
 	return s * TBY_NS_PER_S;
 }
 
-static long ct_gc_match_backend(__u32 ordinal, void *data)
-{
-	struct ct_gc_be_ctx *c = data;
-	struct tby_nat_be_key k = { .id = c->id, .ordinal = ordinal };
-	struct tby_nat_be_val *be = bpf_map_lookup_elem(&tby_nat_be, &k);
-
-	if (be && be->addr == c->addr && be->port == c->port) {
-		c->found = 1;
-		return 1; /* stop */
-	}
-	return 0;
-}
-
-/* A UDP FWD half is stale when its backend is not among its frontend's. */
+/* A UDP FWD half is stale when its backend is not among its frontend's (or
+ * the frontend is gone); a set too big to scan is left to its timeout. */
 static __always_inline int ct_gc_udp_stale(const struct tby_ct_key *fk,
 					   const struct tby_ct_val *fwd)
 {
-	struct tby_nat_fe_key fek = {
-		.addr = fk->dst, .port = fk->dport, .proto = fk->proto
-	};
-	struct ct_gc_be_ctx c = {};
-	struct tby_nat_fe_val *fe;
-	__u32 count;
+	int in_set = ct_backend_in_set(fk, fwd, TBY_CT_GC_MAX_ORDINALS);
 
-	fe = bpf_map_lookup_elem(&tby_nat_fe, &fek);
-	if (!fe)
-		return 1;
-	count = fe->count;
-	if (count > TBY_CT_GC_MAX_ORDINALS)
-		return 0; /* not proven stale: leave it to its timeout */
-	c.id = fe->id;
-	c.addr = fwd->nat_addr;
-	c.port = fwd->nat_port;
-	bpf_loop(count, ct_gc_match_backend, &c, 0);
-	return !c.found;
+	return in_set == -1 || in_set == 0;
 }
 
 /*
@@ -181,7 +124,7 @@ static long ct_gc_visit(void *map, struct tby_ct_key *key,
 	if (val->type == TBY_CT_NAT_REV) {
 		rev = val;
 		rk = *key;
-		ct_gc_fwd_key(&rk, rev, &fk);
+		ct_fwd_key(&rk, rev, &fk);
 		other = bpf_map_lookup_elem(&tby_ct, &fk);
 		if (other && ct_gc_pair_ok(&fk, other, &rk, rev))
 			return 0; /* its FWD decides for the pair, and counts it */
@@ -190,7 +133,7 @@ static long ct_gc_visit(void *map, struct tby_ct_key *key,
 		fwd = val;
 		fk = *key;
 		if (val->type == TBY_CT_NAT_FWD) {
-			ct_gc_rev_key(&fk, fwd, &rk);
+			ct_rev_key(&fk, fwd, &rk);
 			other = bpf_map_lookup_elem(&tby_ct, &rk);
 			if (other && ct_gc_pair_ok(&fk, fwd, &rk, other))
 				rev = other;

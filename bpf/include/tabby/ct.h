@@ -112,4 +112,85 @@ static __always_inline void ct_touch(struct tby_ct_val *v, const struct flow *f,
 		v->tcp |= seen;
 }
 
+/* The REV key of a FWD half keyed fk: the tuple after DNAT (and SNAT, if any). */
+static __always_inline void ct_rev_key(const struct tby_ct_key *fk,
+				       const struct tby_ct_val *fwd,
+				       struct tby_ct_key *rk)
+{
+	rk->src = fwd->nat_saddr ? fwd->nat_saddr : fk->src;
+	rk->sport = fwd->nat_saddr ? fwd->nat_sport : fk->sport;
+	rk->dst = fwd->nat_addr;
+	rk->dport = fwd->nat_port;
+	rk->proto = fk->proto;
+}
+
+/* The FWD key of a REV half keyed rk: the original client -> frontend tuple. */
+static __always_inline void ct_fwd_key(const struct tby_ct_key *rk,
+				       const struct tby_ct_val *rev,
+				       struct tby_ct_key *fk)
+{
+	fk->src = rev->nat_saddr ? rev->nat_saddr : rk->src;
+	fk->sport = rev->nat_saddr ? rev->nat_sport : rk->sport;
+	fk->dst = rev->nat_addr;
+	fk->dport = rev->nat_port;
+	fk->proto = rk->proto;
+}
+
+/* Has a TCP connection ended (FIN both ways, or RST)? Both halves' flags ORed. */
+static __always_inline int ct_tcp_closed(__u8 tcp)
+{
+	__u8 fins = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
+
+	return (tcp & fins) == fins || (tcp & TBY_CT_RST);
+}
+
+struct ct_be_search {
+	__u32 id;
+	__be32 addr;
+	__be16 port;
+	__u8 found;
+};
+
+static long ct_be_match(__u32 ordinal, void *data)
+{
+	struct ct_be_search *c = data;
+	struct tby_nat_be_key k = { .id = c->id, .ordinal = ordinal };
+	struct tby_nat_be_val *be = bpf_map_lookup_elem(&tby_nat_be, &k);
+
+	if (be && be->addr == c->addr && be->port == c->port) {
+		c->found = 1;
+		return 1; /* stop */
+	}
+	return 0;
+}
+
+/*
+ * Is the FWD half's backend still one of its frontend's? -1: the frontend is
+ * gone; 1 / 0: found or not among its first `max_scan` ordinals; 2: the set is
+ * bigger than that (not checked: the caller decides).
+ */
+static __always_inline int ct_backend_in_set(const struct tby_ct_key *fk,
+					     const struct tby_ct_val *fwd,
+					     __u32 max_scan)
+{
+	struct tby_nat_fe_key fek = {
+		.addr = fk->dst, .port = fk->dport, .proto = fk->proto
+	};
+	struct ct_be_search c = {};
+	struct tby_nat_fe_val *fe;
+	__u32 count;
+
+	fe = bpf_map_lookup_elem(&tby_nat_fe, &fek);
+	if (!fe)
+		return -1;
+	count = fe->count;
+	if (count > max_scan)
+		return 2;
+	c.id = fe->id;
+	c.addr = fwd->nat_addr;
+	c.port = fwd->nat_port;
+	bpf_loop(count, ct_be_match, &c, 0);
+	return c.found;
+}
+
 #endif /* __TABBY_CT_H */

@@ -168,7 +168,6 @@ static __always_inline int nat_source_allowed(const struct tby_nat_fe_val *fe,
 static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 					 const struct tby_ct_val *rev)
 {
-	__u8 closed = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
 	struct tby_ct_key fk = {};
 	struct tby_ct_val *old, *old_fwd;
 	__u8 tcp;
@@ -183,17 +182,12 @@ static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_EXIST);
 	if (rk->proto != IPPROTO_TCP)
 		return -1;
-	/* the old pair's FWD key, from its REV (as nat_rev_closed_by_syn) */
-	fk.src = old->nat_saddr ? old->nat_saddr : rk->src;
-	fk.sport = old->nat_saddr ? old->nat_sport : rk->sport;
-	fk.dst = old->nat_addr;
-	fk.dport = old->nat_port;
-	fk.proto = rk->proto;
+	ct_fwd_key(rk, old, &fk); /* the old pair's FWD half */
 	tcp = old->tcp;
 	old_fwd = bpf_map_lookup_elem(&tby_ct, &fk);
 	if (old_fwd)
 		tcp |= old_fwd->tcp;
-	if ((tcp & closed) != closed && !(tcp & TBY_CT_RST))
+	if (!ct_tcp_closed(tcp))
 		return -1;
 	bpf_map_delete_elem(&tby_ct, &fk);
 	return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
@@ -433,47 +427,6 @@ fail:
 
 #define TBY_NAT_LIVE_SCAN 64 /* ordinals checked for a reused pair's backend */
 
-/* Is addr:port still a backend of the frontend the FWD key addresses? */
-static __always_inline int nat_backend_live(const struct tby_ct_key *fwd_key,
-					    const struct tby_ct_val *v)
-{
-	struct tby_nat_fe_key fk = {
-		.addr = fwd_key->dst,
-		.port = fwd_key->dport,
-		.proto = fwd_key->proto,
-	};
-	struct tby_nat_be_key bk = {};
-	struct tby_nat_fe_val *fe;
-	struct tby_nat_be_val *be;
-	__u32 i;
-
-	fe = bpf_map_lookup_elem(&tby_nat_fe, &fk);
-	if (!fe)
-		return 0;
-	if (fe->count > TBY_NAT_LIVE_SCAN)
-		return 1; /* too big to check here: the old backend is kept */
-	bk.id = fe->id;
-	for (i = 0; i < TBY_NAT_LIVE_SCAN && i < fe->count; i++) {
-		bk.ordinal = i;
-		be = bpf_map_lookup_elem(&tby_nat_be, &bk);
-		if (be && be->addr == v->nat_addr && be->port == v->nat_port)
-			return 1;
-	}
-	return 0;
-}
-
-/* The REV half's key of the pair whose FWD half is v, keyed by f. */
-static __always_inline void nat_rev_key(const struct flow *f,
-					const struct tby_ct_val *v,
-					struct tby_ct_key *rk)
-{
-	rk->src = v->nat_saddr ? v->nat_saddr : f->key.src;
-	rk->sport = v->nat_saddr ? v->nat_sport : f->key.sport;
-	rk->dst = v->nat_addr;
-	rk->dport = v->nat_port;
-	rk->proto = f->key.proto;
-}
-
 /*
  * A SYN on a pair whose connection closed (FIN both ways, or RST, seen on
  * either half) or whose backend left the service is a new connection reusing
@@ -483,7 +436,6 @@ static __always_inline void nat_rev_key(const struct flow *f,
 static __always_inline int nat_pair_reusable(const struct flow *f,
 					     const struct tby_ct_val *v)
 {
-	__u8 closed = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
 	struct tby_ct_key rk = {};
 	struct tby_ct_val *rev;
 	__u8 tcp = v->tcp;
@@ -491,13 +443,14 @@ static __always_inline int nat_pair_reusable(const struct flow *f,
 	if (f->key.proto != IPPROTO_TCP || !(f->tcp_flags & TBY_TCPF_SYN) ||
 	    (f->tcp_flags & TBY_TCPF_ACK))
 		return 0;
-	nat_rev_key(f, v, &rk);
+	ct_rev_key(&f->key, v, &rk);
 	rev = bpf_map_lookup_elem(&tby_ct, &rk);
 	if (rev)
 		tcp |= rev->tcp;
-	if ((tcp & closed) == closed || (tcp & TBY_CT_RST))
+	if (ct_tcp_closed(tcp))
 		return 1;
-	return !nat_backend_live(&f->key, v);
+	/* too big a set to check here (2): the old backend is kept */
+	return ct_backend_in_set(&f->key, v, TBY_NAT_LIVE_SCAN) <= 0;
 }
 
 /*
@@ -509,22 +462,17 @@ static __always_inline int nat_rev_closed_by_syn(const struct flow *f,
 						 const struct tby_ct_val *rev,
 						 struct tby_ct_key *fwd_key)
 {
-	__u8 closed = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
 	struct tby_ct_val *fwd;
 	__u8 tcp = rev->tcp;
 
 	if (f->key.proto != IPPROTO_TCP || !(f->tcp_flags & TBY_TCPF_SYN) ||
 	    (f->tcp_flags & TBY_TCPF_ACK))
 		return 0;
-	fwd_key->src = rev->nat_saddr ? rev->nat_saddr : f->key.src;
-	fwd_key->sport = rev->nat_saddr ? rev->nat_sport : f->key.sport;
-	fwd_key->dst = rev->nat_addr;
-	fwd_key->dport = rev->nat_port;
-	fwd_key->proto = f->key.proto;
+	ct_fwd_key(&f->key, rev, fwd_key);
 	fwd = bpf_map_lookup_elem(&tby_ct, fwd_key);
 	if (fwd)
 		tcp |= fwd->tcp;
-	return (tcp & closed) == closed || (tcp & TBY_CT_RST);
+	return ct_tcp_closed(tcp);
 }
 
 static __always_inline void nat_delete_pair(const struct flow *f,
@@ -532,7 +480,7 @@ static __always_inline void nat_delete_pair(const struct flow *f,
 {
 	struct tby_ct_key rk = {};
 
-	nat_rev_key(f, v, &rk);
+	ct_rev_key(&f->key, v, &rk);
 	bpf_map_delete_elem(&tby_ct, &rk);
 	bpf_map_delete_elem(&tby_ct, &f->key);
 }
