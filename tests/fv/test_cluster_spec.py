@@ -87,23 +87,11 @@ def test_same_subnet_pod_traffic_is_not_encapsulated(lab, pods):
     assert cap.vxlan() == [], "same-subnet traffic was VXLAN-encapsulated"
 
 
-def _mtu(netns: str, ifname: str) -> int:
-    from tabby.netlink import links
-
-    def read() -> int:
-        with links.rtnl() as ipr:
-            mtu = links.link_mtu(ipr, ifname)
-        assert mtu is not None, f"{ifname} missing in {netns}"
-        return mtu
-
-    return traffic.in_netns(netns, read)
-
-
 def test_pods_get_8951_on_a_9001_fabric(lab, pods):
     node1 = lab.plan.node("node1").netns
-    assert _mtu(node1, "eth0") == 9001
-    assert _mtu(pods["a1"]["netns"], "eth0") == 8951
-    assert _mtu(node1, "tby.vxlan") == 8951
+    assert traffic.link_mtu(node1, "eth0") == 9001
+    assert traffic.link_mtu(pods["a1"]["netns"], "eth0") == 8951
+    assert traffic.link_mtu(node1, "tby.vxlan") == 8951
     big = b"j" * (8951 - 28)  # a datagram filling the pod MTU crosses whole
     assert traffic.udp_request(pods["a1"]["netns"], pods["b"]["ip"], 8081, big) == big.decode()
 

@@ -93,7 +93,7 @@ def test_the_ipip_spec_runs_ipip_without_falling_back(spec_lab, pods):
         "172.20.64.0/19",
         "172.20.32.0/19",
     ]
-    assert _mtu(pods["p1"]["netns"]) == DATA_MTU - 20, "pods pay IP-in-IP's 20 bytes"
+    assert traffic.link_mtu(pods["p1"]["netns"]) == DATA_MTU - 20, "pods pay IP-in-IP's 20 bytes"
     for node in lab.plan.nodes:
         assert not any("IP-in-IP" in w for w in lab.readyz(node).get("warnings", []))
 
@@ -188,7 +188,7 @@ def test_large_tso_download_no_more_retransmits_than_vxlan(lab, pods, capsys):
         lab.add_pod("v2", "node2", wait=False)
         lab.wait_ready()
         v1, v2 = lab.pod("v1"), lab.pod("v2")
-        assert _mtu(v1["netns"]) == DATA_MTU - 50
+        assert traffic.link_mtu(v1["netns"]) == DATA_MTU - 50
         vxlan = _median_download(v1, v2)
     finally:
         for name in ("v1", "v2"):
@@ -263,15 +263,3 @@ def _retrans(netns: str) -> int:
     ).stdout
     names, values = [line.split() for line in out.splitlines() if line.startswith("Tcp:")][:2]
     return int(values[names.index("RetransSegs")])
-
-
-def _mtu(netns: str) -> int:
-    from tabby.netlink import links
-
-    def read() -> int:
-        with links.rtnl() as ipr:
-            mtu = links.link_mtu(ipr, "eth0")
-        assert mtu is not None
-        return mtu
-
-    return traffic.in_netns(netns, read)

@@ -56,23 +56,11 @@ def test_cross_node_is_vxlan_on_the_wire_and_same_node_never_leaves(lab, pods):
     assert cap.inner_between(a1["ip"], a2["ip"]) == [], "same-node traffic left the node"
 
 
-def _mtu(netns: str, ifname: str) -> int:
-    from tabby.netlink import links
-
-    def read() -> int:
-        with links.rtnl() as ipr:
-            mtu = links.link_mtu(ipr, ifname)
-        assert mtu is not None, f"{ifname} missing in {netns}"
-        return mtu
-
-    return traffic.in_netns(netns, read)
-
-
 def test_pod_mtu_is_data_mtu_minus_vxlan_overhead(lab, pods):
     node1 = lab.plan.node("node1").netns
-    data = _mtu(node1, "eth0")
-    assert _mtu(pods["a1"]["netns"], "eth0") == data - 50
-    assert _mtu(node1, "tby.vxlan") == data - 50
+    data = traffic.link_mtu(node1, "eth0")
+    assert traffic.link_mtu(pods["a1"]["netns"], "eth0") == data - 50
+    assert traffic.link_mtu(node1, "tby.vxlan") == data - 50
     # a datagram filling the pod MTU crosses nodes whole
     big = b"y" * (data - 50 - 28)
     assert traffic.udp_request(pods["a1"]["netns"], pods["b"]["ip"], 8081, big) == big.decode()

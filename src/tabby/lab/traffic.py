@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from tabby.netlink import links
 from tabby.netlink.netns import enter_netns
 
 T = TypeVar("T")
@@ -29,6 +30,19 @@ def in_netns(netns: str, fn: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
+
+
+def link_mtu(netns: str, ifname: str = "eth0") -> int:
+    """The MTU of ``ifname`` inside ``netns``."""
+
+    def read() -> int:
+        with links.rtnl() as ipr:
+            mtu = links.link_mtu(ipr, ifname)
+        if mtu is None:
+            raise OSError(f"{ifname} missing in {netns}")
+        return mtu
+
+    return in_netns(netns, read)
 
 
 def http_get(netns: str, ip: str, port: int, path: str, timeout_s: float = 3.0) -> str:
