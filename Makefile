@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client
+APT_PKGS := clang llvm libc6-dev-i386 libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client
 CLANG_FLAGS := -O2 -g -target bpf -Wall -Wextra -Werror -Ibpf/include -I/usr/include/x86_64-linux-gnu
 BPF_SRCS := $(wildcard bpf/*.c)
 BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
@@ -13,7 +13,8 @@ BPF_HDRS := $(wildcard bpf/include/tabby/*.h)
 setup: apt venv bpf
 
 apt: build/.apt-done
-# Re-checked when the Makefile changes (a package added to APT_PKGS). Installing etcd-server
+# libc6-dev-i386: linux/icmp.h pulls libc's sys/socket.h, which under -target bpf (no
+# __x86_64__) wants gnu/stubs-32.h. Re-checked when the Makefile changes (a package added to APT_PKGS). Installing etcd-server
 # starts a system etcd on 2379 where systemd runs: tests start their own, so one we started is
 # stopped and disabled again.
 build/.apt-done: Makefile
