@@ -29,6 +29,7 @@ static __always_inline int wl_source_ok(struct __sk_buff *skb, __be32 saddr)
 SEC("tc")
 int tby_from_wl(struct __sk_buff *skb)
 {
+	struct exttun_dst tun = {};
 	struct parsed_pkt pkt = {};
 
 	switch (parse_packet(skb, &pkt)) {
@@ -50,9 +51,14 @@ int tby_from_wl(struct __sk_buff *skb)
 		counter_inc(TBY_R_DROP_SPOOF);
 		return TC_ACT_SHOT;
 	}
-	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN)) {
+	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN, &tun)) {
 	case NAT_REJECT:
 		return icmp_reject(skb, &pkt);
+	case NAT_TOO_BIG:
+		return icmp_too_big(skb, &pkt, exttun_room());
+	case NAT_TUNNEL:
+		/* a backend's reply to a flow forwarded to us (Tunnel mode) */
+		return exttun_send(skb, &tun, pkt.ip_proto, TBY_R_EXT_REPLY_TUN);
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	default:

@@ -21,7 +21,7 @@ int tby_to_wl(struct __sk_buff *skb)
 
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
-		if (nat_handle(skb, &pkt, 0) == NAT_DROP)
+		if (nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
 			return TC_ACT_SHOT;
 		counter_inc(TBY_R_PASS_WL_IN);
 		return TC_ACT_OK;

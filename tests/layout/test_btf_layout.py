@@ -221,7 +221,7 @@ def test_flag_defines_match_types_h(prefix: str, flags: type[enum.IntFlag]) -> N
 def test_ct_types_match_types_h() -> None:
     defines = {
         m.group(1): int(m.group(2))
-        for m in re.finditer(r"#define TBY_CT_(NAT_\w+) (\d+)", TYPES_H.read_text())
+        for m in re.finditer(r"#define TBY_CT_(NAT_\w+|EXT) (\d+)", TYPES_H.read_text())
     }
     assert defines == {t.name: t.value for t in conntrack.CtType}
 

@@ -90,6 +90,11 @@ struct tby_nat_src_key {
 /* tby_ct_val.type */
 #define TBY_CT_NAT_FWD 1 /* keyed by client->frontend: rewrite to the backend */
 #define TBY_CT_NAT_REV 2 /* keyed by the translated tuple: replies get the frontend back */
+#define TBY_CT_EXT 3 /* backend's node: a flow an ingress node forwarded (exttun.h) */
+
+/* tby_ct_val.flags */
+#define TBY_CTF_TUNNEL (1U << 0) /* ingress FWD half: sent to tun_ip in the ext tunnel */
+#define TBY_CTF_DSR (1U << 1) /* replies leave the backend's node straight to the client */
 
 /* tby_ct_val.tcp: TCP flags seen, either direction. */
 #define TBY_CT_SYN (1U << 0)
@@ -114,6 +119,8 @@ struct tby_ct_key {
  * REV: nat_addr:nat_port is the frontend (the reply's new source) and, when
  * nat_saddr is set, the reply's destination becomes nat_saddr:nat_sport (the
  * original client).
+ * EXT (alone, no partner; keyed client -> backend): nat_addr:nat_port is the
+ * frontend the client reached on the ingress node tun_ip.
  */
 struct tby_ct_val {
 	__u64 created_ns;
@@ -125,6 +132,8 @@ struct tby_ct_val {
 	__be16 nat_port;
 	__be16 nat_sport;
 	__be32 nat_saddr;
+	__be32 tun_ip; /* F_TUNNEL: the backend's node; EXT: the ingress node */
+	__u32 flags; /* TBY_CTF_* */
 };
 
 /*

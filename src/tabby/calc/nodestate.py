@@ -91,6 +91,7 @@ class NodeState:
     kernel_routes: dict[str, KernelRoute] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ctlb_mode: Literal["TCP", "Enabled", "Disabled"] = "TCP"  # bpfConnectTimeLoadBalancing
+    ext_mode: Literal["Tunnel", "DSR"] = "Tunnel"  # bpfExternalServiceMode
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
@@ -159,6 +160,7 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.log_level = str(cfg.get("bpfLogLevel", "Off"))
     state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
+    state.ext_mode = "DSR" if cfg.get("bpfExternalServiceMode") == "DSR" else "Tunnel"
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
     state.vxlan_mtu = int(cfg.get("vxlanMTU", 0) or 0)
     state.ipip_mtu = int(cfg.get("ipipMTU", 0) or 0)

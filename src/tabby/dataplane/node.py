@@ -44,8 +44,8 @@ class NodeDataplane:
     ) -> None:
         self.pin_root = pin_root
         self.data_iface = data_iface
-        self.loaded_for = _load_key(state)
-        self.objects = _load(pin_root, state)
+        self.loaded_for = _load_key(state, data_iface)
+        self.objects = _load(pin_root, self.loaded_for)
         self.routes = RouteMapManager(RoutesMap(ROUTES_SPEC.open_pinned(pin_root)))
         self.counters = Counters(COUNTERS_SPEC.open_pinned(pin_root))
         self.attach = AttachManager(pin_root)
@@ -66,12 +66,15 @@ class NodeDataplane:
             links.write_sysctl(knob, value)
 
     def _reload_if_needed(self, state: NodeState) -> None:
-        """Load-time constants (node IP, VNI, log level) changed: load and swap in new programs."""
-        if _load_key(state) == self.loaded_for:
+        """Load-time constants (node IP, VNI, log level, external service mode, the data
+        interface's index and MTU) changed: load and swap in new programs. Flows keep the path
+        they started on: the ext tunnel's mode is on their conntrack entries."""
+        key = _load_key(state, self.data_iface)
+        if key == self.loaded_for:
             return
         old = self.objects
-        self.objects = _load(self.pin_root, state)
-        self.loaded_for = _load_key(state)
+        self.objects = _load(self.pin_root, key)
+        self.loaded_for = key
         self.attach.programmed.clear()
         old.close()
 
@@ -172,17 +175,47 @@ def _node_sysctls(data_iface: str) -> dict[str, str]:
     }
 
 
-def _load_key(state: NodeState) -> tuple[str | None, int, str, bool]:
-    return state.node_ip, state.vni, state.log_level, state.ctlb_mode == "Enabled"
+@dataclass(frozen=True)
+class _LoadKey:
+    """Everything the objects' .rodata is built from: a change means loading them again."""
+
+    node_ip: str | None
+    vni: int
+    log_level: str
+    ctlb_udp: bool
+    ext_mode: str
+    data_ifindex: int
+    data_mtu: int
+    vxlan_port: int
 
 
-def _load(pin_root: str, state: NodeState) -> DatapathObjects:
+def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
+    with links.rtnl() as ipr:
+        index = links.ifindex(ipr, data_iface) or 0
+        mtu = links.link_mtu(ipr, data_iface) or 1500
+    return _LoadKey(
+        state.node_ip,
+        state.vni,
+        state.log_level,
+        state.ctlb_mode == "Enabled",
+        state.ext_mode,
+        index,
+        mtu,
+        state.vxlan_port,
+    )
+
+
+def _load(pin_root: str, key: _LoadKey) -> DatapathObjects:
     config = DatapathConfig.build(
-        vni=state.vni,
-        host_ip=state.node_ip or "0.0.0.0",
-        log_level=LOG_LEVELS[state.log_level],
-        ctlb_udp=state.ctlb_mode == "Enabled",
+        vni=key.vni,
+        host_ip=key.node_ip or "0.0.0.0",
+        log_level=LOG_LEVELS[key.log_level],
+        ctlb_udp=key.ctlb_udp,
         host_netns=links.netns_cookie(),
+        ext_mode=key.ext_mode,
+        data_ifindex=key.data_ifindex,
+        data_mtu=key.data_mtu,
+        vxlan_port=key.vxlan_port,
     )
     return DatapathObjects(pin_root, config).load()
 

@@ -45,6 +45,28 @@ def link_mtu(netns: str, ifname: str = "eth0") -> int:
     return in_netns(netns, read)
 
 
+def http_download_len(netns: str, ip: str, port: int, size: int, timeout_s: float = 10.0) -> int:
+    """GET netexec's /bytes?n=size from inside ``netns``, counting (not keeping) the body."""
+
+    def go() -> int:
+        with socket.create_connection((ip, port), timeout=timeout_s) as s:
+            s.sendall(
+                f"GET /bytes?n={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("closed before the headers")
+                head += chunk
+            n = len(head.partition(b"\r\n\r\n")[2])
+            while chunk := s.recv(1 << 20):
+                n += len(chunk)
+        return n
+
+    return in_netns(netns, go)
+
+
 def http_get(netns: str, ip: str, port: int, path: str, timeout_s: float = 3.0) -> str:
     """GET http://ip:port/path from inside ``netns``; returns the body."""
 

@@ -1,0 +1,244 @@
+"""bpfExternalServiceMode in the lab, on real packets from the external client (203.0.113.10):
+a NodePort on node1 whose only backend lives on node2 (across the fabric's router).
+
+Tunnel (the default): node1 DNATs and forwards the flow to node2 in the ext tunnel (VXLAN, VNI
+TBY_EXT_VNI, built in BPF) without SNAT, so the backend sees the client's address; replies go back
+to node1 the same way. DSR: the same forward half, but node2 sends the replies straight to the
+client with node1's address and the NodePort as their source. Captures on the fabric show which
+node's link carries what; the mode is switched live with a FelixConfiguration patch, and an open
+connection keeps the path it started on.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.vxlan import VXLAN
+
+from tabby.bpf.maps.counters import Reason
+from tabby.lab import capture, traffic
+from tabby.lab.cluster import Lab
+from tabby.lab.topology import EXTERNAL_CLIENT_IP
+
+from .service_lab import counter_delta, counters, service, wait_for_endpoints
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+VIP, NODEPORT, UDP_NODEPORT = "100.64.0.90", 30090, 30091
+EXT_VNI = 0x7AB1E  # exttun.h TBY_EXT_VNI
+SECOND_CLIENT_IP = "203.0.113.11"
+BIG = 20 << 20
+# <linux/in.h>; Python 3.11's socket module lacks them
+IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+
+
+@pytest.fixture(scope="module")
+def web(lab: Lab) -> Iterator[dict[str, Any]]:
+    lab.add_pod("extweb", "node2", labels={"app": "extweb"})
+    lab.datastore().apply(
+        [
+            service(
+                "extweb",
+                {"app": "extweb"},
+                [
+                    {"name": "http", "port": 80, "targetPort": 8080, "nodePort": NODEPORT},
+                    {
+                        "name": "echo",
+                        "port": 81,
+                        "targetPort": 8081,
+                        "protocol": "UDP",
+                        "nodePort": UDP_NODEPORT,
+                    },
+                ],
+                clusterIP=VIP,
+                type="NodePort",
+            )
+        ]
+    )
+    wait_for_endpoints(lab, "extweb", 1)
+    yield lab.pod("extweb")
+    set_mode(lab, "Tunnel")
+
+
+def set_mode(lab: Lab, mode: str) -> None:
+    lab.datastore().patch(
+        "FelixConfiguration", "default", None, {"spec": {"bpfExternalServiceMode": mode}}
+    )
+    lab.wait_ready()
+
+
+def ext_tunnel(cap: capture.Capture, src: str, dst: str) -> list[Any]:
+    """Ext tunnel packets (our VNI) whose outer header is src -> dst."""
+    return [
+        p
+        for p in cap.vxlan()
+        if VXLAN in p and p[VXLAN].vni == EXT_VNI and (p[IP].src, p[IP].dst) == (src, dst)
+    ]
+
+
+def plain_replies(cap: capture.Capture, frontend: str) -> list[Any]:
+    """Unencapsulated packets from the NodePort frontend to the external client."""
+    return [
+        p
+        for p in cap.packets
+        if IP in p
+        and TCP in p
+        and (p[IP].src, p[IP].dst, p[TCP].sport) == (frontend, EXTERNAL_CLIENT_IP, NODEPORT)
+    ]
+
+
+def test_tunnel_keeps_the_client_address_and_replies_return_through_the_ingress_node(lab, web):
+    set_mode(lab, "Tunnel")
+    n1, n2 = lab.plan.node("node1").ip, lab.plan.node("node2").ip
+    before1, before2 = counters(lab, "node1"), counters(lab, "node2")
+    with capture.capture(lab.plan.fabric_netns, "node2") as cap:
+        seen = traffic.http_get(lab.plan.external_netns, n1, NODEPORT, "/clientip")
+    assert seen.split(":")[0] == EXTERNAL_CLIENT_IP, "the backend sees the real client"
+    forward, back = ext_tunnel(cap, n1, n2), ext_tunnel(cap, n2, n1)
+    assert forward and back, "both halves cross between node1 and node2 in the ext tunnel"
+    inner = {(p[VXLAN].payload[IP].src, p[VXLAN].payload[IP].dst) for p in forward}
+    assert inner == {(EXTERNAL_CLIENT_IP, web["ip"])}, "DNATed at node1, source kept"
+    assert plain_replies(cap, n1) == [], "no reply leaves node2 by itself"
+    after1, after2 = counters(lab, "node1"), counters(lab, "node2")
+    assert counter_delta(before1, after1, Reason.EXT_FWD) >= 3
+    assert counter_delta(before2, after2, Reason.EXT_REPLY_TUN) >= 3
+    assert counter_delta(before2, after2, Reason.EXT_REPLY_DSR) == 0
+
+
+def test_dsr_replies_leave_the_backends_node_straight_to_the_client(lab, web):
+    set_mode(lab, "DSR")
+    n1, n2 = lab.plan.node("node1").ip, lab.plan.node("node2").ip
+    before2 = counters(lab, "node2")
+    with (
+        capture.capture(lab.plan.fabric_netns, "node1") as at_ingress,
+        capture.capture(lab.plan.fabric_netns, "node2") as at_backend,
+    ):
+        seen = traffic.http_get(lab.plan.external_netns, n1, NODEPORT, "/clientip")
+        echoed = traffic.udp_request(lab.plan.external_netns, n1, UDP_NODEPORT, b"clientip")
+    assert seen.split(":")[0] == EXTERNAL_CLIENT_IP
+    assert echoed.split(":")[0] == EXTERNAL_CLIENT_IP, "UDP too"
+    # the hop difference: replies appear on node2's link, never on node1's
+    assert plain_replies(at_backend, n1), "node2 answers as node1:NodePort"
+    assert plain_replies(at_ingress, n1) == []
+    assert ext_tunnel(at_backend, n1, n2) and ext_tunnel(at_backend, n2, n1) == []
+    assert counter_delta(before2, counters(lab, "node2"), Reason.EXT_REPLY_DSR) >= 3
+
+
+def test_a_mode_switch_applies_to_new_connections_and_open_ones_finish(lab, web):
+    """A keep-alive connection opened in Tunnel mode keeps working after the switch to DSR (it
+    stays in Tunnel mode: the mode is on its conntrack entries); a new one uses DSR."""
+    set_mode(lab, "Tunnel")
+    n1 = lab.plan.node("node1").ip
+    opened, switched, results = threading.Event(), threading.Event(), []
+
+    def keep_alive() -> None:
+        with socket.create_connection((n1, NODEPORT), timeout=5) as s:
+            for i in range(2):
+                s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+                results.append(_read_response(s))
+                if i == 0:
+                    opened.set()
+                    assert switched.wait(30)
+
+    thread = threading.Thread(
+        target=traffic.in_netns, args=(lab.plan.external_netns, keep_alive), daemon=True
+    )
+    thread.start()
+    assert opened.wait(10)
+    before2 = counters(lab, "node2")
+    set_mode(lab, "DSR")
+    switched.set()
+    thread.join(15)
+    assert len(results) == 2 and all(r.startswith(EXTERNAL_CLIENT_IP) for r in results), results
+    after2 = counters(lab, "node2")
+    assert counter_delta(before2, after2, Reason.EXT_REPLY_TUN) >= 1, "the open flow: Tunnel"
+    assert counter_delta(before2, after2, Reason.EXT_REPLY_DSR) == 0
+    traffic.http_get(lab.plan.external_netns, n1, NODEPORT, "/clientip")
+    assert counter_delta(after2, counters(lab, "node2"), Reason.EXT_REPLY_DSR) >= 1, "new: DSR"
+
+
+@pytest.mark.parametrize("mode", ["Tunnel", "DSR"])
+def test_a_large_download_through_a_remote_nodeport(lab, web, mode):
+    set_mode(lab, mode)
+    before = {n: counters(lab, n) for n in ("node1", "node2")}
+    n1 = lab.plan.node("node1").ip
+    assert traffic.http_download_len(lab.plan.external_netns, n1, NODEPORT, BIG) == BIG
+    for n in ("node1", "node2"):
+        after = counters(lab, n)
+        dropped = {r: after[r] - before[n][r] for r in after if r.startswith("drop_")}
+        assert not any(dropped.values()), f"{n}: {dropped}"
+
+
+def test_a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed(lab, web):
+    """1500 bytes with DF from the client no longer fit once wrapped (50 bytes): node1 answers
+    with ICMP fragmentation needed (MTU 1450) from the address the client sent to, so the
+    client's socket learns the path MTU, and a datagram that fits then crosses."""
+    set_mode(lab, "Tunnel")
+    n1 = lab.plan.node("node1").ip
+    before = counters(lab, "node1")
+
+    def probe() -> tuple[int, str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            s.settimeout(2)
+            s.connect((n1, UDP_NODEPORT))
+            s.send(b"x" * (1500 - 28))
+            try:
+                s.recv(2000)
+            except OSError:
+                pass  # EMSGSIZE: the ICMP error reached the socket
+            mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+            s.send(b"clientip")
+            return mtu, s.recv(2000).decode()
+
+    mtu, answer = traffic.in_netns(lab.plan.external_netns, probe)
+    assert mtu == 1500 - 50
+    assert answer.startswith(EXTERNAL_CLIENT_IP)
+    assert counter_delta(before, counters(lab, "node1"), Reason.EXT_FRAG_NEEDED) >= 1
+
+
+def test_two_clients_with_the_same_source_port_both_work(lab, web):
+    set_mode(lab, "Tunnel")
+    ext = lab.plan.external_netns
+    n1 = lab.plan.node("node1").ip
+    subprocess.run(
+        ["ip", "-n", ext, "addr", "add", f"{SECOND_CLIENT_IP}/24", "dev", "eth0"], check=True
+    )
+    try:
+
+        def both() -> list[str]:
+            seen = []
+            for client in (EXTERNAL_CLIENT_IP, SECOND_CLIENT_IP):
+                with socket.create_connection((n1, NODEPORT), 5, (client, 41000)) as s:
+                    s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+                    seen.append(_read_response(s).split(":")[0])
+            return seen
+
+        assert traffic.in_netns(ext, both) == [EXTERNAL_CLIENT_IP, SECOND_CLIENT_IP]
+    finally:
+        subprocess.run(["ip", "-n", ext, "addr", "del", f"{SECOND_CLIENT_IP}/24", "dev", "eth0"])
+
+
+def _read_response(s: socket.socket) -> str:
+    """One HTTP/1.1 response with Content-Length; its body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise OSError("closed before the headers")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += s.recv(4096)
+    return body.decode()
