@@ -3,6 +3,7 @@ caller's thread never changes namespace)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -45,10 +46,15 @@ def link_mtu(netns: str, ifname: str = "eth0") -> int:
     return in_netns(netns, read)
 
 
-def http_download_len(netns: str, ip: str, port: int, size: int, timeout_s: float = 10.0) -> int:
-    """GET netexec's /bytes?n=size from inside ``netns``, counting (not keeping) the body."""
+def http_download_len(
+    netns: str, ip: str, port: int, size: int, timeout_s: float = 10.0, cpus: set[int] | None = None
+) -> int:
+    """GET netexec's /bytes?n=size from inside ``netns``, counting (not keeping) the body;
+    on ``cpus`` if given (the receiving thread's affinity)."""
 
     def go() -> int:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         with socket.create_connection((ip, port), timeout=timeout_s) as s:
             s.sendall(
                 f"GET /bytes?n={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
