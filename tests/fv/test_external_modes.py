@@ -11,8 +11,11 @@ connection keeps the path it started on.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +25,11 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.vxlan import VXLAN
 
 from tabby.bpf.maps.counters import Reason
-from tabby.lab import capture, traffic
+from tabby.lab import capture, fabric, traffic
 from tabby.lab.cluster import Lab
 from tabby.lab.topology import EXTERNAL_CLIENT_IP
 
-from .service_lab import counter_delta, counters, service, wait_for_endpoints
+from .service_lab import counter_delta, counters, service, tcp_outcome, wait_for_endpoints
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -130,15 +133,37 @@ def test_dsr_replies_leave_the_backends_node_straight_to_the_client(lab, web):
     assert counter_delta(before2, counters(lab, "node2"), Reason.EXT_REPLY_DSR) >= 3
 
 
+def test_dsr_needs_a_network_that_does_not_check_sources(lab, web):
+    """With a strict reverse-path check at the router (as a cloud's source/destination check),
+    node2's DSR replies, carrying node1's address from node2's subnet, are dropped: the agent says
+    so beforehand, Tunnel keeps working, and DSR works again once the check is off."""
+    set_mode(lab, "DSR")
+    warned = lab.readyz(lab.plan.node("node2")).get("warnings", [])
+    assert any("DSR" in w and "awsSrcDstCheck" in w for w in warned), warned
+    ext, n1 = lab.plan.external_netns, lab.plan.node("node1").ip
+    fabric.set_router_rp_filter(lab.plan, strict=True)
+    try:
+        assert tcp_outcome(ext, n1, NODEPORT, timeout_s=2) == "timeout"
+        set_mode(lab, "Tunnel")
+        assert not any("DSR" in w for w in lab.readyz(lab.plan.node("node2")).get("warnings", []))
+        assert tcp_outcome(ext, n1, NODEPORT) == "connected"
+    finally:
+        fabric.set_router_rp_filter(lab.plan, strict=False)
+    set_mode(lab, "DSR")
+    assert tcp_outcome(ext, n1, NODEPORT) == "connected"
+
+
 def test_a_mode_switch_applies_to_new_connections_and_open_ones_finish(lab, web):
-    """A keep-alive connection opened in Tunnel mode keeps working after the switch to DSR (it
-    stays in Tunnel mode: the mode is on its conntrack entries); a new one uses DSR."""
+    """A keep-alive connection opened in Tunnel mode keeps working after the switch to DSR and
+    keeps its path (the mode is on its conntrack entries); a new one uses DSR. Both are read
+    back with `tabbyctl bpf conntrack dump --type EXT` on the backend's node."""
     set_mode(lab, "Tunnel")
     n1 = lab.plan.node("node1").ip
-    opened, switched, results = threading.Event(), threading.Event(), []
+    opened, switched, results, ports = threading.Event(), threading.Event(), [], []
 
     def keep_alive() -> None:
         with socket.create_connection((n1, NODEPORT), timeout=5) as s:
+            ports.append(s.getsockname()[1])
             for i in range(2):
                 s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
                 results.append(_read_response(s))
@@ -151,16 +176,38 @@ def test_a_mode_switch_applies_to_new_connections_and_open_ones_finish(lab, web)
     )
     thread.start()
     assert opened.wait(10)
-    before2 = counters(lab, "node2")
     set_mode(lab, "DSR")
     switched.set()
     thread.join(15)
     assert len(results) == 2 and all(r.startswith(EXTERNAL_CLIENT_IP) for r in results), results
-    after2 = counters(lab, "node2")
-    assert counter_delta(before2, after2, Reason.EXT_REPLY_TUN) >= 1, "the open flow: Tunnel"
-    assert counter_delta(before2, after2, Reason.EXT_REPLY_DSR) == 0
-    traffic.http_get(lab.plan.external_netns, n1, NODEPORT, "/clientip")
-    assert counter_delta(after2, counters(lab, "node2"), Reason.EXT_REPLY_DSR) >= 1, "new: DSR"
+    assert _ext_path(lab, ports[0]) == f"from ingress {n1} (Tunnel)"
+
+    def new_connection() -> int:
+        with socket.create_connection((n1, NODEPORT), timeout=5) as s:
+            s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(s).startswith(EXTERNAL_CLIENT_IP)
+            return int(s.getsockname()[1])
+
+    port = traffic.in_netns(lab.plan.external_netns, new_connection)
+    assert _ext_path(lab, port) == f"from ingress {n1} (DSR)"
+
+
+def _ext_path(lab: Lab, client_port: int) -> str:
+    """The path of the forwarded flow from this client port, as node2's conntrack dump says."""
+    out = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "tabbyctl"),
+            *("bpf", "conntrack", "dump", "--lab", lab.name, "--node", "node2"),
+            *("--type", "EXT", "--port", str(client_port), "-o", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    rows = [r for r in json.loads(out) if r["src"] == EXTERNAL_CLIENT_IP]
+    assert len(rows) == 1, rows
+    return str(rows[0]["path"])
 
 
 @pytest.mark.parametrize("mode", ["Tunnel", "DSR"])

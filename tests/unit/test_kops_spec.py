@@ -75,13 +75,21 @@ def test_the_example_validates_with_its_warnings():
     w = warnings(example())
     assert "disruptive" in w[f"{CALICO}.bpfEnabled"]
     assert "no effect off AWS" in w[f"{CALICO}.awsSrcDstCheck"]
-    assert "DSR" in w[f"{CALICO}.bpfExternalServiceMode"]
+    # DSR with awsSrcDstCheck: Disable, as seed 004 asks: nothing to warn about
+    assert f"{CALICO}.bpfExternalServiceMode" not in w
     assert all(str(p).startswith("Cluster demo.k8s.local: ") for p in result.warnings)
 
 
 def test_fields_kops_has_but_tabby_does_not_model_are_accepted_as_is():
     docs = variant(somethingNew={"a": 1}, additionalPolicies={"node": "[]"})
     assert errors(docs) == {}
+
+
+def test_dsr_without_awssrcdstcheck_disable_warns_that_sources_are_checked():
+    w = warnings(variant({**BPF, "bpfExternalServiceMode": "DSR"}))
+    assert "awsSrcDstCheck: Disable" in w[f"{CALICO}.bpfExternalServiceMode"]
+    tunnel = warnings(variant({**BPF, "bpfExternalServiceMode": "Tunnel"}))
+    assert f"{CALICO}.bpfExternalServiceMode" not in tunnel
 
 
 # --- encapsulation ----------------------------------------------------------------------------

@@ -115,6 +115,27 @@ def node_subnet(node: Obj) -> ipaddress.IPv4Network | None:
     return ipaddress.IPv4Network(annotated, strict=False)
 
 
+def _dsr_warning(me: Obj | None, nodes: dict[str, Obj]) -> list[str]:
+    """DSR replies leave this node with another node's address as their source: a hop that
+    checks sources (a router's strict rp_filter, a cloud's source/destination check) drops those
+    of nodes in other subnets, since it would route to them through another interface."""
+    mine = node_subnet(me) if me else None
+    others = sorted(
+        {
+            str(net)
+            for obj in nodes.values()
+            if obj is not me and (net := node_subnet(obj)) is not None and net != mine
+        }
+    )
+    if mine is None or not others:
+        return []
+    return [
+        "bpfExternalServiceMode DSR: replies leave this node with the addresses of nodes in "
+        f"{', '.join(others)} as their source; a strict reverse-path or source/destination "
+        "check between here and the clients drops them (on AWS: awsSrcDstCheck: Disable)"
+    ]
+
+
 def felix_config(resources: Resources) -> Obj:
     """The effective FelixConfiguration spec: 'default', overlaid by 'node.<name>' as in Calico."""
     configs = resources.get("FelixConfiguration", {})
@@ -177,6 +198,9 @@ def compute(resources: Resources, node: str) -> NodeState:
         if ip:
             flags = RT_LOCAL_HOST if name == node else RT_REMOTE_HOST
             state.routes[f"{ip}/32"] = Route(f"{ip}/32", flags)
+
+    if state.ext_mode == "DSR":
+        state.warnings.extend(_dsr_warning(me, nodes))
 
     for (ns, name), pod in resources.get("Pod", {}).items():
         spec, status = pod.get("spec", {}), pod.get("status", {})

@@ -588,11 +588,12 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
             "(kOps cannot reconcile it automatically)",
         )
     mode = c.get("bpfExternalServiceMode", "Tunnel")
-    if mode == "DSR":
+    if mode == "DSR" and c.get("awsSrcDstCheck") != "Disable":
         rep.warn(
             f"{CALICO_PATH}.bpfExternalServiceMode",
-            "DSR: not in tabby's datapath yet; NodePort traffic to a remote backend is "
-            "tunnelled and SNATed (Tunnel behaviour) until the source-IP work lands",
+            "DSR: replies leave the backend's node with the frontend's address as their "
+            "source; a network that checks sources (AWS's source/destination check, a router's "
+            "strict rp_filter) drops them: set awsSrcDstCheck: Disable",
         )
     if not bpf:
         for key in ("bpfExternalServiceMode", "bpfLogLevel", "bpfKubeProxyIptablesCleanupEnabled"):
