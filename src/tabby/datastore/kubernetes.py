@@ -177,6 +177,13 @@ def _resource(kind_name: str, status: bool = False) -> Any:
     return type(kind.name, (base,), {"_api_info": info})
 
 
+_DaemonSet: Any = type(
+    "DaemonSet",
+    (GenericNamespacedResource,),
+    {"_api_info": create_api_info("apps", "v1", "DaemonSet", "daemonsets")},
+)
+
+
 def _to_wire(obj: Obj) -> Obj:
     kind = lookup(obj["kind"])
     return {**obj, "apiVersion": wire_version(kind)}
@@ -550,6 +557,38 @@ class KubernetesDatastore:
             return _rv(answer)
 
         return self._call(run())
+
+    # --- DaemonSets (not tabby kinds: only the kube-proxy hand-over touches them) -------------
+
+    def _daemonset_request(
+        self, method: str, namespace: str, name: str, patch: Obj | None = None
+    ) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if patch is not None else None
+        br = self._generic.prepare_request(
+            method, res=_DaemonSet, obj=patch, name=name, namespace=namespace, headers=headers
+        )
+        return self._generic.build_adapter_request(br)
+
+    def get_daemonset(self, namespace: str, name: str) -> Obj | None:
+        """The DaemonSet ``namespace/name`` as the API server holds it, or None."""
+
+        async def run() -> Obj | None:
+            try:
+                answer = await self._send(
+                    self._daemonset_request("get", namespace, name), f"daemonset {namespace}/{name}"
+                )
+            except NotFound:
+                return None
+            return cast(Obj, answer)
+
+        return self._call(run())
+
+    def merge_patch_daemonset(self, namespace: str, name: str, patch: Obj) -> Obj:
+        """A JSON merge patch (RFC 7386; what ``kubectl patch --type merge`` sends) of the
+        DaemonSet ``namespace/name``; the API server applies it atomically. Returns the stored
+        object; NotFound if there is no such DaemonSet."""
+        request = self._daemonset_request("patch", namespace, name, patch)
+        return cast(Obj, self._call(self._send(request, f"daemonset {namespace}/{name}")))
 
     # --- watch ---------------------------------------------------------------------------------
 
