@@ -159,16 +159,20 @@ def run(
     events: queue.Queue[Event | BaseException] = queue.Queue()
 
     def pump() -> None:
+        wait_s = 0.5
         while not stop.is_set():
             try:
-                for ev in ds.watch(ds.revision(), stop):
+                revision = ds.revision()
+                wait_s = 0.5
+                for ev in ds.watch(revision, stop):
                     if _relevant(ev):
                         events.put(ev)
             except Compacted:
                 continue
             except BaseException as e:  # noqa: BLE001 - handed to the loop, which retries
                 events.put(e)
-                stop.wait(1.0)
+                stop.wait(wait_s)
+                wait_s = min(wait_s * 2, 10.0)
 
     threading.Thread(target=pump, name="node-controller-watch", daemon=True).start()
     next_sync = time.monotonic()

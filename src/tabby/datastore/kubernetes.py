@@ -274,6 +274,7 @@ class KubernetesDatastore:
         self._seeds: dict[str, tuple[int, dict[Key, Obj]]] = {}  # kind -> newest full list
         self._seeds_lock = threading.Lock()
         self.relists = 0  # informer relists after a 410 (tests and metrics)
+        self._watch_down: dict[str, str] = {}  # kind -> why its informer's stream is down
 
     async def _open(self, config: Any) -> Any:
         timeout = httpx2.Timeout(REQUEST_TIMEOUT_S)
@@ -592,6 +593,10 @@ class KubernetesDatastore:
 
     # --- watch ---------------------------------------------------------------------------------
 
+    def watch_problem(self) -> str | None:
+        down = dict(self._watch_down)  # written by the loop thread
+        return "; ".join(f"watch {k}: {v}" for k, v in sorted(down.items())) or None
+
     def watch(self, since_revision: int, stop: threading.Event | None = None) -> Iterator[Event]:
         """Every change above ``since_revision``: one informer per kind, merged."""
         out: queue.Queue[builtins.list[Event] | BaseException] = queue.Queue()
@@ -638,6 +643,7 @@ class KubernetesDatastore:
                 status = status if isinstance(status, dict) else {}
                 status.setdefault("code", resp.status_code)
                 raise _status_error(status, f"watch {kind.plural}")
+            self._watch_down.pop(kind.name, None)  # connected: the stream is up again
             async for line in resp.aiter_lines():
                 if not line.strip():
                     continue
@@ -732,8 +738,9 @@ class _Informer:
             except (Unavailable, httpx2.HTTPError, OSError, TimeoutError) as err:
                 now = time.monotonic()
                 down_since = down_since or now
+                detail = _one_line(str(err)) or type(err).__name__
+                self.ds._watch_down[self.kind.name] = detail
                 if now - down_since > self.ds.reconnect_timeout_s:
-                    detail = _one_line(str(err)) or type(err).__name__
                     raise Unavailable(
                         f"datastore {self.ds.name}: watch {self.kind.plural}: {detail}"
                     ) from None
