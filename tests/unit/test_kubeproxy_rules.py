@@ -98,6 +98,17 @@ def test_iptables_layout_probabilities_and_comments():
     assert text.count("COMMIT") == 3
 
 
+def test_large_cluster_mode_drops_the_endpoint_comments():
+    small = iptables_restore(synthetic_services(2, 3))
+    large = iptables_restore(synthetic_services(400, 3))  # 1200 endpoints > 1000
+    assert '-m comment --comment "default/svc-0:http -> ' in small
+    assert " -> " not in large and large.count("-j DNAT") == 1200
+    sep = sep_chain(synthetic_services(1, 3)[0], "10.244.0.1", 8080)
+    assert f"-A {sep} -s 10.244.0.1/32 -j KUBE-MARK-MASQ" in large
+    assert '"default/svc-0:http cluster IP"' in large  # the service's own comments stay
+    assert " -> " in iptables_restore(synthetic_services(400, 3), large_cluster=False)
+
+
 def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="protocol"):
         KubeServicePort("default", "x", "10.96.0.1", 80, "ICMP")

@@ -10,7 +10,8 @@ from kube-proxy's source (pkg/proxy/iptables/proxier.go and pkg/proxy/nftables/p
   services without endpoints, the firewall chains), the KUBE-PROXY-CANARY chains, and the jumps
   from the built-in chains, each with kube-proxy's comments. Chain names are kube-proxy's:
   ``KUBE-SVC-`` + base32(sha256("ns/name:port" + proto))[:16], ``KUBE-SEP-`` the same over
-  "ns/name:port" + proto + "ip:port".
+  "ns/name:port" + proto + "ip:port". Above 1000 endpoints in all, kube-proxy's large cluster
+  mode: the KUBE-SVC -> KUBE-SEP and KUBE-SEP rules carry no comment (``large_cluster``).
 - ``nftables``: the transaction kube-proxy's nftables mode (through knftables) feeds to ``nft -f``:
   ``table ip kube-proxy`` (or ip6) with its base chains, the ``service-ips`` /
   ``service-nodeports`` verdict maps, one ``service-<hash>-ns/name/proto/port`` chain per service
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 MASQ_MARK = "0x4000"
+LARGE_CLUSTER_ENDPOINTS = 1000  # kube-proxy's largeClusterEndpointsThreshold
 CHAIN_NAME_MAX = 256  # nftables' NFT_CHAIN_MAXNAMELEN; knftables truncates to it
 
 
@@ -140,13 +142,23 @@ def iptables_restore(
     *,
     cluster_cidr: str | None = "10.244.0.0/16",
     jumps: bool = True,
+    large_cluster: bool | None = None,
 ) -> str:
     """kube-proxy's iptables-mode rules, for `iptables-restore --noflush` (or ip6tables-restore:
     give it only IPv6 services). Declaring a chain flushes it, so a reload replaces every KUBE-*
     chain. jumps adds the rules in the built-in chains that lead to them, which kube-proxy's
     ensureRule appends once at start (a later sync passes jumps=False, or they double).
-    cluster_cidr None is kube-proxy's masqueradeAll."""
+    cluster_cidr None is kube-proxy's masqueradeAll. large_cluster: kube-proxy's large cluster
+    mode, which drops the comments of the KUBE-SVC -> KUBE-SEP and KUBE-SEP rules
+    (appendServiceCommentLocked); None: on above LARGE_CLUSTER_ENDPOINTS endpoints in all, as
+    kube-proxy decides."""
     svcs = list(services)
+    if large_cluster is None:
+        large_cluster = sum(len(sp.endpoints) for sp in svcs) > LARGE_CLUSTER_ENDPOINTS
+
+    def ep_comment(text: str) -> str:
+        return "" if large_cluster else _c(text) + " "
+
     nat_chains = ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"]
     nat_rules: list[str] = []
     filter_rules: list[str] = []
@@ -190,15 +202,16 @@ def iptables_restore(
         for i, (ip, port) in enumerate(sp.endpoints):
             sep = sep_chain(sp, ip, port)
             nat_chains.append(sep)
-            comment = _c(f"{sp.port_key} -> {_hostport(ip, port)}")
+            comment = ep_comment(f"{sp.port_key} -> {_hostport(ip, port)}")
             if i < n - 1:
                 prob = f"-m statistic --mode random --probability {1.0 / (n - i):0.10f} "
             else:
                 prob = ""
-            nat_rules.append(f"-A {svc} {comment} {prob}-j {sep}")
-            nat_rules.append(f"-A {sep} {_c(sp.port_key)} -s {_host_cidr(ip)} -j KUBE-MARK-MASQ")
+            nat_rules.append(f"-A {svc} {comment}{prob}-j {sep}")
+            sep_comment = ep_comment(sp.port_key)
+            nat_rules.append(f"-A {sep} {sep_comment}-s {_host_cidr(ip)} -j KUBE-MARK-MASQ")
             nat_rules.append(
-                f"-A {sep} {_c(sp.port_key)} -m {sp.proto} -p {sp.proto} "
+                f"-A {sep} {sep_comment}-m {sp.proto} -p {sp.proto} "
                 f"-j DNAT --to-destination {_hostport(ip, port)}"
             )
     v6 = bool(svcs) and svcs[0].ipv6
