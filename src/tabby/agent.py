@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import queue
+import random
 import threading
 import time
 from collections import defaultdict
@@ -32,7 +33,7 @@ from tabby.cni.ipam import BlockIPAM, IPAMError
 from tabby.dataplane.conntrack import GcStats
 from tabby.dataplane.node import NodeDataplane
 from tabby.datastore import open_datastore
-from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event
+from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event, WatchHealth
 from tabby.datastore.typha import consistent
 from tabby.netlink import links
 from tabby.netlink.netns import setns_path
@@ -50,6 +51,8 @@ KINDS = (
     "NetworkPolicy",
 )
 RETRY_S = 1.0
+DATASTORE_BACKOFF_S = (0.5, 10.0)  # first and longest wait between datastore attempts
+WATCH_HEALTH_S = 1.0  # how often a quiet watch is asked whether its stream is up
 CT_SWEEP_S = 10.0  # conntrack GC period; also right after backends left a service
 DEFAULT_HEALTH_PORT = 9099
 
@@ -64,13 +67,15 @@ class Status:
     seen_revision: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    datastore_problem: str | None = None  # set by the main thread while the datastore is away
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {
                 "node": self.node,
-                "ready": self.synced and not self.errors,
+                "ready": self.synced and not self.errors and self.datastore_problem is None,
+                "datastore": self.datastore_problem or "ok",
                 "revision": self.programmed_revision,
                 "seen_revision": self.seen_revision,
                 "errors": list(self.errors),
@@ -132,6 +137,14 @@ class Metrics:
             "Wall time of one conntrack sweep",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
+        )
+        self.datastore_up = Gauge(
+            "tabby_datastore_connected",
+            "1 while the datastore (or its watch) is reachable; 0 while the agent retries",
+            registry=self.registry,
+        )
+        self.datastore_retries = Counter(
+            "tabby_datastore_retries", "Datastore attempts that failed", registry=self.registry
         )
         self.read_packets: Callable[[], dict[str, int]] = dict
         self.registry.register(_PacketCollector(self))
@@ -364,21 +377,41 @@ class Agent:
         self.worker.started_ok.wait()
         if self.worker.failed:
             raise RuntimeError(f"dataplane worker failed to start: {self.worker.failed}")
+        wait_s = DATASTORE_BACKOFF_S[0]
         while not self.stop.is_set():
             ds: Datastore | None = None
             try:
                 ds = open_datastore(self.url)
                 self._ensure_tunnel_address(ds)
                 revision = self._relist(ds)
+                wait_s = DATASTORE_BACKOFF_S[0]  # back: a full resync is done
+                self._set_datastore_problem(None)
                 self._watch(ds, revision)
             except Compacted:
                 log.info("watch history compacted: relisting")
             except (DatastoreError, IPAMError) as e:
-                log.warning("datastore: %s (retrying; the dataplane keeps what it has)", e)
-                self.stop.wait(RETRY_S)
+                # Not ready until a relist succeeds; the dataplane keeps serving what it has.
+                self._set_datastore_problem(str(e))
+                self.metrics.datastore_retries.inc()
+                delay = random.uniform(wait_s / 2, wait_s)  # jittered: agents do not stampede
+                log.warning(
+                    "datastore: %s (retrying in %.1f s; the dataplane keeps what it has)", e, delay
+                )
+                self.stop.wait(delay)
+                wait_s = min(wait_s * 2, DATASTORE_BACKOFF_S[1])
             finally:
                 if ds is not None:  # a fan-out client holds a connection and a thread
                     ds.close()
+
+    def _set_datastore_problem(self, problem: str | None) -> None:
+        with self.status.lock:
+            changed = self.status.datastore_problem != problem
+            self.status.datastore_problem = problem
+        self.metrics.datastore_up.set(0 if problem else 1)
+        if changed and problem:
+            log.warning("not ready: %s", problem)
+        elif changed:
+            log.info("datastore reachable again: ready")
 
     def _ensure_tunnel_address(self, ds: Datastore) -> None:
         """Claim this node's VXLAN device address from IPAM, as calico-node does at start-up."""
@@ -425,8 +458,17 @@ class Agent:
                 events.put(e)
 
         threading.Thread(target=pump, name="watch", daemon=True).start()
+        health = ds if isinstance(ds, WatchHealth) else None
         while not self.stop.is_set():
-            batch = [events.get()]
+            try:
+                batch = [events.get(timeout=WATCH_HEALTH_S)]
+            except queue.Empty:
+                # A quiet watch may be a lost one retrying by itself: not ready meanwhile.
+                if health is not None:
+                    self._set_datastore_problem(health.watch_problem())
+                continue
+            if health is not None:
+                self._set_datastore_problem(health.watch_problem())
             while not events.empty():
                 batch.append(events.get_nowait())
             for item in batch:

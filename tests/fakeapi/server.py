@@ -81,6 +81,7 @@ BUILTIN = (
     Resource("", "v1", "services", "Service", True, True),
     Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
+    Resource("apps", "v1", "daemonsets", "DaemonSet", True, True),  # kube-proxy's (hand-over)
 )
 STATUS_DROPPED_ON_CREATE = frozenset({"Pod", "Service", "Namespace"})
 

@@ -95,6 +95,7 @@ class NodeState:
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
+    kube_proxy_cleanup: bool = True  # bpfKubeProxyIptablesCleanupEnabled (Calico's default)
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
     ipip_mtu: int = 0  # FelixConfiguration ipipMTU; 0: the data interface's minus 20
     wireguard: bool = False  # wireguardEnabled: asked for; the dataplane says what it can do
@@ -183,6 +184,7 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
     state.ext_mode = "DSR" if cfg.get("bpfExternalServiceMode") == "DSR" else "Tunnel"
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
+    state.kube_proxy_cleanup = bool(cfg.get("bpfKubeProxyIptablesCleanupEnabled", True))
     state.vxlan_mtu = int(cfg.get("vxlanMTU", 0) or 0)
     state.ipip_mtu = int(cfg.get("ipipMTU", 0) or 0)
     state.wireguard = bool(cfg.get("wireguardEnabled", False))

@@ -66,13 +66,18 @@ def agent(
 
 @app.command()
 def controller(datastore: str = DatastoreOpt, log_level: str = typer.Option("info")) -> None:
-    """Keep EndpointSlices in step with Services and Pods (kube-controller-manager's part)."""
-    from tabby.controller import endpointslices
+    """Keep EndpointSlices in step with Services and Pods (kube-controller-manager's part) and
+    release what a deleted Node held: pods, IPAM blocks and addresses (calico-kube-controllers')."""
+    from tabby.controller import endpointslices, nodes
     from tabby.datastore import open_datastore
 
     _logging(log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: _exit(stop))
+    node_ds = open_datastore(datastore)  # its own client: the two loops run in two threads
+    threading.Thread(
+        target=nodes.run, args=(node_ds, stop), name="node-controller", daemon=True
+    ).start()
     endpointslices.run(open_datastore(datastore), stop)
 
 

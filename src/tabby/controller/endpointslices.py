@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Iterable
 
-from tabby.datastore.api import Compacted, Datastore, Event, Obj
+from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event, Obj
 from tabby.model.core import SERVICE_NAME_LABEL
 from tabby.model.selectors import from_map, match_labels
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 MANAGED_BY = "tabby-controller"
 MAX_ENDPOINTS_PER_SLICE = 100
+BACKOFF_S = (0.5, 10.0)  # first and longest wait after a datastore error
 
 PortKey = tuple[tuple[str, int, str], ...]  # (name, port, protocol) per resolved service port
 
@@ -175,13 +176,20 @@ def _relevant(ev: Event) -> bool:
 
 
 def run(ds: Datastore, stop: threading.Event) -> None:
-    """Sync, then re-sync on every relevant change until ``stop``; relists after compaction."""
+    """Sync, then re-sync on every relevant change until ``stop``; relists after compaction,
+    and after the datastore comes back from an outage (retried with backoff meanwhile)."""
+    wait_s = BACKOFF_S[0]
     while not stop.is_set():
-        synced = sync(ds)
         try:
+            synced = sync(ds)
+            wait_s = BACKOFF_S[0]
             for ev in ds.watch(synced, stop):
                 # A sync reflects every change up to the revision it listed at: skip those.
                 if ev.revision > synced and _relevant(ev):
                     synced = max(sync(ds), ev.revision)
         except Compacted:
             log.info("endpointslice controller: watch compacted, relisting")
+        except DatastoreError as e:
+            log.warning("endpointslice controller: %s (retrying in %.1f s)", e, wait_s)
+            stop.wait(wait_s)
+            wait_s = min(wait_s * 2, BACKOFF_S[1])

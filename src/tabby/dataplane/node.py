@@ -24,6 +24,7 @@ from tabby.dataplane.attach import AttachManager, Attachment
 from tabby.dataplane.conntrack import ConntrackGC, GcStats
 from tabby.dataplane.ctlb import REAPER, CtlbManager
 from tabby.dataplane.healthcheck import HealthServers
+from tabby.dataplane.kubeproxy import cleanup as kube_proxy_cleanup
 from tabby.dataplane.nat import NatApplyResult, NatManager
 from tabby.dataplane.routes import KernelRouteManager, RouteMapManager
 from tabby.dataplane.tunnel import TunnelManager
@@ -60,6 +61,7 @@ class NodeDataplane:
         self.last_nat = NatApplyResult()
         self.health = HealthServers()  # kube-proxy's health ports, bound in this netns
         self.bpf_enabled: bool | None = None
+        self.kube_proxy_cleaned = False  # once per start (and again if the setting comes back)
         self.wireguard: tuple[bool, str] | None = None  # preflight.wireguard_support(), cached
         self.tcx_supported = preflight.kernel_version() >= preflight.TCX_KERNEL
         for knob, value in _node_sysctls(data_iface).items():
@@ -100,12 +102,34 @@ class NodeDataplane:
         errors += self.attach.apply(self._attachments(state), self.objects.prog_fds(), attach_type)
         errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip, state.ipip_mtu)
         errors += self._apply_ctlb(state, warnings)
+        if not errors:  # tabby serves every service now: kube-proxy's leftovers can go
+            warnings += self._clean_kube_proxy(state)
         # Last, so /healthz says whether everything above is programmed. A port we cannot bind
         # is a warning, as kube-proxy's event: it must not keep the node not ready.
         warnings += self.health.apply(
             state.kube_proxy_healthz_port, state.health_checks, ready=not errors
         )
         return ApplyResult(errors, warnings)
+
+    def _clean_kube_proxy(self, state: NodeState) -> list[str]:
+        """kube-proxy's chains and nft tables removed once per agent start while
+        bpfKubeProxyIptablesCleanupEnabled (and BPF) is on; a failure is a warning, retried at
+        the next apply: tabby's NAT runs before netfilter, so leftovers do not break services."""
+        if not (state.kube_proxy_cleanup and state.bpf_enabled):
+            self.kube_proxy_cleaned = False  # turned back on later: clean again then
+            return []
+        if self.kube_proxy_cleaned:
+            return []
+        result = kube_proxy_cleanup()
+        if result.removed_anything:
+            log.info(
+                "kube-proxy leftovers removed: %d chains, %d jumps, nft tables %s",
+                result.chains, result.jumps, result.nft_tables or "none",
+            )  # fmt: skip
+        if result.errors:
+            return [f"kube-proxy cleanup: {e}" for e in result.errors]
+        self.kube_proxy_cleaned = True
+        return []
 
     def _wireguard_refusal(self) -> str:
         """One line for /readyz: wireguardEnabled is not honoured (probed once, for real)."""

@@ -12,7 +12,7 @@ import builtins
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Obj = dict[str, Any]
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
@@ -91,3 +91,13 @@ class Datastore(Protocol):
     ) -> Iterator[Event]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class WatchHealth(Protocol):
+    """A datastore whose watch retries a lost connection by itself (etcd, Kubernetes API) says
+    while it does: the agent reports not-ready then, long before the watch gives up."""
+
+    def watch_problem(self) -> str | None:
+        """Why a watch stream of this datastore is down and retrying now; None while all are up."""
+        ...

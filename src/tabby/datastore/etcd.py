@@ -290,6 +290,7 @@ class EtcdDatastore:
             raise DatastoreError(f"datastore {self.name}: service CIDR {net} is too small")
         self.service_cidr = str(net)
         self.reconnect_timeout_s = reconnect_timeout_s
+        self._watch_down: str | None = None  # why the watch stream is down (retrying), or None
         self._loop = shared_loop()
         self._channel, self._kv, self._watch_stub = self._call(self._open())
         weakref.finalize(self, _close_channel, self._loop, self._channel)
@@ -489,6 +490,9 @@ class EtcdDatastore:
 
     # --- watch ---------------------------------------------------------------------------------
 
+    def watch_problem(self) -> str | None:
+        return self._watch_down
+
     def watch(self, since_revision: int, stop: threading.Event | None = None) -> Iterator[Event]:
         """Every change above ``since_revision``, in order; blocks on the etcd watch stream."""
         out: queue.Queue[builtins.list[Event] | BaseException] = queue.Queue()
@@ -514,6 +518,7 @@ class EtcdDatastore:
             try:
                 async for resp in self._stream(revision):
                     backoff_s, down_since = _RECONNECT_BACKOFF_S[0], 0.0
+                    self._watch_down = None
                     if resp.compact_revision > 0:
                         out.put(
                             Compacted(
@@ -542,6 +547,7 @@ class EtcdDatastore:
                 return
             now = time.monotonic()
             down_since = down_since or now
+            self._watch_down = f"watch: {problem} (retrying for {now - down_since:.0f} s)"
             if now - down_since > self.reconnect_timeout_s:
                 out.put(Unavailable(f"datastore {self.name}: watch: {problem}"))
                 return

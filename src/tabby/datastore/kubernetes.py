@@ -177,6 +177,13 @@ def _resource(kind_name: str, status: bool = False) -> Any:
     return type(kind.name, (base,), {"_api_info": info})
 
 
+_DaemonSet: Any = type(
+    "DaemonSet",
+    (GenericNamespacedResource,),
+    {"_api_info": create_api_info("apps", "v1", "DaemonSet", "daemonsets")},
+)
+
+
 def _to_wire(obj: Obj) -> Obj:
     kind = lookup(obj["kind"])
     return {**obj, "apiVersion": wire_version(kind)}
@@ -267,6 +274,7 @@ class KubernetesDatastore:
         self._seeds: dict[str, tuple[int, dict[Key, Obj]]] = {}  # kind -> newest full list
         self._seeds_lock = threading.Lock()
         self.relists = 0  # informer relists after a 410 (tests and metrics)
+        self._watch_down: dict[str, str] = {}  # kind -> why its informer's stream is down
 
     async def _open(self, config: Any) -> Any:
         timeout = httpx2.Timeout(REQUEST_TIMEOUT_S)
@@ -551,7 +559,43 @@ class KubernetesDatastore:
 
         return self._call(run())
 
+    # --- DaemonSets (not tabby kinds: only the kube-proxy hand-over touches them) -------------
+
+    def _daemonset_request(
+        self, method: str, namespace: str, name: str, patch: Obj | None = None
+    ) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if patch is not None else None
+        br = self._generic.prepare_request(
+            method, res=_DaemonSet, obj=patch, name=name, namespace=namespace, headers=headers
+        )
+        return self._generic.build_adapter_request(br)
+
+    def get_daemonset(self, namespace: str, name: str) -> Obj | None:
+        """The DaemonSet ``namespace/name`` as the API server holds it, or None."""
+
+        async def run() -> Obj | None:
+            try:
+                answer = await self._send(
+                    self._daemonset_request("get", namespace, name), f"daemonset {namespace}/{name}"
+                )
+            except NotFound:
+                return None
+            return cast(Obj, answer)
+
+        return self._call(run())
+
+    def merge_patch_daemonset(self, namespace: str, name: str, patch: Obj) -> Obj:
+        """A JSON merge patch (RFC 7386; what ``kubectl patch --type merge`` sends) of the
+        DaemonSet ``namespace/name``; the API server applies it atomically. Returns the stored
+        object; NotFound if there is no such DaemonSet."""
+        request = self._daemonset_request("patch", namespace, name, patch)
+        return cast(Obj, self._call(self._send(request, f"daemonset {namespace}/{name}")))
+
     # --- watch ---------------------------------------------------------------------------------
+
+    def watch_problem(self) -> str | None:
+        down = dict(self._watch_down)  # written by the loop thread
+        return "; ".join(f"watch {k}: {v}" for k, v in sorted(down.items())) or None
 
     def watch(self, since_revision: int, stop: threading.Event | None = None) -> Iterator[Event]:
         """Every change above ``since_revision``: one informer per kind, merged."""
@@ -599,6 +643,7 @@ class KubernetesDatastore:
                 status = status if isinstance(status, dict) else {}
                 status.setdefault("code", resp.status_code)
                 raise _status_error(status, f"watch {kind.plural}")
+            self._watch_down.pop(kind.name, None)  # connected: the stream is up again
             async for line in resp.aiter_lines():
                 if not line.strip():
                     continue
@@ -693,8 +738,9 @@ class _Informer:
             except (Unavailable, httpx2.HTTPError, OSError, TimeoutError) as err:
                 now = time.monotonic()
                 down_since = down_since or now
+                detail = _one_line(str(err)) or type(err).__name__
+                self.ds._watch_down[self.kind.name] = detail
                 if now - down_since > self.ds.reconnect_timeout_s:
-                    detail = _one_line(str(err)) or type(err).__name__
                     raise Unavailable(
                         f"datastore {self.ds.name}: watch {self.kind.plural}: {detail}"
                     ) from None

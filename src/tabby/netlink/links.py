@@ -15,6 +15,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255  # in a delete: match a route of any scope (what `ip route del` sends)
 RTNH_F_ONLINK = 4
 IFF_NOARP = 0x80
 ENOENT, EEXIST, ENODEV = 2, 17, 19
@@ -87,6 +88,10 @@ def replace_route(ipr: IPRoute, **kw: object) -> None:
 
 
 def delete_route(ipr: IPRoute, **kw: object) -> None:
+    """Delete the route matching ``kw``; already gone is fine. Without a scope, any scope
+    matches: pyroute2 would send universe, which never matches a scope-link route (the kernel
+    answers ESRCH, taken for "already gone", and the route stayed)."""
+    kw.setdefault("scope", RT_SCOPE_NOWHERE)
     try:
         ipr.route("del", **kw)
     except NetlinkError as e:
