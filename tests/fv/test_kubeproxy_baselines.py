@@ -6,6 +6,7 @@ baseline would make every ratio of `tabbyctl bench` a lie."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import uuid
 from collections.abc import Iterator
 
@@ -96,3 +97,29 @@ def test_flush_removes_a_layout(paths: Baselines) -> None:
     netns = paths.prepare_run("nftables")
     ok, detail = traffic.reachable(lambda: traffic.http_get(netns, vip, port, "/", 1.0))
     assert not ok, f"still translated after flush: {detail}"
+
+
+@pytest.mark.parametrize("path", ["iptables-legacy", "iptables-nft", "nftables"])
+def test_partial_sync_moves_one_endpoint(paths: Baselines, path: str) -> None:
+    services = baselines.kube_services(20)
+    paths.program(path, services)
+    old = services[10]
+    new_ip = "100.120.255.7"
+    new = dataclasses.replace(old, endpoints=((new_ip, old.endpoints[0][1]), *old.endpoints[1:]))
+    after = [*services[:10], new, *services[11:]]
+    took = paths.change_one(path, after, old, new)
+    assert took is not None and took > 0
+    seen = spread(paths, path, new.cluster_ip, new.port)
+    assert set(seen) == {ip for ip, _ in new.endpoints}, dict(seen)
+    # the other services kept their rules (KUBE-SERVICES is rewritten whole by the partial sync)
+    last = services[-1]
+    body = traffic.http_get(paths.plans[path].client_netns, last.cluster_ip, last.port, "/")
+    assert body.split()[1] in {ip for ip, _ in last.endpoints}
+    node = paths.plans[path].node_netns
+    gone = old.endpoints[0][0]
+    if path == "nftables":
+        dump = baselines.run_in(node, ["nft", "list", "table", "ip", "kube-proxy"]).stdout
+        assert kubeproxy_rules.nft_endpoint_chain(old, gone, old.endpoints[0][1]) not in dump
+    else:
+        save = baselines.run_in(node, [f"iptables-{baselines.iptables_backend(path)}-save"])
+        assert kubeproxy_rules.sep_chain(old, gone, old.endpoints[0][1]) not in save.stdout

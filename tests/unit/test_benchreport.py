@@ -139,7 +139,7 @@ def test_outputs_are_written(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "| 1,000 | iptables-legacy | 1,000 (1,000-1,000) | 1.00 (1.00-1.00) | - |" in md
     assert "- iptables-legacy: a note" in md
-    assert "3.5 (4.0)" in md  # one change: median (p99)
+    assert "tabby 3.5 (4.0)" in md  # one change: median (p99)
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) == len(benchreport.FIGURES) + 3
     assert all(os.path.getsize(tmp_path / p) > 1000 for p in pngs)

@@ -298,6 +298,22 @@ class Baselines:
             )
         return Programmed(path, n, self.load_iptables(path, rules))
 
+    def change_one(
+        self,
+        path: str,
+        services: Sequence[KubeServicePort],
+        old: KubeServicePort,
+        new: KubeServicePort,
+    ) -> float | None:
+        """kube-proxy's partial sync after ``old`` became ``new`` (``services``: the state after
+        the change); seconds the transaction took. None: not applied, not measured (plain has
+        no rules; iptables-nft above IPT_NFT_NOFLUSH_MAX: its --noflush restore is quadratic)."""
+        if path == "plain" or (path == "iptables-nft" and len(services) > IPT_NFT_NOFLUSH_MAX):
+            return None
+        if path == "nftables":
+            return self.load_nftables(path, nft_partial_sync(old, new))
+        return self.load_iptables(path, iptables_partial_sync(services, old, new))
+
     def target(self, path: str, services: Sequence[KubeServicePort]) -> tuple[str, int]:
         """Where a client of ``path`` connects: the last service's VIP (the worst case of
         kube-proxy's linear KUBE-SERVICES), or for ``plain`` its first endpoint."""
@@ -318,6 +334,54 @@ class Baselines:
             for knob, value in KUBE_PROXY_CT_SYSCTLS.items():
                 if os.path.exists("/proc/sys/" + knob):
                     links.write_sysctl(knob, value)
+
+
+# ---------------------------------------------------------------------- partial syncs
+
+
+def iptables_partial_sync(
+    services: Sequence[KubeServicePort], old: KubeServicePort, new: KubeServicePort
+) -> str:
+    """What kube-proxy's iptables mode restores after one endpoint change (partial sync, 1.28+):
+    KUBE-SERVICES rewritten whole (one rule per service), the changed service's KUBE-SVC chain
+    and its KUBE-SEP chains rewritten, the departed endpoint's KUBE-SEP chain deleted. The
+    filter table is left out (kube-proxy rewrites it too; it holds no per-service rule here)."""
+    full = kubeproxy_rules.iptables_restore(services, cluster_cidr=CLUSTER_CIDR, jumps=False)
+    nat = full[full.index("*nat") :]
+    svc = kubeproxy_rules.svc_chain(new)
+    seps = {kubeproxy_rules.sep_chain(new, ip, port) for ip, port in new.endpoints}
+    gone = {kubeproxy_rules.sep_chain(old, ip, port) for ip, port in old.endpoints} - seps
+    keep = {"KUBE-SERVICES", svc, *seps}
+    lines = ["*nat"]
+    # a stale chain is declared (which flushes it: -X wants it empty), then deleted
+    lines += [f":{c} - [0:0]" for c in ("KUBE-SERVICES", svc, *sorted(seps), *sorted(gone))]
+    for line in nat.splitlines():
+        if line.startswith("-A ") and line.split()[1] in keep:
+            lines.append(line)
+    lines += [f"-X {c}" for c in sorted(gone)]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+def nft_partial_sync(old: KubeServicePort, new: KubeServicePort) -> str:
+    """What kube-proxy's nftables mode sends after one endpoint change: the new endpoint chain,
+    the service chain flushed and refilled (its numgen vmap), the departed endpoint's chain
+    deleted; the service-ips map is untouched."""
+    table = "ip kube-proxy"
+    svc = kubeproxy_rules.nft_service_chain(new)
+    eps = {kubeproxy_rules.nft_endpoint_chain(new, ip, port) for ip, port in new.endpoints}
+    gone = {kubeproxy_rules.nft_endpoint_chain(old, ip, port) for ip, port in old.endpoints} - eps
+    one = kubeproxy_rules.nftables([new], cluster_cidr=CLUSTER_CIDR, service_cidr=SERVICE_CIDR)
+    adds, svc_rules = [], []
+    for line in one.splitlines():
+        words = line.split()
+        if len(words) > 4 and words[0] == "add" and words[1] in ("chain", "rule"):
+            if words[4] in eps:
+                adds.append(line)
+            elif words[4] == svc and words[1] == "rule":
+                svc_rules.append(line)
+    out = [*adds, f"flush chain {table} {svc}", *svc_rules]
+    out += [f"delete chain {table} {c}" for c in sorted(gone)]
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------- helpers

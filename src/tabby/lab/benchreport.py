@@ -218,13 +218,17 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "| N | program from scratch s: "
         + " / ".join([*paths, "tabby"])
-        + " | one change ms: tabby median (p99) | agent RSS MB | iperf3 Gbit/s |",
+        + " | one change ms, median (p99) | agent RSS MB | iperf3 Gbit/s |",
         "|---:|---|---|---:|---|",
     ]
     for s in summary["sizes"]:
         prog = " / ".join(_fmt(s["program_s"].get(p), ".2f") for p in [*paths, "tabby"])
-        ch = s["change"].get("tabby")
-        change = f"{ch['median']:.1f} ({ch['p99']:.1f})" if ch else "-"
+        change = (
+            ", ".join(
+                f"{p} {c['median']:.1f} ({c['p99']:.1f})" for p, c in sorted(s["change"].items())
+            )
+            or "-"
+        )
         iperf = ", ".join(f"{p} {g:.1f}" for p, g in s["iperf_gbps"].items()) or "-"
         out.append(
             f"| {s['services']:,} | {prog} | {change} | {_fmt(s['agent_rss_mb'], '.0f')} | "
@@ -248,6 +252,7 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 Getter = Callable[[dict[str, Any]], Any]
+
 FIGURES: tuple[tuple[str, str, Getter], ...] = (
     ("conn_rate", "new TCP connections/s (median)", lambda r: r["rate"]["median"]),
     ("conn_ratio", "conn/s ratio to own plain routing", lambda r: (r["ratio"] or {}).get("median")),
@@ -304,22 +309,27 @@ def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     save(fig, "program_seconds")
-    size_figures: tuple[tuple[str, str, Getter], ...] = (
-        (
-            "change_ms",
-            "one endpoint change -> programmed, ms (tabby, median)",
-            lambda s: (s["change"].get("tabby") or {}).get("median"),
-        ),
-        ("agent_rss", "agent resident memory, MB", lambda s: s.get("agent_rss_mb")),
-    )
-    for name, title, get in size_figures:
-        fig, ax = axes(title)
-        pts = [(xs[s["services"]], get(s)) for s in per_size if s["services"] in xs]
-        pts = [(x, y) for x, y in pts if y is not None]
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label="tabby")
-            ax.legend(fontsize=8)
-        save(fig, name)
+    fig, ax = axes("one endpoint change, ms, median (log)")
+    for p in sorted({k for s in per_size for k in s["change"]}):
+        pts = [
+            (xs[s["services"]], s["change"][p]["median"])
+            for s in per_size
+            if s["services"] in xs and p in s["change"]
+        ]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    save(fig, "change_ms")
+    fig, ax = axes("agent resident memory, MB")
+    pts = [
+        (xs[s["services"]], s["agent_rss_mb"])
+        for s in per_size
+        if s["services"] in xs and s.get("agent_rss_mb") is not None
+    ]
+    if pts:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label="tabby")
+        ax.legend(fontsize=8)
+    save(fig, "agent_rss")
     return written
 
 

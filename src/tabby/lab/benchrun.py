@@ -43,11 +43,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tabby.lab import baselines, processes, state
+from tabby.lab import baselines, processes, state, traffic
 from tabby.lab.baselines import Baselines
 from tabby.lab.cluster import HEALTH_PORT, Lab
 from tabby.lab.kubeproxy_rules import KubeServicePort
@@ -66,6 +66,8 @@ FULL_SIZES = (1, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (1, 1000)
 ENDPOINTS = 3
 IPERF_PORT = 5201
+KUBE_CHANGES = 3  # partial syncs per layout and N (each rewrites KUBE-SERVICES whole)
+CHANGE_IP_BASE = int(ipaddress.IPv4Address("100.120.255.1"))  # inside the backend's AnyIP range
 WEB_VIP = "100.64.0.100"
 SYN_VIP_BASE = int(ipaddress.IPv4Address("100.66.0.0"))  # the lab's synthetic services
 SYN_BACKEND_BASE = int(ipaddress.IPv4Address("100.120.0.0"))
@@ -741,9 +743,7 @@ class Runner:
                 f"agent RSS {size.agent_rss_mb} MB"
             )
         if self.kernel is not None:
-            for path in self.kernel.plans:
-                if path != "plain":
-                    size.change_notes[path] = "not measured (kube-proxy partial sync: to come)"
+            self._kube_changes(size, min(cfg.changes, KUBE_CHANGES))
         if iperf:
             for path in cfg.paths:
                 self._prepare(path)
@@ -753,6 +753,49 @@ class Runner:
                 size.iperf_gbps[path] = run_iperf(netns, ip, cfg.iperf_seconds, cg)
                 gbps = size.iperf_gbps[path]
                 self.progress(f"N={size.services:,} {path}: iperf3 {gbps:.1f} Gbit/s")
+
+    def _kube_changes(self, size: SizeResult, changes: int) -> None:
+        """One endpoint of the middle service replaced, ``changes`` times, through each
+        layout's partial sync (the transaction timed); then the new endpoint must answer."""
+        assert self.kernel is not None
+        paths = [p for p in self.kernel.plans if p != "plain"]
+        new = self.kube_services[0]
+        for _ in range(changes):
+            self.generation += 1
+            svcs = self.kube_services
+            idx = (len(svcs) - 2) // 2  # the last entry is the measured service's iperf port
+            old = svcs[idx]
+            new_ip = str(ipaddress.IPv4Address(CHANGE_IP_BASE + self.generation % 250))
+            new = replace(old, endpoints=((new_ip, old.endpoints[0][1]), *old.endpoints[1:]))
+            after = [*svcs[:idx], new, *svcs[idx + 1 :]]
+            for path in paths:
+                took = self.kernel.change_one(path, after, old, new)
+                if took is None:
+                    size.change_notes[path] = (
+                        f"not measured above {baselines.IPT_NFT_NOFLUSH_MAX:,} services "
+                        "(--noflush is quadratic)"
+                    )
+                else:
+                    size.change_ms.setdefault(path, []).append(took * 1000)
+            self.kube_services = after
+        for path in paths:
+            if path in size.change_ms:
+                size.change_notes[path] = (
+                    "the partial sync's restore / nft transaction only (kube-proxy adds its "
+                    "own work and a 1 s min-sync-period)"
+                )
+                self._check_endpoint(path, new.cluster_ip, new.port, new.endpoints[0][0])
+
+    def _check_endpoint(self, path: str, vip: str, port: int, want: str) -> None:
+        """After a change, connections to ``vip`` reach the new endpoint (checked, not timed)."""
+        assert self.kernel is not None
+        netns = self.kernel.prepare_run(path)
+        seen = set()
+        for _ in range(60):
+            seen.add(traffic.http_get(netns, vip, port, "/").split()[1])
+            if want in seen:
+                return
+        raise BenchError(f"{path}: after the change {vip} never reached {want} (saw {seen})")
 
 
 def default_connload() -> str:
