@@ -19,8 +19,9 @@ from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
-from tabby.calc.nodestate import NodeState
+from tabby.calc.nodestate import RT_REMOTE_WL, NodeState, Route
 from tabby.dataplane.attach import AttachManager, Attachment
+from tabby.dataplane.bird import BirdError, BirdManager
 from tabby.dataplane.conntrack import ConntrackGC, GcStats
 from tabby.dataplane.ctlb import REAPER, CtlbManager
 from tabby.dataplane.healthcheck import HealthServers
@@ -40,7 +41,12 @@ class ApplyResult:
 
 class NodeDataplane:
     def __init__(
-        self, pin_root: str, data_iface: str, state: NodeState, cgroup: str | None = None
+        self,
+        pin_root: str,
+        data_iface: str,
+        state: NodeState,
+        cgroup: str | None = None,
+        bird_dir: str | None = None,
     ) -> None:
         self.pin_root = pin_root
         self.data_iface = data_iface
@@ -53,6 +59,9 @@ class NodeDataplane:
         self.ctlb = CtlbManager(pin_root)
         self.tunnel = TunnelManager(data_iface)
         self.kernel_routes = KernelRouteManager(data_iface)
+        # the BIRD backend: None when the agent runs without it (no BGP)
+        self.bird = BirdManager(bird_dir) if bird_dir else None
+        self.desired_routes: dict[str, Route] = {}  # the last state's, before learnt ones
         # own fds on the pins: they outlive a reload of the objects
         self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
@@ -83,7 +92,10 @@ class NodeDataplane:
         )
         if state.wireguard:
             warnings.append(self._wireguard_refusal())
-        errors += self.routes.apply(state.routes)
+        if self.bird is not None:
+            errors += self.bird.apply(state.bird)
+        self.desired_routes = dict(state.routes)
+        errors += self.sync_learned_routes()
         # services before the programs that read them are attached to new interfaces
         self.last_nat = self.nat.apply(state.services)
         errors += self.last_nat.errors
@@ -103,6 +115,20 @@ class NodeDataplane:
             state.kube_proxy_healthz_port, state.health_checks, ready=not errors
         )
         return ApplyResult(errors, warnings)
+
+    def sync_learned_routes(self) -> list[str]:
+        """The route map: the state's routes plus what BGP learnt (called after each apply and
+        periodically, as BGP changes without a datastore event)."""
+        routes = dict(self.desired_routes)
+        if self.bird is not None:
+            try:
+                learned = self.bird.learned()
+            except BirdError as e:
+                return [f"BGP: {e}"]
+            for cidr, next_hop in learned.items():
+                if cidr not in routes:
+                    routes[cidr] = Route(cidr, RT_REMOTE_WL, next_hop=next_hop)
+        return self.routes.apply(routes)
 
     def _wireguard_refusal(self) -> str:
         """One line for /readyz: wireguardEnabled is not honoured (probed once, for real)."""
