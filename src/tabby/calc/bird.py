@@ -38,6 +38,7 @@ AS_ANNOTATION = "projectcalico.org/ASNumber"
 CLUSTER_ID_ANNOTATION = "projectcalico.org/RouteReflectorClusterID"
 KERNEL_METRIC = 32  # BIRD's default; tabby's own routes use 0
 BLOCKS_PROTOCOL = "tabby_blocks"
+DEFAULT_RESTART_WAIT_S = 30
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class BirdConfig:
     cluster_id: str | None = None
     listen_port: int = 179
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def restart_wait_s(self) -> int:
+        return max([p.restart_s or 0 for p in self.peers] + [DEFAULT_RESTART_WAIT_S])
 
     @property
     def text(self) -> str:
@@ -242,6 +247,8 @@ def _text(cfg: BirdConfig) -> str:
         f"# Written by the tabby agent of node {cfg.node} from the datastore; do not edit.",
         f"router id {cfg.router_id};",
         "log stderr { info, remote, warning, error, auth, fatal, bug };",
+        "# after a restart (bird -R), wait at most this long for the peers' routes",
+        f"graceful restart wait {cfg.restart_wait_s};",
         "",
         "protocol device { scan time 2; }",
         "# connected subnets: BGP next hops of same-subnet peers resolve on-link",

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tabby.cli import bpf, cluster, lab, resources
+from tabby.cli import bpf, cluster, lab, node, resources
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="tabby: an eBPF dataplane for Kubernetes"
@@ -15,6 +15,7 @@ resources.register(app)
 app.add_typer(lab.app, name="lab")
 app.add_typer(bpf.app, name="bpf")
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(node.app, name="node")
 
 
 @app.command()

@@ -57,13 +57,19 @@ class BirdPaths:
         return os.path.join(self.directory, "bird.log")
 
 
-def birdc(socket_path: str, *command: str, timeout_s: float = CALL_TIMEOUT_S) -> str:
-    """One birdc command on ``socket_path``; raises BirdError with BIRD's answer on failure."""
+def birdc(
+    socket_path: str, *command: str, timeout_s: float = CALL_TIMEOUT_S, netns: str | None = None
+) -> str:
+    """One birdc command on ``socket_path`` (run in network namespace ``netns`` if given);
+    raises BirdError with BIRD's answer on failure."""
     if shutil.which(BIRDC) is None:
         raise BirdError("birdc is not installed (Debian package bird2)")
+    if not os.path.exists(socket_path):
+        raise BirdError(f"BIRD is not running: no control socket {socket_path}")
+    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
     try:
         done = subprocess.run(
-            [BIRDC, "-s", socket_path, *command],
+            [*prefix, BIRDC, "-s", socket_path, *command],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -177,9 +183,11 @@ class BirdManager:
         logf = open(self.paths.log, "ab")
         try:
             # -f: BIRD stays our child (its pid is the one we record); own session: it
-            # survives the agent, as calico-node's BIRD survives Felix.
+            # survives the agent, as calico-node's BIRD survives Felix. -R: graceful restart
+            # recovery (as calico-node starts it): after a crash, the kernel routes the last
+            # BIRD left stay until the peers have re-sent theirs.
             self.proc = subprocess.Popen(
-                [BIRD, "-f", "-c", self.paths.config, "-s", self.paths.socket,
+                [BIRD, "-f", "-R", "-c", self.paths.config, "-s", self.paths.socket,
                  "-P", self.paths.pidfile],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -194,10 +202,14 @@ class BirdManager:
             time.sleep(0.02)
         log.info("BIRD started, pid %d", self.pid)
 
-    def learned(self) -> dict[str, str]:
-        """Learnt routes BIRD programs into the kernel: {prefix: the owning node's address}."""
+    def learned(self) -> dict[str, str] | None:
+        """Learnt routes BIRD programs into the kernel: {prefix: the owning node's address};
+        None while BIRD is down or still recovering from a restart (keep what is programmed,
+        as the kernel keeps BIRD's routes meanwhile)."""
         if not self.running():
-            return {}
+            return None
+        if "recovery in progress" in birdc(self.paths.socket, "show", "status"):
+            return None
         text = birdc(
             self.paths.socket, "show", "route", "export", KERNEL_PROTOCOL, "where",
             "source", "=", "RTS_BGP", "all",
@@ -216,3 +228,64 @@ class BirdManager:
                 self.proc.kill()
                 self.proc.wait()
         self.proc, self.pid, self.written = None, None, None
+
+
+@dataclass(frozen=True)
+class Session:
+    """One BGP session as ``birdc show protocols all`` tells it (calicoctl node status' row)."""
+
+    name: str
+    peer: str
+    type: str  # the protocol's description: node-to-node mesh, global, node specific
+    state: str  # up, start, down...
+    since: str
+    info: str  # Established, Active, Connect... and the last error
+    imported: int
+    exported: int
+
+
+def parse_sessions(text: str) -> list[Session]:
+    """BGP protocols of ``show protocols all`` (other protocols are skipped)."""
+    out: list[Session] = []
+    row: dict[str, str] | None = None
+
+    def flush() -> None:
+        if row is not None:
+            out.append(
+                Session(
+                    row["name"], row.get("peer", ""), row.get("type", ""), row["state"],
+                    row["since"], row["info"], int(row.get("imported", 0)),
+                    int(row.get("exported", 0)),
+                )
+            )  # fmt: skip
+
+    for line in text.splitlines():
+        if not line.strip() or line.startswith(("BIRD ", "Name ")):
+            continue
+        if not line[0].isspace():
+            flush()
+            cols = line.split(None, 5)
+            row = None
+            if len(cols) >= 5 and cols[1] == "BGP":
+                row = {"name": cols[0], "state": cols[3], "since": cols[4]}
+                row["info"] = cols[5].strip() if len(cols) > 5 else ""
+            continue
+        if row is None:
+            continue
+        key, _, value = line.strip().partition(":")
+        value = value.strip()
+        if key == "Description":
+            row["type"] = value
+        elif key == "Neighbor address":
+            row["peer"] = value
+        elif key == "Routes":  # "1 imported, 1 exported, 1 preferred"
+            for part in value.split(","):
+                num, _, what = part.strip().partition(" ")
+                if what in ("imported", "exported") and num.isdigit():
+                    row[what] = num
+    flush()
+    return out
+
+
+def sessions(socket_path: str, netns: str | None = None) -> list[Session]:
+    return parse_sessions(birdc(socket_path, "show", "protocols", "all", netns=netns))

@@ -95,6 +95,7 @@ def router_config(plan: LabPlan) -> str:
     for node in plan.nodes:
         out += [
             f"protocol bgp {node.name} from node {{",
+            f'  description "node {node.name}";',
             f"  neighbor {node.ip} as {AS_NUMBER};",
             "}",
         ]
