@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from tabby.dataplane.bird import parse_learned, parse_sessions
 
+RESET = "Connection reset by peer"
+
 ROUTES = """BIRD 2.0.12 ready.
 Table master4:
 100.96.0.64/26       unicast [Mesh_172_20_64_12 05:24:32.748] * (100) [i]
 	via 172.20.32.1 on eth0
 	Type: BGP univ
 	BGP.origin: IGP
-	BGP.as_path: 
+	BGP.as_path:
 	BGP.next_hop: 172.20.64.12
 	BGP.local_pref: 100
 100.96.0.128/26      unicast [Node_172_20_32_11 05:26:23.485 from 172.20.32.11] * (100/?) [i]
@@ -26,19 +28,19 @@ Table master4:
 
 PROTOCOLS = """BIRD 2.0.12 ready.
 Name       Proto      Table      State  Since         Info
-device1    Device     ---        up     05:24:18.441  
-kernel1    Kernel     master4    up     05:24:18.441  
-Global_172_20_32_1 BGP        ---        up     05:24:18.441  Established   
+device1    Device     ---        up     05:24:18.441
+kernel1    Kernel     master4    up     05:24:18.441
+Global_172_20_32_1 BGP        ---        up     05:24:18.441  Established
   Description:    global
   BGP state:          Established
     Neighbor address: 172.20.32.1
   Channel ipv4
     Routes:         0 imported, 3 exported, 0 preferred
-Node_172_20_64_12 BGP        ---        start  05:25:57.684  Active        Socket: Connection reset by peer
+Node_172_20_64_12 BGP        ---        start  05:25:57.684  Active        Socket: @RESET@
   Description:    node specific
   BGP state:          Active
     Neighbor address: 172.20.64.12
-"""
+""".replace("@RESET@", RESET)
 
 
 def test_learnt_routes_carry_the_owning_node_not_the_router():

@@ -1,6 +1,6 @@
-"""deploy/crds agree with the model: every spec field of FelixConfiguration, IPPool, BGPConfiguration,
-BGPPeer, IPAMBlock and IPAMHandle (src/tabby/model/calico.py) is in its CRD's schema and nothing else is; groups and
-names are the ones the Kubernetes datastore uses."""
+"""deploy/crds agree with the model: every spec field of FelixConfiguration, IPPool,
+BGPConfiguration, BGPPeer, IPAMBlock and IPAMHandle (src/tabby/model/calico.py) is in its CRD's
+schema and nothing else is; groups and names are the ones the Kubernetes datastore uses."""
 
 from __future__ import annotations
 
