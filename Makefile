@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := clang llvm libc6-dev-i386 libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client iptables nftables conntrack
+APT_PKGS := clang llvm libc6-dev-i386 libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client iptables nftables conntrack bird2
 CLANG_FLAGS := -O2 -g -target bpf -Wall -Wextra -Werror -Ibpf/include -I/usr/include/x86_64-linux-gnu
 BPF_SRCS := $(wildcard bpf/*.c)
 BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))

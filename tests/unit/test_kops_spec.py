@@ -103,7 +103,7 @@ def test_encapsulation_defaults_to_ipip_cross_subnet_with_the_bgp_backend():
         "Never",
         "bird",
     )
-    assert "no BGP" in warnings(variant({**BPF}))[f"{CALICO}.encapsulationMode"]
+    assert f"{CALICO}.encapsulationMode" not in warnings(variant({**BPF})), "BIRD runs now"
 
 
 def test_vxlan_defaults_to_cross_subnet():
@@ -147,6 +147,12 @@ def test_vxlan_mode_with_ipip_encapsulation_is_an_error():
 def test_never_warns_that_routes_need_bgp():
     w = warnings(variant({**BPF, "encapsulationMode": "vxlan", "vxlanMode": "Never"}))
     assert "BGP" in w[f"{CALICO}.vxlanMode"]
+
+
+def test_never_with_the_bird_backend_routes_over_bgp_without_a_warning():
+    w = warnings(variant({**BPF, "ipipMode": "Never"}))
+    assert f"{CALICO}.ipipMode" not in w and f"{CALICO}.encapsulationMode" not in w
+    assert calico(variant({**BPF, "ipipMode": "Never"})).backend == "bird"
 
 
 def test_deprecated_cross_subnet_flag():

@@ -11,11 +11,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tabby.calc import names
 from tabby.calc.mtu import Encap
 from tabby.calc.services import ServiceNAT
+
+if TYPE_CHECKING:
+    from tabby.calc.bird import BirdConfig
 
 Obj = dict[str, Any]
 Resources = Mapping[str, Mapping[tuple[str, str], Obj]]  # kind -> (namespace, name) -> object
@@ -99,6 +102,9 @@ class NodeState:
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
     ipip_mtu: int = 0  # FelixConfiguration ipipMTU; 0: the data interface's minus 20
     wireguard: bool = False  # wireguardEnabled: asked for; the dataplane says what it can do
+    # The BIRD backend (calico_backend bird): this node's BIRD config (calc.bird.render); the
+    # blocks of pools without encapsulation are then routed by BGP, not from the IPAM blocks.
+    bird: BirdConfig | None = None
 
 
 def node_internal_ip(node: Obj) -> str | None:
@@ -171,7 +177,16 @@ def _encap_between(pool: Obj | None, mine: Obj | None, peer: Obj) -> Encap:
     return "none"
 
 
-def compute(resources: Resources, node: str) -> NodeState:
+def plain_pool(pool: Obj | None) -> bool:
+    """A pool routed without encapsulation to every peer (both modes Never)."""
+    if pool is None:
+        return False
+    spec = pool["spec"]
+    return bool(spec.get("ipipMode", "Never") == "Never" == spec.get("vxlanMode", "Never"))
+
+
+def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
+    """``bgp``: the BIRD backend runs (calc.bird): blocks of plain pools are left to BGP."""
     nodes = {name: obj for (_, name), obj in resources.get("Node", {}).items()}
     me = nodes.get(node)
     state = NodeState(node=node, node_ip=node_internal_ip(me) if me else None)
@@ -228,6 +243,8 @@ def compute(resources: Resources, node: str) -> NodeState:
                 state.tunnel_ip = tunnel
                 state.routes[f"{tunnel}/32"] = Route(f"{tunnel}/32", RT_LOCAL_HOST | RT_TUNNEL_ADDR)
             continue
+        if bgp and plain_pool(pool):
+            continue  # learnt over BGP: BIRD programs the kernel, the dataplane the route map
         peer = nodes.get(owner)
         peer_ip = node_internal_ip(peer) if peer else None
         if peer is None or peer_ip is None:

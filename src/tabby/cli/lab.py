@@ -46,6 +46,11 @@ def up(
         "sqlite",
         help="sqlite (embedded store) | etcd (a private etcd on loopback, stopped by down)",
     ),
+    backend: str | None = typer.Option(
+        None,
+        help="bird: BGP (BIRD on every node and the fabric router) | vxlan: no BGP; "
+        "default: the spec's (bird for encapsulationMode ipip), else vxlan",
+    ),
 ) -> None:
     """Build the lab: fabric, nodes, external client, one agent per node."""
     from tabby.cli import cluster as cluster_cli
@@ -74,6 +79,7 @@ def up(
                 cluster=spec,
                 fabric_mtu=fabric_mtu,
                 datastore=datastore,
+                backend=backend,
             )
     except (LabError, TopologyError, PreflightError) as e:
         _fail(str(e))

@@ -19,8 +19,10 @@ from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
-from tabby.calc.nodestate import NodeState
+from tabby.calc.bird import BirdConfig
+from tabby.calc.nodestate import RT_REMOTE_WL, NodeState, Route
 from tabby.dataplane.attach import AttachManager, Attachment
+from tabby.dataplane.bird import BirdError, BirdManager
 from tabby.dataplane.conntrack import ConntrackGC, GcStats
 from tabby.dataplane.ctlb import REAPER, CtlbManager
 from tabby.dataplane.healthcheck import HealthServers
@@ -41,7 +43,12 @@ class ApplyResult:
 
 class NodeDataplane:
     def __init__(
-        self, pin_root: str, data_iface: str, state: NodeState, cgroup: str | None = None
+        self,
+        pin_root: str,
+        data_iface: str,
+        state: NodeState,
+        cgroup: str | None = None,
+        bird_dir: str | None = None,
     ) -> None:
         self.pin_root = pin_root
         self.data_iface = data_iface
@@ -54,6 +61,11 @@ class NodeDataplane:
         self.ctlb = CtlbManager(pin_root)
         self.tunnel = TunnelManager(data_iface)
         self.kernel_routes = KernelRouteManager(data_iface)
+        # the BIRD backend: None when the agent runs without it (no BGP)
+        self.bird = BirdManager(bird_dir) if bird_dir else None
+        self.desired_routes: dict[str, Route] = {}  # the last state's, before learnt ones
+        self.learned: dict[str, str] = {}  # BGP: prefix -> next hop, as last read from BIRD
+        self.bird_config: BirdConfig | None = None
         # own fds on the pins: they outlive a reload of the objects
         self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
@@ -88,7 +100,11 @@ class NodeDataplane:
         )
         if state.wireguard:
             warnings.append(self._wireguard_refusal())
-        errors += self.routes.apply(state.routes)
+        if self.bird is not None:
+            self.bird_config = state.bird
+            errors += self.bird.apply(state.bird)
+        self.desired_routes = dict(state.routes)
+        errors += self.sync_learned_routes()
         # services before the programs that read them are attached to new interfaces
         self.last_nat = self.nat.apply(state.services)
         errors += self.last_nat.errors
@@ -130,6 +146,26 @@ class NodeDataplane:
             return [f"kube-proxy cleanup: {e}" for e in result.errors]
         self.kube_proxy_cleaned = True
         return []
+
+    def sync_learned_routes(self) -> list[str]:
+        """The route map: the state's routes plus what BGP learnt (called after each apply and
+        periodically, as BGP changes without a datastore event)."""
+        routes = dict(self.desired_routes)
+        errors: list[str] = []
+        if self.bird is not None:
+            if not self.bird.running():  # it died: start it again (graceful restart)
+                errors += self.bird.apply(self.bird_config)
+            try:
+                learned = self.bird.learned()
+            except BirdError as e:
+                learned = None
+                errors.append(f"BGP: {e}")
+            if learned is not None:
+                self.learned = learned
+            for cidr, next_hop in self.learned.items():
+                if cidr not in routes:
+                    routes[cidr] = Route(cidr, RT_REMOTE_WL, next_hop=next_hop)
+        return errors + self.routes.apply(routes)
 
     def _wireguard_refusal(self) -> str:
         """One line for /readyz: wireguardEnabled is not honoured (probed once, for real)."""
