@@ -141,6 +141,7 @@ class CtlbManager:
             log.info("ctlb: destroyed UDP %s (backend left its service)", key.describe())
         return []
 
+
 def cgroup_netns_fds(cgroup_path: str) -> list[int]:
     """One open fd per distinct network namespace of the processes in the cgroup subtree.
 
