@@ -175,6 +175,10 @@ static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 	if (!bpf_map_update_elem(&tby_ct, rk, rev, BPF_NOEXIST))
 		return 0;
 	old = bpf_map_lookup_elem(&tby_ct, rk);
+	/* a policy-only entry of the same tuple (a direct flow) gives way: its
+	 * verdict is judged again on the NAT pair's REV half */
+	if (old && old->type == TBY_CT_PLAIN)
+		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
 	if (!old || old->type != TBY_CT_NAT_REV)
 		return -1;
 	if (old->nat_addr == rev->nat_addr && old->nat_port == rev->nat_port &&

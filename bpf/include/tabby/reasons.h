@@ -39,6 +39,9 @@ enum tby_reason {
 	TBY_R_DECAP_IPIP, /* IP-in-IP from a known node: outer header removed */
 	TBY_R_DROP_IPIP_SRC, /* IP-in-IP to us from an address that is no node */
 	TBY_R_DROP_IPIP_FRAG, /* fragmented IP-in-IP: never sent by a node (MTU, DF) */
+	TBY_R_DROP_POL_IN, /* a local pod's ingress policy denied a new flow */
+	TBY_R_DROP_POL_OUT, /* a local pod's egress policy denied a new flow */
+	TBY_R_POL_NEW, /* a new flow of an isolated pod admitted and cached on conntrack */
 	TBY_REASON_MAX,
 };
 
@@ -50,7 +53,8 @@ enum tby_reason {
 	 (1ULL << TBY_R_DROP_ENCAP_FAIL) | (1ULL << TBY_R_DROP_NO_LOCAL) | \
 	 (1ULL << TBY_R_DROP_SRC_RANGE) | (1ULL << TBY_R_DROP_NAT_FAIL) |  \
 	 (1ULL << TBY_R_DROP_FRAG) | (1ULL << TBY_R_DROP_CT_FULL) |     \
-	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG))
+	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG) | \
+	 (1ULL << TBY_R_DROP_POL_IN) | (1ULL << TBY_R_DROP_POL_OUT))
 
 /*
  * The counter key is a plain __u32 (array maps demand an integer key), so no

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tabby.calc import names
+from tabby.calc import names, policy
 from tabby.calc.mtu import Encap
 from tabby.calc.services import ServiceNAT
 
@@ -97,6 +97,7 @@ class NodeState:
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
     ipip_mtu: int = 0  # FelixConfiguration ipipMTU; 0: the data interface's minus 20
     wireguard: bool = False  # wireguardEnabled: asked for; the dataplane says what it can do
+    policies: dict[str, policy.EndpointPolicy] = field(default_factory=dict)  # isolated, by IP
 
 
 def node_internal_ip(node: Obj) -> str | None:
@@ -211,6 +212,7 @@ def compute(resources: Resources, node: str) -> NodeState:
         flags = RT_REMOTE_WL | _ENCAP_FLAGS[encap]
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
+    state.policies = policy.compute(resources, node)
     return state
 
 

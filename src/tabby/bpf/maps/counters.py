@@ -50,6 +50,9 @@ class Reason(enum.IntEnum):
     DECAP_IPIP = 28
     DROP_IPIP_SRC = 29
     DROP_IPIP_FRAG = 30
+    DROP_POL_IN = 31
+    DROP_POL_OUT = 32
+    POL_NEW = 33
 
     @property
     def c_name(self) -> str:
