@@ -495,3 +495,66 @@ def allows(d: DirectionPolicy, peer: str, protocol: str, port: int) -> bool:
             pbest = (plen, bits)
     port_bits = (pbest[1] if pbest else 0) | c.any_proto
     return bool(peer_bits & port_bits)
+
+
+# --- words a user can check against their YAML -----------------------------------------------
+
+
+def describe(ep: EndpointPolicy, pod_names: Mapping[str, str]) -> dict[str, Any]:
+    """What the datapath allows for one pod: per direction the isolating policies, each allowed
+    (peers, ports) with the rules it came from, and notes. ``pod_names`` maps pod IPs to
+    "ns/name" so selected pods are shown by name."""
+
+    def peer_words(b: Block) -> str:
+        if b.cidr.endswith("/32") and not b.excepts:
+            ip = b.cidr[:-3]
+            return f"pod {pod_names[ip]} ({ip})" if ip in pod_names else ip
+        if b.cidr == "0.0.0.0/0" and not b.excepts:
+            return "anywhere"
+        return b.cidr + (f" except {', '.join(b.excepts)}" if b.excepts else "")
+
+    out: dict[str, Any] = {"pod": f"{ep.namespace}/{ep.name}", "ip": ep.ip}
+    for d in ("ingress", "egress"):
+        dp = ep.direction(d)
+        rules = []
+        for c in dp.classes:
+            ports = (
+                ["any protocol, any port"] if c.ports is None else [p.describe() for p in c.ports]
+            )
+            rules.append(
+                {
+                    "peers": [peer_words(b) for b in c.peers] or ["nobody"],
+                    "ports": ports,
+                    "from_rules": list(c.sources),
+                }
+            )
+        out[d] = {
+            "isolated": dp.isolated,
+            "policies": list(dp.policies),
+            "allow": rules,
+            "otherwise": (
+                f"denied (default deny: isolated by {', '.join(dp.policies)})"
+                if dp.isolated
+                else "allowed (no policy selects the pod for this direction)"
+            ),
+            "notes": list(dp.notes),
+        }
+    out["errors"] = list(ep.errors)
+    return out
+
+
+def describe_unselected(namespace: str, name: str, ip: str) -> dict[str, Any]:
+    words = "allowed (no policy selects the pod for this direction)"
+    none = {"isolated": False, "policies": [], "allow": [], "otherwise": words, "notes": []}
+    return {
+        "pod": f"{namespace}/{name}",
+        "ip": ip,
+        "ingress": none,
+        "egress": dict(none),
+        "errors": [],
+    }
+
+
+def pod_names(resources: Resources) -> dict[str, str]:
+    index = _Index(resources)
+    return {p.ip: f"{p.namespace}/{p.name}" for p in index.all_pods()}
