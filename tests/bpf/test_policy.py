@@ -224,6 +224,10 @@ def test_egress_judged_after_service_nat(node: Node) -> None:
     verdict, out, delta = node.run("tby_from_wl", frame(CLIENT, VIP, syn(40000, 80)))
     assert verdict == TC_ACT_OK and out[IP].dst == REMOTE and delta.get(Reason.POL_NEW) == 1
     assert node.ct_entry(CLIENT, 40000, REMOTE, 8080).pol == PolVerdict.OUT  # the REV half
+    # the reply, once reverse-translated (frontend -> client), passes the client's ingress too
+    node.program(to_remote, netpol("client-in", podSelector={"matchLabels": {"app": "client"}}))
+    reply = frame(VIP, CLIENT, TCP(sport=80, dport=40000, flags="SA"))
+    assert node.run("tby_to_wl", reply)[0] == TC_ACT_OK
     # the direct address on the named port's number: the same verdict
     assert node.run("tby_from_wl", frame(CLIENT, REMOTE, syn(40001, 8080)))[0] == TC_ACT_OK
     verdict, _, delta = node.run("tby_from_wl", frame(CLIENT, REMOTE, syn(40002, 80)))

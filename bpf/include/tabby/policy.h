@@ -122,6 +122,14 @@ static __always_inline enum pol_result pol_judge(struct flow *f, __u32 dir)
 		return POL_PASS; /* not tracked: judged again on the next packet */
 	if (v) {
 		v->pol |= self;
+		/* a service flow: its FWD half (client -> frontend) too, since the
+		 * reply reaches the client reverse-translated (frontend -> client) */
+		if (v->type == TBY_CT_NAT_REV && dir == POL_DIR_OUT) {
+			ct_fwd_key(&f->key, v, &rk);
+			rv = bpf_map_lookup_elem(&tby_ct, &rk);
+			if (rv && rv->type == TBY_CT_NAT_FWD)
+				rv->pol |= self;
+		}
 	} else {
 		now = bpf_ktime_get_ns();
 		nv.created_ns = now;
