@@ -38,6 +38,7 @@ enum nat_result {
 	NAT_DROP, /* counted already */
 	NAT_TUNNEL, /* translated; the caller wraps it for *tun (exttun_send) */
 	NAT_TOO_BIG, /* untouched: would not fit the ext tunnel (icmp_too_big) */
+	NAT_EXT_DSR, /* a forwarded flow's reply, as the frontend: straight to the client */
 };
 
 /* The pods' gateway (calc/names.py POD_GATEWAY): hairpin flows come from it. */
@@ -178,6 +179,10 @@ static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 	if (!bpf_map_update_elem(&tby_ct, rk, rev, BPF_NOEXIST))
 		return 0;
 	old = bpf_map_lookup_elem(&tby_ct, rk);
+	/* a policy-only entry of the same tuple (a direct flow) gives way: its
+	 * verdict is judged again on the NAT pair's REV half */
+	if (old && old->type == TBY_CT_PLAIN)
+		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
 	if (!old || old->type != TBY_CT_NAT_REV)
 		return -1;
 	if (old->nat_addr == rev->nat_addr && old->nat_port == rev->nat_port &&
@@ -324,7 +329,7 @@ static __always_inline enum nat_result nat_ext_reply(struct __sk_buff *skb,
 			return NAT_DROP;
 		}
 		counter_inc(TBY_R_EXT_REPLY_DSR);
-		return NAT_DONE;
+		return NAT_EXT_DSR;
 	}
 	if (!tun)
 		return NAT_PASS;

@@ -47,6 +47,9 @@ enum tby_reason {
 	TBY_R_DROP_EXT_SRC, /* ext tunnel packet from an address that is no node */
 	TBY_R_DROP_EXT_FLOW, /* forwarded flow for no local pod, or colliding with another */
 	TBY_R_DROP_EXT_TOO_BIG, /* too big once encapsulated and DF clear */
+	TBY_R_DROP_POL_IN, /* a local pod's ingress policy denied a new flow */
+	TBY_R_DROP_POL_OUT, /* a local pod's egress policy denied a new flow */
+	TBY_R_POL_NEW, /* a new flow of an isolated pod admitted and cached on conntrack */
 	TBY_REASON_MAX,
 };
 
@@ -60,7 +63,8 @@ enum tby_reason {
 	 (1ULL << TBY_R_DROP_FRAG) | (1ULL << TBY_R_DROP_CT_FULL) |     \
 	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG) | \
 	 (1ULL << TBY_R_DROP_EXT_SRC) | (1ULL << TBY_R_DROP_EXT_FLOW) |   \
-	 (1ULL << TBY_R_DROP_EXT_TOO_BIG))
+	 (1ULL << TBY_R_DROP_EXT_TOO_BIG) | (1ULL << TBY_R_DROP_POL_IN) |  \
+	 (1ULL << TBY_R_DROP_POL_OUT))
 
 /*
  * The counter key is a plain __u32 (array maps demand an integer key), so no

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from tabby.calc import names
+from tabby.calc import names, policy
 from tabby.calc.mtu import Encap
 from tabby.calc.services import ServiceNAT
 
@@ -105,6 +105,7 @@ class NodeState:
     # The BIRD backend (calico_backend bird): this node's BIRD config (calc.bird.render); the
     # blocks of pools without encapsulation are then routed by BGP, not from the IPAM blocks.
     bird: BirdConfig | None = None
+    policies: dict[str, policy.EndpointPolicy] = field(default_factory=dict)  # isolated, by IP
 
 
 def node_internal_ip(node: Obj) -> str | None:
@@ -256,6 +257,7 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
         flags = RT_REMOTE_WL | _ENCAP_FLAGS[encap]
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
+    state.policies = policy.compute(resources, node)
     return state
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tabby import preflight
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
@@ -28,6 +29,7 @@ from tabby.dataplane.ctlb import REAPER, CtlbManager
 from tabby.dataplane.healthcheck import HealthServers
 from tabby.dataplane.kubeproxy import cleanup as kube_proxy_cleanup
 from tabby.dataplane.nat import NatApplyResult, NatManager
+from tabby.dataplane.policy import PolicyApplyResult, PolicyManager
 from tabby.dataplane.routes import KernelRouteManager, RouteMapManager
 from tabby.dataplane.tunnel import TunnelManager
 from tabby.netlink import links
@@ -71,6 +73,9 @@ class NodeDataplane:
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
         self.nat = NatManager(*self.nat_maps)
         self.last_nat = NatApplyResult()
+        self.policy_maps = PolicyMaps.open_pinned(pin_root)
+        self.policy = PolicyManager(self.policy_maps)
+        self.last_policy = PolicyApplyResult()
         self.health = HealthServers()  # kube-proxy's health ports, bound in this netns
         self.bpf_enabled: bool | None = None
         self.kube_proxy_cleaned = False  # once per start (and again if the setting comes back)
@@ -108,6 +113,9 @@ class NodeDataplane:
         # services before the programs that read them are attached to new interfaces
         self.last_nat = self.nat.apply(state.services)
         errors += self.last_nat.errors
+        # policies before the programs see a new endpoint (Felix's order)
+        self.last_policy = self.policy.apply(state.policies)
+        errors += self.last_policy.errors
         if state.bpf_enabled != self.bpf_enabled and state.bpf_enabled is False:
             warnings.append("bpfEnabled is false: tabby's programs are detached (disruptive)")
         self.bpf_enabled = state.bpf_enabled
@@ -212,6 +220,7 @@ class NodeDataplane:
 
     def close(self) -> None:
         self.health.close()
+        self.policy_maps.close()
         for m in [*self.nat_maps, self.routes.map.map, self.counters.map]:
             m.close()
         self.objects.close()

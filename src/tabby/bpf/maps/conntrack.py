@@ -27,6 +27,7 @@ class CtType(enum.IntEnum):
     NAT_FWD = 1
     NAT_REV = 2
     EXT = 3
+    PLAIN = 4  # no NAT: a flow carrying a policy verdict only
 
 
 class CtFlags(enum.IntFlag):
@@ -34,6 +35,13 @@ class CtFlags(enum.IntFlag):
 
     TUNNEL = 1 << 0
     DSR = 1 << 1
+
+
+class PolVerdict(enum.IntFlag):
+    """TBY_CTP_* of types.h: the ends whose NetworkPolicy admitted the flow on this node."""
+
+    OUT = 1 << 0
+    IN = 1 << 1
 
 
 class TcpFlags(enum.IntFlag):
@@ -85,7 +93,7 @@ class CtValue(ctypes.Structure):
         ("seen_ns", ctypes.c_uint64),
         ("type", ctypes.c_uint8),
         ("tcp", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint16),
+        ("pol", ctypes.c_uint16),
         ("nat_addr", _be32),
         ("nat_port", _be16),
         ("nat_sport", _be16),
@@ -134,7 +142,7 @@ class CtEntry:
     def decode(cls, key: CtKey, val: CtValue, now_ns: int) -> CtEntry:
         nat = f"{_str(val.nat_addr)}:{val.nat_port}"
         snat = f"{_str(val.nat_saddr)}:{val.nat_sport}" if val.nat_saddr else ""
-        kind = CtType(val.type).name if val.type in (1, 2, 3) else f"type{val.type}"
+        kind = CtType(val.type).name if val.type in (1, 2, 3, 4) else f"type{val.type}"
         return cls(
             key=key.describe(),
             type=kind,

@@ -58,6 +58,9 @@ class Reason(enum.IntEnum):
     DROP_EXT_SRC = 36
     DROP_EXT_FLOW = 37
     DROP_EXT_TOO_BIG = 38
+    DROP_POL_IN = 39
+    DROP_POL_OUT = 40
+    POL_NEW = 41
 
     @property
     def c_name(self) -> str:
