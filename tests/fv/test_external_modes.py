@@ -11,6 +11,7 @@ connection keeps the path it started on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -250,26 +251,76 @@ def test_a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed(lab, web):
     assert counter_delta(before, counters(lab, "node1"), Reason.EXT_FRAG_NEEDED) >= 1
 
 
-def test_two_clients_with_the_same_source_port_both_work(lab, web):
-    set_mode(lab, "Tunnel")
+@contextlib.contextmanager
+def second_client(lab: Lab) -> Iterator[None]:
+    """A second external client address (203.0.113.11) on the external namespace's link."""
     ext = lab.plan.external_netns
-    n1 = lab.plan.node("node1").ip
     subprocess.run(
         ["ip", "-n", ext, "addr", "add", f"{SECOND_CLIENT_IP}/24", "dev", "eth0"], check=True
     )
     try:
-
-        def both() -> list[str]:
-            seen = []
-            for client in (EXTERNAL_CLIENT_IP, SECOND_CLIENT_IP):
-                with socket.create_connection((n1, NODEPORT), 5, (client, 41000)) as s:
-                    s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
-                    seen.append(_read_response(s).split(":")[0])
-            return seen
-
-        assert traffic.in_netns(ext, both) == [EXTERNAL_CLIENT_IP, SECOND_CLIENT_IP]
+        yield
     finally:
         subprocess.run(["ip", "-n", ext, "addr", "del", f"{SECOND_CLIENT_IP}/24", "dev", "eth0"])
+
+
+def connect_from(lab: Lab, client: str, port: int = 0, timeout_s: float = 3) -> str:
+    """GET /clientip through node1's NodePort from one external address: the address the backend
+    saw, or "timeout"."""
+    n1 = lab.plan.node("node1").ip
+
+    def go() -> str:
+        try:
+            with socket.create_connection((n1, NODEPORT), timeout_s, (client, port)) as s:
+                s.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+                return _read_response(s).split(":")[0]
+        except TimeoutError:
+            return "timeout"
+
+    return traffic.in_netns(lab.plan.external_netns, go)
+
+
+def test_two_clients_with_the_same_source_port_both_work(lab, web):
+    set_mode(lab, "Tunnel")
+    with second_client(lab):
+        seen = [connect_from(lab, c, 41000) for c in (EXTERNAL_CLIENT_IP, SECOND_CLIENT_IP)]
+    assert seen == [EXTERNAL_CLIENT_IP, SECOND_CLIENT_IP]
+
+
+@pytest.mark.parametrize("mode", ["Tunnel", "DSR"])
+def test_an_ipblock_of_the_client_admits_it_through_a_remote_ingress_node(lab, web, mode):
+    """The point of keeping the source: a NetworkPolicy admitting only the external client's /32
+    lets its NodePort traffic reach the pod through node1, while another external source is
+    denied, in both modes."""
+    set_mode(lab, mode)
+    lab.datastore().apply(
+        [
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "only-the-client", "namespace": "default"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "extweb"}},
+                    "ingress": [
+                        {
+                            "from": [{"ipBlock": {"cidr": f"{EXTERNAL_CLIENT_IP}/32"}}],
+                            "ports": [{"port": 8080}],
+                        }
+                    ],
+                },
+            }
+        ]
+    )
+    lab.wait_ready()
+    try:
+        with second_client(lab):
+            assert connect_from(lab, EXTERNAL_CLIENT_IP) == EXTERNAL_CLIENT_IP
+            assert connect_from(lab, SECOND_CLIENT_IP, timeout_s=1.5) == "timeout"
+    finally:
+        lab.datastore().delete("NetworkPolicy", "only-the-client", "default")
+        lab.wait_ready()
+    with second_client(lab):
+        assert connect_from(lab, SECOND_CLIENT_IP) == SECOND_CLIENT_IP, "no policy: admitted"
 
 
 def _read_response(s: socket.socket) -> str:
