@@ -12,7 +12,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
-from tabby.lab import state, traffic
+from tabby.lab import demo_source_ip, state, traffic
 from tabby.lab.cluster import Lab, LabError
 from tabby.lab.topology import EXTERNAL_CLIENT_IP
 
@@ -48,7 +48,7 @@ def run(name: str, console: Console) -> int:
     existing = state.read(name).get("pods", {})
     wanted = [(f"web-{i}", node.name, "netexec") for i, node in enumerate(lab.plan.nodes, 1)]
     wanted += [
-        ("nginx", lab.plan.nodes[-1].name, "nginx"),
+        ("nginx-pod", lab.plan.nodes[-1].name, "nginx"),
         ("client", lab.plan.nodes[0].name, "netexec"),
     ]
     for pod, node, image in wanted:
@@ -85,12 +85,13 @@ def run(name: str, console: Console) -> int:
         ok_all &= "[red]" not in "".join(cells)
         table.add_row(f"{pod_name} {target['ip']} ({target['node']})", path, *cells)
     console.print(table)
-    access_log = f"{state.lab_dir(name)}/nginx-{lab.pod('nginx')['netns']}.access.log"
+    access_log = f"{state.lab_dir(name)}/nginx-{lab.pod('nginx-pod')['netns']}.access.log"
     console.print(f"nginx's own access log ({access_log}), last line:")
     with open(access_log) as f:
         lines = f.read().splitlines()
     console.print("  " + (lines[-1] if lines else "(empty)"))
     ok_all &= _services(lab, console)
+    ok_all &= _source_ip(lab, console)
     web2 = lab.pod("web-2")["ip"]
     console.print(
         "\nThe lab is running. Explore it:\n"
@@ -101,7 +102,9 @@ def run(name: str, console: Console) -> int:
         "  .venv/bin/tabbyctl bpf nat dump --node node1    services as node1's BPF maps hold them\n"
         "  .venv/bin/tabbyctl bpf conntrack dump --node node1\n"
         "  .venv/bin/tabbyctl patch felixconfiguration default "
-        '--patch=\'{"spec": {"bpfEnabled": false}}\'\n'
+        '--patch=\'{"spec": {"bpfExternalServiceMode": "DSR"}}\'\n'
+        f"  .venv/bin/tabbyctl lab exec client -- curl -s http://{lab.plan.nodes[0].ip}:30604/\n"
+        "  .venv/bin/tabbyctl bpf conntrack dump --node node2 --type EXT   forwarded flows\n"
         "Tear it down: make down   (or .venv/bin/tabbyctl lab down)"
     )
     return 0 if ok_all else 1
@@ -158,3 +161,25 @@ def _services(lab: Lab, console: Console) -> bool:
     )
     console.print(table)
     return ok
+
+
+def _source_ip(lab: Lab, console: Console) -> bool:
+    """Seed 001: the client's address in nginx's access log, tabby (Tunnel, DSR) vs kube-proxy."""
+    with console.status("seed 001: nginx Deployment + NodePort 30604, curled from outside"):
+        rows = demo_source_ip.run(lab)
+    table = Table(
+        title=f"curl http://<node>:30604 from the external client {EXTERNAL_CLIENT_IP}: "
+        "what nginx logged"
+    )
+    for col in ("datapath", "node curled", "nginx on", "client in nginx's access log"):
+        table.add_column(col)
+    for r in rows:
+        seen = _cell(r.ok and r.real_ip, r.logged) if r.path.startswith("tabby") else r.logged
+        table.add_row(r.path, r.node, r.nginx_on, seen)
+    console.print(table)
+    console.print(
+        "tabby keeps the client's address on every node (Tunnel: replies return through the "
+        "node curled; DSR: the nginx node answers directly); kube-proxy's NodePort masquerades "
+        "it to the node's."
+    )
+    return all(r.ok for r in rows) and all(r.real_ip for r in rows if r.path.startswith("tabby"))
