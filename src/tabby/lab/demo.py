@@ -91,7 +91,8 @@ def run(name: str, console: Console) -> int:
         lines = f.read().splitlines()
     console.print("  " + (lines[-1] if lines else "(empty)"))
     ok_all &= _services(lab, console)
-    ok_all &= _source_ip(lab, console)
+    if demo_source_ip.deployments_supported():
+        ok_all &= _source_ip(lab, console)
     web2 = lab.pod("web-2")["ip"]
     console.print(
         "\nThe lab is running. Explore it:\n"
