@@ -2,13 +2,13 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := clang llvm libc6-dev-i386 libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client iptables nftables
+APT_PKGS := clang llvm libc6-dev-i386 libbpf-dev libbpf1 bpftool iproute2 tcpdump nginx-light iperf3 procps etcd-server etcd-client iptables nftables conntrack bird2
 CLANG_FLAGS := -O2 -g -target bpf -Wall -Wextra -Werror -Ibpf/include -I/usr/include/x86_64-linux-gnu
 BPF_SRCS := $(wildcard bpf/*.c)
 BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
 BPF_HDRS := $(wildcard bpf/include/tabby/*.h)
 
-.PHONY: setup apt venv bpf lint test bench demo down clean
+.PHONY: setup apt venv bpf lint test bench bench-quick bench-scripts demo down clean
 
 setup: apt venv bpf
 
@@ -46,17 +46,26 @@ lint: venv
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy src
 
-test: setup lint
+test: setup build/bench/connload lint
 	$(PY) -m pytest -q tests
 
-# Benchmarks (root, a few minutes; never part of `make test`). Each lab bench creates and removes
-# its own lab (`bench`, `benchconn`), also on failure or Ctrl-C. See bench/README.md.
+# Benchmarks (root). `make bench` = `tabbyctl bench` at full size (N up to 20,000, ~25 minutes):
+# tabby next to plain routing and kube-proxy's iptables/nftables layouts; results in
+# bench/results/full/. `make test` runs its --quick size as a smoke test of the harness. The
+# older single-purpose scripts stay under `make bench-scripts`. Every bench removes what it made,
+# also on failure or Ctrl-C. See bench/README.md.
 BENCH_CC := $(shell command -v gcc || command -v clang)
 build/bench/connload: bench/connload.c
 	@mkdir -p build/bench
 	$(BENCH_CC) -O2 -Wall -Wextra -Werror -o $@ $<
 
 bench: setup build/bench/connload
+	$(VENV)/bin/tabbyctl bench
+
+bench-quick: setup build/bench/connload
+	$(VENV)/bin/tabbyctl bench --quick
+
+bench-scripts: setup build/bench/connload
 	$(PY) bench/services_scale.py
 	$(PY) bench/conn_rate.py
 

@@ -8,7 +8,7 @@
  * connection that does not finish within 2 s counts as a timeout. The server closes first
  * (Connection: close), so TIME_WAIT sits on the server and client ports are reused at once.
  *
- * Prints one line of key=value pairs: conns, seconds, rate (conn/s), p50/p90/p99 of
+ * Prints one line of key=value pairs: conns, seconds, rate (conn/s), p01/p50/p90/p99 of
  * connect + first response byte in microseconds, and every failure by kind (all should be 0).
  *
  * Usage: connload -a ADDR [-p PORT] [-c INFLIGHT] [-t SECONDS] [-n MAXCONNS]
@@ -254,18 +254,19 @@ int main(int argc, char **argv)
 	}
 	{
 		double secs = (double)(now_ns() - t0) / 1e9;
-		uint32_t p50 = 0, p90 = 0, p99 = 0;
+		uint32_t p01 = 0, p50 = 0, p90 = 0, p99 = 0;
 
 		if (lat_n) {
 			qsort(lat_us, (size_t)lat_n, sizeof(*lat_us), cmp_u32);
+			p01 = lat_us[lat_n * 1 / 100];
 			p50 = lat_us[lat_n * 50 / 100];
 			p90 = lat_us[lat_n * 90 / 100];
 			p99 = lat_us[lat_n * 99 / 100];
 		}
-		printf("conns=%ld seconds=%.3f rate=%.1f p50_us=%u p90_us=%u p99_us=%u "
+		printf("conns=%ld seconds=%.3f rate=%.1f p01_us=%u p50_us=%u p90_us=%u p99_us=%u "
 		       "err_socket=%ld err_addrnotavail=%ld err_refused=%ld err_reset=%ld "
 		       "err_timeout=%ld err_other=%ld\n",
-		       done, secs, done / secs, p50, p90, p99, err_connect, err_addrnotavail,
+		       done, secs, done / secs, p01, p50, p90, p99, err_connect, err_addrnotavail,
 		       err_refused, err_reset, err_timeout, err_other);
 	}
 	return 0;

@@ -2,8 +2,10 @@
 /*
  * from-host: TC ingress of the node's data interface, i.e. packets from the
  * network. parse -> IP-in-IP from a known node: decapsulate, parse the inner
- * packet -> conntrack (replies of SNATed service flows) -> NodePort /
- * LoadBalancer / externalIP frontends -> let the node's kernel route.
+ * packet; the ext tunnel from a known node: decapsulate, record or
+ * reverse-translate -> conntrack (replies of SNATed service flows) ->
+ * NodePort / LoadBalancer / externalIP frontends (a remote backend in Tunnel
+ * or DSR mode: into the ext tunnel) -> let the node's kernel route.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -13,15 +15,35 @@
 #include "tabby/maps.h"
 #include "tabby/config.h"
 #include "tabby/counters.h"
+#include "tabby/exttun.h"
 #include "tabby/icmp.h"
 #include "tabby/ipip.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
 
+/*
+ * The ext tunnel (exttun.h): a forwarded flow's packet is recorded for its
+ * local backend; a backend's reply, back from its node, gets its frontend
+ * back here (nat_handle) and the kernel forwards it to the client.
+ */
+static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pkt *pkt,
+					 const struct tby_ext_hdr *ext, __be32 from)
+{
+	if (parse_packet(skb, pkt) != PARSE_IPV4) {
+		counter_inc(TBY_R_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	if (ext->flags & TBY_EXT_F_REPLY)
+		return nat_handle(skb, pkt, 0, NULL) == NAT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+	return exttun_record(skb, pkt, ext, from) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
 SEC("tc")
 int tby_from_host(struct __sk_buff *skb)
 {
+	struct exttun_dst tun = {};
 	struct parsed_pkt pkt = {};
+	struct tby_ext_hdr ext;
 
 	if (parse_packet(skb, &pkt) != PARSE_IPV4)
 		return TC_ACT_OK; /* the node's own stack judges the rest */
@@ -33,11 +55,24 @@ int tby_from_host(struct __sk_buff *skb)
 			counter_inc(TBY_R_DROP_MALFORMED);
 			return TC_ACT_SHOT;
 		}
+	} else if (pkt.ip_proto == IPPROTO_UDP && pkt.daddr == cfg_host_ip && cfg_host_ip) {
+		switch (exttun_decap(skb, &pkt, &ext)) {
+		case EXTTUN_DROP:
+			return TC_ACT_SHOT;
+		case EXTTUN_DONE:
+			return from_host_ext(skb, &pkt, &ext, pkt.saddr);
+		default:
+			break;
+		}
 	}
 
-	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_SNAT_REMOTE)) {
+	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_SNAT_REMOTE, &tun)) {
 	case NAT_REJECT:
 		return icmp_reject(skb, &pkt);
+	case NAT_TOO_BIG:
+		return icmp_too_big(skb, &pkt, exttun_room());
+	case NAT_TUNNEL:
+		return exttun_send(skb, &tun, pkt.ip_proto, TBY_R_EXT_FWD);
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	default:

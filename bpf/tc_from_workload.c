@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
- * sends. parse -> anti-spoofing -> conntrack / service NAT -> let the node's
- * kernel forward.
+ * sends. parse -> anti-spoofing -> conntrack / service NAT -> egress policy
+ * on the translated packet -> let the node's kernel forward.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -16,6 +16,7 @@
 #include "tabby/icmp.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
+#include "tabby/policy.h"
 
 /* The source must be a local workload route on the very veth it came in. */
 static __always_inline int wl_source_ok(struct __sk_buff *skb, __be32 saddr)
@@ -29,7 +30,9 @@ static __always_inline int wl_source_ok(struct __sk_buff *skb, __be32 saddr)
 SEC("tc")
 int tby_from_wl(struct __sk_buff *skb)
 {
+	struct exttun_dst tun = {};
 	struct parsed_pkt pkt = {};
+	int translated = 0;
 
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
@@ -50,14 +53,29 @@ int tby_from_wl(struct __sk_buff *skb)
 		counter_inc(TBY_R_DROP_SPOOF);
 		return TC_ACT_SHOT;
 	}
-	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN)) {
+	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN, &tun)) {
 	case NAT_REJECT:
 		return icmp_reject(skb, &pkt);
+	case NAT_TOO_BIG:
+		return icmp_too_big(skb, &pkt, exttun_room());
+	case NAT_TUNNEL:
+		/* a backend's reply to a flow forwarded to us (Tunnel mode) */
+		return exttun_send(skb, &tun, pkt.ip_proto, TBY_R_EXT_REPLY_TUN);
+	case NAT_EXT_DSR:
+		/* the same in DSR mode: a reply, admitted with its flow by the
+		 * pod's ingress policy; its egress policy has nothing to judge */
+		counter_inc(TBY_R_PASS_WL_OUT);
+		return TC_ACT_OK;
 	case NAT_DROP:
 		return TC_ACT_SHOT;
+	case NAT_DONE:
+		translated = 1;
+		break;
 	default:
 		break;
 	}
+	if (pol_egress(skb, translated, &pkt) == POL_DROP)
+		return TC_ACT_SHOT;
 	counter_inc(TBY_R_PASS_WL_OUT);
 	return TC_ACT_OK;
 }

@@ -25,7 +25,7 @@ int tby_to_host(struct __sk_buff *skb)
 
 	if (parse_packet(skb, &pkt) != PARSE_IPV4)
 		return TC_ACT_OK;
-	if (nat_handle(skb, &pkt, NAT_HOOK_MASQ) == NAT_DROP)
+	if (nat_handle(skb, &pkt, NAT_HOOK_MASQ, NULL) == NAT_DROP)
 		return TC_ACT_SHOT;
 	if (ipip_encap(skb) == IPIP_DROP)
 		return TC_ACT_SHOT;

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * to-workload: TC egress of a pod's host-side veth, i.e. packets delivered to
- * the pod. parse -> conntrack (replies of flows NATed elsewhere) -> deliver.
+ * the pod. parse -> ingress policy (on the tuple as it arrived: pod to pod)
+ * -> conntrack (replies of flows NATed elsewhere) -> deliver.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -13,6 +14,7 @@
 #include "tabby/counters.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
+#include "tabby/policy.h"
 
 SEC("tc")
 int tby_to_wl(struct __sk_buff *skb)
@@ -21,7 +23,9 @@ int tby_to_wl(struct __sk_buff *skb)
 
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
-		if (nat_handle(skb, &pkt, 0) == NAT_DROP)
+		if (pol_ingress(skb, &pkt) == POL_DROP)
+			return TC_ACT_SHOT;
+		if (nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
 			return TC_ACT_SHOT;
 		counter_inc(TBY_R_PASS_WL_IN);
 		return TC_ACT_OK;

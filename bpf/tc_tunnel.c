@@ -103,7 +103,7 @@ int tby_tun_ingress(struct __sk_buff *skb)
 	if (skb->pkt_type == PACKET_OTHERHOST)
 		bpf_skb_change_type(skb, PACKET_HOST);
 	if (pkt.eth_proto == bpf_htons(ETH_P_IP) &&
-	    nat_handle(skb, &pkt, 0) == NAT_DROP)
+	    nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_DECAP_VXLAN);
 	return TC_ACT_OK;

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 
 from tabby import preflight
-from tabby.calc import names
+from tabby.calc import bird, names
 from tabby.calc.nodestate import NodeState, compute, with_services
 from tabby.calc.services import ServiceIndex
 from tabby.cni.ipam import BlockIPAM, IPAMError
@@ -49,10 +49,13 @@ KINDS = (
     "Service",
     "EndpointSlice",
     "NetworkPolicy",
+    "BGPConfiguration",
+    "BGPPeer",
 )
 RETRY_S = 1.0
 DATASTORE_BACKOFF_S = (0.5, 10.0)  # first and longest wait between datastore attempts
 WATCH_HEALTH_S = 1.0  # how often a quiet watch is asked whether its stream is up
+BGP_SYNC_S = 1.0  # learnt routes -> the route map (a withdrawal shows within this)
 CT_SWEEP_S = 10.0  # conntrack GC period; also right after backends left a service
 DEFAULT_HEALTH_PORT = 9099
 
@@ -210,8 +213,11 @@ class DataplaneWorker(threading.Thread):
         status: Status,
         metrics: Metrics,
         cgroup: str | None = None,
+        bird_dir: str | None = None,
     ) -> None:
         super().__init__(name="dataplane", daemon=True)
+        self.bird_dir = bird_dir  # the BIRD backend's directory; None: no BGP
+        self.next_bgp_sync = 0.0
         self.node, self.netns, self.pin_root = node, netns, pin_root
         self.cgroup = cgroup  # the node's cgroup v2 group (connect-time LB); None: CTLB off
         self.data_iface, self.port = data_iface, port
@@ -258,13 +264,31 @@ class DataplaneWorker(threading.Thread):
                 state, revision = pending
                 if self._apply(state, revision):
                     pending = None
+            self._sync_bgp()
             self._sweep_conntrack()
 
     def _until_sweep(self) -> float | None:
-        """Seconds to wait for a state before the next sweep is due; None: nothing loaded yet."""
+        """Seconds to wait for a state before the next sweep (or BGP route sync) is due; None:
+        nothing loaded yet."""
         if self.dataplane is None:
             return None
-        return max(0.0, self.next_sweep - time.monotonic())
+        due = self.next_sweep
+        if self.bird_dir:
+            due = min(due, self.next_bgp_sync)
+        return max(0.0, due - time.monotonic())
+
+    def _sync_bgp(self) -> None:
+        """Learnt routes change without a datastore event: mirror them every BGP_SYNC_S."""
+        dp = self.dataplane
+        if dp is None or dp.bird is None or time.monotonic() < self.next_bgp_sync:
+            return
+        self.next_bgp_sync = time.monotonic() + BGP_SYNC_S
+        try:
+            errors = dp.sync_learned_routes()
+        except Exception as e:  # noqa: BLE001 - retried on the next period
+            errors = [f"BGP route sync: {e}"]
+        if errors:
+            log.warning("BGP route sync: %s", "; ".join(errors))
 
     def _sweep_conntrack(self) -> None:
         """Every CT_SWEEP_S, and at once after an apply that took backends out of a service
@@ -296,7 +320,9 @@ class DataplaneWorker(threading.Thread):
             if self.dataplane is None:
                 with links.rtnl() as ipr:
                     iface = self.data_iface or links.default_route_device(ipr) or "eth0"
-                self.dataplane = NodeDataplane(self.pin_root, iface, state, self.cgroup)
+                self.dataplane = NodeDataplane(
+                    self.pin_root, iface, state, self.cgroup, self.bird_dir
+                )
                 self.metrics.read_packets = self.dataplane.counters.read
             result = self.dataplane.apply(state)
             errors, warnings = result.errors, result.warnings
@@ -360,12 +386,14 @@ class Agent:
         data_iface: str | None = None,
         port: int = DEFAULT_HEALTH_PORT,
         cgroup: str | None = None,
+        bird_dir: str | None = None,
     ) -> None:
         self.node, self.url = node, datastore_url
+        self.bgp = bird_dir is not None  # Calico's BIRD backend: BGP routes plain pools
         self.status = Status(node)
         self.metrics = Metrics(self.status)
         self.worker = DataplaneWorker(
-            node, netns, pin_root, data_iface, port, self.status, self.metrics, cgroup
+            node, netns, pin_root, data_iface, port, self.status, self.metrics, cgroup, bird_dir
         )
         self.stop = threading.Event()
         self.resources: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
@@ -495,7 +523,11 @@ class Agent:
     def _publish(self, revision: int) -> None:
         with self.status.lock:
             self.status.seen_revision = revision
-        state = compute(self.resources, self.node)
+        state = compute(self.resources, self.node, bgp=self.bgp)
+        if self.bgp:
+            state.bird = bird.render(self.resources, self.node)
+            if state.bird is not None:
+                state.warnings.extend(state.bird.warnings)
         self.services.set_node_ip(state.node_ip)
         self.worker.submit(with_services(state, self.services.results()), revision)
 

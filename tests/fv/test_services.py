@@ -104,9 +104,10 @@ def test_nodeport_from_outside_on_every_node(lab: Lab, cluster: dict[str, Any]) 
     ext = lab.plan.external_netns
     for node in lab.plan.nodes:  # node1 has no backend: forwarded to node2/node3
         assert traffic.http_get(ext, node.ip, NODEPORT, "/hostname") in {"web-a", "web-b"}
-    # the backend answers the node that forwarded (SNAT), and the client sees the node
+    # bpfExternalServiceMode Tunnel (the default): forwarded without SNAT, the backend sees
+    # the real client (test_external_modes.py shows the paths)
     seen = traffic.http_get(ext, lab.plan.nodes[0].ip, NODEPORT, "/clientip").split(":")[0]
-    assert seen == lab.plan.nodes[0].ip
+    assert seen == EXTERNAL_CLIENT_IP
 
 
 def test_service_without_endpoints_is_refused_not_black_holed(cluster: dict[str, Any]) -> None:

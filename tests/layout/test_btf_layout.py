@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, nat
+from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, nat, policy
 from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
 from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
 from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
@@ -41,6 +41,9 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_ctlb_sk_key": ctlb.CtlbSockKey,
     "tby_ctlb_sk_val": ctlb.CtlbSockValue,
     "tby_ct_gc_stats": ctgc.CtGcStats,
+    "tby_pol_ep_val": policy.EndpointValue,
+    "tby_pol_peer_key": policy.PeerKey,
+    "tby_pol_port_key": policy.PortKey,
 }
 OBJECTS = sorted(ENTRY_OBJECTS)
 TYPES_H = Path(__file__).resolve().parents[2] / "bpf/include/tabby/types.h"
@@ -208,6 +211,8 @@ def test_route_flags_match_types_h() -> None:
     [
         ("TBY_NAT_", nat.NatFlags),
         ("TBY_CT_", conntrack.TcpFlags),
+        ("TBY_CTP_", conntrack.PolVerdict),
+        ("TBY_POL_", policy.PolicyFlags),
     ],
 )
 def test_flag_defines_match_types_h(prefix: str, flags: type[enum.IntFlag]) -> None:
@@ -221,7 +226,7 @@ def test_flag_defines_match_types_h(prefix: str, flags: type[enum.IntFlag]) -> N
 def test_ct_types_match_types_h() -> None:
     defines = {
         m.group(1): int(m.group(2))
-        for m in re.finditer(r"#define TBY_CT_(NAT_\w+) (\d+)", TYPES_H.read_text())
+        for m in re.finditer(r"#define TBY_CT_(NAT_\w+|EXT|PLAIN) (\d+)", TYPES_H.read_text())
     }
     assert defines == {t.name: t.value for t in conntrack.CtType}
 

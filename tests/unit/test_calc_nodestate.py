@@ -170,3 +170,21 @@ def test_vxlan_mtu_and_wireguard_come_from_felixconfiguration():
     st = compute(resources(OBJS + [fc]), "n1")
     assert st.vxlan_mtu == 8000 and st.wireguard is True
     assert compute(resources(OBJS), "n1").vxlan_mtu == 0
+
+
+def test_dsr_warns_when_replies_carry_sources_of_other_subnets():
+    def felix(mode):
+        return {
+            "kind": "FelixConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"bpfExternalServiceMode": mode},
+        }
+
+    two_subnets = [node("n1", "172.20.32.10"), node("n2", "172.20.64.10")]
+    one_subnet = [node("n1", "172.20.32.10"), node("n2", "172.20.32.11")]
+    st = compute(resources(two_subnets + [felix("DSR")]), "n1")
+    assert st.ext_mode == "DSR"
+    assert [w for w in st.warnings if "172.20.64.0/19" in w and "awsSrcDstCheck" in w]
+    assert compute(resources(two_subnets + [felix("Tunnel")]), "n1").warnings == []
+    assert compute(resources(one_subnet + [felix("DSR")]), "n1").warnings == []
+    assert compute(resources(two_subnets), "n1").ext_mode == "Tunnel"

@@ -75,13 +75,21 @@ def test_the_example_validates_with_its_warnings():
     w = warnings(example())
     assert "disruptive" in w[f"{CALICO}.bpfEnabled"]
     assert "no effect off AWS" in w[f"{CALICO}.awsSrcDstCheck"]
-    assert "DSR" in w[f"{CALICO}.bpfExternalServiceMode"]
+    # DSR with awsSrcDstCheck: Disable, as seed 004 asks: nothing to warn about
+    assert f"{CALICO}.bpfExternalServiceMode" not in w
     assert all(str(p).startswith("Cluster demo.k8s.local: ") for p in result.warnings)
 
 
 def test_fields_kops_has_but_tabby_does_not_model_are_accepted_as_is():
     docs = variant(somethingNew={"a": 1}, additionalPolicies={"node": "[]"})
     assert errors(docs) == {}
+
+
+def test_dsr_without_awssrcdstcheck_disable_warns_that_sources_are_checked():
+    w = warnings(variant({**BPF, "bpfExternalServiceMode": "DSR"}))
+    assert "awsSrcDstCheck: Disable" in w[f"{CALICO}.bpfExternalServiceMode"]
+    tunnel = warnings(variant({**BPF, "bpfExternalServiceMode": "Tunnel"}))
+    assert f"{CALICO}.bpfExternalServiceMode" not in tunnel
 
 
 # --- encapsulation ----------------------------------------------------------------------------
@@ -95,7 +103,7 @@ def test_encapsulation_defaults_to_ipip_cross_subnet_with_the_bgp_backend():
         "Never",
         "bird",
     )
-    assert "no BGP" in warnings(variant({**BPF}))[f"{CALICO}.encapsulationMode"]
+    assert f"{CALICO}.encapsulationMode" not in warnings(variant({**BPF})), "BIRD runs now"
 
 
 def test_vxlan_defaults_to_cross_subnet():
@@ -139,6 +147,12 @@ def test_vxlan_mode_with_ipip_encapsulation_is_an_error():
 def test_never_warns_that_routes_need_bgp():
     w = warnings(variant({**BPF, "encapsulationMode": "vxlan", "vxlanMode": "Never"}))
     assert "BGP" in w[f"{CALICO}.vxlanMode"]
+
+
+def test_never_with_the_bird_backend_routes_over_bgp_without_a_warning():
+    w = warnings(variant({**BPF, "ipipMode": "Never"}))
+    assert f"{CALICO}.ipipMode" not in w and f"{CALICO}.encapsulationMode" not in w
+    assert calico(variant({**BPF, "ipipMode": "Never"})).backend == "bird"
 
 
 def test_deprecated_cross_subnet_flag():

@@ -18,5 +18,11 @@ const volatile __u32 cfg_ctlb_udp = 0; /* connect-time LB also for UDP (mode Ena
 /* the node's own netns: its (hostNetwork) sockets get UDP translated in every
  * mode, since no per-packet path serves what the node's stack sends */
 const volatile __u64 cfg_host_netns = 0;
+/* bpfExternalServiceMode for new flows to external frontends whose backend is
+ * a pod on another node: 0 SNAT to this node (kube-proxy), 1 Tunnel, 2 DSR */
+const volatile __u32 cfg_ext_mode = 0;
+const volatile __u32 cfg_data_ifindex = 0; /* the data interface (ext tunnel out) */
+const volatile __u32 cfg_data_mtu = 1500; /* its MTU: what an encapsulated packet must fit */
+const volatile __u32 cfg_vxlan_port = 4789; /* UDP port of VXLAN, ext tunnel included */
 
 #endif /* __TABBY_CONFIG_H */

@@ -43,8 +43,7 @@ static __always_inline int ct_flow_of(struct __sk_buff *skb,
 		.proto = pkt->ip_proto,
 	};
 	struct tby_frag_val *fv;
-	void *data, *data_end;
-	__be16 *ports;
+	__be16 ports[2];
 
 	if (pkt->ip_proto != IPPROTO_TCP && pkt->ip_proto != IPPROTO_UDP)
 		return -1;
@@ -60,21 +59,17 @@ static __always_inline int ct_flow_of(struct __sk_buff *skb,
 		f->has_ports = 1;
 		return 0;
 	}
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	ports = data + pkt->l4_off;
-	if ((void *)(ports + 2) > data_end)
+	/* bpf_skb_load_bytes, not direct access: inlined into the bigger
+	 * programs, clang compiles skb->data into a 32-bit value the verifier
+	 * no longer sees as a packet pointer */
+	if (bpf_skb_load_bytes(skb, pkt->l4_off, ports, sizeof(ports)))
 		return -1;
 	f->key.sport = ports[0];
 	f->key.dport = ports[1];
 	f->has_ports = 1;
-	if (pkt->ip_proto == IPPROTO_TCP) {
-		__u8 *flags = data + pkt->l4_off + 13;
-
-		if ((void *)(flags + 1) > data_end)
-			return -1;
-		f->tcp_flags = *flags;
-	}
+	if (pkt->ip_proto == IPPROTO_TCP &&
+	    bpf_skb_load_bytes(skb, pkt->l4_off + 13, &f->tcp_flags, 1))
+		return -1;
 	if (pkt->more_frags) {
 		struct tby_frag_val v = { .sport = ports[0], .dport = ports[1] };
 
@@ -104,6 +99,10 @@ static __always_inline void ct_touch(struct tby_ct_val *v, const struct flow *f,
 		return;
 	if (f->tcp_flags & TBY_TCPF_SYN)
 		seen |= (f->tcp_flags & TBY_TCPF_ACK) ? TBY_CT_SYNACK : TBY_CT_SYN;
+	else if (!reply && (f->tcp_flags & TBY_TCPF_ACK))
+		/* the client acknowledges a SYN-ACK: established, also where the
+		 * replies take another path (DSR's ingress node never sees them) */
+		seen |= TBY_CT_SYNACK;
 	if (f->tcp_flags & TBY_TCPF_FIN)
 		seen |= reply ? TBY_CT_FIN_REV : TBY_CT_FIN_FWD;
 	if (f->tcp_flags & TBY_TCPF_RST)

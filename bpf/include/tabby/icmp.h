@@ -34,9 +34,13 @@
 #define TBY_ICMP_QUOTE_TCP 40
 #define TBY_ICMP_ROOM (sizeof(struct iphdr) + sizeof(struct icmphdr))
 
-/* Rewrites the packet in place into the ICMP error; 0 on success. */
+/*
+ * Rewrites the packet in place into an ICMP destination unreachable of this
+ * code (frag_mtu: the next-hop MTU of ICMP_FRAG_NEEDED); 0 on success.
+ */
 static __always_inline int icmp_build_unreach(struct __sk_buff *skb,
-					      const __u32 quote_len)
+					      const __u32 quote_len, __u8 code,
+					      __u16 frag_mtu)
 {
 	struct {
 		struct icmphdr icmp;
@@ -63,7 +67,8 @@ static __always_inline int icmp_build_unreach(struct __sk_buff *skb,
 	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(body.icmp) + quote_len);
 	ip.check = icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
 	body.icmp.type = ICMP_DEST_UNREACH;
-	body.icmp.code = ICMP_PORT_UNREACH;
+	body.icmp.code = code;
+	body.icmp.un.frag.mtu = bpf_htons(frag_mtu);
 	body.icmp.checksum =
 		icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&body,
 					sizeof(body.icmp) + quote_len, 0));
@@ -80,24 +85,50 @@ static __always_inline int icmp_build_unreach(struct __sk_buff *skb,
 }
 
 /*
- * The verdict for a rejected packet: the ICMP error leaves through the
- * interface the packet arrived on (towards the pod, or towards the router).
- * Only option-less IPv4 is answered; anything else is dropped.
+ * The packet becomes an ICMP error sent back out of the interface it arrived
+ * on (towards the pod, or towards the router), from the address it was sent
+ * to. Only option-less IPv4 is answered; anything else is dropped.
  */
-static __always_inline int icmp_reject(struct __sk_buff *skb,
-				       const struct parsed_pkt *pkt)
+static __always_inline int icmp_answer(struct __sk_buff *skb,
+				       const struct parsed_pkt *pkt, __u8 code,
+				       __u16 frag_mtu, enum tby_reason counted)
 {
 	__u32 quote = pkt->ip_proto == IPPROTO_TCP ? TBY_ICMP_QUOTE_TCP :
 						     TBY_ICMP_QUOTE_UDP;
 
 	if (pkt->l4_off != TBY_IP_OFF + sizeof(struct iphdr) || pkt->is_frag ||
-	    (quote == TBY_ICMP_QUOTE_TCP ? icmp_build_unreach(skb, TBY_ICMP_QUOTE_TCP) :
-					   icmp_build_unreach(skb, TBY_ICMP_QUOTE_UDP))) {
+	    (quote == TBY_ICMP_QUOTE_TCP ?
+		     icmp_build_unreach(skb, TBY_ICMP_QUOTE_TCP, code, frag_mtu) :
+		     icmp_build_unreach(skb, TBY_ICMP_QUOTE_UDP, code, frag_mtu))) {
 		counter_inc(TBY_R_DROP_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
-	counter_inc(TBY_R_NAT_REJECT);
+	counter_inc(counted);
 	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A service without endpoints: port unreachable, as kube-proxy's REJECT. */
+static __always_inline int icmp_reject(struct __sk_buff *skb,
+				       const struct parsed_pkt *pkt)
+{
+	return icmp_answer(skb, pkt, ICMP_PORT_UNREACH, 0, TBY_R_NAT_REJECT);
+}
+
+/*
+ * A DF packet that would not fit the data interface once the ext tunnel's
+ * header is added: fragmentation needed, with the MTU left for it, so the
+ * sender's PMTU discovery shrinks its packets. Without DF nothing here can
+ * fragment it: dropped.
+ */
+static __always_inline int icmp_too_big(struct __sk_buff *skb,
+					const struct parsed_pkt *pkt,
+					__u16 room)
+{
+	if (!pkt->dont_frag) {
+		counter_inc(TBY_R_DROP_EXT_TOO_BIG);
+		return TC_ACT_SHOT;
+	}
+	return icmp_answer(skb, pkt, ICMP_FRAG_NEEDED, room, TBY_R_EXT_FRAG_NEEDED);
 }
 
 #endif /* __TABBY_ICMP_H */

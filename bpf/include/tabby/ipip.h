@@ -36,7 +36,6 @@
 
 #define TBY_IPIP_TTL 64
 #define TBY_IPIP_HLEN ((__u32)sizeof(struct iphdr))
-#define TBY_IP_DF 0x4000
 
 enum ipip_result {
 	IPIP_PASS, /* not ours to (de)capsulate: the packet is untouched */
@@ -57,21 +56,6 @@ static __always_inline int ipip_route_ok(const struct tby_route_val *rt)
 	if (rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_LOCAL_HOST))
 		return 0;
 	return rt->next_hop && rt->next_hop != cfg_host_ip;
-}
-
-/* RFC 1071 over a 20-byte header whose check field is 0. */
-static __always_inline __u16 ipip_hdr_csum(const struct iphdr *iph)
-{
-	const __u16 *w = (const __u16 *)iph;
-	__u32 sum = 0;
-	int i;
-
-#pragma unroll
-	for (i = 0; i < (int)(sizeof(*iph) / 2); i++)
-		sum += w[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)~sum;
 }
 
 /*
@@ -110,7 +94,7 @@ static __always_inline enum ipip_result ipip_encap(struct __sk_buff *skb)
 	outer.protocol = IPPROTO_IPIP;
 	outer.saddr = cfg_host_ip;
 	outer.daddr = rt->next_hop;
-	outer.check = ipip_hdr_csum(&outer);
+	outer.check = parse_ip_hdr_csum(&outer);
 
 	if (bpf_skb_adjust_room(skb, TBY_IPIP_HLEN, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |

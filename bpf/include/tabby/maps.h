@@ -105,4 +105,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_ctlb_sk SEC(".maps");
 
+/* NetworkPolicy: local pod address -> its policy set and isolation. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __be32);
+	__type(value, struct tby_pol_ep_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_pol_ep SEC(".maps");
+
+/* NetworkPolicy: (set, direction, peer prefix) -> rule classes holding it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct tby_pol_peer_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_pol_peer SEC(".maps");
+
+/* NetworkPolicy: (set, direction, protocol, port prefix) -> rule classes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct tby_pol_port_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_pol_port SEC(".maps");
+
 #endif /* __TABBY_MAPS_H */

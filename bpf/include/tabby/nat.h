@@ -20,6 +20,7 @@
 #include "config.h"
 #include "counters.h"
 #include "ct.h"
+#include "exttun.h"
 #include "fib.h"
 #include "maps.h"
 #include "parse.h"
@@ -35,6 +36,9 @@ enum nat_result {
 	NAT_DONE, /* translated */
 	NAT_REJECT, /* no backend: answer with ICMP port unreachable */
 	NAT_DROP, /* counted already */
+	NAT_TUNNEL, /* translated; the caller wraps it for *tun (exttun_send) */
+	NAT_TOO_BIG, /* untouched: would not fit the ext tunnel (icmp_too_big) */
+	NAT_EXT_DSR, /* a forwarded flow's reply, as the frontend: straight to the client */
 };
 
 /* The pods' gateway (calc/names.py POD_GATEWAY): hairpin flows come from it. */
@@ -175,6 +179,10 @@ static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 	if (!bpf_map_update_elem(&tby_ct, rk, rev, BPF_NOEXIST))
 		return 0;
 	old = bpf_map_lookup_elem(&tby_ct, rk);
+	/* a policy-only entry of the same tuple (a direct flow) gives way: its
+	 * verdict is judged again on the NAT pair's REV half */
+	if (old && old->type == TBY_CT_PLAIN)
+		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
 	if (!old || old->type != TBY_CT_NAT_REV)
 		return -1;
 	if (old->nat_addr == rev->nat_addr && old->nat_port == rev->nat_port &&
@@ -279,11 +287,81 @@ static __always_inline int nat_apply_rev(struct __sk_buff *skb,
 	return 0;
 }
 
+/*
+ * The ext tunnel's part of a forward packet: checked to fit, translated, and
+ * *tun filled for the caller. v is the flow's FWD half (TBY_CTF_TUNNEL).
+ */
+static __always_inline enum nat_result nat_tunnel_fwd(struct __sk_buff *skb,
+						      const struct parsed_pkt *pkt,
+						      const struct flow *f,
+						      const struct tby_ct_val *v,
+						      struct exttun_dst *tun)
+{
+	if (exttun_too_big(skb, pkt))
+		return NAT_TOO_BIG;
+	if (nat_apply_fwd(skb, pkt, f, v)) {
+		counter_inc(TBY_R_DROP_NAT_FAIL);
+		return NAT_DROP;
+	}
+	tun->remote = v->tun_ip;
+	tun->fe_addr = f->key.dst;
+	tun->fe_port = f->key.dport;
+	tun->flags = (v->flags & TBY_CTF_DSR) ? TBY_EXT_F_DSR : 0;
+	return NAT_TUNNEL;
+}
+
+/*
+ * A backend's reply on its own node, to a flow an ingress node forwarded (v:
+ * its TBY_CT_EXT entry). DSR: the frontend becomes the source and the node
+ * routes it to the client itself. Tunnel: back to the ingress node, which
+ * holds the flow's NAT pair.
+ */
+static __always_inline enum nat_result nat_ext_reply(struct __sk_buff *skb,
+						     const struct parsed_pkt *pkt,
+						     const struct flow *f,
+						     const struct tby_ct_val *v,
+						     struct exttun_dst *tun)
+{
+	if (v->flags & TBY_CTF_DSR) {
+		if (nat_rewrite(skb, pkt, 0, f->key.src, v->nat_addr, f->key.sport,
+				v->nat_port)) {
+			counter_inc(TBY_R_DROP_NAT_FAIL);
+			return NAT_DROP;
+		}
+		counter_inc(TBY_R_EXT_REPLY_DSR);
+		return NAT_EXT_DSR;
+	}
+	if (!tun)
+		return NAT_PASS;
+	if (exttun_too_big(skb, pkt))
+		return NAT_TOO_BIG;
+	tun->remote = v->tun_ip;
+	tun->fe_addr = v->nat_addr;
+	tun->fe_port = v->nat_port;
+	tun->flags = TBY_EXT_F_REPLY;
+	return NAT_TUNNEL;
+}
+
+/*
+ * bpfExternalServiceMode Tunnel / DSR: a new flow to an external frontend
+ * whose backend is a pod on another node goes there in the ext tunnel,
+ * keeping the client's address, instead of being SNATed to this node.
+ */
+static __always_inline int nat_ext_tunnels(const struct tby_nat_fe_val *fe,
+					   const struct tby_route_val *rt,
+					   const struct exttun_dst *tun)
+{
+	return cfg_ext_mode && tun && (fe->flags & TBY_NAT_EXTERNAL) && rt &&
+	       (rt->flags & TBY_RT_REMOTE_WL) && rt->next_hop &&
+	       rt->next_hop != cfg_host_ip;
+}
+
 /* A new flow to a frontend (the packet's destination), if it is one. */
 static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 						    const struct parsed_pkt *pkt,
 						    const struct flow *f,
-						    __u32 hooks)
+						    __u32 hooks,
+						    struct exttun_dst *tun)
 {
 	struct tby_nat_fe_key fk = {
 		.addr = f->key.dst,
@@ -325,20 +403,26 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 		/* a local pod or this node itself replies through a hook of ours
 		 * (from-workload, to-host); anything else must answer via us */
 		rt = route_lookup(be.addr);
-		if (be.addr != cfg_host_ip &&
-		    (!rt || !(rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_LOCAL_HOST))))
+		if (nat_ext_tunnels(fe, rt, tun)) {
+			fwd.tun_ip = rt->next_hop;
+			fwd.flags = TBY_CTF_TUNNEL | (cfg_ext_mode == 2 ? TBY_CTF_DSR : 0);
+		} else if (be.addr != cfg_host_ip &&
+			   (!rt || !(rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_LOCAL_HOST)))) {
 			snat = cfg_host_ip;
+		}
 	}
 	if (nat_create_pair(f, &be, snat, &fwd, now)) {
 		/* the documented collision: refuse the new flow cleanly */
 		counter_inc(TBY_R_DROP_CT_FULL);
 		return NAT_REJECT;
 	}
+	counter_inc(TBY_R_NAT_NEW);
+	if (fwd.flags & TBY_CTF_TUNNEL)
+		return nat_tunnel_fwd(skb, pkt, f, &fwd, tun);
 	if (nat_apply_fwd(skb, pkt, f, &fwd)) {
 		counter_inc(TBY_R_DROP_NAT_FAIL);
 		return NAT_DROP;
 	}
-	counter_inc(TBY_R_NAT_NEW);
 	return NAT_DONE;
 }
 
@@ -534,11 +618,13 @@ static __always_inline enum nat_result nat_masquerade(struct __sk_buff *skb,
  * Conntrack, then frontends. A FWD hit translates the forward direction; a
  * REV hit on the reversed tuple translates a reply. A REV hit on the packet's
  * own tuple (or a FWD hit on the reversed one) is a packet some earlier hook
- * on this node already translated: it passes.
+ * on this node already translated: it passes. tun: where a program that can
+ * send into the ext tunnel learns where to (NAT_TUNNEL); NULL elsewhere.
  */
 static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 						  const struct parsed_pkt *pkt,
-						  __u32 hooks)
+						  __u32 hooks,
+						  struct exttun_dst *tun)
 {
 	struct flow f = {};
 	struct tby_ct_key rk = {}; /* padding is part of the key */
@@ -565,6 +651,10 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 			ct_touch(v, &f, 0);
 			if (v->type != TBY_CT_NAT_FWD)
 				return NAT_PASS;
+			if ((v->flags & TBY_CTF_TUNNEL) && tun) {
+				counter_inc(TBY_R_NAT_FWD);
+				return nat_tunnel_fwd(skb, pkt, &f, v, tun);
+			}
 			if (nat_apply_fwd(skb, pkt, &f, v)) {
 				counter_inc(TBY_R_DROP_NAT_FAIL);
 				return NAT_DROP;
@@ -576,6 +666,8 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 		v = bpf_map_lookup_elem(&tby_ct, &rk);
 		if (v) {
 			ct_touch(v, &f, 1);
+			if (v->type == TBY_CT_EXT)
+				return nat_ext_reply(skb, pkt, &f, v, tun);
 			if (v->type != TBY_CT_NAT_REV)
 				return NAT_PASS;
 			if (nat_apply_rev(skb, pkt, &f, v)) {
@@ -590,7 +682,7 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 		return nat_masquerade(skb, pkt, &f);
 	if (!(hooks & NAT_HOOK_FRONTENDS))
 		return NAT_PASS;
-	return nat_new_flow(skb, pkt, &f, hooks);
+	return nat_new_flow(skb, pkt, &f, hooks, tun);
 }
 
 #endif /* __TABBY_NAT_H */

@@ -21,6 +21,7 @@
 
 #define TBY_IP_OFF ETH_HLEN
 #define TBY_IP_MF 0x2000
+#define TBY_IP_DF 0x4000
 #define TBY_IP_OFFSET 0x1fff
 
 enum parse_result {
@@ -36,12 +37,28 @@ struct parsed_pkt {
 	__u8 ip_proto;
 	__u8 is_frag; /* non-first fragment: no L4 header */
 	__u8 more_frags; /* MF set: a first or middle fragment */
+	__u8 dont_frag; /* DF set */
 	__be16 ip_id;
 	__be32 saddr;
 	__be32 daddr;
 	__u32 l4_off; /* from the start of the frame */
 	__u32 ip_end; /* ETH_HLEN + tot_len: L2 padding may follow */
 };
+
+/* RFC 1071 over a 20-byte IPv4 header whose check field is 0 (a header we build). */
+static __always_inline __u16 parse_ip_hdr_csum(const struct iphdr *iph)
+{
+	const __u16 *w = (const __u16 *)iph;
+	__u32 sum = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < (int)(sizeof(*iph) / 2); i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
 
 /* Makes the first len bytes linear. Fails if the packet is shorter. */
 static __always_inline int parse_pull(struct __sk_buff *skb, __u32 len)
@@ -147,6 +164,7 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb,
 	pkt->ip_proto = iph->protocol;
 	pkt->is_frag = (iph->frag_off & bpf_htons(TBY_IP_OFFSET)) != 0;
 	pkt->more_frags = (iph->frag_off & bpf_htons(TBY_IP_MF)) != 0;
+	pkt->dont_frag = (iph->frag_off & bpf_htons(TBY_IP_DF)) != 0;
 	pkt->ip_id = iph->id;
 	pkt->saddr = iph->saddr;
 	pkt->daddr = iph->daddr;

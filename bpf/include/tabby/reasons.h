@@ -39,6 +39,17 @@ enum tby_reason {
 	TBY_R_DECAP_IPIP, /* IP-in-IP from a known node: outer header removed */
 	TBY_R_DROP_IPIP_SRC, /* IP-in-IP to us from an address that is no node */
 	TBY_R_DROP_IPIP_FRAG, /* fragmented IP-in-IP: never sent by a node (MTU, DF) */
+	TBY_R_EXT_FWD, /* ingress: external flow forwarded to its backend's node */
+	TBY_R_EXT_RX, /* backend's node: packet of a forwarded flow received */
+	TBY_R_EXT_REPLY_TUN, /* backend's node: reply tunnelled back to the ingress node */
+	TBY_R_EXT_REPLY_DSR, /* backend's node: reply sent straight to the client (DSR) */
+	TBY_R_EXT_FRAG_NEEDED, /* too big once encapsulated: ICMP fragmentation needed sent */
+	TBY_R_DROP_EXT_SRC, /* ext tunnel packet from an address that is no node */
+	TBY_R_DROP_EXT_FLOW, /* forwarded flow for no local pod, or colliding with another */
+	TBY_R_DROP_EXT_TOO_BIG, /* too big once encapsulated and DF clear */
+	TBY_R_DROP_POL_IN, /* a local pod's ingress policy denied a new flow */
+	TBY_R_DROP_POL_OUT, /* a local pod's egress policy denied a new flow */
+	TBY_R_POL_NEW, /* a new flow of an isolated pod admitted and cached on conntrack */
 	TBY_REASON_MAX,
 };
 
@@ -50,7 +61,10 @@ enum tby_reason {
 	 (1ULL << TBY_R_DROP_ENCAP_FAIL) | (1ULL << TBY_R_DROP_NO_LOCAL) | \
 	 (1ULL << TBY_R_DROP_SRC_RANGE) | (1ULL << TBY_R_DROP_NAT_FAIL) |  \
 	 (1ULL << TBY_R_DROP_FRAG) | (1ULL << TBY_R_DROP_CT_FULL) |     \
-	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG))
+	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG) | \
+	 (1ULL << TBY_R_DROP_EXT_SRC) | (1ULL << TBY_R_DROP_EXT_FLOW) |   \
+	 (1ULL << TBY_R_DROP_EXT_TOO_BIG) | (1ULL << TBY_R_DROP_POL_IN) |  \
+	 (1ULL << TBY_R_DROP_POL_OUT))
 
 /*
  * The counter key is a plain __u32 (array maps demand an integer key), so no

@@ -90,6 +90,11 @@ struct tby_nat_src_key {
 /* tby_ct_val.type */
 #define TBY_CT_NAT_FWD 1 /* keyed by client->frontend: rewrite to the backend */
 #define TBY_CT_NAT_REV 2 /* keyed by the translated tuple: replies get the frontend back */
+#define TBY_CT_EXT 3 /* backend's node: a flow an ingress node forwarded (exttun.h) */
+
+/* tby_ct_val.flags */
+#define TBY_CTF_TUNNEL (1U << 0) /* ingress FWD half: sent to tun_ip in the ext tunnel */
+#define TBY_CTF_DSR (1U << 1) /* replies leave the backend's node straight to the client */
 
 /* tby_ct_val.tcp: TCP flags seen, either direction. */
 #define TBY_CT_SYN (1U << 0)
@@ -114,17 +119,21 @@ struct tby_ct_key {
  * REV: nat_addr:nat_port is the frontend (the reply's new source) and, when
  * nat_saddr is set, the reply's destination becomes nat_saddr:nat_sport (the
  * original client).
+ * EXT (alone, no partner; keyed client -> backend): nat_addr:nat_port is the
+ * frontend the client reached on the ingress node tun_ip.
  */
 struct tby_ct_val {
 	__u64 created_ns;
 	__u64 seen_ns;
 	__u8 type; /* TBY_CT_NAT_* */
 	__u8 tcp; /* TBY_CT_SYN... */
-	__u16 _pad;
+	__u16 pol; /* TBY_CTP_*: policy verdicts cached on this flow */
 	__be32 nat_addr;
 	__be16 nat_port;
 	__be16 nat_sport;
 	__be32 nat_saddr;
+	__be32 tun_ip; /* F_TUNNEL: the backend's node; EXT: the ingress node */
+	__u32 flags; /* TBY_CTF_* */
 };
 
 /*
@@ -170,6 +179,43 @@ struct tby_ctlb_sk_val {
 	__be32 addr; /* the frontend the application asked for */
 	__be16 port;
 	__u16 _pad;
+};
+
+/*
+ * NetworkPolicy (docs/design/policy.md). tby_ct_val.type of a flow that is no
+ * NAT pair but carries a policy verdict, keyed by its (translated) tuple.
+ */
+#define TBY_CT_PLAIN 4
+/* tby_ct_val.pol: which ends' policies admitted the flow on this node */
+#define TBY_CTP_OUT (1U << 0) /* the source pod's egress */
+#define TBY_CTP_IN (1U << 1) /* the destination pod's ingress */
+
+/* tby_pol_ep_val.flags: the directions some policy isolates the pod in */
+#define TBY_POL_ISO_IN (1U << 0)
+#define TBY_POL_ISO_OUT (1U << 1)
+
+/* A local pod that some policy selects (key: its address). */
+struct tby_pol_ep_val {
+	__u32 set; /* policy-set id: peer/port keys use set * 2 + direction */
+	__u32 flags; /* TBY_POL_ISO_* */
+	__u64 any_in; /* rule classes admitting every protocol and port, ingress */
+	__u64 any_out; /* the same, egress */
+};
+
+/* LPM: (set * 2 + direction, peer address) -> u64 bitmap of rule classes. */
+struct tby_pol_peer_key {
+	__u32 prefixlen; /* 32 + the peer prefix length */
+	__u32 set;
+	__be32 addr;
+};
+
+/* LPM: (set * 2 + direction, protocol, port) -> u64 bitmap of rule classes. */
+struct tby_pol_port_key {
+	__u32 prefixlen; /* 48 + the port prefix length (0..16) */
+	__u32 set;
+	__u8 proto;
+	__u8 _pad;
+	__be16 port;
 };
 
 #endif /* __TABBY_TYPES_H */

@@ -295,7 +295,8 @@ def _on_libbpf_print(level: int, fmt: bytes, va_list: int) -> int:
     # Formats with libc's vsnprintf: on x86_64 a va_list argument is a pointer.
     if level > _log_level:
         return 0
-    buf = ctypes.create_string_buffer(4096)
+    # a verifier log arrives as one message: large enough for it (rare, so the cost is fine)
+    buf = ctypes.create_string_buffer(1 << 20)
     _libc.vsnprintf(buf, len(buf), fmt, va_list)
     line = buf.value.decode(errors="replace")
     _LOG.append(line)
@@ -317,9 +318,10 @@ def set_print(level: int = LIBBPF_WARN, sink: Callable[[int, str], None] | None 
     _log_level, _sink = level, sink
 
 
-def log_tail(lines: int = 30) -> str:
-    """The last libbpf messages kept (verifier logs arrive here at LIBBPF_WARN)."""
-    return "".join(list(_LOG)[-lines:])
+def log_tail(lines: int = 60) -> str:
+    """The last lines of the libbpf messages kept (verifier logs arrive here at LIBBPF_WARN:
+    their end says what was refused)."""
+    return "\n".join("".join(_LOG).splitlines()[-lines:])
 
 
 def _check(rc: int, what: str) -> int:

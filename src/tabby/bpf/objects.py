@@ -47,6 +47,11 @@ ENTRY_OBJECTS: dict[str, tuple[str, ...]] = {
 _be32 = ctypes.c_uint32.__ctype_be__
 
 
+# cfg_ext_mode (config.h): what happens to external traffic whose backend is a pod on another
+# node. SNAT: kube-proxy's way (the ingress node's address); Tunnel and DSR: bpfExternalServiceMode.
+EXT_MODES = {"SNAT": 0, "Tunnel": 1, "DSR": 2}
+
+
 class DatapathConfig(ctypes.Structure):
     """Mirror of the ``.rodata`` of every entry object (config.h), in declaration order."""
 
@@ -56,6 +61,10 @@ class DatapathConfig(ctypes.Structure):
         ("cfg_log_level", ctypes.c_uint32),
         ("cfg_ctlb_udp", ctypes.c_uint32),
         ("cfg_host_netns", ctypes.c_uint64),
+        ("cfg_ext_mode", ctypes.c_uint32),
+        ("cfg_data_ifindex", ctypes.c_uint32),
+        ("cfg_data_mtu", ctypes.c_uint32),
+        ("cfg_vxlan_port", ctypes.c_uint32),
     ]
 
     @classmethod
@@ -66,6 +75,10 @@ class DatapathConfig(ctypes.Structure):
         log_level: int = 0,
         ctlb_udp: bool = False,
         host_netns: int = 0,
+        ext_mode: str = "SNAT",
+        data_ifindex: int = 0,
+        data_mtu: int = 1500,
+        vxlan_port: int = 4789,
     ) -> DatapathConfig:
         if not 0 < vni < 1 << 24:
             raise ValueError(f"VNI {vni} is outside 1..16777215")
@@ -75,6 +88,10 @@ class DatapathConfig(ctypes.Structure):
             cfg_log_level=log_level,
             cfg_ctlb_udp=int(ctlb_udp),
             cfg_host_netns=host_netns,
+            cfg_ext_mode=EXT_MODES[ext_mode],
+            cfg_data_ifindex=data_ifindex,
+            cfg_data_mtu=data_mtu,
+            cfg_vxlan_port=vxlan_port,
         )
 
 

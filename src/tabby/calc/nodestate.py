@@ -11,11 +11,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from tabby.calc import names
+from tabby.calc import names, policy
 from tabby.calc.mtu import Encap
 from tabby.calc.services import ServiceNAT
+
+if TYPE_CHECKING:
+    from tabby.calc.bird import BirdConfig
 
 Obj = dict[str, Any]
 Resources = Mapping[str, Mapping[tuple[str, str], Obj]]  # kind -> (namespace, name) -> object
@@ -91,6 +94,7 @@ class NodeState:
     kernel_routes: dict[str, KernelRoute] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ctlb_mode: Literal["TCP", "Enabled", "Disabled"] = "TCP"  # bpfConnectTimeLoadBalancing
+    ext_mode: Literal["Tunnel", "DSR"] = "Tunnel"  # bpfExternalServiceMode
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
@@ -98,6 +102,10 @@ class NodeState:
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
     ipip_mtu: int = 0  # FelixConfiguration ipipMTU; 0: the data interface's minus 20
     wireguard: bool = False  # wireguardEnabled: asked for; the dataplane says what it can do
+    # The BIRD backend (calico_backend bird): this node's BIRD config (calc.bird.render); the
+    # blocks of pools without encapsulation are then routed by BGP, not from the IPAM blocks.
+    bird: BirdConfig | None = None
+    policies: dict[str, policy.EndpointPolicy] = field(default_factory=dict)  # isolated, by IP
 
 
 def node_internal_ip(node: Obj) -> str | None:
@@ -113,6 +121,27 @@ def node_subnet(node: Obj) -> ipaddress.IPv4Network | None:
     if not annotated:
         return None
     return ipaddress.IPv4Network(annotated, strict=False)
+
+
+def _dsr_warning(me: Obj | None, nodes: dict[str, Obj]) -> list[str]:
+    """DSR replies leave this node with another node's address as their source: a hop that
+    checks sources (a router's strict rp_filter, a cloud's source/destination check) drops those
+    of nodes in other subnets, since it would route to them through another interface."""
+    mine = node_subnet(me) if me else None
+    others = sorted(
+        {
+            str(net)
+            for obj in nodes.values()
+            if obj is not me and (net := node_subnet(obj)) is not None and net != mine
+        }
+    )
+    if mine is None or not others:
+        return []
+    return [
+        "bpfExternalServiceMode DSR: replies leave this node with the addresses of nodes in "
+        f"{', '.join(others)} as their source; a strict reverse-path or source/destination "
+        "check between here and the clients drops them (on AWS: awsSrcDstCheck: Disable)"
+    ]
 
 
 def felix_config(resources: Resources) -> Obj:
@@ -149,7 +178,16 @@ def _encap_between(pool: Obj | None, mine: Obj | None, peer: Obj) -> Encap:
     return "none"
 
 
-def compute(resources: Resources, node: str) -> NodeState:
+def plain_pool(pool: Obj | None) -> bool:
+    """A pool routed without encapsulation to every peer (both modes Never)."""
+    if pool is None:
+        return False
+    spec = pool["spec"]
+    return bool(spec.get("ipipMode", "Never") == "Never" == spec.get("vxlanMode", "Never"))
+
+
+def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
+    """``bgp``: the BIRD backend runs (calc.bird): blocks of plain pools are left to BGP."""
     nodes = {name: obj for (_, name), obj in resources.get("Node", {}).items()}
     me = nodes.get(node)
     state = NodeState(node=node, node_ip=node_internal_ip(me) if me else None)
@@ -160,6 +198,7 @@ def compute(resources: Resources, node: str) -> NodeState:
     state.log_level = str(cfg.get("bpfLogLevel", "Off"))
     state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
+    state.ext_mode = "DSR" if cfg.get("bpfExternalServiceMode") == "DSR" else "Tunnel"
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
     state.kube_proxy_cleanup = bool(cfg.get("bpfKubeProxyIptablesCleanupEnabled", True))
     state.vxlan_mtu = int(cfg.get("vxlanMTU", 0) or 0)
@@ -177,6 +216,9 @@ def compute(resources: Resources, node: str) -> NodeState:
         if ip:
             flags = RT_LOCAL_HOST if name == node else RT_REMOTE_HOST
             state.routes[f"{ip}/32"] = Route(f"{ip}/32", flags)
+
+    if state.ext_mode == "DSR":
+        state.warnings.extend(_dsr_warning(me, nodes))
 
     for (ns, name), pod in resources.get("Pod", {}).items():
         spec, status = pod.get("spec", {}), pod.get("status", {})
@@ -202,6 +244,8 @@ def compute(resources: Resources, node: str) -> NodeState:
                 state.tunnel_ip = tunnel
                 state.routes[f"{tunnel}/32"] = Route(f"{tunnel}/32", RT_LOCAL_HOST | RT_TUNNEL_ADDR)
             continue
+        if bgp and plain_pool(pool):
+            continue  # learnt over BGP: BIRD programs the kernel, the dataplane the route map
         peer = nodes.get(owner)
         peer_ip = node_internal_ip(peer) if peer else None
         if peer is None or peer_ip is None:
@@ -213,6 +257,7 @@ def compute(resources: Resources, node: str) -> NodeState:
         flags = RT_REMOTE_WL | _ENCAP_FLAGS[encap]
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
+    state.policies = policy.compute(resources, node)
     return state
 
 

@@ -45,17 +45,31 @@ def agent(
         envvar="TABBY_TYPHA",
         help="HOST:PORT of a `tabby typha` fan-out to read through (writes go to --datastore)",
     ),
+    networking_backend: str = typer.Option(
+        "vxlan",
+        envvar="CALICO_NETWORKING_BACKEND",
+        help="bird: run BIRD (BGP) as Calico's BIRD backend; vxlan or none: no BGP",
+    ),
+    bird_dir: str = typer.Option(
+        None, help="BIRD's config, socket, pid and log; default /run/tabby/bird/<node>"
+    ),
 ) -> None:
     """Program this node's dataplane from the datastore, and keep it programmed."""
     from tabby.agent import Agent
     from tabby.bpf.objects import node_pin_root
+    from tabby.cli.common import fail
     from tabby.datastore.typha import typha_url
     from tabby.preflight import PreflightError
 
     _logging(log_level)
+    if networking_backend not in ("bird", "vxlan", "none"):
+        fail(f"--networking-backend {networking_backend!r}: use bird, vxlan or none")
     pins = pin_root or node_pin_root(node)
     url = typha_url(typha, datastore) if typha else datastore
-    a = Agent(node, url, netns, pins, data_iface, health_port, cgroup)
+    bird = None
+    if networking_backend == "bird":
+        bird = bird_dir or f"/run/tabby/bird/{node}"
+    a = Agent(node, url, netns, pins, data_iface, health_port, cgroup, bird_dir=bird)
     signal.signal(signal.SIGTERM, lambda *_: _exit(a.stop))
     try:
         a.run()

@@ -233,6 +233,7 @@ def ct_row(entry: CtEntry) -> Row:
         "tcp_flags": entry.tcp.split("|") if entry.tcp else [],
         "age_s": round(entry.age_s, 3),
         "idle_s": round(entry.idle_s, 3),
+        "path": entry.path,
     }
 
 
@@ -247,7 +248,9 @@ def read_conntrack(
     from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtType
     from tabby.dataplane.conntrack import read_entries
 
-    ct_kind = CtType[f"NAT_{kind.upper()}"] if kind is not None else None
+    ct_kind = None
+    if kind is not None:
+        ct_kind = CtType.EXT if kind.upper() == "EXT" else CtType[f"NAT_{kind.upper()}"]
     with _open(CONNTRACK_SPEC, pin_root) as ct_map:
         entries = read_entries(ct_map, proto=proto, addr=ip, port=port, kind=ct_kind)
     return [ct_row(e) for e in entries]
@@ -272,9 +275,10 @@ def conntrack_dump(
     ),
     port: int | None = typer.Option(None, "--port", help="only entries with this port, likewise"),
     proto: str | None = typer.Option(None, "--proto", help="TCP or UDP"),
-    kind: str | None = typer.Option(None, "--type", help="FWD or REV"),
+    kind: str | None = typer.Option(None, "--type", help="FWD, REV or EXT"),
 ) -> None:
-    """Conntrack NAT pairs (tby_ct): FWD keyed by what the client sent, REV by the reply."""
+    """Conntrack (tby_ct): NAT pairs (FWD keyed by what the client sent, REV by the reply)
+    and EXT, a flow another node forwarded here; `path`: where a forwarded flow goes."""
     _check_output(output)
     if ip is not None:
         try:
@@ -283,8 +287,8 @@ def conntrack_dump(
             fail(f"--ip must be an IPv4 address, not {ip!r}")
     if proto is not None and proto.upper() not in ("TCP", "UDP"):
         fail(f"--proto must be TCP or UDP, not {proto!r}")
-    if kind is not None and kind.upper() not in ("FWD", "REV"):
-        fail(f"--type must be FWD or REV, not {kind!r}")
+    if kind is not None and kind.upper() not in ("FWD", "REV", "EXT"):
+        fail(f"--type must be FWD, REV or EXT, not {kind!r}")
     if port is not None and not 0 < port < 65536:
         fail(f"--port must be 1-65535, not {port}")
     rows = read_conntrack(resolve_pin_root(lab, node, pin_root), proto, ip, port, kind)
@@ -292,7 +296,8 @@ def conntrack_dump(
         _print_json(rows)
         return
     table = Table(title=f"conntrack entries ({len(rows)})")
-    for col in ("proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp"):
+    cols = ("proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp", "path")
+    for col in cols:
         table.add_column(col, justify="right" if col in ("age", "idle") else "left")
     for r in rows:
         nat = f"{r['nat_addr']}:{r['nat_port']}" if r["nat_addr"] else ""
@@ -307,6 +312,7 @@ def conntrack_dump(
             _age(r["age_s"]),
             _age(r["idle_s"]),
             ",".join(r["tcp_flags"]),
+            r["path"],
         )
     _console().print(table)
 
@@ -350,3 +356,122 @@ def counters(
         kind = _kind(reason)
         table.add_row(style.get(kind, str)(reason), kind, str(n))
     _console().print(table)
+
+
+# --- policy -------------------------------------------------------------------------------------
+
+policy_app = typer.Typer(add_completion=False, no_args_is_help=True, help="NetworkPolicy maps")
+app.add_typer(policy_app, name="policy")
+
+
+def read_policy(store_url: str, pod: str, lab: str, pin_root: str | None) -> Row:
+    """The calc result for one pod (what its node should enforce, in words) and whether the
+    node's maps hold exactly that (its tby_pol_ep entry and the set's prefixes)."""
+    from tabby.bpf.maps.policy import DIR_IN, DIR_OUT, PolicyFlags, PolicyMaps
+    from tabby.calc import policy as calc
+    from tabby.cli.common import one_line_errors, open_store
+
+    namespace, _, name = pod.rpartition("/")
+    namespace = namespace or "default"
+    store = open_store(store_url)
+    with one_line_errors():
+        obj = store.get("Pod", name, namespace)
+        if obj is None:
+            fail(f"pod {namespace}/{name} not found in {store_url}")
+        resources: dict[str, dict[tuple[str, str], Any]] = {}
+        for kind in ("Pod", "Namespace", "NetworkPolicy"):
+            items, _ = store.list(kind)
+            resources[kind] = {
+                (o["metadata"].get("namespace", "") or "", o["metadata"]["name"]): o for o in items
+            }
+    node = obj.get("spec", {}).get("nodeName", "")
+    ip = obj.get("status", {}).get("podIP", "")
+    if not ip:
+        fail(f"pod {namespace}/{name} has no address yet")
+    eps = calc.compute(resources, node)
+    ep = eps.get(ip)
+    row = (
+        calc.describe(ep, calc.pod_names(resources))
+        if ep
+        else calc.describe_unselected(namespace, name, ip)
+    )
+    row["node"] = node
+    root = resolve_pin_root(lab, node, pin_root)
+    maps = PolicyMaps.open_pinned(root)
+    try:
+        value = maps.endpoint(ip)
+        if ep is None:
+            row["programmed"] = value is None
+            row["set"] = None
+        else:
+            row["set"] = value.set if value else None
+            want_flags = (PolicyFlags.ISO_IN if ep.ingress.isolated else 0) | (
+                PolicyFlags.ISO_OUT if ep.egress.isolated else 0
+            )
+            ok = value is not None and value.flags == int(want_flags)
+            if value is not None and ok:
+                have: dict[int, set[tuple[Any, ...]]] = {DIR_IN: set(), DIR_OUT: set()}
+                for k in maps.peer_keys():
+                    if k.set // 2 == value.set:
+                        have[k.set % 2].add(("peer", k.cidr))
+                for q in maps.port_keys():
+                    if q.set // 2 == value.set:
+                        have[q.set % 2].add(("port", q.proto, q.port, q.prefixlen - 48))
+                for d, dp in ((DIR_IN, ep.ingress), (DIR_OUT, ep.egress)):
+                    c = calc.compile_direction(dp)
+                    want = {("peer", cidr) for cidr, _ in c.peers} | {
+                        ("port", pr, port, plen) for pr, port, plen, _ in c.ports
+                    }
+                    ok = ok and want == have[d]
+            row["programmed"] = ok
+    finally:
+        maps.close()
+    return row
+
+
+def policy_text(row: Row) -> str:
+    state = "programmed" if row["programmed"] else "NOT (yet) programmed as computed"
+    set_words = f", policy set {row['set']}" if row.get("set") else ""
+    lines = [f"pod {row['pod']} ({row['ip']}) on {row['node']}: {state}{set_words}"]
+    for d, verb in (("ingress", "from"), ("egress", "to")):
+        info = row[d]
+        if not info["isolated"]:
+            lines.append(f"{d}: not isolated: everything {info['otherwise'].split(' ', 1)[0]}")
+            continue
+        lines.append(f"{d}: isolated by {', '.join(info['policies'])}")
+        for rule in info["allow"]:
+            lines.append(f"  allow {verb} {'; '.join(rule['peers'])}")
+            lines.append(f"        on {', '.join(rule['ports'])}")
+            for src in rule["from_rules"]:
+                lines.append(f"        <- {src}")
+        lines.append(f"  everything else: {info['otherwise']}")
+        lines += [f"  note: {n}" for n in info["notes"]]
+    lines += [f"error: {e}" for e in row["errors"]]
+    return "\n".join(lines)
+
+
+@policy_app.command("dump")
+def policy_dump(
+    pod: str = typer.Argument(..., help="the pod, NAMESPACE/NAME (default namespace: default)"),
+    datastore: str | None = typer.Option(
+        None,
+        "--datastore",
+        envvar="TABBY_DATASTORE",
+        help="datastore URL (default: the --lab's)",
+    ),
+    lab: str = LabOpt,
+    pin_root: str | None = PinRootOpt,
+    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+) -> None:
+    """What the datapath allows for POD, in the words of its NetworkPolicies, and whether its
+    node's maps (tby_pol_ep, tby_pol_peer, tby_pol_port) hold exactly that."""
+    _check_output(output, ("text", "json"))
+    if datastore is None:
+        from tabby.lab import state
+
+        datastore = state.datastore_url(lab)
+    row = read_policy(datastore, pod, lab, pin_root)
+    if output == "json":
+        _print_json(row)
+    else:
+        typer.echo(policy_text(row))

@@ -46,6 +46,11 @@ def up(
         "sqlite",
         help="sqlite (embedded store) | etcd (a private etcd on loopback, stopped by down)",
     ),
+    backend: str | None = typer.Option(
+        None,
+        help="bird: BGP (BIRD on every node and the fabric router) | vxlan: no BGP; "
+        "default: the spec's (bird for encapsulationMode ipip), else vxlan",
+    ),
 ) -> None:
     """Build the lab: fabric, nodes, external client, one agent per node."""
     from tabby.cli import cluster as cluster_cli
@@ -74,6 +79,7 @@ def up(
                 cluster=spec,
                 fabric_mtu=fabric_mtu,
                 datastore=datastore,
+                backend=backend,
             )
     except (LabError, TopologyError, PreflightError) as e:
         _fail(str(e))
@@ -203,3 +209,31 @@ def demo(name: str = NameOpt) -> None:
     from tabby.lab import demo as demo_mod
 
     sys.exit(demo_mod.run(name, console))
+
+
+OnlyOpt = typer.Option([], "--only", help="run only this case id (repeatable)")
+
+
+@app.command("netpol-matrix")
+def netpol_matrix(
+    cases: str = typer.Option(..., "--cases", help="cases file (tabby-accept-netpol/1, JSON)"),
+    via: str = typer.Option("both", "--via", help="service, pod or both"),
+    name: str = typer.Option("demo", "--name", help="lab name (must be up)"),
+    only: list[str] = OnlyOpt,
+    keep: bool = typer.Option(False, "--keep", help="leave the x/y/z model in the lab"),
+) -> None:
+    """NetworkPolicy reachability matrices (upstream e2e's model) for every case of FILE:
+    expected vs observed 9x9 matrices, a summary line; exit 1 on any failed cell."""
+    from tabby.lab import netpol
+
+    if via not in ("service", "pod", "both"):
+        _fail(f"--via must be service, pod or both, not {via!r}")
+    lab = _lab(name)
+    try:
+        results = netpol.run_file(lab, cases, via, only or None, keep_model=keep)  # type: ignore[arg-type]
+    except (netpol.CaseError, OSError) as e:
+        _fail(str(e))
+        return
+    typer.echo(netpol.summary(results))
+    if not results or any(r.status == "failed" for r in results):
+        raise typer.Exit(1)

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tabby.cli import bpf, cluster, kubeproxy, lab, resources
+from tabby.cli import bench, bpf, cluster, kubeproxy, lab, node, resources
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="tabby: an eBPF dataplane for Kubernetes"
@@ -16,6 +16,8 @@ app.add_typer(lab.app, name="lab")
 app.add_typer(bpf.app, name="bpf")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(kubeproxy.app, name="kube-proxy")
+app.command(name="bench")(bench.bench)
+app.add_typer(node.app, name="node")
 
 
 @app.command()

@@ -16,16 +16,20 @@ from dataclasses import dataclass
 from tabby import preflight
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
-from tabby.calc.nodestate import NodeState
+from tabby.calc.bird import BirdConfig
+from tabby.calc.nodestate import RT_REMOTE_WL, NodeState, Route
 from tabby.dataplane.attach import AttachManager, Attachment
+from tabby.dataplane.bird import BirdError, BirdManager
 from tabby.dataplane.conntrack import ConntrackGC, GcStats
 from tabby.dataplane.ctlb import REAPER, CtlbManager
 from tabby.dataplane.healthcheck import HealthServers
 from tabby.dataplane.kubeproxy import cleanup as kube_proxy_cleanup
 from tabby.dataplane.nat import NatApplyResult, NatManager
+from tabby.dataplane.policy import PolicyApplyResult, PolicyManager
 from tabby.dataplane.routes import KernelRouteManager, RouteMapManager
 from tabby.dataplane.tunnel import TunnelManager
 from tabby.netlink import links
@@ -41,12 +45,17 @@ class ApplyResult:
 
 class NodeDataplane:
     def __init__(
-        self, pin_root: str, data_iface: str, state: NodeState, cgroup: str | None = None
+        self,
+        pin_root: str,
+        data_iface: str,
+        state: NodeState,
+        cgroup: str | None = None,
+        bird_dir: str | None = None,
     ) -> None:
         self.pin_root = pin_root
         self.data_iface = data_iface
-        self.loaded_for = _load_key(state)
-        self.objects = _load(pin_root, state)
+        self.loaded_for = _load_key(state, data_iface)
+        self.objects = _load(pin_root, self.loaded_for)
         self.routes = RouteMapManager(RoutesMap(ROUTES_SPEC.open_pinned(pin_root)))
         self.counters = Counters(COUNTERS_SPEC.open_pinned(pin_root))
         self.attach = AttachManager(pin_root)
@@ -54,11 +63,19 @@ class NodeDataplane:
         self.ctlb = CtlbManager(pin_root)
         self.tunnel = TunnelManager(data_iface)
         self.kernel_routes = KernelRouteManager(data_iface)
+        # the BIRD backend: None when the agent runs without it (no BGP)
+        self.bird = BirdManager(bird_dir) if bird_dir else None
+        self.desired_routes: dict[str, Route] = {}  # the last state's, before learnt ones
+        self.learned: dict[str, str] = {}  # BGP: prefix -> next hop, as last read from BIRD
+        self.bird_config: BirdConfig | None = None
         # own fds on the pins: they outlive a reload of the objects
         self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
         self.nat = NatManager(*self.nat_maps)
         self.last_nat = NatApplyResult()
+        self.policy_maps = PolicyMaps.open_pinned(pin_root)
+        self.policy = PolicyManager(self.policy_maps)
+        self.last_policy = PolicyApplyResult()
         self.health = HealthServers()  # kube-proxy's health ports, bound in this netns
         self.bpf_enabled: bool | None = None
         self.kube_proxy_cleaned = False  # once per start (and again if the setting comes back)
@@ -68,12 +85,15 @@ class NodeDataplane:
             links.write_sysctl(knob, value)
 
     def _reload_if_needed(self, state: NodeState) -> None:
-        """Load-time constants (node IP, VNI, log level) changed: load and swap in new programs."""
-        if _load_key(state) == self.loaded_for:
+        """Load-time constants (node IP, VNI, log level, external service mode, the data
+        interface's index and MTU) changed: load and swap in new programs. Flows keep the path
+        they started on: the ext tunnel's mode is on their conntrack entries."""
+        key = _load_key(state, self.data_iface)
+        if key == self.loaded_for:
             return
         old = self.objects
-        self.objects = _load(self.pin_root, state)
-        self.loaded_for = _load_key(state)
+        self.objects = _load(self.pin_root, key)
+        self.loaded_for = key
         self.attach.programmed.clear()
         old.close()
 
@@ -85,10 +105,17 @@ class NodeDataplane:
         )
         if state.wireguard:
             warnings.append(self._wireguard_refusal())
-        errors += self.routes.apply(state.routes)
+        if self.bird is not None:
+            self.bird_config = state.bird
+            errors += self.bird.apply(state.bird)
+        self.desired_routes = dict(state.routes)
+        errors += self.sync_learned_routes()
         # services before the programs that read them are attached to new interfaces
         self.last_nat = self.nat.apply(state.services)
         errors += self.last_nat.errors
+        # policies before the programs see a new endpoint (Felix's order)
+        self.last_policy = self.policy.apply(state.policies)
+        errors += self.last_policy.errors
         if state.bpf_enabled != self.bpf_enabled and state.bpf_enabled is False:
             warnings.append("bpfEnabled is false: tabby's programs are detached (disruptive)")
         self.bpf_enabled = state.bpf_enabled
@@ -127,6 +154,26 @@ class NodeDataplane:
             return [f"kube-proxy cleanup: {e}" for e in result.errors]
         self.kube_proxy_cleaned = True
         return []
+
+    def sync_learned_routes(self) -> list[str]:
+        """The route map: the state's routes plus what BGP learnt (called after each apply and
+        periodically, as BGP changes without a datastore event)."""
+        routes = dict(self.desired_routes)
+        errors: list[str] = []
+        if self.bird is not None:
+            if not self.bird.running():  # it died: start it again (graceful restart)
+                errors += self.bird.apply(self.bird_config)
+            try:
+                learned = self.bird.learned()
+            except BirdError as e:
+                learned = None
+                errors.append(f"BGP: {e}")
+            if learned is not None:
+                self.learned = learned
+            for cidr, next_hop in self.learned.items():
+                if cidr not in routes:
+                    routes[cidr] = Route(cidr, RT_REMOTE_WL, next_hop=next_hop)
+        return errors + self.routes.apply(routes)
 
     def _wireguard_refusal(self) -> str:
         """One line for /readyz: wireguardEnabled is not honoured (probed once, for real)."""
@@ -173,6 +220,7 @@ class NodeDataplane:
 
     def close(self) -> None:
         self.health.close()
+        self.policy_maps.close()
         for m in [*self.nat_maps, self.routes.map.map, self.counters.map]:
             m.close()
         self.objects.close()
@@ -196,17 +244,47 @@ def _node_sysctls(data_iface: str) -> dict[str, str]:
     }
 
 
-def _load_key(state: NodeState) -> tuple[str | None, int, str, bool]:
-    return state.node_ip, state.vni, state.log_level, state.ctlb_mode == "Enabled"
+@dataclass(frozen=True)
+class _LoadKey:
+    """Everything the objects' .rodata is built from: a change means loading them again."""
+
+    node_ip: str | None
+    vni: int
+    log_level: str
+    ctlb_udp: bool
+    ext_mode: str
+    data_ifindex: int
+    data_mtu: int
+    vxlan_port: int
 
 
-def _load(pin_root: str, state: NodeState) -> DatapathObjects:
+def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
+    with links.rtnl() as ipr:
+        index = links.ifindex(ipr, data_iface) or 0
+        mtu = links.link_mtu(ipr, data_iface) or 1500
+    return _LoadKey(
+        state.node_ip,
+        state.vni,
+        state.log_level,
+        state.ctlb_mode == "Enabled",
+        state.ext_mode,
+        index,
+        mtu,
+        state.vxlan_port,
+    )
+
+
+def _load(pin_root: str, key: _LoadKey) -> DatapathObjects:
     config = DatapathConfig.build(
-        vni=state.vni,
-        host_ip=state.node_ip or "0.0.0.0",
-        log_level=LOG_LEVELS[state.log_level],
-        ctlb_udp=state.ctlb_mode == "Enabled",
+        vni=key.vni,
+        host_ip=key.node_ip or "0.0.0.0",
+        log_level=LOG_LEVELS[key.log_level],
+        ctlb_udp=key.ctlb_udp,
         host_netns=links.netns_cookie(),
+        ext_mode=key.ext_mode,
+        data_ifindex=key.data_ifindex,
+        data_mtu=key.data_mtu,
+        vxlan_port=key.vxlan_port,
     )
     return DatapathObjects(pin_root, config).load()
 

@@ -104,6 +104,8 @@ from . import services
 WIRE_VERSIONS = {  # tabby's canonical apiVersion -> the one stored in the API server
     "FelixConfiguration": "crd.projectcalico.org/v1",
     "IPPool": "crd.projectcalico.org/v1",
+    "BGPConfiguration": "crd.projectcalico.org/v1",
+    "BGPPeer": "crd.projectcalico.org/v1",
 }
 STATUS_SUBRESOURCE = frozenset({"Pod", "Service", "Node", "Namespace"})
 SERVER_MANAGED = ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields")

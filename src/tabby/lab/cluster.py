@@ -26,13 +26,14 @@ from tabby.dataplane.node import remove_pins
 from tabby.datastore import open_datastore
 from tabby.datastore.api import Datastore
 from tabby.datastore.services import DEFAULT_SERVICE_CIDR
-from tabby.lab import cgroups, etcd, fabric, pods, processes, state, topology
+from tabby.lab import bgp, cgroups, etcd, fabric, pods, processes, state, topology
 from tabby.lab.topology import LabPlan, NodePlan
 from tabby.model import kops
 from tabby.netlink.netns import enter_netns
 
 HEALTH_PORT = 9099
 DATASTORES = ("sqlite", "etcd")
+BACKENDS = ("vxlan", "bird")  # Calico's calico_backend: bird runs BGP (lab/bgp.py)
 Progress = Callable[[str], None]
 
 
@@ -148,6 +149,7 @@ class Lab:
             placement=saved.get("placement"),
             fabric_mtu=int(saved.get("fabric_mtu", 1500)),
         )
+        self.backend = str(saved.get("backend", "vxlan"))
 
     @property
     def url(self) -> str:
@@ -195,11 +197,13 @@ class Lab:
         cluster: kops.KopsCluster | None = None,
         fabric_mtu: int = 1500,
         datastore: str = "sqlite",
+        backend: str | None = None,
     ) -> Lab:
         """Build lab ``name``; from a kOps ``cluster`` spec (its subnets, node count, pool and
         encapsulation; ``nodes`` is then ignored), with every fabric link at ``fabric_mtu``.
         ``datastore``: ``sqlite`` (the embedded store) or ``etcd`` (a private etcd, see
-        ``_start_etcd``)."""
+        ``_start_etcd``). ``backend``: ``bird`` runs BGP (BIRD on every node and on the fabric's
+        router), ``vxlan`` none; default: the spec's (bird for ipip), else vxlan."""
         if datastore not in DATASTORES:
             raise LabError(f"datastore {datastore!r}: use one of {', '.join(DATASTORES)}")
         config = None
@@ -211,6 +215,10 @@ class Lab:
                 progress(f"warning: {warning}")
         else:
             plan = topology.plan(name, nodes, fabric_mtu=fabric_mtu)
+        if backend is None:
+            backend = cluster.calico.backend if cluster is not None else "vxlan"
+        if backend not in BACKENDS:
+            raise LabError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
         taken = fabric.lab_netns(plan.netns_prefix())
         if state.exists(name) or taken:
             raise LabError(
@@ -219,7 +227,7 @@ class Lab:
             )
         preflight.require()
         lab = cls.__new__(cls)
-        lab.name, lab.plan = name, plan
+        lab.name, lab.plan, lab.backend = name, plan, backend
         try:
             if datastore == "etcd":
                 lab._start_etcd(progress)
@@ -236,14 +244,20 @@ class Lab:
             st["name"], st["nodes"] = self.name, len(self.plan.nodes)
             st["subnets"], st["fabric_mtu"] = subnets, self.plan.fabric_mtu
             st["placement"] = [subnets.index(n.subnet) for n in self.plan.nodes]
+            st["backend"] = self.backend
         ds = self.datastore()
-        ds.apply(base_resources(self.plan, config))
+        objs = base_resources(self.plan, config)
+        if self.backend == "bird":
+            objs += bgp.resources(self.plan)
+        ds.apply(objs)
         progress(
             f"fabric: {self.plan.fabric_netns} (router for {', '.join(subnets)}, "
             f"MTU {self.plan.fabric_mtu})"
         )
         fabric.build_fabric(self.plan)
         fabric.build_external(self.plan)
+        if self.backend == "bird":
+            self._start_router_bird(progress)
         for node in self.plan.nodes:
             progress(f"node {node.name}: {node.netns} {node.ip}/{node.prefixlen}")
             fabric.build_node(self.plan, node)
@@ -266,6 +280,32 @@ class Lab:
         with state.editing(self.name) as st:
             st["procs"] = [p for p in st["procs"] if p["role"] != role] + [rec]
 
+    def _start_router_bird(self, progress: Progress) -> None:
+        """The fabric router's BIRD (lab/bgp.py), a recorded lab process in the fabric netns."""
+        work = bgp.router_bird_dir(state.lab_dir(self.name))
+        os.makedirs(work, exist_ok=True)
+        with open(os.path.join(work, "bird.conf"), "w") as f:
+            f.write(bgp.router_config(self.plan))
+        log = os.path.join(work, "bird.log")
+        rec = processes.spawn(
+            bgp.router_argv(work),
+            "bird fabric",
+            log,
+            netns=self.plan.fabric_netns,
+            cgroup=cgroups.group(self.name, "control"),
+        )
+        with state.editing(self.name) as st:
+            st["procs"] = [p for p in st["procs"] if p["role"] != "bird fabric"] + [rec]
+        progress(f"fabric router: BIRD (BGP AS {bgp.AS_NUMBER}) at {bgp.router_ip(self.plan)}")
+
+    def bird_socket(self, node: str) -> str:
+        """The control socket of a node's BIRD (``fabric``: the router's)."""
+        lab_dir = state.lab_dir(self.name)
+        if node == "fabric":
+            return os.path.join(bgp.router_bird_dir(lab_dir), "bird.ctl")
+        self.plan.node(node)  # a clear error for a node the lab does not have
+        return os.path.join(bgp.node_bird_dir(lab_dir, node), "bird.ctl")
+
     def start_agent(self, node: NodePlan) -> None:
         argv = [
             tabby_bin(),
@@ -284,7 +324,11 @@ class Lab:
             str(HEALTH_PORT),
             "--cgroup",  # pods are its children: connect-time LB hooks see their sockets
             cgroups.group(self.name, node.name),
+            "--networking-backend",
+            self.backend,
         ]
+        if self.backend == "bird":  # BIRD runs in the node's cgroup: `down` ends it with it
+            argv += ["--bird-dir", bgp.node_bird_dir(state.lab_dir(self.name), node.name)]
         self._start(f"agent {node.name}", argv, cgroups.group(self.name, node.name))
 
     def agent_proc(self, node: str) -> dict[str, Any]:

@@ -55,6 +55,14 @@ def build_fabric(plan: LabPlan) -> None:
             ipr.route("add", dst=topology.LOADBALANCER_CIDR, multipath=hops)
 
 
+def set_router_rp_filter(plan: LabPlan, strict: bool) -> None:
+    """The router's reverse-path check, standing in for a cloud network's source/destination
+    check: strict, it drops a packet whose source it would not route back out of the interface
+    the packet came in on (DSR replies carrying another subnet's node address). Off by default."""
+    with enter_netns(plan.fabric_netns):
+        links.write_sysctl("net/ipv4/conf/all/rp_filter", "1" if strict else "0")
+
+
 def build_external(plan: LabPlan) -> None:
     """The "internet" client behind the router, 203.0.113.10."""
     add_netns(plan.external_netns)

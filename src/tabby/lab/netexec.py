@@ -68,8 +68,15 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--http-port", type=int, default=8080)
     ap.add_argument("--udp-port", type=int, default=8081)
+    ap.add_argument(
+        "--also", type=int, action="append", default=[], help="one more port, TCP and UDP"
+    )
     args = ap.parse_args()
     threading.Thread(target=udp_server, args=(args.udp_port, args.name), daemon=True).start()
+    for extra in args.also:  # the netpol model's pods: TCP and UDP on 80 and 81
+        threading.Thread(target=udp_server, args=(extra, args.name), daemon=True).start()
+        server = http_server(extra, args.name)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     http_server(args.http_port, args.name).serve_forever()
 
 

@@ -21,13 +21,19 @@ from typing import Any
 from tabby.lab import cgroups, fabric, processes, state, traffic
 from tabby.lab.topology import LabPlan
 
-IMAGES = {
+IMAGES: dict[str, list[dict[str, Any]]] = {
     "netexec": [
         {"name": "http", "containerPort": 8080, "protocol": "TCP"},
         {"name": "udp", "containerPort": 8081, "protocol": "UDP"},
     ],
     "nginx": [{"name": "http", "containerPort": 80, "protocol": "TCP"}],
     "pause": [],
+    # the NetworkPolicy model's pods (upstream e2e's agnhost "serve-multi"): TCP and UDP on 80, 81
+    "netpol": [
+        {"name": f"serve-{port}-{proto.lower()}", "containerPort": port, "protocol": proto}
+        for port in (80, 81)
+        for proto in ("TCP", "UDP")
+    ],
 }
 
 
@@ -109,6 +115,20 @@ def pod_object(
 def container_argv(image: str, pod: str, netns: str, lab: str) -> list[str] | None:
     if image == "netexec":
         return [sys.executable, "-m", "tabby.lab.netexec", "--name", pod]
+    if image == "netpol":
+        return [
+            sys.executable,
+            "-m",
+            "tabby.lab.netexec",
+            "--name",
+            pod,
+            "--http-port",
+            "80",
+            "--udp-port",
+            "80",
+            "--also",
+            "81",
+        ]
     if image == "nginx":
         conf = os.path.join(state.lab_dir(lab), f"nginx-{netns}.conf")
         with open(conf, "w") as f:

@@ -3,6 +3,7 @@ caller's thread never changes namespace)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -43,6 +44,33 @@ def link_mtu(netns: str, ifname: str = "eth0") -> int:
         return mtu
 
     return in_netns(netns, read)
+
+
+def http_download_len(
+    netns: str, ip: str, port: int, size: int, timeout_s: float = 10.0, cpus: set[int] | None = None
+) -> int:
+    """GET netexec's /bytes?n=size from inside ``netns``, counting (not keeping) the body;
+    on ``cpus`` if given (the receiving thread's affinity)."""
+
+    def go() -> int:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        with socket.create_connection((ip, port), timeout=timeout_s) as s:
+            s.sendall(
+                f"GET /bytes?n={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("closed before the headers")
+                head += chunk
+            n = len(head.partition(b"\r\n\r\n")[2])
+            while chunk := s.recv(1 << 20):
+                n += len(chunk)
+        return n
+
+    return in_netns(netns, go)
 
 
 def http_get(netns: str, ip: str, port: int, path: str, timeout_s: float = 3.0) -> str:

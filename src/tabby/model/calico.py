@@ -1,4 +1,5 @@
-"""Calico-shaped kinds (projectcalico.org/v3): FelixConfiguration, IPPool; and tabby's IPAMBlock.
+"""Calico-shaped kinds (projectcalico.org/v3): FelixConfiguration, IPPool, BGPConfiguration,
+BGPPeer; and tabby's IPAMBlock.
 
 Field names are Calico's so Calico users' manifests apply unchanged.
 """
@@ -9,6 +10,7 @@ import ipaddress
 import re
 from typing import Any
 
+from tabby.model import calico_selectors
 from tabby.model.core import resource
 from tabby.model.errors import FieldError
 from tabby.model.schema import (
@@ -165,3 +167,85 @@ _handle_spec = Struct(
 )
 
 ipam_handle = resource(spec=_handle_spec).extend({}, required=("metadata", "spec"))
+
+# --- BGP (the BIRD backend): BGPConfiguration, BGPPeer -----------------------------------------
+
+_as_number = integer(1, 4294967295)
+
+
+def _selector(value: Any, path: str) -> str:
+    """A Calico selector expression (``route-reflector == 'true'``, ``all()``)."""
+    try:
+        calico_selectors.parse(string(value, path))
+    except ValueError as err:
+        raise FieldError(path, f"not a valid selector: {err}") from None
+    return str(value)
+
+
+def _peer_ip(value: Any, path: str) -> str:
+    """Calico's peerIP: an address, optionally with a port (``10.0.0.1:1179``, ``[fd::1]:179``)."""
+    text = string(value, path)
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    ip(host, path)
+    if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise FieldError(path, f"port {port_text!r} must be an integer 1-65535")
+    return text
+
+
+_bgp_configuration_spec = Struct(
+    {
+        "logSeverityScreen": enum("Debug", "Info", "Warning", "Error", "Fatal"),
+        "nodeToNodeMeshEnabled": boolean,
+        "asNumber": _as_number,
+        "listenPort": port,
+        "nodeMeshMaxRestartTime": _duration,
+        # tabby's extension (Calico sets it per BGPPeer only): the mesh's keepalive; hold = 3x
+        "nodeMeshKeepaliveTime": _duration,
+    },
+    defaults={"nodeToNodeMeshEnabled": True, "asNumber": 64512, "listenPort": 179},
+)
+
+bgp_configuration = resource(spec=_bgp_configuration_spec).extend({}, defaults={"spec": {}})
+
+
+def _peer_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    if spec.get("node") and spec.get("nodeSelector"):
+        raise FieldError(at(path, "nodeSelector"), "cannot be combined with node")
+    has_ip, has_sel = bool(spec.get("peerIP")), bool(spec.get("peerSelector"))
+    if has_ip == has_sel:
+        raise FieldError(at(path, "peerIP"), "needs exactly one of peerIP and peerSelector")
+    if has_ip and "asNumber" not in spec:
+        raise FieldError(at(path, "asNumber"), "required with peerIP")
+    return spec
+
+
+_bgp_peer_spec = Struct(
+    {
+        "node": string,
+        "nodeSelector": _selector,
+        "peerIP": _peer_ip,
+        "peerSelector": _selector,
+        "asNumber": _as_number,
+        "keepaliveTime": _duration,
+        "maxRestartTime": _duration,
+        "sourceAddress": enum("UseNodeIP", "None"),
+    },
+    defaults={"sourceAddress": "UseNodeIP"},
+    post=_peer_rules,
+)
+
+bgp_peer = resource(spec=_bgp_peer_spec).extend({}, required=("metadata", "spec"))
+
+
+def duration_s(text: str) -> float:
+    """Seconds in a Go duration already checked by the schema (``1m30s``, ``500ms``)."""
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(
+        float(num) * units[unit]
+        for num, _, unit in re.findall(r"(\d+(\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    )

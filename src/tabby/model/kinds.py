@@ -43,6 +43,8 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind("FelixConfiguration", _CALICO, False, ("felixconfiguration", "felixconfigurations")),
     Kind("IPPool", _CALICO, False, ("ippool", "ippools")),
+    Kind("BGPConfiguration", _CALICO, False, ("bgpconfiguration", "bgpconfigurations")),
+    Kind("BGPPeer", _CALICO, False, ("bgppeer", "bgppeers")),
     Kind("IPAMBlock", ("tabby.dev/v1",), False, ("ipamblock", "ipamblocks")),
     Kind("IPAMHandle", ("tabby.dev/v1",), False, ("ipamhandle", "ipamhandles")),
 )

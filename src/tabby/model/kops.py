@@ -526,13 +526,6 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
                     f"{vxlan_mode} with encapsulationMode ipip: set encapsulationMode: vxlan "
                     "to encapsulate with VXLAN (a pool uses one encapsulation)",
                 )
-            if ipip_mode != "Never":
-                rep.warn(
-                    f"{CALICO_PATH}.encapsulationMode",
-                    "ipip (the kOps default): tabby encapsulates IP-in-IP in BPF, but runs no "
-                    "BGP (BIRD) yet: pod routes come from the IPAM blocks, as with VXLAN, so "
-                    "only routes learned over BGP (from outside the cluster) are missing",
-                )
         else:  # vxlan: Calico's VXLAN backend, no BIRD, so no IP-in-IP
             vxlan_mode = c.get("vxlanMode", default_mode)
             ipip_mode = c.get("ipipMode", "Never")
@@ -544,11 +537,12 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
                 )
 
     active = vxlan_mode if encap == "vxlan" else ipip_mode
-    if not ipv6 and active == "Never":
+    if not ipv6 and active == "Never" and encap == "vxlan":
         rep.warn(
-            f"{CALICO_PATH}.{'vxlanMode' if encap == 'vxlan' else 'ipipMode'}",
-            "Never: pod routes are plain routes via the peer node; across a router the network "
-            "must learn the pod blocks over BGP, which tabby does not run yet",
+            f"{CALICO_PATH}.vxlanMode",
+            "Never: pod routes are plain routes via the peer node, and the VXLAN backend runs "
+            "no BGP: across a router the network must learn the pod blocks some other way "
+            "(encapsulationMode ipip with ipipMode Never routes them over BGP)",
         )
 
     mtu: int | None = None
@@ -588,11 +582,12 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
             "(kOps cannot reconcile it automatically)",
         )
     mode = c.get("bpfExternalServiceMode", "Tunnel")
-    if mode == "DSR":
+    if mode == "DSR" and c.get("awsSrcDstCheck") != "Disable":
         rep.warn(
             f"{CALICO_PATH}.bpfExternalServiceMode",
-            "DSR: not in tabby's datapath yet; NodePort traffic to a remote backend is "
-            "tunnelled and SNATed (Tunnel behaviour) until the source-IP work lands",
+            "DSR: replies leave the backend's node with the frontend's address as their "
+            "source; a network that checks sources (AWS's source/destination check, a router's "
+            "strict rp_filter) drops them: set awsSrcDstCheck: Disable",
         )
     if not bpf:
         for key in ("bpfExternalServiceMode", "bpfLogLevel", "bpfKubeProxyIptablesCleanupEnabled"):

@@ -24,6 +24,8 @@ SCHEMAS: dict[str, Struct] = {
     "NetworkPolicy": policy.network_policy,
     "FelixConfiguration": calico.felix_configuration,
     "IPPool": calico.ip_pool,
+    "BGPConfiguration": calico.bgp_configuration,
+    "BGPPeer": calico.bgp_peer,
     "IPAMBlock": calico.ipam_block,
     "IPAMHandle": calico.ipam_handle,
 }

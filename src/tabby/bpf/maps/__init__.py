@@ -8,6 +8,7 @@ from tabby.bpf.maps.counters import COUNTERS_SPEC
 from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
 from tabby.bpf.maps.ctlb import CTLB_SOCKETS_SPEC
 from tabby.bpf.maps.nat import AFFINITY_SPEC, BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.policy import ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
 from tabby.bpf.maps.routes import ROUTES_SPEC
 from tabby.bpf.maps.spec import MapSpec
 
@@ -22,6 +23,9 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     FRAGS_SPEC,
     CT_GC_STATS_SPEC,
     CTLB_SOCKETS_SPEC,
+    ENDPOINTS_SPEC,
+    PEERS_SPEC,
+    PORTS_SPEC,
 )
 
 __all__ = ["ALL_SPECS", "MapSpec"]

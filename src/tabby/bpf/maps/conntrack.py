@@ -2,7 +2,9 @@
 
 FWD is keyed by the tuple the client sent (client -> frontend) and holds the backend (and the
 SNAT source, if any); REV is keyed by the translated tuple and holds the frontend to restore on
-replies (and the original client when the forward packet was SNATed). Both live in one LRU map.
+replies (and the original client when the forward packet was SNATed). EXT, on a backend's node,
+is a flow an ingress node forwarded in the ext tunnel (frontend, ingress node, Tunnel or DSR).
+All live in one LRU map.
 """
 
 from __future__ import annotations
@@ -24,6 +26,22 @@ class CtType(enum.IntEnum):
 
     NAT_FWD = 1
     NAT_REV = 2
+    EXT = 3
+    PLAIN = 4  # no NAT: a flow carrying a policy verdict only
+
+
+class CtFlags(enum.IntFlag):
+    """TBY_CTF_* of types.h: how a forwarded flow travels."""
+
+    TUNNEL = 1 << 0
+    DSR = 1 << 1
+
+
+class PolVerdict(enum.IntFlag):
+    """TBY_CTP_* of types.h: the ends whose NetworkPolicy admitted the flow on this node."""
+
+    OUT = 1 << 0
+    IN = 1 << 1
 
 
 class TcpFlags(enum.IntFlag):
@@ -75,11 +93,13 @@ class CtValue(ctypes.Structure):
         ("seen_ns", ctypes.c_uint64),
         ("type", ctypes.c_uint8),
         ("tcp", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint16),
+        ("pol", ctypes.c_uint16),
         ("nat_addr", _be32),
         ("nat_port", _be16),
         ("nat_sport", _be16),
         ("nat_saddr", _be32),
+        ("tun_ip", _be32),
+        ("flags", ctypes.c_uint32),
     ]
 
 
@@ -116,12 +136,13 @@ class CtEntry:
     tcp: str
     age_s: float
     idle_s: float
+    path: str  # the ext tunnel: where a forwarded flow went (ingress) or came from (backend)
 
     @classmethod
     def decode(cls, key: CtKey, val: CtValue, now_ns: int) -> CtEntry:
         nat = f"{_str(val.nat_addr)}:{val.nat_port}"
         snat = f"{_str(val.nat_saddr)}:{val.nat_sport}" if val.nat_saddr else ""
-        kind = CtType(val.type).name if val.type in (1, 2) else f"type{val.type}"
+        kind = CtType(val.type).name if val.type in (1, 2, 3, 4) else f"type{val.type}"
         return cls(
             key=key.describe(),
             type=kind,
@@ -130,4 +151,15 @@ class CtEntry:
             tcp=str(TcpFlags(val.tcp).name or "") if val.tcp else "",
             age_s=max(0.0, (now_ns - val.created_ns) / 1e9),
             idle_s=max(0.0, (now_ns - val.seen_ns) / 1e9),
+            path=_path(val),
         )
+
+
+def _path(val: CtValue) -> str:
+    """A forwarded flow's path, in words: ``tunnel to 172.20.64.2 (DSR)``."""
+    mode = " (DSR)" if val.flags & CtFlags.DSR else " (Tunnel)"
+    if val.type == CtType.EXT:
+        return f"from ingress {_str(val.tun_ip)}{mode}"
+    if val.flags & CtFlags.TUNNEL:
+        return f"tunnel to {_str(val.tun_ip)}{mode}"
+    return ""

@@ -50,6 +50,17 @@ class Reason(enum.IntEnum):
     DECAP_IPIP = 28
     DROP_IPIP_SRC = 29
     DROP_IPIP_FRAG = 30
+    EXT_FWD = 31
+    EXT_RX = 32
+    EXT_REPLY_TUN = 33
+    EXT_REPLY_DSR = 34
+    EXT_FRAG_NEEDED = 35
+    DROP_EXT_SRC = 36
+    DROP_EXT_FLOW = 37
+    DROP_EXT_TOO_BIG = 38
+    DROP_POL_IN = 39
+    DROP_POL_OUT = 40
+    POL_NEW = 41
 
     @property
     def c_name(self) -> str:

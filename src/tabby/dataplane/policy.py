@@ -1,0 +1,147 @@
+"""PolicyManager: the node's isolated endpoints -> tby_pol_ep / tby_pol_peer / tby_pol_port.
+
+Invariant: a packet never sees half of an endpoint's policy. A changed endpoint is written under
+a fresh policy-set id (peers and ports first), then its tby_pol_ep entry is switched to that id
+in one write, then the old id's entries are deleted. Endpoints whose compiled entries did not
+change are not touched. After a restart the pinned sets are adopted: every endpoint is written
+once under a new id and the adopted ids' entries are swept (keys carry the id).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tabby.bpf.maps.policy import DIR_IN, DIR_OUT, EndpointValue, PolicyFlags, PolicyMaps
+from tabby.calc.policy import CompiledDirection, EndpointPolicy, compile_direction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Programmed:
+    set_id: int
+    ingress: CompiledDirection
+    egress: CompiledDirection
+    flags: int
+
+
+@dataclass
+class PolicyApplyResult:
+    errors: list[str] = field(default_factory=list)
+    changed: int = 0  # endpoints (re)written
+    removed: int = 0
+    writes: int = 0  # map writes and deletes
+
+
+class PolicyManager:
+    def __init__(self, maps: PolicyMaps) -> None:
+        self.maps = maps
+        self.programmed: dict[str, _Programmed] = {}  # by pod address
+        self.next_id = 1
+        self.adopted: set[int] | None = None  # set ids found pinned, swept after the first apply
+        self.sets: dict[str, int] = {}  # pod address -> set id, for dumps
+
+    def _adopt(self) -> None:
+        found = self.maps.endpoint_items()
+        self.adopted = {v.set for v in found.values()}
+        self.next_id = max(self.adopted, default=0) + 1
+        # the old entries stay in force until each endpoint is rewritten below
+        for addr, v in found.items():
+            self.programmed[addr] = _Programmed(v.set, CompiledDirection(), CompiledDirection(), -1)
+
+    def apply(self, desired: dict[str, EndpointPolicy]) -> PolicyApplyResult:
+        res = PolicyApplyResult()
+        if self.adopted is None:
+            self._adopt()
+        for addr, ep in sorted(desired.items()):
+            if ep.errors:
+                res.errors += [f"policy of {ep.namespace}/{ep.name}: {e}" for e in ep.errors]
+                continue  # what is programmed stays
+            ingress, egress = compile_direction(ep.ingress), compile_direction(ep.egress)
+            flags = (PolicyFlags.ISO_IN if ep.ingress.isolated else 0) | (
+                PolicyFlags.ISO_OUT if ep.egress.isolated else 0
+            )
+            old = self.programmed.get(addr)
+            if old and (old.ingress, old.egress, old.flags) == (ingress, egress, int(flags)):
+                continue
+            new = _Programmed(self._new_id(), ingress, egress, int(flags))
+            try:
+                res.writes += self._write_set(new)
+                value = EndpointValue(
+                    set=new.set_id,
+                    flags=new.flags,
+                    any_in=ingress.any_proto,
+                    any_out=egress.any_proto,
+                )
+                self.maps.set_endpoint(addr, value)
+                res.writes += 1
+            except OSError as e:
+                res.errors.append(f"policy of {ep.namespace}/{ep.name}: {e}")
+                res.writes += self._delete_set(new)
+                continue
+            self.programmed[addr] = new
+            self.sets[addr] = new.set_id
+            res.changed += 1
+            if old:
+                res.writes += self._delete_set(old)
+        for addr in sorted(set(self.programmed) - set(desired)):
+            old = self.programmed.pop(addr)
+            self.sets.pop(addr, None)
+            try:
+                self.maps.delete_endpoint(addr)
+                res.writes += 1 + self._delete_set(old)
+            except OSError as e:
+                res.errors.append(f"policy of {addr}: {e}")
+            res.removed += 1
+        if self.adopted:
+            res.writes += self._sweep_adopted()
+        self.adopted = set()
+        return res
+
+    def _new_id(self) -> int:
+        set_id = self.next_id
+        self.next_id += 1
+        if self.next_id >= 1 << 31:  # set * 2 + direction must fit 32 bits
+            self.next_id = 1
+        return set_id
+
+    def _write_set(self, p: _Programmed) -> int:
+        n = 0
+        for d, c in ((DIR_IN, p.ingress), (DIR_OUT, p.egress)):
+            set_dir = p.set_id * 2 + d
+            for cidr, bits in c.peers:
+                self.maps.put_peer(set_dir, cidr, bits)
+                n += 1
+            for proto, port, plen, bits in c.ports:
+                self.maps.put_port(set_dir, proto, port, plen, bits)
+                n += 1
+        return n
+
+    def _delete_set(self, p: _Programmed) -> int:
+        if p.flags == -1:  # adopted: its keys are only known by scanning
+            return 0
+        n = 0
+        for d, c in ((DIR_IN, p.ingress), (DIR_OUT, p.egress)):
+            set_dir = p.set_id * 2 + d
+            for cidr, _ in c.peers:
+                self.maps.delete_peer(set_dir, cidr)
+                n += 1
+            for proto, port, plen, _ in c.ports:
+                self.maps.delete_port(set_dir, proto, port, plen)
+                n += 1
+        return n
+
+    def _sweep_adopted(self) -> int:
+        """Entries of sets no endpoint uses any more (adopted from before a restart)."""
+        live = {p.set_id for p in self.programmed.values()}
+        n = 0
+        for pk in self.maps.peer_keys():
+            if pk.set // 2 not in live:
+                self.maps.peers.delete(pk)
+                n += 1
+        for qk in self.maps.port_keys():
+            if qk.set // 2 not in live:
+                self.maps.ports.delete(qk)
+                n += 1
+        return n

@@ -1,0 +1,348 @@
+"""The report of `tabbyctl bench`: medians and spread per (N, path), ratios taken within one
+repetition, the issue's targets checked (reported, never asserted), a markdown file, one PNG per
+figure vs N (matplotlib's Agg backend: no display needed) and the raw JSON.
+
+Pure apart from ``write``: ``summarise`` and ``markdown`` take the result dict (``-o json``'s
+shape), so a saved run can be re-rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tabby.lab.benchrun import DENOMINATOR, PATH_FAMILY
+
+# the issue's targets, at the largest N of a run
+TARGET_RATIO = 1.0  # ClusterIP conn/s >= 1.0x plain routing
+TARGET_FLAT = 0.05  # ... within 5% from the smallest N to the largest
+TARGET_P99 = 1.1  # connect+first-byte p99 <= 1.1x plain routing's
+TARGET_PROGRAM_S = 1.0  # 20,000 services x 3 endpoints from scratch
+TARGET_CHANGE_MS = 10.0  # one endpoint change, p99
+TARGET_RSS_MB = 150.0
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """Rows per (N, path) and per N, and the targets, from a run's JSON."""
+    cells = result["cells"]
+    sizes = sorted({c["services"] for c in cells})
+    paths = [p for p in result["config"]["paths"] if any(c["path"] == p for c in cells)]
+    rows = []
+    for n in sizes:
+        rate = {
+            p: [c for c in cells if c["services"] == n and c["path"] == p and c["kind"] == "rate"]
+            for p in paths
+        }
+        lat = {
+            p: [
+                c for c in cells if c["services"] == n and c["path"] == p and c["kind"] == "latency"
+            ]
+            for p in paths
+        }
+        by_rep = {p: {c["rep"]: c for c in rate[p]} for p in paths}
+        for p in paths:
+            if not rate[p]:
+                continue
+            den = DENOMINATOR[PATH_FAMILY[p]]
+            ratios = [
+                c["rate"] / by_rep[den][rep]["rate"]
+                for rep, c in by_rep[p].items()
+                if rep in by_rep.get(den, {}) and by_rep[den][rep]["rate"] > 0
+            ]
+            cross = []
+            if PATH_FAMILY[p] == "tabby" and "plain" in by_rep:
+                cross = [
+                    c["rate"] / by_rep["plain"][rep]["rate"]
+                    for rep, c in by_rep[p].items()
+                    if rep in by_rep["plain"] and by_rep["plain"][rep]["rate"] > 0
+                ]
+            ncpu = len(rate[p][0]["cpu_busy_pct"])
+            row: dict[str, Any] = {
+                "services": n,
+                "path": p,
+                "denominator": den,
+                "rate": _spread([c["rate"] for c in rate[p]]),
+                "ratio": _spread(ratios) if ratios else None,
+                "ratio_to_plain": _spread(cross) if cross else None,
+                "loaded_p50_us": statistics.median(c["p50_us"] for c in rate[p]),
+                "loaded_p99_us": statistics.median(c["p99_us"] for c in rate[p]),
+                "cpu_us_per_conn": statistics.median(c["cpu_us_per_conn"] for c in rate[p]),
+                "net_cpu_us_per_conn": statistics.median(c["net_cpu_us_per_conn"] for c in rate[p]),
+                "cpu_busy_pct": [
+                    round(statistics.median(c["cpu_busy_pct"][i] for c in rate[p]), 1)
+                    for i in range(ncpu)
+                ],
+                "errors": sum(c["errors"] for c in rate[p] + lat[p]),
+            }
+            for q in ("p01_us", "p50_us", "p90_us", "p99_us"):
+                row[q] = statistics.median(c[q] for c in lat[p]) if lat[p] else None
+            rows.append(row)
+    per_size = []
+    for s in result["sizes"]:
+        change = {
+            k: {"median": statistics.median(v), "p99": _p99(v), "n": len(v)}
+            for k, v in s["change_ms"].items()
+            if v
+        }
+        per_size.append({**s, "change": change})
+    return {"rows": rows, "sizes": per_size, "targets": targets(rows, per_size)}
+
+
+def targets(rows: list[dict[str, Any]], per_size: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets at the largest N measured; each met, missed or not measured."""
+    out: list[dict[str, Any]] = []
+    if not rows:
+        return out
+    big = max(r["services"] for r in rows)
+    small = min(r["services"] for r in rows)
+
+    def row(n: int, path: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["services"] == n and r["path"] == path), None)
+
+    def add(what: str, value: float | None, goal: str, met: bool | None) -> None:
+        verdict = "not measured" if value is None or met is None else ("met" if met else "MISSED")
+        out.append({"target": what, "value": value, "goal": goal, "verdict": verdict})
+
+    for path in ("tabby-nat", "tabby-ctlb"):
+        r, r0 = row(big, path), row(small, path)
+        ratio = r["ratio"]["median"] if r and r["ratio"] else None
+        add(
+            f"{path} conn/s vs tabby-direct at N={big:,}",
+            ratio,
+            f">= {TARGET_RATIO}x",
+            None if ratio is None else ratio >= TARGET_RATIO,
+        )
+        if r and r0 and r["ratio"] and r0["ratio"] and big != small:
+            drift = abs(r["ratio"]["median"] / r0["ratio"]["median"] - 1)
+            add(
+                f"{path} flat from N={small:,} to N={big:,} (ratio drift)",
+                drift,
+                f"<= {TARGET_FLAT:.0%}",
+                drift <= TARGET_FLAT,
+            )
+        d = row(big, "tabby-direct")
+        if r and d and r["p99_us"] and d["p99_us"]:
+            p99 = r["p99_us"] / d["p99_us"]
+            add(
+                f"{path} p99 vs tabby-direct at N={big:,}",
+                p99,
+                f"<= {TARGET_P99}x",
+                p99 <= TARGET_P99,
+            )
+    last = next((s for s in per_size if s["services"] == big), None)
+    if last:
+        prog = last["program_s"].get("tabby")
+        add(
+            f"tabby programs N={big:,} from scratch (s)",
+            prog,
+            f"< {TARGET_PROGRAM_S} s (at 20,000)",
+            None if prog is None else prog < TARGET_PROGRAM_S,
+        )
+        ch = last["change"].get("tabby")
+        add(
+            f"tabby one endpoint change at N={big:,}, p99 (ms)",
+            ch["p99"] if ch else None,
+            f"< {TARGET_CHANGE_MS} ms",
+            None if not ch else ch["p99"] < TARGET_CHANGE_MS,
+        )
+        rss = last.get("agent_rss_mb")
+        add(
+            f"agent RSS at N={big:,} (MB)",
+            rss,
+            f"< {TARGET_RSS_MB} MB",
+            None if rss is None else rss < TARGET_RSS_MB,
+        )
+    return out
+
+
+def _fmt(v: float | None, spec: str = ",.0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    cfg, mach = result["config"], result["machine"]
+    out = [
+        f"# tabby bench, {result['started']}",
+        "",
+        f"Machine: {mach['cpus']} CPUs ({mach['cpu_model']}), kernel {mach['kernel']}; "
+        + ", ".join(f"{v}" for v in mach["tools"].values())
+        + f". {mach['shared']}.",
+        f"Run: N = {', '.join(f'{n:,}' for n in cfg['sizes'])} services x 3 endpoints, "
+        f"{cfg['reps']} interleaved repetition(s), {cfg['seconds']} s rate cells "
+        f"({cfg['inflight']} in flight), {cfg['latency_seconds']} s latency cells (1 in flight); "
+        f"{result['duration_s']:.0f} s in all.",
+        "",
+        "## New TCP connections/s (connect, GET, response, close)",
+        "",
+        "Ratios are per repetition, to the path's own plain routing (kernel paths: `plain`; "
+        "tabby paths: `tabby-direct`), median (min-max). Latency: connect + first response byte, "
+        "one connection at a time (µs, median over repetitions). CPU: whole machine per "
+        "connection, and net of the load generator's and server's own process time.",
+        "",
+        "| N | path | conn/s median (min-max) | ratio (min-max) | vs plain "
+        "| p01 / p50 / p90 / p99 µs | CPU µs/conn (net) | CPU0 / CPU1 % | errors |",
+        "|---:|---|---|---|---:|---|---|---|---:|",
+    ]
+    for r in summary["rows"]:
+        ratio = r["ratio"]
+        cross = r["ratio_to_plain"]
+        out.append(
+            f"| {r['services']:,} | {r['path']} | {r['rate']['median']:,.0f} "
+            f"({r['rate']['min']:,.0f}-{r['rate']['max']:,.0f}) | "
+            + (f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "-")
+            + (f" | {cross['median']:.2f}" if cross else " | -")
+            + f" | {_fmt(r['p01_us'])} / {_fmt(r['p50_us'])} / {_fmt(r['p90_us'])} / "
+            f"{_fmt(r['p99_us'])} | {r['cpu_us_per_conn']:.0f} ({r['net_cpu_us_per_conn']:.0f}) "
+            f"| {' / '.join(f'{c:.0f}' for c in r['cpu_busy_pct'])} | {r['errors']} |"
+        )
+    paths = [p for p in cfg["paths"] if p != "plain" and PATH_FAMILY.get(p) == "kernel"]
+    out += [
+        "",
+        "## Programming, one change, memory, throughput",
+        "",
+        "| N | program from scratch s: "
+        + " / ".join([*paths, "tabby"])
+        + " | one change ms, median (p99) | agent RSS MB | iperf3 Gbit/s |",
+        "|---:|---|---|---:|---|",
+    ]
+    for s in summary["sizes"]:
+        prog = " / ".join(_fmt(s["program_s"].get(p), ".2f") for p in [*paths, "tabby"])
+        change = (
+            ", ".join(
+                f"{p} {c['median']:.1f} ({c['p99']:.1f})" for p, c in sorted(s["change"].items())
+            )
+            or "-"
+        )
+        iperf = ", ".join(f"{p} {g:.1f}" for p, g in s["iperf_gbps"].items()) or "-"
+        out.append(
+            f"| {s['services']:,} | {prog} | {change} | {_fmt(s['agent_rss_mb'], '.0f')} | "
+            f"{iperf} |"
+        )
+    notes = sorted(
+        {f"{p}: {note}" for s in summary["sizes"] for p, note in s["program_notes"].items()}
+        | {
+            f"{p} one change: {note}"
+            for s in summary["sizes"]
+            for p, note in s["change_notes"].items()
+        }
+    )
+    if notes:
+        out += ["", "Notes:", *[f"- {n}" for n in notes]]
+    out += ["", "## Targets (largest N of this run)", "", "| target | value | goal | verdict |"]
+    out += ["|---|---:|---|---|"]
+    for t in summary["targets"]:
+        out.append(f"| {t['target']} | {_fmt(t['value'], '.3g')} | {t['goal']} | {t['verdict']} |")
+    return "\n".join(out) + "\n"
+
+
+Getter = Callable[[dict[str, Any]], Any]
+
+FIGURES: tuple[tuple[str, str, Getter], ...] = (
+    ("conn_rate", "new TCP connections/s (median)", lambda r: r["rate"]["median"]),
+    ("conn_ratio", "conn/s ratio to own plain routing", lambda r: (r["ratio"] or {}).get("median")),
+    ("latency_p50", "connect+first byte p50 µs (1 in flight)", lambda r: r["p50_us"]),
+    ("latency_p99", "connect+first byte p99 µs (1 in flight)", lambda r: r["p99_us"]),
+    ("cpu_per_conn", "whole-machine CPU µs per connection", lambda r: r["cpu_us_per_conn"]),
+)
+
+
+def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
+    """One PNG per figure vs N; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    sizes = sorted({r["services"] for r in rows})
+    xs = {n: i for i, n in enumerate(sizes)}
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        path = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    def axes(title: str) -> tuple[Any, Any]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.set_title(title)
+        ax.set_xticks(range(len(sizes)), [f"{n:,}" for n in sizes])
+        ax.set_xlabel("services (x 3 endpoints)")
+        ax.grid(alpha=0.3)
+        return fig, ax
+
+    for name, title, value in FIGURES:
+        fig, ax = axes(title)
+        for p in paths:
+            pts = [(xs[r["services"]], value(r)) for r in rows if r["path"] == p]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                style = "-" if PATH_FAMILY.get(p) == "tabby" else "--"
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=p)
+        ax.legend(fontsize=8)
+        save(fig, name)
+    per_size = summary["sizes"]
+    fig, ax = axes("programming N services from scratch, s (log)")
+    for p in sorted({k for s in per_size for k in s["program_s"]}):
+        pts = [(xs[s["services"]], s["program_s"].get(p)) for s in per_size if s["services"] in xs]
+        pts = [(x, y) for x, y in pts if y]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    save(fig, "program_seconds")
+    fig, ax = axes("one endpoint change, ms, median (log)")
+    for p in sorted({k for s in per_size for k in s["change"]}):
+        pts = [
+            (xs[s["services"]], s["change"][p]["median"])
+            for s in per_size
+            if s["services"] in xs and p in s["change"]
+        ]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    save(fig, "change_ms")
+    fig, ax = axes("agent resident memory, MB")
+    pts = [
+        (xs[s["services"]], s["agent_rss_mb"])
+        for s in per_size
+        if s["services"] in xs and s.get("agent_rss_mb") is not None
+    ]
+    if pts:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label="tabby")
+        ax.legend(fontsize=8)
+    save(fig, "agent_rss")
+    return written
+
+
+def write(result: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """results.json, results.md and the PNGs into ``out_dir``; returns the summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:  # the raw run, kept if below fails
+        json.dump(result, f, indent=1, sort_keys=True)
+    summary = summarise(result)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({**result, "summary": summary}, f, indent=1, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(result, summary))
+    plots(summary, out_dir)
+    return summary

@@ -1,0 +1,806 @@
+"""`tabbyctl bench`: tabby side by side with kube-proxy's layouts on one machine, N services.
+
+Two families of paths, each measured against its own plain-routing denominator:
+
+- kernel (``lab/baselines.py``: client -> node -> backend, one node namespace per path):
+  ``plain`` (the kernel's routing, no rule, no conntrack), ``iptables-legacy``, ``iptables-nft``,
+  ``nftables`` (kube-proxy's layouts, loaded as kube-proxy does). Ratios are to ``plain``.
+- tabby (a two-node lab of its own: client pods on node1, nginx on node2, VXLAN between):
+  ``tabby-direct`` (pod -> pod IP), ``tabby-nat`` (pod netns -> ClusterIP from outside the pod's
+  cgroup: per-packet NAT in tc), ``tabby-ctlb`` (inside the cgroup: connect-time LB). Ratios are
+  to ``tabby-direct``; ``tabby-direct / plain`` is reported too, but the shapes differ (VXLAN and
+  a fabric hop), so it is the cost of the lab's path, not of the NAT.
+
+Per N (services x 3 endpoints): programming from scratch, then ``reps`` repetitions in which the
+paths run interleaved (the order rotates), each path a rate cell (connload, ``inflight``
+connections, client on CPU0, server on CPU1) and an unloaded latency cell (one connection at a
+time: connect + first response byte, p01/p50/p90/p99); then one-change latency, agent RSS and, at
+the first and last N, iperf3. CPU per connection is whole-machine busy time from /proc/stat over
+the cell, minus the load generator's and the server's own process time.
+
+NodePort rows (external client -> NodePort -> remote backend; Tunnel and DSR) belong to the
+external-traffic work: add their paths to ``EXTERNAL_PATHS`` with a ``Target`` resolver and a
+denominator (external client -> backend by plain routing); the loop, the report and the plots
+take any path listed in ``PATH_FAMILY``.
+
+Invariant: everything the run creates (the lab, the baseline namespaces, iperf3 servers) is
+removed in ``run``'s ``finally``, also on Ctrl-C and SIGTERM; a leftover of an interrupted run
+under the same name is removed before starting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tabby.lab import baselines, processes, state, traffic
+from tabby.lab.baselines import Baselines
+from tabby.lab.cluster import HEALTH_PORT, Lab
+from tabby.lab.kubeproxy_rules import KubeServicePort
+from tabby.netlink.netns import enter_netns
+
+KERNEL_PATHS = ("plain", "iptables-legacy", "iptables-nft", "nftables")
+TABBY_PATHS = ("tabby-direct", "tabby-nat", "tabby-ctlb")
+EXTERNAL_PATHS: tuple[str, ...] = ()  # NodePort rows: the external-traffic issue adds them
+ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + EXTERNAL_PATHS
+PATH_FAMILY = {
+    **{p: "kernel" for p in KERNEL_PATHS},
+    **{p: "tabby" for p in TABBY_PATHS},
+}
+DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct"}
+FULL_SIZES = (1, 1000, 5000, 10000, 20000)
+QUICK_SIZES = (1, 1000)
+ENDPOINTS = 3
+IPERF_PORT = 5201
+KUBE_CHANGES = 3  # partial syncs per layout and N (each rewrites KUBE-SERVICES whole)
+CHANGE_IP_BASE = int(ipaddress.IPv4Address("100.120.255.1"))  # inside the backend's AnyIP range
+WEB_VIP = "100.64.0.100"
+SYN_VIP_BASE = int(ipaddress.IPv4Address("100.66.0.0"))  # the lab's synthetic services
+SYN_BACKEND_BASE = int(ipaddress.IPv4Address("100.120.0.0"))
+CLIENT_PODS = {"tabby-direct": "bc-direct", "tabby-nat": "bc-nat", "tabby-ctlb": "bc-ctlb"}
+CLIENT_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": "1"}
+Progress = Callable[[str], None]
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass
+class BenchConfig:
+    sizes: tuple[int, ...] = FULL_SIZES
+    reps: int = 3
+    seconds: float = 5.0  # per rate cell
+    latency_seconds: float = 2.0  # per unloaded latency cell
+    iperf_seconds: float = 5.0
+    inflight: int = 32
+    changes: int = 10  # one-change latency samples per N
+    paths: tuple[str, ...] = KERNEL_PATHS + TABBY_PATHS
+    name: str = "tbench"
+    connload: str = ""
+
+    @classmethod
+    def quick(cls, **kw: Any) -> BenchConfig:
+        base: dict[str, Any] = {
+            "sizes": QUICK_SIZES,
+            "reps": 1,
+            "seconds": 2.0,
+            "latency_seconds": 1.0,
+            "iperf_seconds": 1.0,
+            "changes": 3,
+        }
+        base.update(kw)
+        return cls(**base)
+
+    def check(self) -> None:
+        unknown = [p for p in self.paths if p not in ALL_PATHS]
+        if unknown:
+            raise BenchError(f"paths: unknown {unknown}; use {', '.join(ALL_PATHS)}")
+        if not self.sizes or any(not 1 <= n <= 20000 for n in self.sizes):
+            raise BenchError(f"sizes: {self.sizes}: each between 1 and 20,000")
+        if not 1 <= self.reps <= 10:
+            raise BenchError(f"reps: {self.reps}: between 1 and 10")
+        if not 0 < self.seconds <= 60 or not 0 < self.latency_seconds <= 60:
+            raise BenchError("seconds / latency_seconds: in (0, 60]")
+        if not 1 <= self.inflight <= 1024:
+            raise BenchError(f"inflight: {self.inflight}: between 1 and 1024")
+        for p in self.paths:
+            den = DENOMINATOR[PATH_FAMILY[p]]
+            if den not in self.paths:
+                raise BenchError(f"paths: {p} needs its denominator {den} in the same run")
+        if not self.connload or not os.access(self.connload, os.X_OK):
+            raise BenchError(f"load generator {self.connload or 'connload'} missing: run `make`")
+
+
+@dataclass
+class Cell:
+    """One measured run of one path."""
+
+    services: int
+    rep: int
+    path: str
+    kind: str  # "rate" | "latency"
+    rate: float
+    conns: int
+    p01_us: int
+    p50_us: int
+    p90_us: int
+    p99_us: int
+    errors: int
+    cpu_busy_pct: list[float] = field(default_factory=list)
+    cpu_us_per_conn: float = 0.0  # whole machine
+    net_cpu_us_per_conn: float = 0.0  # minus the load generator and server processes
+
+
+@dataclass
+class SizeResult:
+    """What is measured once per N (not per repetition)."""
+
+    services: int
+    program_s: dict[str, float | None] = field(default_factory=dict)
+    program_notes: dict[str, str] = field(default_factory=dict)
+    change_ms: dict[str, list[float]] = field(default_factory=dict)
+    change_notes: dict[str, str] = field(default_factory=dict)
+    agent_rss_mb: float | None = None
+    iperf_gbps: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    started: str
+    cells: list[Cell] = field(default_factory=list)
+    sizes: list[SizeResult] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- measuring primitives
+
+
+def cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies per CPU from /proc/stat."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + v[4]
+                out.append((sum(v) - idle, sum(v)))
+    return out
+
+
+def proc_cpu_s(pids: Sequence[int]) -> float:
+    """utime + stime of the given processes (all their threads), seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total / ticks
+
+
+def children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_connload(
+    binary: str,
+    netns: str,
+    target: str,
+    port: int,
+    seconds: float,
+    inflight: int,
+    cgroup: str | None = None,
+) -> dict[str, float]:
+    """connload inside ``netns`` on CPU 0 (in ``cgroup`` when given: connect-time LB sees it)."""
+    argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", binary]
+    argv += ["-a", target, "-p", str(port), "-c", str(inflight), "-t", str(seconds)]
+    argv += ["-n", "2000000"]
+
+    def into_cgroup() -> None:
+        if cgroup:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        preexec_fn=into_cgroup,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"connload to {target}:{port} failed: {done.stderr.strip()}")
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in done.stdout.split())}
+
+
+def run_iperf(netns: str, target: str, seconds: float, cgroup: str | None = None) -> float:
+    """One iperf3 stream from ``netns`` (CPU 0) to ``target``; received Gbit/s."""
+    argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", "iperf3", "-J"]
+    argv += ["-c", target, "-p", str(IPERF_PORT), "-t", str(seconds)]
+
+    def into_cgroup() -> None:
+        if cgroup:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        preexec_fn=into_cgroup,
+        check=False,
+    )
+    try:
+        report = json.loads(done.stdout)
+        return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+    except (ValueError, KeyError) as e:
+        raise BenchError(f"iperf3 to {target} failed: {done.stdout[-300:]} {done.stderr}") from e
+
+
+def sysctls_in(netns: str, knobs: dict[str, str]) -> None:
+    for knob, value in knobs.items():
+        subprocess.run(
+            ["nsenter", f"--net=/run/netns/{netns}", "sysctl", "-qw", f"{knob}={value}"],
+            check=True,
+        )
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def agent_get(netns: str, path: str) -> bytes:
+    box: dict[str, bytes] = {}
+
+    def fetch() -> None:
+        with enter_netns(netns):
+            try:
+                url = f"http://127.0.0.1:{HEALTH_PORT}{path}"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    box["body"] = r.read()
+            except urllib.error.HTTPError as e:
+                box["body"] = e.read()
+            except OSError:
+                box["body"] = b""
+
+    t = threading.Thread(target=fetch)
+    t.start()
+    t.join()
+    return box.get("body", b"")
+
+
+def agent_metric(netns: str, name: str) -> float | None:
+    for line in agent_get(netns, "/metrics").decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def wait_programmed(netns: str, revision: int, timeout_s: float = 30.0) -> None:
+    """Poll an agent's /readyz every ~1 ms from one thread in its netns until ``revision``."""
+    box: dict[str, bool] = {}
+
+    def poll() -> None:
+        with enter_netns(netns):
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    url = f"http://127.0.0.1:{HEALTH_PORT}/readyz"
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        body = json.load(r)
+                except urllib.error.HTTPError as e:
+                    body = json.load(e)
+                except OSError:
+                    body = {}
+                if int(body.get("revision", 0)) >= revision:
+                    box["ok"] = True
+                    return
+                time.sleep(0.001)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    t.join()
+    if not box.get("ok"):
+        raise BenchError(f"the agent in {netns} never programmed revision {revision}")
+
+
+# ---------------------------------------------------------------------- synthetic services
+
+
+def syn_service(i: int) -> dict[str, Any]:
+    vip = str(ipaddress.IPv4Address(SYN_VIP_BASE + i))
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"svc-{i}", "namespace": "default"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": vip,
+            "clusterIPs": [vip],
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    }
+
+
+def syn_slice(i: int, generation: int = 0) -> dict[str, Any]:
+    """Service i's 3 endpoints (selector-less: the lab's controller leaves them alone);
+    ``generation`` > 0 replaces the first endpoint (one endpoint change)."""
+    addrs = [str(ipaddress.IPv4Address(SYN_BACKEND_BASE + i * 4 + j)) for j in range(ENDPOINTS)]
+    if generation:
+        addrs[0] = str(ipaddress.IPv4Address(SYN_BACKEND_BASE + 100000 + generation))
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"svc-{i}-bench",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [a],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": "node2",
+            }
+            for a in addrs
+        ],
+    }
+
+
+# ---------------------------------------------------------------------- the tabby side
+
+
+class TabbySide:
+    """The two-node lab: client pods on node1, nginx (+ iperf3) on node2, Service ``web``."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.stored = 1  # services in the datastore: web
+        self.extra_procs: list[dict[str, Any]] = []
+
+    @classmethod
+    def up(cls, name: str, progress: Progress) -> TabbySide:
+        lab = Lab.up(name, nodes=2, progress=lambda m: progress(f"lab: {m}"))
+        self = cls(lab)
+        for pod in CLIENT_PODS.values():
+            lab.add_pod(pod, "node1", image="pause", wait=False)
+        lab.add_pod("web", "node2", image="nginx", labels={"app": "web"}, wait=False)
+        web = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "clusterIP": WEB_VIP,
+                "selector": {"app": "web"},
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"},
+                    {
+                        "name": "iperf",
+                        "port": IPERF_PORT,
+                        "targetPort": IPERF_PORT,
+                        "protocol": "TCP",
+                    },
+                ],
+            },
+        }
+        lab.datastore().apply([web])
+        self._wait_web_endpoint()
+        web_pod = lab.pod("web")
+        for rec in web_pod.get("procs", []):
+            pid = int(rec["pid"])
+            for p in (pid, *baselines.children(pid)):
+                subprocess.run(["taskset", "-a", "-p", "-c", "1", str(p)], capture_output=True)
+        for pod in CLIENT_PODS.values():
+            sysctls_in(lab.pod(pod)["netns"], CLIENT_SYSCTLS)
+        log = os.path.join(state.lab_dir(name), "iperf3-web.log")
+        argv = ["taskset", "-c", "1", "iperf3", "-s", "-p", str(IPERF_PORT)]
+        self.extra_procs.append(processes.spawn(argv, "bench iperf3", log, netns=web_pod["netns"]))
+        return self
+
+    def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            slices, _ = self.lab.datastore().list("EndpointSlice", "default")
+            if any(
+                s["metadata"]["labels"].get("kubernetes.io/service-name") == "web"
+                and s.get("endpoints")
+                for s in slices
+            ):
+                self.lab.wait_ready()
+                return
+            time.sleep(0.1)
+        raise BenchError("Service web: the lab's controller wrote no endpoint")
+
+    def target(self, path: str) -> tuple[str, str, int, str | None]:
+        """(client netns, address, port, cgroup) of a tabby path."""
+        client = self.lab.pod(CLIENT_PODS[path])
+        if path == "tabby-direct":
+            return client["netns"], self.lab.pod("web")["ip"], 80, None
+        if path == "tabby-nat":
+            return client["netns"], WEB_VIP, 80, None
+        return client["netns"], WEB_VIP, 80, client["cgroup"]
+
+    def server_pids(self) -> list[int]:
+        pids = []
+        for rec in self.lab.pod("web").get("procs", []):
+            pids += [int(rec["pid"]), *baselines.children(int(rec["pid"]))]
+        return pids
+
+    def grow(self, n: int, progress: Progress) -> None:
+        """Store services up to ``n`` (web + n-1 synthetic) and wait for every agent."""
+        objs: list[dict[str, Any]] = []
+        for i in range(self.stored - 1, n - 1):
+            objs += [syn_service(i), syn_slice(i)]
+        revision = self.lab.datastore().revision()
+        for start in range(0, len(objs), 2000):
+            revision = self.lab.datastore().apply(objs[start : start + 2000])
+        self.stored = max(self.stored, n)
+        self.lab.wait_ready(revision, timeout_s=600)
+        progress(f"tabby: {self.stored:,} services stored and programmed")
+
+    def program_from_scratch(self) -> float | None:
+        """node1's agent restarted over its store: in-sync -> last NAT map write (s)."""
+        node = self.lab.plan.node("node1")
+        processes.stop(self.lab.agent_proc("node1"), signal.SIGTERM)
+        self.lab.start_agent(node)
+        self.lab.wait_ready(timeout_s=600)
+        return agent_metric(node.netns, "tabby_nat_sync_from_insync_seconds")
+
+    def change_latency_ms(self, changes: int, generation0: int) -> list[float]:
+        """A synthetic slice (or web's own when alone) changes one endpoint; datastore write ->
+        node1 programmed that revision, ms."""
+        node = self.lab.plan.node("node1")
+        out = []
+        for k in range(changes):
+            i = max(0, (self.stored - 1) // 2)
+            gen = generation0 + k + 1
+            objs = [syn_slice(i, gen)]
+            if self.stored <= 1:
+                objs = [syn_service(i), *objs]  # N=1: the changed service is not the measured one
+            started = time.monotonic()
+            revision = self.lab.datastore().apply(objs)
+            wait_programmed(node.netns, revision)
+            out.append((time.monotonic() - started) * 1000)
+        return out
+
+    def agent_rss_mb(self) -> float | None:
+        return rss_mb(int(self.lab.agent_proc("node1")["pid"]))
+
+    def down(self) -> None:
+        for rec in self.extra_procs:
+            processes.stop(rec)
+        Lab.down(self.lab.name, progress=lambda _m: None)
+
+
+# ---------------------------------------------------------------------- the run
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (make, CI) unwinds like Ctrl-C, so the run's finally removes what it made."""
+
+    def raise_interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "")
+    except OSError:
+        pass
+    versions = {}
+    for tool, argv in (
+        ("iptables", ["iptables-legacy", "--version"]),
+        ("nft", ["nft", "--version"]),
+        ("iperf3", ["iperf3", "--version"]),
+    ):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+            versions[tool] = (done.stdout or done.stderr).splitlines()[0].strip()
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            versions[tool] = "missing"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": os.uname().release,
+        "tools": versions,
+        "shared": "other work may run on this machine during the bench: figures are noisy",
+    }
+
+
+class Runner:
+    def __init__(self, config: BenchConfig, progress: Progress) -> None:
+        self.cfg = config
+        self.progress = progress
+        self.kernel: Baselines | None = None
+        self.tabby: TabbySide | None = None
+        self.kube_services: list[KubeServicePort] = []
+        self.generation = 0
+
+    def run(self) -> BenchResult:
+        cfg = self.cfg
+        cfg.check()
+        result = BenchResult(
+            config=asdict(cfg),
+            machine=machine(),
+            started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        t0 = time.monotonic()
+        prefix = f"{cfg.name}k"
+        with sigterm_unwinds():
+            Lab.down(cfg.name, progress=lambda _m: None)  # a leftover of an interrupted run
+            baselines.down(prefix)
+            try:
+                kernel_paths = [p for p in cfg.paths if PATH_FAMILY[p] == "kernel"]
+                if kernel_paths:
+                    self.progress(f"baselines: {', '.join(kernel_paths)} ({prefix}-*)")
+                    self.kernel = Baselines.up(prefix, kernel_paths)
+                    self._start_kernel_iperf()
+                if any(PATH_FAMILY[p] == "tabby" for p in cfg.paths):
+                    self.tabby = TabbySide.up(cfg.name, self.progress)
+                for n in cfg.sizes:
+                    size = self._program(n)
+                    self._smoke(n)
+                    for rep in range(cfg.reps):
+                        result.cells += self._repetition(n, rep)
+                    self._once_per_size(size, n == cfg.sizes[0] or n == cfg.sizes[-1])
+                    result.sizes.append(size)
+            finally:
+                self.progress("cleaning up")
+                if self.tabby is not None:
+                    self.tabby.down()
+                else:
+                    Lab.down(cfg.name, progress=lambda _m: None)
+                baselines.down(prefix)
+        result.duration_s = time.monotonic() - t0
+        return result
+
+    def _start_kernel_iperf(self) -> None:
+        assert self.kernel is not None
+        k = self.kernel
+        log = os.path.join(k.work, "iperf3.log")
+        argv = ["taskset", "-c", "1", "iperf3", "-s", "-p", str(IPERF_PORT)]
+        rec = processes.spawn(argv, "bench iperf3", log, netns=k.backend_netns)
+        # recorded with nginx: baselines.down stops both by pid
+        procs_file = os.path.join(k.work, "procs.json")
+        with open(procs_file) as f:
+            recs = json.load(f)
+        with open(procs_file, "w") as f:
+            json.dump([*recs, rec], f)
+
+    def _kube_services(self, n: int) -> list[KubeServicePort]:
+        """n services; the last (measured) one also has the iperf3 port, as its last rule."""
+        svcs = baselines.kube_services(n, ENDPOINTS)
+        last = svcs[-1]
+        iperf = KubeServicePort(
+            namespace=last.namespace,
+            name=last.name,
+            cluster_ip=last.cluster_ip,
+            port=IPERF_PORT,
+            port_name="iperf",
+            endpoints=tuple((ip, IPERF_PORT) for ip, _ in last.endpoints),
+        )
+        return [*svcs, iperf]
+
+    def _program(self, n: int) -> SizeResult:
+        size = SizeResult(services=n)
+        if self.kernel is not None:
+            self.kube_services = self._kube_services(n)
+            for path in self.kernel.plans:
+                done = self.kernel.program(path, self.kube_services)
+                if path != "plain":
+                    size.program_s[path] = done.seconds
+                    if done.note:
+                        size.program_notes[path] = done.note
+                    shown = "-" if done.seconds is None else f"{done.seconds:.2f} s"
+                    self.progress(f"N={n:,} {path}: programmed in {shown} {done.note}")
+        if self.tabby is not None:
+            self.tabby.grow(n, self.progress)
+            took = self.tabby.program_from_scratch()
+            size.program_s["tabby"] = took
+            size.program_notes["tabby"] = "agent restart: in-sync -> last NAT map write"
+            self.progress(f"N={n:,} tabby: programmed in {took} s (agent restart)")
+        return size
+
+    def _target(self, path: str) -> tuple[str, str, int, str | None]:
+        if PATH_FAMILY[path] == "kernel":
+            assert self.kernel is not None
+            measured = self.kube_services[:-1]  # the http port list
+            ip, port = self.kernel.target(path, measured)
+            return self.kernel.plans[path].client_netns, ip, port, None
+        assert self.tabby is not None
+        return self.tabby.target(path)
+
+    def _prepare(self, path: str) -> None:
+        if PATH_FAMILY[path] == "kernel":
+            assert self.kernel is not None
+            self.kernel.prepare_run(path)
+
+    def _server_pids(self, path: str) -> list[int]:
+        if PATH_FAMILY[path] == "kernel":
+            assert self.kernel is not None
+            return self.kernel.server_pids()
+        assert self.tabby is not None
+        return self.tabby.server_pids()
+
+    def _smoke(self, n: int) -> None:
+        """Every path answers before anything is measured (a broken path stops the run)."""
+        for path in self.cfg.paths:
+            self._prepare(path)
+            netns, ip, port, cg = self._target(path)
+            out = run_connload(self.cfg.connload, netns, ip, port, 0.3, 1, cg)
+            if out["conns"] < 1 or any(v for k, v in out.items() if k.startswith("err_")):
+                raise BenchError(f"N={n}: {path} does not answer at {ip}:{port}: {out}")
+
+    def _repetition(self, n: int, rep: int) -> list[Cell]:
+        paths = list(self.cfg.paths)
+        k = rep % len(paths)
+        order = paths[k:] + paths[:k]
+        cells = []
+        for path in order:
+            for kind in ("rate", "latency"):
+                cells.append(self._cell(n, rep, path, kind))
+                c = cells[-1]
+                self.progress(
+                    f"N={n:>6,} rep {rep} {path:15s} {kind:7s} {c.rate:9,.0f} conn/s "
+                    f"p50 {c.p50_us} us p99 {c.p99_us} us err {c.errors} "
+                    f"cpu {'/'.join(f'{x:.0f}' for x in c.cpu_busy_pct)}% "
+                    f"{c.cpu_us_per_conn:.0f} cpu-us/conn"
+                )
+        return cells
+
+    def _cell(self, n: int, rep: int, path: str, kind: str) -> Cell:
+        cfg = self.cfg
+        self._prepare(path)
+        netns, ip, port, cg = self._target(path)
+        seconds, inflight = (
+            (cfg.seconds, cfg.inflight) if kind == "rate" else (cfg.latency_seconds, 1)
+        )
+        servers = self._server_pids(path)
+        srv0, gen0, cpu0 = proc_cpu_s(servers), children_cpu_s(), cpu_times()
+        out = run_connload(cfg.connload, netns, ip, port, seconds, inflight, cg)
+        cpu1, gen1, srv1 = cpu_times(), children_cpu_s(), proc_cpu_s(servers)
+        hz = os.sysconf("SC_CLK_TCK")
+        busy_s = sum(b1 - b0 for (b0, _), (b1, _) in zip(cpu0, cpu1, strict=True)) / hz
+        busy_pct = [
+            round(100.0 * (b1 - b0) / max(1, t1 - t0), 1)
+            for (b0, t0), (b1, t1) in zip(cpu0, cpu1, strict=True)
+        ]
+        conns = max(1, int(out["conns"]))
+        own = (gen1 - gen0) + (srv1 - srv0)
+        return Cell(
+            services=n,
+            rep=rep,
+            path=path,
+            kind=kind,
+            rate=out["rate"],
+            conns=int(out["conns"]),
+            p01_us=int(out.get("p01_us", 0)),
+            p50_us=int(out["p50_us"]),
+            p90_us=int(out["p90_us"]),
+            p99_us=int(out["p99_us"]),
+            errors=int(sum(v for k, v in out.items() if k.startswith("err_"))),
+            cpu_busy_pct=busy_pct,
+            cpu_us_per_conn=busy_s * 1e6 / conns,
+            net_cpu_us_per_conn=max(0.0, busy_s - own) * 1e6 / conns,
+        )
+
+    def _once_per_size(self, size: SizeResult, iperf: bool) -> None:
+        cfg = self.cfg
+        if self.tabby is not None:
+            size.change_ms["tabby"] = self.tabby.change_latency_ms(cfg.changes, self.generation)
+            self.generation += cfg.changes
+            size.agent_rss_mb = self.tabby.agent_rss_mb()
+            median = statistics.median(size.change_ms["tabby"])
+            self.progress(
+                f"N={size.services:,} tabby: one change {median:.1f} ms median, "
+                f"agent RSS {size.agent_rss_mb} MB"
+            )
+        if self.kernel is not None:
+            self._kube_changes(size, min(cfg.changes, KUBE_CHANGES))
+        if iperf:
+            for path in cfg.paths:
+                self._prepare(path)
+                netns, ip, _port, cg = self._target(path)
+                if path == "plain":
+                    ip = self.kube_services[-1].endpoints[0][0]
+                size.iperf_gbps[path] = run_iperf(netns, ip, cfg.iperf_seconds, cg)
+                gbps = size.iperf_gbps[path]
+                self.progress(f"N={size.services:,} {path}: iperf3 {gbps:.1f} Gbit/s")
+
+    def _kube_changes(self, size: SizeResult, changes: int) -> None:
+        """One endpoint of the middle service replaced, ``changes`` times, through each
+        layout's partial sync (the transaction timed); then the new endpoint must answer."""
+        assert self.kernel is not None
+        paths = [p for p in self.kernel.plans if p != "plain"]
+        new = self.kube_services[0]
+        for _ in range(changes):
+            self.generation += 1
+            svcs = self.kube_services
+            idx = (len(svcs) - 2) // 2  # the last entry is the measured service's iperf port
+            old = svcs[idx]
+            new_ip = str(ipaddress.IPv4Address(CHANGE_IP_BASE + self.generation % 250))
+            new = replace(old, endpoints=((new_ip, old.endpoints[0][1]), *old.endpoints[1:]))
+            after = [*svcs[:idx], new, *svcs[idx + 1 :]]
+            for path in paths:
+                took = self.kernel.change_one(path, after, old, new)
+                if took is None:
+                    size.change_notes[path] = (
+                        f"not measured above {baselines.IPT_NFT_NOFLUSH_MAX:,} services "
+                        "(--noflush is quadratic)"
+                    )
+                else:
+                    size.change_ms.setdefault(path, []).append(took * 1000)
+            self.kube_services = after
+        for path in paths:
+            if path in size.change_ms:
+                size.change_notes[path] = (
+                    "the partial sync's restore / nft transaction only (kube-proxy adds its "
+                    "own work and a 1 s min-sync-period)"
+                )
+                self._check_endpoint(path, new.cluster_ip, new.port, new.endpoints[0][0])
+
+    def _check_endpoint(self, path: str, vip: str, port: int, want: str) -> None:
+        """After a change, connections to ``vip`` reach the new endpoint (checked, not timed)."""
+        assert self.kernel is not None
+        netns = self.kernel.prepare_run(path)
+        seen = set()
+        for _ in range(60):
+            seen.add(traffic.http_get(netns, vip, port, "/").split()[1])
+            if want in seen:
+                return
+        raise BenchError(f"{path}: after the change {vip} never reached {want} (saw {seen})")
+
+
+def default_connload() -> str:
+    """$TABBY_CONNLOAD, else build/bench/connload of the source tree this module lives in."""
+    env = os.environ.get("TABBY_CONNLOAD")
+    if env:
+        return env
+    return str(Path(__file__).resolve().parents[3] / "build" / "bench" / "connload")

@@ -1,0 +1,159 @@
+"""The bench report's arithmetic: ratios are taken within one repetition and against the path's
+own denominator, medians and spread over repetitions, targets reported (met / MISSED / not
+measured), and every output (markdown, PNGs) is produced from the run's JSON."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tabby.lab import benchreport, benchrun
+
+
+def cell(n: int, rep: int, path: str, kind: str, rate: float, p99: int = 100) -> dict[str, Any]:
+    return {
+        "services": n,
+        "rep": rep,
+        "path": path,
+        "kind": kind,
+        "rate": rate,
+        "conns": int(rate * 2),
+        "p01_us": 10,
+        "p50_us": 50,
+        "p90_us": 90,
+        "p99_us": p99,
+        "errors": 0,
+        "cpu_busy_pct": [100.0, 50.0],
+        "cpu_us_per_conn": 100.0,
+        "net_cpu_us_per_conn": 60.0,
+    }
+
+
+def run(cells: list[dict[str, Any]], sizes: list[dict[str, Any]]) -> dict[str, Any]:
+    paths = list(dict.fromkeys(c["path"] for c in cells))
+    return {
+        "config": {
+            "paths": paths,
+            "sizes": sorted({c["services"] for c in cells}),
+            "reps": 3,
+            "seconds": 5.0,
+            "latency_seconds": 2.0,
+            "inflight": 32,
+        },
+        "machine": {
+            "cpus": 2,
+            "cpu_model": "test",
+            "kernel": "6.18",
+            "tools": {"nft": "nftables v1.0.6"},
+            "shared": "shared",
+        },
+        "started": "2026-12-07T00:00:00Z",
+        "duration_s": 1.0,
+        "cells": cells,
+        "sizes": sizes,
+    }
+
+
+def size(n: int, **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "services": n,
+        "program_s": {},
+        "program_notes": {},
+        "change_ms": {},
+        "change_notes": {},
+        "agent_rss_mb": None,
+        "iperf_gbps": {},
+    }
+    base.update(kw)
+    return base
+
+
+def test_ratios_are_taken_within_a_repetition_against_the_own_denominator() -> None:
+    # plain swings 2x between repetitions; nftables is always 0.8x of the plain of its rep
+    cells = []
+    for rep, plain in enumerate((10000.0, 20000.0, 15000.0)):
+        for path, rate in (("plain", plain), ("nftables", plain * 0.8)):
+            cells += [cell(1, rep, path, "rate", rate), cell(1, rep, path, "latency", 1000)]
+        for path, rate in (("tabby-direct", 5000.0 + rep), ("tabby-nat", 5000.0 + rep)):
+            cells += [cell(1, rep, path, "rate", rate), cell(1, rep, path, "latency", 1000)]
+    summary = benchreport.summarise(run(cells, [size(1)]))
+    rows = {r["path"]: r for r in summary["rows"]}
+    assert rows["nftables"]["ratio"]["min"] == pytest.approx(0.8)
+    assert rows["nftables"]["ratio"]["max"] == pytest.approx(0.8)
+    assert rows["nftables"]["denominator"] == "plain"
+    # the median of rates alone would give 12000/15000: not what is reported
+    assert rows["nftables"]["rate"]["median"] == pytest.approx(12000.0)
+    assert rows["tabby-nat"]["denominator"] == "tabby-direct"
+    assert rows["tabby-nat"]["ratio"]["median"] == pytest.approx(1.0)
+    assert rows["tabby-nat"]["ratio_to_plain"]["median"] == pytest.approx(5002.0 / 15000.0)  # rep 2
+    assert rows["plain"]["ratio_to_plain"] is None
+
+
+def test_targets_report_met_missed_and_not_measured() -> None:
+    cells = []
+    for n, nat in ((1, 1.0), (20000, 0.9)):
+        for rep in range(2):
+            cells += [
+                cell(n, rep, "tabby-direct", "rate", 1000.0),
+                cell(n, rep, "tabby-direct", "latency", 100.0, p99=100),
+                cell(n, rep, "tabby-nat", "rate", 1000.0 * nat),
+                cell(n, rep, "tabby-nat", "latency", 100.0, p99=105),
+            ]
+    sizes = [
+        size(1),
+        size(20000, program_s={"tabby": 0.8}, change_ms={"tabby": [2.0] * 99 + [30.0]}),
+    ]
+    verdicts = {
+        t["target"]: t["verdict"] for t in benchreport.summarise(run(cells, sizes))["targets"]
+    }
+    assert verdicts["tabby-nat conn/s vs tabby-direct at N=20,000"] == "MISSED"
+    assert verdicts["tabby-nat flat from N=1 to N=20,000 (ratio drift)"] == "MISSED"
+    assert verdicts["tabby-nat p99 vs tabby-direct at N=20,000"] == "met"
+    assert verdicts["tabby programs N=20,000 from scratch (s)"] == "met"
+    # p99 of 100 samples is the worst one here: 30 ms misses the 10 ms target
+    assert verdicts["tabby one endpoint change at N=20,000, p99 (ms)"] == "MISSED"
+    assert verdicts["agent RSS at N=20,000 (MB)"] == "not measured"
+    assert verdicts["tabby-ctlb conn/s vs tabby-direct at N=20,000"] == "not measured"
+
+
+def test_outputs_are_written(tmp_path: Path) -> None:
+    cells = []
+    for n in (1, 1000):
+        for path in ("plain", "iptables-legacy", "tabby-direct", "tabby-nat"):
+            cells += [cell(n, 0, path, "rate", 1000.0), cell(n, 0, path, "latency", 900.0)]
+    sizes = [
+        size(1, program_s={"iptables-legacy": 0.1, "tabby": 0.2}, agent_rss_mb=60.0),
+        size(
+            1000,
+            program_s={"iptables-legacy": 0.3, "tabby": 0.3},
+            program_notes={"iptables-legacy": "a note"},
+            change_ms={"tabby": [3.0, 4.0]},
+            agent_rss_mb=70.0,
+            iperf_gbps={"plain": 20.0},
+        ),
+    ]
+    benchreport.write(run(cells, sizes), str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "| 1,000 | iptables-legacy | 1,000 (1,000-1,000) | 1.00 (1.00-1.00) | - |" in md
+    assert "- iptables-legacy: a note" in md
+    assert "tabby 3.5 (4.0)" in md  # one change: median (p99)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == len(benchreport.FIGURES) + 3
+    assert all(os.path.getsize(tmp_path / p) > 1000 for p in pngs)
+    assert (tmp_path / "results.json").stat().st_size > 0
+
+
+def test_config_refuses_bad_input_naming_the_field() -> None:
+    good = {"connload": "/bin/true"}
+    with pytest.raises(benchrun.BenchError, match="paths: unknown"):
+        benchrun.BenchConfig(paths=("plain", "ipvs"), **good).check()
+    with pytest.raises(benchrun.BenchError, match="needs its denominator plain"):
+        benchrun.BenchConfig(paths=("nftables",), **good).check()
+    with pytest.raises(benchrun.BenchError, match="sizes"):
+        benchrun.BenchConfig(sizes=(0,), **good).check()
+    with pytest.raises(benchrun.BenchError, match="load generator"):
+        benchrun.BenchConfig(connload="/nonexistent/connload").check()
+    benchrun.BenchConfig.quick(**good).check()
