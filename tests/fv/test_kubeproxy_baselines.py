@@ -123,3 +123,22 @@ def test_partial_sync_moves_one_endpoint(paths: Baselines, path: str) -> None:
     else:
         save = baselines.run_in(node, [f"iptables-{baselines.iptables_backend(path)}-save"])
         assert kubeproxy_rules.sep_chain(old, gone, old.endpoints[0][1]) not in save.stdout
+
+
+def test_large_nftables_tables_load_in_chunks(
+    paths: Baselines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above NFT_ONE_TRANSACTION_MAX the same rules go in several transactions (not timed)."""
+    monkeypatch.setattr(baselines, "NFT_ONE_TRANSACTION_MAX", 10)
+    monkeypatch.setattr(baselines, "NFT_CHUNK", 7)
+    services = baselines.kube_services(25)
+    done = paths.program("nftables", services)
+    assert done.seconds is None and "not measured" in done.note
+    netns = paths.prepare_run("nftables")
+    for sp in (services[0], services[8], services[-1]):  # first, second and last transaction
+        body = traffic.http_get(netns, sp.cluster_ip, sp.port, "/")
+        assert body.split()[1] in {ip for ip, _ in sp.endpoints}
+    node = paths.plans["nftables"].node_netns
+    kp = baselines.run_in(node, ["nft", "list", "table", "ip", "kube-proxy"]).stdout
+    assert kp.count("jump services") == 2  # nat-prerouting and nat-output, once each
+    assert kp.count("numgen random mod 3") == 25

@@ -76,6 +76,8 @@ def bench(
         _fail("bench interrupted (everything it created was removed)")
     summary = benchreport.write(result, out_dir)
     progress(f"results in {out_dir}/ (results.md, results.json, *.png)")
+    if result["error"]:
+        _fail(f"bench stopped early (what it measured is in {out_dir}/): {result['error']}")
     if output == "json":
         json.dump({**result, "summary": summary}, sys.stdout, indent=1, sort_keys=True)
         sys.stdout.write("\n")

@@ -45,6 +45,11 @@ SERVER_PORT = 8080
 # iptables-nft-restore --noflush is quadratic in the table (benchmarking.md, pitfall 3): above
 # this many services the same rules are loaded without --noflush and the time is not reported.
 IPT_NFT_NOFLUSH_MAX = 5000
+# kube-proxy's nftables first sync is one transaction, superlinear in the kernel's handling of
+# goto verdict maps (pitfall 4: 32 s at 10,000, 251 s at 20,000): above this many services the
+# same rules are loaded in transactions of NFT_CHUNK services and the time is not reported.
+NFT_ONE_TRANSACTION_MAX = 10000
+NFT_CHUNK = 1000
 WORK_BASE = "/run/tabby/bench"
 # kube-proxy sets these per-netns conntrack knobs at start (its --conntrack-* defaults)
 KUBE_PROXY_CT_SYSCTLS = {
@@ -277,10 +282,21 @@ class Baselines:
     def program(self, path: str, services: Sequence[KubeServicePort]) -> Programmed:
         """Empty the path's node, then load ``services`` as kube-proxy's first sync does."""
         self.flush(path)
-        n = len(services)
+        n = service_count(services)
         if path == "plain":
             return Programmed(path, n, None, "no rules: plain routing")
         self.set_conntrack_knobs(path)
+        if path == "nftables" and n > NFT_ONE_TRANSACTION_MAX:
+            for part in nft_chunks(services, NFT_CHUNK):
+                self.load_nftables(path, part)
+            return Programmed(
+                path,
+                n,
+                None,
+                f"not measured above {NFT_ONE_TRANSACTION_MAX:,} services: one transaction is "
+                f"superlinear in the kernel (251 s at 20,000 in benchmarking.md); loaded in "
+                f"transactions of {NFT_CHUNK:,} services",
+            )
         if path == "nftables":
             rules = kubeproxy_rules.nftables(
                 services, cluster_cidr=CLUSTER_CIDR, service_cidr=SERVICE_CIDR
@@ -293,8 +309,8 @@ class Baselines:
                 path,
                 n,
                 None,
-                f"not measured: iptables-nft-restore --noflush is quadratic above "
-                f"{IPT_NFT_NOFLUSH_MAX:,} services (loaded without --noflush)",
+                f"not measured above {IPT_NFT_NOFLUSH_MAX:,} services: "
+                "iptables-nft-restore --noflush is quadratic (loaded without --noflush)",
             )
         return Programmed(path, n, self.load_iptables(path, rules))
 
@@ -308,7 +324,8 @@ class Baselines:
         """kube-proxy's partial sync after ``old`` became ``new`` (``services``: the state after
         the change); seconds the transaction took. None: not applied, not measured (plain has
         no rules; iptables-nft above IPT_NFT_NOFLUSH_MAX: its --noflush restore is quadratic)."""
-        if path == "plain" or (path == "iptables-nft" and len(services) > IPT_NFT_NOFLUSH_MAX):
+        big = service_count(services) > IPT_NFT_NOFLUSH_MAX
+        if path == "plain" or (path == "iptables-nft" and big):
             return None
         if path == "nftables":
             return self.load_nftables(path, nft_partial_sync(old, new))
@@ -334,6 +351,30 @@ class Baselines:
             for knob, value in KUBE_PROXY_CT_SYSCTLS.items():
                 if os.path.exists("/proc/sys/" + knob):
                     links.write_sysctl(knob, value)
+
+
+def service_count(services: Sequence[KubeServicePort]) -> int:
+    """Services, not service ports (a multi-port service counts once)."""
+    return len({(s.namespace, s.name) for s in services})
+
+
+def nft_chunks(services: Sequence[KubeServicePort], size: int) -> list[str]:
+    """kube-proxy's nftables rules as several transactions: the first creates the table with
+    ``size`` services, each next one adds ``size`` more (the table-level lines left out)."""
+    base = set(
+        kubeproxy_rules.nftables(
+            [], cluster_cidr=CLUSTER_CIDR, service_cidr=SERVICE_CIDR
+        ).splitlines()
+    )
+    out = []
+    for start in range(0, len(services), size):
+        text = kubeproxy_rules.nftables(
+            services[start : start + size], cluster_cidr=CLUSTER_CIDR, service_cidr=SERVICE_CIDR
+        )
+        if start:
+            text = "\n".join(ln for ln in text.splitlines() if ln not in base) + "\n"
+        out.append(text)
+    return out
 
 
 # ---------------------------------------------------------------------- partial syncs

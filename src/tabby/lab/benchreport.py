@@ -187,6 +187,7 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{cfg['reps']} interleaved repetition(s), {cfg['seconds']} s rate cells "
         f"({cfg['inflight']} in flight), {cfg['latency_seconds']} s latency cells (1 in flight); "
         f"{result['duration_s']:.0f} s in all.",
+        *([f"**The run stopped early**: {result['error']}", ""] if result.get("error") else []),
         "",
         "## New TCP connections/s (connect, GET, response, close)",
         "",

@@ -167,6 +167,7 @@ class BenchResult:
     cells: list[Cell] = field(default_factory=list)
     sizes: list[SizeResult] = field(default_factory=list)
     duration_s: float = 0.0
+    error: str = ""  # why the run stopped early (what was measured before is kept)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -591,6 +592,9 @@ class Runner:
                         result.cells += self._repetition(n, rep)
                     self._once_per_size(size, n == cfg.sizes[0] or n == cfg.sizes[-1])
                     result.sizes.append(size)
+            except (BenchError, baselines.BaselineError, subprocess.TimeoutExpired) as e:
+                result.error = str(e)
+                self.progress(f"stopped early: {e}")
             finally:
                 self.progress("cleaning up")
                 if self.tabby is not None:
