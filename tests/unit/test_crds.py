@@ -1,6 +1,6 @@
-"""deploy/crds agree with the model: every spec field of FelixConfiguration, IPPool, IPAMBlock and
-IPAMHandle (src/tabby/model/calico.py) is in its CRD's schema and nothing else is; groups and
-names are the ones the Kubernetes datastore uses."""
+"""deploy/crds agree with the model: every spec field of FelixConfiguration, IPPool,
+BGPConfiguration, BGPPeer, IPAMBlock and IPAMHandle (src/tabby/model/calico.py) is in its CRD's
+schema and nothing else is; groups and names are the ones the Kubernetes datastore uses."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ CRDS = Path(__file__).resolve().parents[2] / "deploy" / "crds"
 SPECS = {
     "FelixConfiguration": calico._felix_spec,
     "IPPool": calico._pool_spec,
+    "BGPConfiguration": calico._bgp_configuration_spec,
+    "BGPPeer": calico._bgp_peer_spec,
     "IPAMBlock": calico._block_spec,
     "IPAMHandle": calico._handle_spec,
 }

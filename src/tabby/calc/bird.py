@@ -193,6 +193,18 @@ def render(resources: Resources, node: str) -> BirdConfig | None:
     )
     for obj in explicit:
         spec = obj.get("spec", {})
+        if spec.get("peerSelector") and calico_selectors.matches(spec["peerSelector"], _labels(me)):
+            # The other side of a selector peering (Calico's reverse peering): a node the
+            # peerSelector picks (a route reflector) peers with every node the BGPPeer is for.
+            for name in sorted(nodes):
+                if name != node and _applies_to(spec, name, _labels(nodes[name])):
+                    node_peer(
+                        "Node",
+                        "node specific",
+                        nodes[name],
+                        _seconds(spec.get("keepaliveTime")),
+                        _seconds(spec.get("maxRestartTime")),
+                    )
         if not _applies_to(spec, node, _labels(me)):
             continue
         keepalive, restart = (
