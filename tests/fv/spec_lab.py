@@ -14,9 +14,10 @@ from tabby.model import kops
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-demo-cluster.yaml"
 
 
-def two_subnet_spec(encapsulation: str | None) -> kops.KopsCluster:
+def two_subnet_spec(encapsulation: str | None, **calico_fields: str) -> kops.KopsCluster:
     """The example with a second subnet (us-east-1b, across the fabric's router) and two
-    workers spread over both; ``encapsulation`` None leaves kOps' default (ipip)."""
+    workers spread over both; ``encapsulation`` None leaves kOps' default (ipip);
+    ``calico_fields`` are set under networking.calico (``ipipMode="Never"``)."""
     docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
     cluster, _master, nodes = docs
     calico = cluster["spec"]["networking"]["calico"]
@@ -24,6 +25,7 @@ def two_subnet_spec(encapsulation: str | None) -> kops.KopsCluster:
         calico.pop("encapsulationMode")
     else:
         calico["encapsulationMode"] = encapsulation
+    calico.update(calico_fields)
     cluster["spec"]["subnets"].append(
         {"cidr": "172.20.64.0/19", "name": "us-east-1b", "type": "Public", "zone": "us-east-1b"}
     )
