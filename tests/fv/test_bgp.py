@@ -436,3 +436,35 @@ def _conn_rate(client: dict[str, Any], server: dict[str, Any], seconds: float = 
         return done / (time.monotonic() - start)
 
     return traffic.in_netns(client["netns"], go)
+
+
+def test_switching_the_pool_live_hands_routes_between_bird_and_tabby(lab, pods):
+    """Never -> CrossSubnet (IP-in-IP across the router): BIRD stops programming the pool (its
+    kernel filter), tabby's route managers take it from the IPAM blocks; and back."""
+    b2, b3 = block_of(pods["p2"]), block_of(pods["p3"])
+    n1 = lab.plan.node("node1")
+    ds = lab.datastore()
+    try:
+        ds.patch("IPPool", "default-ipv4-ippool", None, {"spec": {"ipipMode": "CrossSubnet"}})
+        lab.wait_ready()
+        wait_until(
+            lambda: (
+                {kernel_routes(n1.netns).get(b, {}).get("protocol") for b in (b2, b3)} == {"88"}
+            ),
+            what="tabby's routes (proto 88) replace BIRD's",
+        )
+        bird_left = [d for d, r in kernel_routes(n1.netns).items() if r.get("protocol") == "bird"]
+        assert bird_left == [], "BIRD programs no encapsulated pool (not even the blackhole)"
+        with capture.capture(lab.plan.fabric_netns, fabric_port(lab, "node1")) as cap:
+            exchange(pods["p1"], pods["p2"])
+            exchange(pods["p1"], pods["p3"])
+        assert cap.ipip_between(pods["p1"]["ip"], pods["p2"]["ip"]), "across: IP-in-IP"
+        assert cap.plain_between(pods["p1"]["ip"], pods["p3"]["ip"]), "in the subnet: plain"
+    finally:
+        ds.patch("IPPool", "default-ipv4-ippool", None, {"spec": {"ipipMode": "Never"}})
+    lab.wait_ready()
+    wait_until(
+        lambda: {kernel_routes(n1.netns).get(b, {}).get("protocol") for b in (b2, b3)} == {"bird"},
+        what="BIRD's routes back",
+    )
+    exchange(pods["p1"], pods["p2"])
