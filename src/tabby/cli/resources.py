@@ -137,6 +137,15 @@ COLUMNS: dict[str, list[Column]] = {
         ("DISABLED", lambda o: str(_spec(o, "disabled")).lower(), True),
         ("SELECTOR", lambda o: _spec(o, "nodeSelector"), True),
     ],
+    "BGPConfiguration": [
+        ("MESH", lambda o: str(_spec(o, "nodeToNodeMeshEnabled", True)).lower(), False),
+        ("ASN", lambda o: str(_spec(o, "asNumber", 64512)), False),
+    ],
+    "BGPPeer": [
+        ("PEER", lambda o: _spec(o, "peerIP") or _spec(o, "peerSelector"), False),
+        ("ASN", lambda o: str(_spec(o, "asNumber", "")), False),
+        ("NODE", lambda o: _spec(o, "node") or _spec(o, "nodeSelector") or "(global)", False),
+    ],
     "IPAMBlock": [
         ("CIDR", lambda o: _spec(o, "cidr"), False),
         ("AFFINITY", lambda o: _spec(o, "affinity", "<none>"), False),
