@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -79,6 +80,35 @@ def birdc(
     if done.returncode != 0:
         raise BirdError(f"birdc {' '.join(command)}: {(done.stdout + done.stderr).strip()}")
     return done.stdout
+
+
+def control(socket_path: str, command: str, timeout_s: float = CALL_TIMEOUT_S) -> str:
+    """One command over BIRD's control socket (what birdc does, without a process per call:
+    the agent asks every second). Returns the reply as birdc prints it; BirdError on a BIRD
+    error reply (codes 8000-9999) or a dead socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(socket_path)
+            reply = sock.makefile("rb")
+            reply.readline()  # "0001 BIRD 2.0.12 ready."
+            sock.sendall(command.encode() + b"\n")
+            lines: list[str] = []
+            while True:
+                raw = reply.readline()
+                if not raw:
+                    raise BirdError(f"{command}: BIRD closed the control socket")
+                line = raw.decode(errors="replace").rstrip("\n")
+                if len(line) >= 5 and line[:4].isdigit() and line[4] in " -":
+                    if int(line[:4]) >= 8000:
+                        raise BirdError(f"{command}: {line[5:]}")
+                    lines.append(line[5:])
+                    if line[4] == " ":  # the reply's last line
+                        return "\n".join(lines) + "\n"
+                else:  # a continuation line: " text"
+                    lines.append(line[1:])
+    except OSError as e:
+        raise BirdError(f"{command}: {e}") from None
 
 
 def parse_learned(text: str) -> dict[str, str]:
@@ -165,7 +195,7 @@ class BirdManager:
         os.replace(staged, self.paths.config)
         try:
             if alive:
-                answer = birdc(self.paths.socket, "configure")
+                answer = control(self.paths.socket, "configure")
                 if "Reconfigured" not in answer and "in progress" not in answer:
                     return [f"BGP: birdc configure: {answer.strip()}"]
                 log.info("BIRD reconfigured (%d peers)", len(cfg.peers))
@@ -208,13 +238,10 @@ class BirdManager:
         as the kernel keeps BIRD's routes meanwhile)."""
         if not self.running():
             return None
-        if "recovery in progress" in birdc(self.paths.socket, "show", "status"):
+        if "recovery in progress" in control(self.paths.socket, "show status"):
             return None
-        text = birdc(
-            self.paths.socket, "show", "route", "export", KERNEL_PROTOCOL, "where",
-            "source", "=", "RTS_BGP", "all",
-        )  # fmt: skip
-        return parse_learned(text)
+        query = f"show route export {KERNEL_PROTOCOL} where source = RTS_BGP all"
+        return parse_learned(control(self.paths.socket, query))
 
     def stop(self) -> None:
         """Ends the BIRD this manager runs (backend switched off), by its pid."""
