@@ -64,3 +64,58 @@ def test_sessions_are_the_bgp_protocols():
         ),
     ]
     assert parse_sessions("BIRD 2.0.12 ready.\n") == []
+
+
+def serve_once(tmp_path, replies: dict[str, bytes]) -> str:
+    """A one-connection stand-in for BIRD's control socket: greets, answers one command with
+    the canned bytes BIRD 2.0.12 sent for it (codes, '-' continuations, ' ' text lines)."""
+    import socket
+    import threading
+
+    path = str(tmp_path / "bird.ctl")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            conn.sendall(b"0001 BIRD 2.0.12 ready.\n")
+            command = conn.makefile("rb").readline().decode().strip()
+            conn.sendall(replies[command])
+
+    threading.Thread(target=run, daemon=True).start()
+    return path
+
+
+def test_control_socket_reply_as_birdc_prints_it(tmp_path):
+    from tabby.dataplane.bird import control
+
+    path = serve_once(
+        tmp_path,
+        {
+            "show route export kernel1 where source = RTS_BGP all": (
+                b"1007-Table master4:\n"
+                b"1007-100.96.0.64/26       unicast [Mesh_172_20_64_12 05:47:05.575] * (100) [i]\n"
+                b" \tvia 172.20.32.1 on eth0\n"
+                b"1012-\tType: BGP univ\n"
+                b" \tBGP.next_hop: 172.20.64.12\n"
+                b"0000 \n"
+            )
+        },
+    )
+    text = control(path, "show route export kernel1 where source = RTS_BGP all")
+    assert text.splitlines()[0] == "Table master4:"
+    assert parse_learned(text) == {"100.96.0.64/26": "172.20.64.12"}
+
+
+def test_control_socket_errors_are_bird_errors(tmp_path):
+    import pytest
+
+    from tabby.dataplane.bird import BirdError, control
+
+    path = serve_once(tmp_path, {"show nonsense": b"9001 syntax error, unexpected CF_SYM\n"})
+    with pytest.raises(BirdError, match="syntax error"):
+        control(path, "show nonsense")
+    with pytest.raises(BirdError):
+        control(str(tmp_path / "absent.ctl"), "show status")

@@ -140,6 +140,10 @@ def status(name: str = NameOpt) -> None:
         )
     console.print(pods)
     console.print(f"datastore: {lab.url}  (export TABBY_DATASTORE to point tabbyctl elsewhere)")
+    if lab.backend == "bird":
+        console.print(
+            f"BGP (BIRD backend): `tabbyctl node status --name {lab.name} --node <node|fabric>`"
+        )
     if lab.etcd_url:
         console.print(f"etcd: {lab.etcd_url}  (tabbyctl --datastore {lab.etcd_url} ...)")
 

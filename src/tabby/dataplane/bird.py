@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -242,19 +241,6 @@ class BirdManager:
             return None
         query = f"show route export {KERNEL_PROTOCOL} where source = RTS_BGP all"
         return parse_learned(control(self.paths.socket, query))
-
-    def stop(self) -> None:
-        """Ends the BIRD this manager runs (backend switched off), by its pid."""
-        if not self.running() or self.pid is None:
-            return
-        os.kill(self.pid, signal.SIGTERM)
-        if self.proc is not None:
-            try:
-                self.proc.wait(CALL_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc, self.pid, self.written = None, None, None
 
 
 @dataclass(frozen=True)
