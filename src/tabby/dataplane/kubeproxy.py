@@ -46,6 +46,7 @@ IPTABLES_TOOLS = (
 )
 TOOL_TIMEOUT_S = 30.0
 SBIN = ("/usr/sbin", "/sbin")
+XTABLES_WAIT_S = 5  # restore -w: wait for the xtables lock kube-proxy and kubelet also take
 JUMPS = ("-j", "--jump", "-g", "--goto")
 
 
@@ -159,7 +160,7 @@ def remove_iptables_leftovers(result: CleanupResult) -> None:
             if script is None:
                 continue
             text, chains, jumps = script
-            applied = _run([restore, "--noflush"], text)
+            applied = _run([restore, "-w", str(XTABLES_WAIT_S), "--noflush"], text)
             if applied.returncode != 0:
                 result.errors.append(
                     f"{restore} ({table.name}): {applied.stderr.strip() or applied.returncode}"
