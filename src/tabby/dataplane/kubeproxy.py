@@ -60,6 +60,7 @@ class CleanupResult:
     jumps: int = 0  # rules of other chains deleted (they jumped to those)
     nft_tables: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    missing_tools: list[str] = field(default_factory=list)  # nothing of theirs could be seen
 
     @property
     def removed_anything(self) -> bool:
@@ -148,6 +149,7 @@ def _legacy_has_tables(save: str) -> bool:
 def remove_iptables_leftovers(result: CleanupResult) -> None:
     for save, restore in IPTABLES_TOOLS:
         if _tool(save) is None or _tool(restore) is None:
+            result.missing_tools.append(save.removesuffix("-save"))
             continue
         if "legacy" in save and not _legacy_has_tables(save):
             continue
@@ -176,6 +178,7 @@ def remove_iptables_leftovers(result: CleanupResult) -> None:
 
 def remove_nft_tables(result: CleanupResult) -> None:
     if _tool("nft") is None:
+        result.missing_tools.append("nft")
         return
     listed = _run(["nft", "list", "tables"])
     if listed.returncode != 0:
