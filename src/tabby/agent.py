@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import queue
 import random
 import threading
@@ -119,6 +120,12 @@ class Metrics:
             "From the datastore's first in-sync to the first complete service NAT programming",
             registry=self.registry,
         )
+        self.start_to_insync_s = Gauge(
+            "tabby_start_to_insync_seconds",
+            "From the agent process's start (exec) to the datastore's first in-sync: imports, "
+            "the datastore connection and the first full list",
+            registry=self.registry,
+        )
         self._in_sync_at: float | None = None  # time.monotonic() of the first in-sync
         self._nat_first_done = False
         # Conntrack GC (bpf/ct_gc.c): one observation per sweep.
@@ -162,6 +169,7 @@ class Metrics:
         """The datastore's first full list is in: starts tabby_nat_sync_from_insync_seconds."""
         if self._in_sync_at is None:
             self._in_sync_at = time.monotonic()
+            self.start_to_insync_s.set(process_age_s())
 
     def observe_nat(
         self,
@@ -530,6 +538,14 @@ class Agent:
                 state.warnings.extend(state.bird.warnings)
         self.services.set_node_ip(state.node_ip)
         self.worker.submit(with_services(state, self.services.results()), revision)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (its start time in /proc, against the boot clock)."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    started_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_s
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:

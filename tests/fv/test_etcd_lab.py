@@ -2,7 +2,8 @@
 
 The lab starts its own etcd (loopback TCP on free ports + a unix socket in its state dir, data
 there too), records it as a lab process and stops it by PID on `lab down`. The checks are the
-first ones of test_pod_networking and test_services, on the etcd datastore.
+first ones of test_pod_networking and test_services, and a NetworkPolicy with a relabel, on the
+etcd datastore.
 """
 
 from __future__ import annotations
@@ -72,6 +73,41 @@ def test_clusterip_service(cluster: dict[str, Any]) -> None:
     seen = Counter(traffic.http_get(client["netns"], VIP, 80, "/hostname") for _ in range(20))
     assert set(seen) == {"web-a", "web-b"}, seen
     assert traffic.udp_request(client["netns"], VIP, 53, b"hostname") in {"web-a", "web-b"}
+
+
+def test_network_policy_and_a_relabel_on_etcd(lab: Lab, cluster: dict[str, Any]) -> None:
+    """The policy side on etcd: a NetworkPolicy admitting only pods labelled role=friend to the
+    web pods denies the client (direct and through the ClusterIP) until the client is relabelled,
+    both changes travelling through the agents' etcd watch."""
+    ds = lab.datastore()
+    client, web = cluster["client"], cluster["web-a"]
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "friends-only", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "friend"}}}]}],
+        },
+    }
+    ds.apply([policy])
+    lab.wait_ready()
+    try:
+        for ip, port in ((web["ip"], 8080), (VIP, 80)):
+            ok, _ = traffic.reachable(
+                lambda ip=ip, port=port: traffic.http_get(
+                    client["netns"], ip, port, "/hostname", timeout_s=1
+                )
+            )
+            assert not ok, f"{ip}:{port} answered a pod the policy does not admit"
+        ds.patch("Pod", "client", "default", {"metadata": {"labels": {"role": "friend"}}})
+        lab.wait_ready()
+        assert traffic.http_get(client["netns"], web["ip"], 8080, "/hostname") == "web-a"
+        assert traffic.http_get(client["netns"], VIP, 80, "/hostname") in {"web-a", "web-b"}
+    finally:
+        ds.delete("NetworkPolicy", "friends-only", "default")
+        ds.patch("Pod", "client", "default", {"metadata": {"labels": {"role": None}}})
+        lab.wait_ready()
 
 
 def test_tabbyctl_reads_the_lab_etcd(lab: Lab, cluster: dict[str, Any]) -> None:

@@ -494,3 +494,22 @@ def test_dockerfile_copies_what_exists_and_what_the_pod_runs():
     assert container("cni-token")["command"][0] == "/usr/local/bin/tabby-install-cni"
     default_binary = re.search(r"TABBY_CNI_BINARY:-(\S+)\}", INSTALL_CNI.read_text())
     assert default_binary and default_binary[1] in copied
+
+
+def test_image_and_pod_can_run_the_kube_proxy_cleanup():
+    """The hand-over's cleanup (dataplane/kubeproxy.py) needs the iptables and nft tools in the
+    image, and the host's xtables lock so its restores wait for kube-proxy's and kubelet's."""
+    from tabby.dataplane import kubeproxy
+
+    installs = " ".join(rest for word, rest in final_stage() if word == "RUN")
+    assert re.search(r"apt-get install .*\biptables\b", installs)
+    assert re.search(r"apt-get install .*\bnftables\b", installs)
+    tools = {t for pair in kubeproxy.IPTABLES_TOOLS for t in pair}
+    assert all(t.startswith(("iptables-", "ip6tables-")) for t in tools)  # Debian's iptables
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    mounts = {m["mountPath"]: m for m in container("tabby-agent")["volumeMounts"]}
+    lock = mounts["/run/xtables.lock"]
+    assert volumes[lock["name"]]["hostPath"] == {
+        "path": "/run/xtables.lock",
+        "type": "FileOrCreate",
+    }

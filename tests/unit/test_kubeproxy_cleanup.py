@@ -182,3 +182,14 @@ def test_a_namespace_without_legacy_tables_gets_none(scratch_netns):
     result = traffic.in_netns(scratch_netns, cleanup)
     assert not result.removed_anything and result.errors == []
     assert _ns(scratch_netns, "cat", "/proc/net/ip_tables_names").strip() == ""
+
+
+def test_missing_tools_are_reported_not_errors(monkeypatch):
+    from tabby.dataplane import kubeproxy
+
+    monkeypatch.setattr(kubeproxy, "_tool", lambda name: None)
+    result = cleanup()
+    assert result.errors == [] and not result.removed_anything
+    assert result.missing_tools == [
+        "iptables-legacy", "ip6tables-legacy", "iptables-nft", "ip6tables-nft", "nft"
+    ]  # fmt: skip

@@ -46,6 +46,7 @@ IPTABLES_TOOLS = (
 )
 TOOL_TIMEOUT_S = 30.0
 SBIN = ("/usr/sbin", "/sbin")
+XTABLES_WAIT_S = 5  # restore -w: wait for the xtables lock kube-proxy and kubelet also take
 JUMPS = ("-j", "--jump", "-g", "--goto")
 
 
@@ -59,6 +60,7 @@ class CleanupResult:
     jumps: int = 0  # rules of other chains deleted (they jumped to those)
     nft_tables: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    missing_tools: list[str] = field(default_factory=list)  # nothing of theirs could be seen
 
     @property
     def removed_anything(self) -> bool:
@@ -147,6 +149,7 @@ def _legacy_has_tables(save: str) -> bool:
 def remove_iptables_leftovers(result: CleanupResult) -> None:
     for save, restore in IPTABLES_TOOLS:
         if _tool(save) is None or _tool(restore) is None:
+            result.missing_tools.append(save.removesuffix("-save"))
             continue
         if "legacy" in save and not _legacy_has_tables(save):
             continue
@@ -159,7 +162,7 @@ def remove_iptables_leftovers(result: CleanupResult) -> None:
             if script is None:
                 continue
             text, chains, jumps = script
-            applied = _run([restore, "--noflush"], text)
+            applied = _run([restore, "-w", str(XTABLES_WAIT_S), "--noflush"], text)
             if applied.returncode != 0:
                 result.errors.append(
                     f"{restore} ({table.name}): {applied.stderr.strip() or applied.returncode}"
@@ -175,6 +178,7 @@ def remove_iptables_leftovers(result: CleanupResult) -> None:
 
 def remove_nft_tables(result: CleanupResult) -> None:
     if _tool("nft") is None:
+        result.missing_tools.append("nft")
         return
     listed = _run(["nft", "list", "tables"])
     if listed.returncode != 0:

@@ -145,6 +145,11 @@ class NodeDataplane:
         if self.kube_proxy_cleaned:
             return []
         result = kube_proxy_cleanup()
+        if result.missing_tools:  # once per start: a node image without them cleans nothing
+            log.warning(
+                "kube-proxy cleanup: %s not installed: kube-proxy rules of those not looked at",
+                ", ".join(result.missing_tools),
+            )
         if result.removed_anything:
             log.info(
                 "kube-proxy leftovers removed: %d chains, %d jumps, nft tables %s",
