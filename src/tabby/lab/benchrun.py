@@ -67,6 +67,7 @@ QUICK_SIZES = (1, 1000)
 ENDPOINTS = 3
 IPERF_PORT = 5201
 KUBE_CHANGES = 3  # partial syncs per layout and N (each rewrites KUBE-SERVICES whole)
+KUBE_CHANGE_BUDGET_MS = 20000.0  # no further sample of a layout once its samples took this long
 CHANGE_IP_BASE = int(ipaddress.IPv4Address("100.120.255.1"))  # inside the backend's AnyIP range
 WEB_VIP = "100.64.0.100"
 SYN_VIP_BASE = int(ipaddress.IPv4Address("100.66.0.0"))  # the lab's synthetic services
@@ -563,6 +564,12 @@ class Runner:
         self.tabby: TabbySide | None = None
         self.kube_services: list[KubeServicePort] = []
         self.generation = 0
+        self.dropped: dict[str, str] = {}  # kernel path -> why it is no longer measured
+
+    @property
+    def paths(self) -> list[str]:
+        """The paths still measured (a layout whose loading failed is dropped, not the run)."""
+        return [p for p in self.cfg.paths if p not in self.dropped]
 
     def run(self) -> BenchResult:
         cfg = self.cfg
@@ -595,6 +602,10 @@ class Runner:
             except (BenchError, baselines.BaselineError, subprocess.TimeoutExpired) as e:
                 result.error = str(e)
                 self.progress(f"stopped early: {e}")
+            except KeyboardInterrupt:
+                # the sizes completed so far are kept; the caller writes them out
+                result.error = "interrupted (Ctrl-C or SIGTERM): the sizes completed are kept"
+                self.progress("interrupted")
             finally:
                 self.progress("cleaning up")
                 if self.tabby is not None:
@@ -637,7 +648,19 @@ class Runner:
         if self.kernel is not None:
             self.kube_services = self._kube_services(n)
             for path in self.kernel.plans:
-                done = self.kernel.program(path, self.kube_services)
+                if path in self.dropped:
+                    size.program_notes[path] = self.dropped[path]
+                    continue
+                try:
+                    done = self.kernel.program(path, self.kube_services)
+                except (baselines.BaselineError, subprocess.TimeoutExpired) as e:
+                    if path == "plain":
+                        raise
+                    self.dropped[path] = f"dropped from N={n:,} on: loading failed: {e}"
+                    size.program_notes[path] = self.dropped[path]
+                    size.program_s[path] = None
+                    self.progress(f"N={n:,} {path}: {self.dropped[path]}")
+                    continue
                 if path != "plain":
                     size.program_s[path] = done.seconds
                     if done.note:
@@ -675,7 +698,7 @@ class Runner:
 
     def _smoke(self, n: int) -> None:
         """Every path answers before anything is measured (a broken path stops the run)."""
-        for path in self.cfg.paths:
+        for path in self.paths:
             self._prepare(path)
             netns, ip, port, cg = self._target(path)
             out = run_connload(self.cfg.connload, netns, ip, port, 0.3, 1, cg)
@@ -683,7 +706,7 @@ class Runner:
                 raise BenchError(f"N={n}: {path} does not answer at {ip}:{port}: {out}")
 
     def _repetition(self, n: int, rep: int) -> list[Cell]:
-        paths = list(self.cfg.paths)
+        paths = self.paths
         k = rep % len(paths)
         order = paths[k:] + paths[:k]
         cells = []
@@ -749,7 +772,7 @@ class Runner:
         if self.kernel is not None:
             self._kube_changes(size, min(cfg.changes, KUBE_CHANGES))
         if iperf:
-            for path in cfg.paths:
+            for path in self.paths:
                 self._prepare(path)
                 netns, ip, _port, cg = self._target(path)
                 if path == "plain":
@@ -762,7 +785,7 @@ class Runner:
         """One endpoint of the middle service replaced, ``changes`` times, through each
         layout's partial sync (the transaction timed); then the new endpoint must answer."""
         assert self.kernel is not None
-        paths = [p for p in self.kernel.plans if p != "plain"]
+        paths = [p for p in self.kernel.plans if p != "plain" and p not in self.dropped]
         new = self.kube_services[0]
         for _ in range(changes):
             self.generation += 1
@@ -773,7 +796,13 @@ class Runner:
             new = replace(old, endpoints=((new_ip, old.endpoints[0][1]), *old.endpoints[1:]))
             after = [*svcs[:idx], new, *svcs[idx + 1 :]]
             for path in paths:
-                took = self.kernel.change_one(path, after, old, new)
+                if sum(size.change_ms.get(path, [])) > KUBE_CHANGE_BUDGET_MS:
+                    continue  # one slow sample is enough (iptables-nft --noflush at 5,000)
+                try:
+                    took = self.kernel.change_one(path, after, old, new)
+                except (baselines.BaselineError, subprocess.TimeoutExpired) as e:
+                    size.change_notes[path] = f"failed: {e}"
+                    continue
                 if took is None:
                     size.change_notes[path] = (
                         f"not measured above {baselines.IPT_NFT_NOFLUSH_MAX:,} services "
@@ -783,7 +812,7 @@ class Runner:
                     size.change_ms.setdefault(path, []).append(took * 1000)
             self.kube_services = after
         for path in paths:
-            if path in size.change_ms:
+            if path in size.change_ms and path not in size.change_notes:
                 size.change_notes[path] = (
                     "the partial sync's restore / nft transaction only (kube-proxy adds its "
                     "own work and a 1 s min-sync-period)"
