@@ -481,6 +481,37 @@ def render(result: CaseResult, name: str = "") -> str:
     return "\n".join(lines)
 
 
+def run_cases(h: Harness, cases: list[Obj], progress: Progress = print) -> list[CaseResult]:
+    """The empty model first (every probe must connect), then every case in series."""
+    empty = {
+        "id": "empty-model",
+        "steps": [
+            {
+                "description": "no policy: everything connects",
+                "probes": [
+                    {"port": port, "protocol": proto, "expected": _all_dots()}
+                    for port in PORTS
+                    for proto in PROTOCOLS
+                ],
+            }
+        ],
+    }
+    base = h.run_case(empty)
+    progress(render(base))
+    if base.status != "passed":
+        return [base]
+    results: list[CaseResult] = []
+    for case in cases:
+        start = time.monotonic()
+        try:
+            res = h.run_case(case)
+        except CaseError as e:
+            res = CaseResult(case["id"], "failed", why=str(e))
+        progress(render(res, case.get("name", "")) + f"  ({time.monotonic() - start:.1f}s)")
+        results.append(res)
+    return results
+
+
 def run_file(
     lab: Lab,
     path: str,
@@ -489,47 +520,17 @@ def run_file(
     progress: Progress = print,
     keep_model: bool = False,
 ) -> list[CaseResult]:
-    """Every case of ``path`` (or those in ``only``), in series, after checking the empty model."""
+    """Every case of ``path`` (or those in ``only``) on a lab that is up."""
     cases = load_cases(path)
     if only:
         cases = [c for c in cases if c["id"] in only]
     h = Harness(lab, via, progress)
     h.setup()
-    results: list[CaseResult] = []
     try:
-        empty = {
-            "id": "empty-model",
-            "steps": [
-                {
-                    "description": "no policy: everything connects",
-                    "probes": [
-                        {
-                            "port": port,
-                            "protocol": proto,
-                            "expected": _all_dots(),
-                        }
-                        for port in PORTS
-                        for proto in PROTOCOLS
-                    ],
-                }
-            ],
-        }
-        base = h.run_case(empty)
-        progress(render(base))
-        if base.status != "passed":
-            return [base]
-        for case in cases:
-            start = time.monotonic()
-            try:
-                res = h.run_case(case)
-            except CaseError as e:
-                res = CaseResult(case["id"], "failed", why=str(e))
-            progress(render(res, case.get("name", "")) + f"  ({time.monotonic() - start:.1f}s)")
-            results.append(res)
+        return run_cases(h, cases, progress)
     finally:
         if not keep_model:
             h.teardown()
-    return results
 
 
 def _all_dots() -> Obj:
