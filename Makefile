@@ -59,6 +59,7 @@ build/bench/connload: bench/connload.c
 bench: setup build/bench/connload
 	$(PY) bench/services_scale.py
 	$(PY) bench/conn_rate.py
+	$(PY) bench/policy_scale.py
 
 demo: setup
 	$(VENV)/bin/tabbyctl lab demo
