@@ -159,6 +159,15 @@ def test_established_flow_kept_new_connections_refused(model: netpol.Harness) ->
     try:
         traffic.in_netns(model.pods["y/a"]["netns"], connect)
         assert b"200" in traffic.in_netns(model.pods["y/a"]["netns"], get)
+        # the verdict sits on the flow's conntrack entry on x/a's node (tabbyctl shows it)
+        node = model.lab.pod("x/a")["node"]
+        run = CliRunner().invoke(
+            tabbyctl,
+            ["bpf", "conntrack", "dump", "--lab", model.lab.name, "--node", node]
+            + ["--type", "PLAIN", "--ip", ip, "-o", "json"],
+        )
+        rows = [r for r in json.loads(run.output) if r["dst"] == ip and r["dport"] == 80]
+        assert rows and all(r["policy"] == ["IN"] for r in rows), run.output
         only_z = policy(
             "a-from",
             podSelector={"matchLabels": {"pod": "a"}},

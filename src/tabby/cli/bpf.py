@@ -233,6 +233,7 @@ def ct_row(entry: CtEntry) -> Row:
         "tcp_flags": entry.tcp.split("|") if entry.tcp else [],
         "age_s": round(entry.age_s, 3),
         "idle_s": round(entry.idle_s, 3),
+        "policy": entry.policy.split("|") if entry.policy else [],
     }
 
 
@@ -247,7 +248,9 @@ def read_conntrack(
     from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtType
     from tabby.dataplane.conntrack import read_entries
 
-    ct_kind = CtType[f"NAT_{kind.upper()}"] if kind is not None else None
+    ct_kind = None
+    if kind is not None:
+        ct_kind = CtType.PLAIN if kind.upper() == "PLAIN" else CtType[f"NAT_{kind.upper()}"]
     with _open(CONNTRACK_SPEC, pin_root) as ct_map:
         entries = read_entries(ct_map, proto=proto, addr=ip, port=port, kind=ct_kind)
     return [ct_row(e) for e in entries]
@@ -272,9 +275,10 @@ def conntrack_dump(
     ),
     port: int | None = typer.Option(None, "--port", help="only entries with this port, likewise"),
     proto: str | None = typer.Option(None, "--proto", help="TCP or UDP"),
-    kind: str | None = typer.Option(None, "--type", help="FWD or REV"),
+    kind: str | None = typer.Option(None, "--type", help="FWD, REV or PLAIN (policy only)"),
 ) -> None:
-    """Conntrack NAT pairs (tby_ct): FWD keyed by what the client sent, REV by the reply."""
+    """Conntrack (tby_ct): NAT pairs (FWD keyed by what the client sent, REV by the reply) and
+    PLAIN flows of isolated pods; `policy` says which ends' NetworkPolicy admitted the flow."""
     _check_output(output)
     if ip is not None:
         try:
@@ -283,8 +287,8 @@ def conntrack_dump(
             fail(f"--ip must be an IPv4 address, not {ip!r}")
     if proto is not None and proto.upper() not in ("TCP", "UDP"):
         fail(f"--proto must be TCP or UDP, not {proto!r}")
-    if kind is not None and kind.upper() not in ("FWD", "REV"):
-        fail(f"--type must be FWD or REV, not {kind!r}")
+    if kind is not None and kind.upper() not in ("FWD", "REV", "PLAIN"):
+        fail(f"--type must be FWD, REV or PLAIN, not {kind!r}")
     if port is not None and not 0 < port < 65536:
         fail(f"--port must be 1-65535, not {port}")
     rows = read_conntrack(resolve_pin_root(lab, node, pin_root), proto, ip, port, kind)
@@ -292,7 +296,8 @@ def conntrack_dump(
         _print_json(rows)
         return
     table = Table(title=f"conntrack entries ({len(rows)})")
-    for col in ("proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp"):
+    cols = ("proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp", "policy")
+    for col in cols:
         table.add_column(col, justify="right" if col in ("age", "idle") else "left")
     for r in rows:
         nat = f"{r['nat_addr']}:{r['nat_port']}" if r["nat_addr"] else ""
@@ -307,6 +312,7 @@ def conntrack_dump(
             _age(r["age_s"]),
             _age(r["idle_s"]),
             ",".join(r["tcp_flags"]),
+            ",".join(p.lower() for p in r["policy"]),
         )
     _console().print(table)
 

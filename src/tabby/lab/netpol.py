@@ -342,7 +342,9 @@ class Harness:
             return None
         return pod["cluster_ip"] if via == "service" else pod["ip"]
 
-    def probe(self, probes: list[Obj], vias: list[str]) -> dict[tuple[int, str, str], Obj]:
+    def probe(
+        self, probes: list[Obj], vias: list[str], timeout_s: float = PROBE_TIMEOUT_S
+    ) -> dict[tuple[int, str, str], Obj]:
         """Observed matrices per (port, protocol, via): {row: "..X."}."""
         jobs: dict[str, list[tuple[Any, str, int, str]]] = {}
         shapes: dict[tuple[int, str, str], tuple[list[str], list[str]]] = {}
@@ -358,12 +360,13 @@ class Harness:
                             continue
                         key = (p["port"], p["protocol"], via, row, col)
                         jobs.setdefault(row, []).append((key, ip, p["port"], p["protocol"]))
-        return self._run_probes(jobs, shapes)
+        return self._run_probes(jobs, shapes, timeout_s)
 
     def _run_probes(
         self,
         jobs: dict[str, list[tuple[Any, str, int, str]]],
         shapes: dict[tuple[int, str, str], tuple[list[str], list[str]]],
+        timeout_s: float,
     ) -> dict[tuple[int, str, str], Obj]:
         results: dict[Any, bool] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
@@ -371,7 +374,7 @@ class Harness:
                 pool.submit(
                     traffic.in_netns,
                     self.pods[row]["netns"],
-                    lambda t=targets: _probe_sockets(t, PROBE_TIMEOUT_S),
+                    lambda t=targets: _probe_sockets(t, timeout_s),
                 )
                 for row, targets in jobs.items()
             ]
@@ -416,7 +419,8 @@ class Harness:
                 if any(_wrong(p, observed[(p["port"], p["protocol"], via)]) for via in vias)
             ]
             if retry:
-                again = self.probe(retry, vias)
+                # a loaded machine can miss one second: the second look waits twice as long
+                again = self.probe(retry, vias, 2 * PROBE_TIMEOUT_S)
                 for k, matrix in again.items():
                     prev = observed[k]
                     observed[k] = {

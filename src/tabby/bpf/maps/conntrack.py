@@ -124,6 +124,7 @@ class CtEntry:
     tcp: str
     age_s: float
     idle_s: float
+    policy: str = ""  # PolVerdict names, "OUT|IN": which ends' NetworkPolicy admitted the flow
 
     @classmethod
     def decode(cls, key: CtKey, val: CtValue, now_ns: int) -> CtEntry:
@@ -138,4 +139,5 @@ class CtEntry:
             tcp=str(TcpFlags(val.tcp).name or "") if val.tcp else "",
             age_s=max(0.0, (now_ns - val.created_ns) / 1e9),
             idle_s=max(0.0, (now_ns - val.seen_ns) / 1e9),
+            policy=str(PolVerdict(val.pol & 3).name or "") if val.pol & 3 else "",
         )
