@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from tabby.cli.main import app as tabbyctl
 from tabby.lab import netpol, traffic
 from tabby.lab.cluster import Lab
+from tabby.lab.sockclient import SocketClient
 from tabby.model import ValidationError
 
 from .service_lab import counters
@@ -181,4 +182,30 @@ def test_established_flow_kept_new_connections_refused(model: netpol.Harness) ->
         if "s" in box:
             box["s"].close()
         model.ds.delete("NetworkPolicy", "a-from", "x")
+        model.lab.wait_ready()
+
+
+def test_connect_time_translated_clients_meet_the_same_policy(model: netpol.Harness) -> None:
+    """Clients inside their pod's cgroup get the ClusterIP rewritten at connect() (CTLB, TCP):
+    the packets carry the backend from the start, and the policy judges them the same."""
+    allow_y = policy(
+        "a-from-y",
+        podSelector={"matchLabels": {"pod": "a"}},
+        ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}],
+    )
+    apply(model, allow_y)
+    vip = model.pods["x/a"]["cluster_ip"]
+    try:
+        for client, admitted in (("y/b", True), ("z/b", False)):
+            rec = model.lab.pod(client)
+            before = counters(model.lab, rec["node"]).get("ctlb_connect", 0)
+            with SocketClient(rec["netns"], rec["cgroup"]) as c:
+                got = c("tcp", ip=vip, port=80, path="/hostname")
+            assert counters(model.lab, rec["node"]).get("ctlb_connect", 0) > before
+            if admitted:
+                assert got.get("body") == "a" and got.get("peer") == [vip, 80], got
+            else:
+                assert "errno" in got, got  # timed out: the SYN was dropped
+    finally:
+        model.ds.delete("NetworkPolicy", "a-from-y", "x")
         model.lab.wait_ready()
