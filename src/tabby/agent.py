@@ -133,6 +133,17 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
+        # NetworkPolicy (dataplane/policy.py)
+        self.policy_endpoints = Gauge(
+            "tabby_policy_endpoints",
+            "Local pods some NetworkPolicy isolates (tby_pol_ep entries)",
+            registry=self.registry,
+        )
+        self.policy_writes = Counter(
+            "tabby_policy_map_writes",
+            "Policy map entries written or deleted (a changed pod is rewritten under a new set)",
+            registry=self.registry,
+        )
         self.read_packets: Callable[[], dict[str, int]] = dict
         self.registry.register(_PacketCollector(self))
 
@@ -291,6 +302,8 @@ class DataplaneWorker(threading.Thread):
             self.metrics.observe_nat(
                 nat.frontends, nat.backends, nat.seconds, not nat.errors, nat.finished_at
             )
+            self.metrics.policy_endpoints.set(len(self.dataplane.policy.programmed))
+            self.metrics.policy_writes.inc(self.dataplane.last_policy.writes)
         except Exception as e:  # noqa: BLE001 - any failure is retried, and reported on /readyz
             log.exception("apply failed")
             errors, warnings = [f"apply: {e}"], []

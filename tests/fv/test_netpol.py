@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from tabby.cli.main import app as tabbyctl
 from tabby.lab import netpol, traffic
-from tabby.lab.cluster import Lab
+from tabby.lab.cluster import HEALTH_PORT, Lab
 from tabby.lab.sockclient import SocketClient
 from tabby.model import ValidationError
 
@@ -101,6 +102,14 @@ def test_policy_dump_in_words(model: netpol.Harness) -> None:
         doc = json.loads(run.output)
         assert doc["programmed"] and doc["ingress"]["policies"] == ["x/a-from-y"]
         assert not doc["egress"]["isolated"]
+        node = model.lab.plan.node(model.lab.pod("x/a")["node"])
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{HEALTH_PORT}/metrics", timeout=2) as r:
+                return str(r.read().decode())
+
+        text = traffic.in_netns(node.netns, metrics)
+        assert "tabby_policy_endpoints 1.0" in text  # x/a, the node's only isolated pod
         run = CliRunner().invoke(
             tabbyctl, ["bpf", "policy", "dump", "x/b", "--lab", model.lab.name]
         )
