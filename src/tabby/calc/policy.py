@@ -360,6 +360,15 @@ def _merge(classes: list[RuleClass]) -> list[RuleClass]:
     return sorted(out, key=lambda c: (c.ports is not None, c.ports or (), c.peers))
 
 
+def policy_types(spec: Obj) -> list[str]:
+    """policyTypes as the API server defaults them: an absent or empty list means Ingress, plus
+    Egress when the policy has at least one egress rule."""
+    types = spec.get("policyTypes") or []
+    if types:
+        return list(types)
+    return ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
+
+
 def _policies_by_ns(resources: Resources) -> dict[str, list[tuple[str, Obj]]]:
     out: dict[str, list[tuple[str, Obj]]] = defaultdict(list)
     for (ns, name), pol in sorted(resources.get("NetworkPolicy", {}).items()):
@@ -378,7 +387,7 @@ def endpoint_policy(
         notes: list[str] = []
         for name, pol in policies:
             spec = pol.get("spec", {})
-            if key not in spec.get("policyTypes", ["Ingress"]):
+            if key not in policy_types(spec):
                 continue
             if not match_labels(spec.get("podSelector", {}), me.labels):
                 continue
