@@ -465,13 +465,14 @@ def _wrong(probe: Obj, observed: dict[str, str]) -> bool:
     return False
 
 
-def render(result: CaseResult, name: str = "") -> str:
-    """A case's matrices: per probe, each row as expected | observed, wrong cells marked."""
+def render(result: CaseResult, name: str = "", full: bool = False) -> str:
+    """A case's matrices: per probe, each row as expected | observed, wrong cells marked (only
+    for probes with a wrong cell, unless ``full``)."""
     lines = [f"== {result.id} {name}: {result.status.upper()} {result.why}".rstrip()]
     for o in result.probes:
         mark = "ok" if not o.wrong else f"{o.wrong} WRONG"
         lines.append(f"  [{o.step}] {o.protocol}/{o.port} via {o.via}: {mark}")
-        if o.wrong:
+        if o.wrong or full:
             width = max(len(r) for r in o.expected)
             lines.append(f"    {'':{width}}  expected   observed")
             for row, exp in o.expected.items():
@@ -485,7 +486,9 @@ def render(result: CaseResult, name: str = "") -> str:
     return "\n".join(lines)
 
 
-def run_cases(h: Harness, cases: list[Obj], progress: Progress = print) -> list[CaseResult]:
+def run_cases(
+    h: Harness, cases: list[Obj], progress: Progress = print, full: bool = False
+) -> list[CaseResult]:
     """The empty model first (every probe must connect), then every case in series."""
     empty = {
         "id": "empty-model",
@@ -511,7 +514,8 @@ def run_cases(h: Harness, cases: list[Obj], progress: Progress = print) -> list[
             res = h.run_case(case)
         except CaseError as e:
             res = CaseResult(case["id"], "failed", why=str(e))
-        progress(render(res, case.get("name", "")) + f"  ({time.monotonic() - start:.1f}s)")
+        took = f"  ({time.monotonic() - start:.1f}s)"
+        progress(render(res, case.get("name", ""), full) + took)
         results.append(res)
     return results
 
@@ -523,6 +527,7 @@ def run_file(
     only: list[str] | None = None,
     progress: Progress = print,
     keep_model: bool = False,
+    full: bool = False,
 ) -> list[CaseResult]:
     """Every case of ``path`` (or those in ``only``) on a lab that is up."""
     cases = load_cases(path)
@@ -531,7 +536,7 @@ def run_file(
     h = Harness(lab, via, progress)
     h.setup()
     try:
-        return run_cases(h, cases, progress)
+        return run_cases(h, cases, progress, full)
     finally:
         if not keep_model:
             h.teardown()
