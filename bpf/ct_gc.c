@@ -129,7 +129,8 @@ static long ct_gc_visit(void *map, struct tby_ct_key *key,
 		if (other && ct_gc_pair_ok(&fk, other, &rk, rev))
 			return 0; /* its FWD decides for the pair, and counts it */
 	} else {
-		/* FWD, or a type we do not know: judged alone, timeouts only */
+		/* FWD, a policy-only flow (PLAIN), or a type we do not know:
+		 * judged alone, timeouts only */
 		fwd = val;
 		fk = *key;
 		if (val->type == TBY_CT_NAT_FWD) {
@@ -151,7 +152,8 @@ static long ct_gc_visit(void *map, struct tby_ct_key *key,
 
 	if (idle_ns > ct_gc_timeout_ns(key->proto, tcp)) {
 		reason = &ctx->st.expired;
-		if (!(fwd && rev))
+		/* a policy-only flow (TBY_CT_PLAIN) is single by design */
+		if (!(fwd && rev) && val->type != TBY_CT_PLAIN)
 			ctx->st.orphans++;
 	} else if (key->proto == IPPROTO_UDP && fwd &&
 		   fwd->type == TBY_CT_NAT_FWD && ct_gc_udp_stale(&fk, fwd)) {

@@ -156,6 +156,17 @@ class Metrics:
         self.datastore_retries = Counter(
             "tabby_datastore_retries", "Datastore attempts that failed", registry=self.registry
         )
+        # NetworkPolicy (dataplane/policy.py)
+        self.policy_endpoints = Gauge(
+            "tabby_policy_endpoints",
+            "Local pods some NetworkPolicy isolates (tby_pol_ep entries)",
+            registry=self.registry,
+        )
+        self.policy_writes = Counter(
+            "tabby_policy_map_writes",
+            "Policy map entries written or deleted (a changed pod is rewritten under a new set)",
+            registry=self.registry,
+        )
         self.read_packets: Callable[[], dict[str, int]] = dict
         self.registry.register(_PacketCollector(self))
 
@@ -338,6 +349,8 @@ class DataplaneWorker(threading.Thread):
             self.metrics.observe_nat(
                 nat.frontends, nat.backends, nat.seconds, not nat.errors, nat.finished_at
             )
+            self.metrics.policy_endpoints.set(len(self.dataplane.policy.programmed))
+            self.metrics.policy_writes.inc(self.dataplane.last_policy.writes)
         except Exception as e:  # noqa: BLE001 - any failure is retried, and reported on /readyz
             log.exception("apply failed")
             errors, warnings = [f"apply: {e}"], []

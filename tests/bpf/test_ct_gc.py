@@ -362,3 +362,20 @@ def test_timeouts_match_ct_timeouts_h() -> None:
 
 def test_stats_slot_is_one_u64_block() -> None:
     assert ctypes.sizeof(CT_GC_STATS_SPEC.value_type) == 6 * 8
+
+
+@pytest.mark.root
+def test_policy_only_flows_expire_by_timeout_and_are_no_orphans(sweeper: Sweeper) -> None:
+    """TBY_CT_PLAIN entries (verdicts of flows no NAT touched) are single by design."""
+    now = judged_at()
+    fresh = CtKey.make(CLIENT, 42000, "100.96.0.5", 80, PROTOCOLS["UDP"])
+    idle = CtKey.make(CLIENT, 42001, "100.96.0.5", 80, PROTOCOLS["UDP"])
+    sweeper.write(
+        [
+            (fresh, CtValue(created_ns=now, seen_ns=now, type=CtType.PLAIN, pol=2)),
+            (idle, CtValue(created_ns=now, seen_ns=now - 61 * 10**9, type=CtType.PLAIN, pol=2)),
+        ]
+    )
+    stats = sweeper.gc.sweep(ADVANCE_S)
+    assert sweeper.keys() == {bytes(fresh)}
+    assert (stats.kept, stats.expired, stats.orphans) == (1, 1, 0)

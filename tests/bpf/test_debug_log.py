@@ -68,3 +68,61 @@ def test_off_level_prints_nothing(bpf_dir: Path) -> None:
     out = run_child(bpf_dir, level=0)
     assert "verdict 2" in out
     assert "tabby:" not in out
+
+
+POLICY_CHILD = textwrap.dedent(
+    """
+    import shutil, sys
+    sys.path.insert(0, {tests!r})
+    import packets as P
+    from tabby.bpf import libbpf
+    from tabby.bpf.maps.policy import PolicyMaps, ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
+    from tabby.bpf.objects import DatapathConfig, DatapathObjects
+    from tabby.calc import policy
+    from tabby.dataplane.policy import PolicyManager
+
+    pod = {{"kind": "Pod", "metadata": {{"namespace": "x", "name": "a", "labels": {{}}}},
+           "spec": {{"nodeName": "n1"}}, "status": {{"podIP": P.POD_IP}}}}
+    deny = {{"metadata": {{"namespace": "x", "name": "deny-all"}},
+            "spec": {{"podSelector": {{}}, "policyTypes": ["Ingress"]}}}}
+    res = {{"Pod": {{("x", "a"): pod}}, "NetworkPolicy": {{("x", "deny-all"): deny}}}}
+    pin = {pin!r}
+    try:
+        cfg = DatapathConfig.build(vni=4242, host_ip=P.NODE_IP, log_level=2)
+        with DatapathObjects(pin, cfg, {bpf_dir!r}) as dp:
+            maps = PolicyMaps(*(dp.map(s) for s in (ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC)))
+            mgr = PolicyManager(maps)
+            assert not mgr.apply(policy.compute(res, "n1")).errors
+            print("set", mgr.sets[P.POD_IP])
+            open("/sys/kernel/tracing/trace", "w").close()  # clear the buffer
+            verdict, _, _ = libbpf.test_run(
+                dp.prog_fd("tby_to_wl"), P.tcp(src=P.REMOTE_POD_IP, dst=P.POD_IP))
+            print("verdict", verdict)
+        print(open("/sys/kernel/tracing/trace").read())
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)
+    """
+)
+
+
+def test_debug_level_reports_the_policy_set_that_denied(bpf_dir: Path) -> None:
+    code = POLICY_CHILD.format(
+        tests=str(Path(__file__).parent),
+        pin=f"/sys/fs/bpf/tabby-test-{uuid.uuid4().hex[:10]}",
+        bpf_dir=str(bpf_dir),
+    )
+    script = "mount -t tracefs nodev /sys/kernel/tracing && exec " + sys.executable + " -"
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=code,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    set_id = out.split("set ", 1)[1].split()[0]
+    assert "verdict 2" in out  # TC_ACT_SHOT
+    # dir 0 = ingress; the peer is REMOTE_POD_IP 100.96.0.70 = 0x64600046
+    assert f"tabby: policy drop dir=0 set={set_id} peer=64600046" in out
+    assert "tabby: drop reason=31" in out  # TBY_R_DROP_POL_IN

@@ -273,3 +273,44 @@ def test_policy_update_switches_sets_and_removal_clears(node: Node) -> None:
     node.program()
     assert node.maps.endpoint_items() == {} and node.maps.peer_keys() == []
     assert node.maps.port_keys() == []
+
+
+def test_icmp_errors_of_admitted_flows_are_related(node: Node) -> None:
+    """A port unreachable about an admitted UDP flow passes an egress that denies ICMP; an
+    error about a flow never admitted does not."""
+    deny_out = netpol(
+        "deny-out", podSelector={"matchLabels": {"app": "server"}}, policyTypes=["Egress"]
+    )
+    allow_udp = netpol(
+        "udp",
+        podSelector={"matchLabels": {"app": "server"}},
+        ingress=[{"ports": [{"protocol": "UDP"}]}],
+    )
+    node.program(SERVER_FROM_CLIENT_8080, deny_out, allow_udp)
+    datagram = IP(src=CLIENT, dst=SERVER) / UDP(sport=41000, dport=9999) / b"q"
+    assert node.run("tby_to_wl", raw(Ether() / datagram))[0] == TC_ACT_OK
+    unreachable = Ether() / IP(src=SERVER, dst=CLIENT) / ICMP(type=3, code=3) / raw(datagram)
+    verdict, _, delta = node.run("tby_from_wl", raw(unreachable))
+    assert verdict == TC_ACT_OK and not delta.get(Reason.DROP_POL_OUT)
+    other = IP(src=CLIENT, dst=SERVER) / UDP(sport=41001, dport=9999) / b"q"  # never seen
+    stray = Ether() / IP(src=SERVER, dst=CLIENT) / ICMP(type=3, code=3) / raw(other)
+    verdict, _, delta = node.run("tby_from_wl", raw(stray))
+    assert (verdict, delta.get(Reason.DROP_POL_OUT)) == (TC_ACT_SHOT, 1)
+
+
+def test_restarted_manager_adopts_then_rewrites_without_a_gap(node: Node) -> None:
+    """An agent restart: a new manager finds the pinned sets, keeps them in force until each
+    endpoint is rewritten under a fresh id, then sweeps the adopted ids' entries."""
+    node.program(SERVER_FROM_CLIENT_8080)
+    old = node.maps.endpoint(SERVER)
+    n_peers = len(node.maps.peer_keys())
+    node.manager = PolicyManager(node.maps)  # what a restarted agent builds
+    node.manager._adopt()
+    # adopted: still enforced before the first apply
+    assert node.run("tby_to_wl", frame(REMOTE, SERVER, syn(40000, 8080)))[0] == TC_ACT_SHOT
+    node.program(SERVER_FROM_CLIENT_8080)
+    new = node.maps.endpoint(SERVER)
+    assert new.set != old.set and len(node.maps.peer_keys()) == n_peers
+    assert all(k.set // 2 == new.set for k in node.maps.peer_keys())
+    assert node.run("tby_to_wl", frame(CLIENT, SERVER, syn(40001, 8080)))[0] == TC_ACT_OK
+    assert node.run("tby_to_wl", frame(REMOTE, SERVER, syn(40002, 8080)))[0] == TC_ACT_SHOT

@@ -373,3 +373,18 @@ def test_bad_input_names_the_field(patch: dict, field: str) -> None:
     with pytest.raises(ValidationError) as e:
         netpol("x", "bad", podSelector={}, **patch)
     assert field in str(e.value)
+
+
+def test_policy_types_defaulting_as_the_api_server() -> None:
+    assert P.policy_types({"egress": []}) == ["Ingress"]
+    assert P.policy_types({"policyTypes": [], "egress": [{}]}) == ["Ingress", "Egress"]
+    assert P.policy_types({"policyTypes": ["Egress"]}) == ["Egress"]
+    assert netpol("x", "e", podSelector={}, egress=[])["spec"]["policyTypes"] == ["Ingress"]
+    # raw (unvalidated) objects too: an empty list is defaulted, so x is ingress-isolated
+    raw = {
+        "metadata": {"namespace": "x", "name": "r"},
+        "spec": {"podSelector": {}, "policyTypes": []},
+    }
+    res = model()
+    res["NetworkPolicy"] = {("x", "r"): raw}
+    assert matrix(res)["y/a"] == "XXX......"

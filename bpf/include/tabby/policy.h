@@ -63,6 +63,36 @@ static __always_inline int pol_pure_syn(const struct flow *f)
 	       (f->tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_ACK)) == TBY_TCPF_SYN;
 }
 
+/*
+ * An ICMP error (unreachable, time exceeded, parameter problem) about a flow
+ * a policy admitted on this node is related to it and passes, as in Calico:
+ * a refused UDP datagram's port unreachable, PMTU's fragmentation needed.
+ */
+static __always_inline int pol_icmp_related(struct __sk_buff *skb,
+					    const struct parsed_pkt *pkt)
+{
+	struct nat_icmp_quote q;
+	struct tby_ct_key k = {};
+	struct tby_ct_val *v;
+	struct icmphdr icmp;
+
+	if (pkt->ip_proto != IPPROTO_ICMP || pkt->is_frag ||
+	    bpf_skb_load_bytes(skb, pkt->l4_off, &icmp, sizeof(icmp)) ||
+	    !nat_icmp_is_error(icmp.type) ||
+	    bpf_skb_load_bytes(skb, pkt->l4_off + sizeof(icmp), &q, sizeof(q)))
+		return 0;
+	if (q.ip.ihl != 5 ||
+	    (q.ip.protocol != IPPROTO_TCP && q.ip.protocol != IPPROTO_UDP))
+		return 0;
+	k.src = q.ip.saddr;
+	k.dst = q.ip.daddr;
+	k.sport = q.sport;
+	k.dport = q.dport;
+	k.proto = q.ip.protocol;
+	v = bpf_map_lookup_elem(&tby_ct, &k);
+	return v && (v->pol & (TBY_CTP_OUT | TBY_CTP_IN));
+}
+
 /* Traffic from this node to its pods is always admitted (kubelet probes). */
 static __always_inline int pol_from_own_host(__be32 saddr)
 {
@@ -80,7 +110,9 @@ static __always_inline int pol_from_own_host(__be32 saddr)
  * flag, `peer_flag` the one that makes a packet a reply of a flow the other
  * direction admitted.
  */
-static __always_inline enum pol_result pol_judge(struct flow *f, __u32 dir)
+static __always_inline enum pol_result pol_judge(struct __sk_buff *skb,
+						 const struct parsed_pkt *pkt,
+						 struct flow *f, __u32 dir)
 {
 	__u16 self = dir == POL_DIR_OUT ? TBY_CTP_OUT : TBY_CTP_IN;
 	__u16 reply = dir == POL_DIR_OUT ? TBY_CTP_IN : TBY_CTP_OUT;
@@ -95,6 +127,8 @@ static __always_inline enum pol_result pol_judge(struct flow *f, __u32 dir)
 	ep = bpf_map_lookup_elem(&tby_pol_ep, &local);
 	if (!ep)
 		return POL_PASS; /* selected by no policy: nothing to remember */
+	if (!f->has_ports && pol_icmp_related(skb, pkt))
+		return POL_PASS;
 	if (f->has_ports) {
 		v = bpf_map_lookup_elem(&tby_ct, &f->key);
 		if (v && (v->pol & self) && !syn)
@@ -169,7 +203,7 @@ static __always_inline enum pol_result pol_egress(struct __sk_buff *skb, int tra
 		f.key.proto = pkt->ip_proto;
 		f.has_ports = 0;
 	}
-	return pol_judge(&f, POL_DIR_OUT);
+	return pol_judge(skb, pkt, &f, POL_DIR_OUT);
 }
 
 /* to-workload, before the reverse NAT: the destination's ingress policy. */
@@ -184,7 +218,7 @@ static __always_inline enum pol_result pol_ingress(struct __sk_buff *skb,
 		f.key.proto = pkt->ip_proto;
 		f.has_ports = 0;
 	}
-	return pol_judge(&f, POL_DIR_IN);
+	return pol_judge(skb, pkt, &f, POL_DIR_IN);
 }
 
 #endif /* __TABBY_POLICY_H */

@@ -10,6 +10,7 @@ policyTypes defaults, named ports resolved on the destination pod, endPort and i
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections import defaultdict
@@ -151,6 +152,7 @@ class _Index:
         for name in self.pods_by_ns:  # pods of a namespace the store does not hold (yet)
             self.ns_labels.setdefault(name, {NS_NAME_LABEL: name})
         self._memo: dict[str, tuple[_Pod, ...]] = {}
+        self.peers_memo: dict[str, tuple[Any, ...]] = {}
 
     def namespaces(self, selector: Obj | None) -> list[str]:
         return sorted(n for n, labels in self.ns_labels.items() if match_labels(selector, labels))
@@ -193,9 +195,12 @@ def _block_of(ip_block: Obj) -> Block | None:
     return Block(str(net), tuple(excepts))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _cidr_order(cidr: str) -> tuple[int, int]:
-    net = ipaddress.IPv4Network(cidr)
-    return int(net.network_address), net.prefixlen
+    """Sort key of an address or CIDR (cached: calc sorts the same pod addresses many times)."""
+    addr, _, plen = cidr.partition("/")
+    a, b, c, d = (int(x) for x in addr.split("."))
+    return (a << 24) | (b << 16) | (c << 8) | d, int(plen or 32)
 
 
 def _in_block(ip: str, block: Block) -> bool:
@@ -214,9 +219,23 @@ class _Rule:
     blocks: tuple[Block, ...]
     everyone: bool
     ports: list[Obj]
+    peer_blocks: tuple[Block, ...]  # pods as /32 blocks, then the ipBlocks (or 0.0.0.0/0)
 
 
 def _peers_of(index: _Index, policy_ns: str, peers: list[Obj] | None) -> tuple[Any, ...]:
+    """(pods, blocks, everyone) of a rule's from/to, memoised per compute."""
+    key = json.dumps([policy_ns, peers], sort_keys=True)
+    hit = index.peers_memo.get(key)
+    if hit is None:
+        pods, blocks, everyone = _resolve_peers(index, policy_ns, peers)
+        as_blocks = (
+            (Block("0.0.0.0/0"),) if everyone else tuple(Block(f"{p.ip}/32") for p in pods) + blocks
+        )
+        hit = index.peers_memo[key] = (pods, blocks, everyone, as_blocks)
+    return hit
+
+
+def _resolve_peers(index: _Index, policy_ns: str, peers: list[Obj] | None) -> tuple[Any, ...]:
     if not peers:
         return (), (), True
     pods: dict[str, _Pod] = {}
@@ -281,9 +300,7 @@ def _rule_classes(
 ) -> list[RuleClass]:
     """A rule as classes: numeric ports and the peer set, plus (egress) one class per number a
     named port resolves to on the peer pods."""
-    peers = tuple(Block(f"{p.ip}/32") for p in rule.pods) + rule.blocks
-    if rule.everyone:
-        peers = (Block("0.0.0.0/0"),)
+    peers = rule.peer_blocks
     if not rule.ports:
         return [RuleClass(None, peers, (rule.source,))]
     numeric: list[PortRange] = []
@@ -343,6 +360,15 @@ def _merge(classes: list[RuleClass]) -> list[RuleClass]:
     return sorted(out, key=lambda c: (c.ports is not None, c.ports or (), c.peers))
 
 
+def policy_types(spec: Obj) -> list[str]:
+    """policyTypes as the API server defaults them: an absent or empty list means Ingress, plus
+    Egress when the policy has at least one egress rule."""
+    types = spec.get("policyTypes") or []
+    if types:
+        return list(types)
+    return ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
+
+
 def _policies_by_ns(resources: Resources) -> dict[str, list[tuple[str, Obj]]]:
     out: dict[str, list[tuple[str, Obj]]] = defaultdict(list)
     for (ns, name), pol in sorted(resources.get("NetworkPolicy", {}).items()):
@@ -361,19 +387,22 @@ def endpoint_policy(
         notes: list[str] = []
         for name, pol in policies:
             spec = pol.get("spec", {})
-            if key not in spec.get("policyTypes", ["Ingress"]):
+            if key not in policy_types(spec):
                 continue
             if not match_labels(spec.get("podSelector", {}), me.labels):
                 continue
             selecting.append(f"{me.namespace}/{name}")
             for i, rule in enumerate(spec.get(direction) or []):
-                pods, blocks, everyone = _peers_of(index, me.namespace, rule.get(peers_key))
+                pods, blocks, everyone, as_blocks = _peers_of(
+                    index, me.namespace, rule.get(peers_key)
+                )
                 peers_words = _describe_peers(rule.get(peers_key))
                 source = (
                     f"{me.namespace}/{name} {direction}[{i}]: {peers_words}"
                     f"; {_describe_ports(rule.get('ports'))}"
                 )
-                r = _Rule(source, pods, blocks, everyone, list(rule.get("ports") or []))
+                ports = list(rule.get("ports") or [])
+                r = _Rule(source, pods, blocks, everyone, ports, as_blocks)
                 classes += _rule_classes(r, direction, me, index, notes)  # type: ignore[arg-type]
         result[direction] = DirectionPolicy(  # type: ignore[index]
             bool(selecting), tuple(selecting), tuple(_merge(classes)), tuple(sorted(set(notes)))
@@ -406,8 +435,15 @@ def compute(resources: Resources, node: str | None) -> dict[str, EndpointPolicy]
 # --- compiling classes into LPM entries ----------------------------------------------------
 
 
-def _supernets(net: ipaddress.IPv4Network) -> list[str]:
-    return [str(net.supernet(new_prefix=p)) for p in range(net.prefixlen, -1, -1)]
+@functools.lru_cache(maxsize=1 << 16)
+def _supernets(cidr: str) -> tuple[str, ...]:
+    """The CIDR and every shorter prefix containing it, longest first."""
+    value, plen = _cidr_order(cidr)
+    out = []
+    for p in range(plen, -1, -1):
+        v = value & ((0xFFFFFFFF << (32 - p)) & 0xFFFFFFFF)
+        out.append(f"{v >> 24}.{(v >> 16) & 255}.{(v >> 8) & 255}.{v & 255}/{p}")
+    return tuple(out)
 
 
 def compile_peers(classes: tuple[RuleClass, ...]) -> tuple[tuple[str, int], ...]:
@@ -419,14 +455,18 @@ def compile_peers(classes: tuple[RuleClass, ...]) -> tuple[tuple[str, int], ...]
             holders[b.cidr].append((i, b.excepts))
             prefixes.add(b.cidr)
             prefixes.update(b.excepts)
+    # only the prefix lengths some holder has can hold an address: a few lookups per prefix
+    lengths = sorted({_cidr_order(c)[1] for c in holders}, reverse=True)
     out = []
     for p in sorted(prefixes, key=_cidr_order):
-        ancestors = _supernets(ipaddress.IPv4Network(p))
-        anc = set(ancestors)
+        ancestors = _supernets(p)  # index k: the /(plen - k) containing p
+        plen = len(ancestors) - 1
         bits = 0
-        for a in ancestors:
-            for i, excepts in holders.get(a, ()):
-                if not any(e in anc for e in excepts):
+        for length in lengths:
+            if length > plen:
+                continue
+            for i, excepts in holders.get(ancestors[plen - length], ()):
+                if not excepts or not any(e in ancestors for e in excepts):
                     bits |= 1 << i
         out.append((p, bits))
     return tuple(out)

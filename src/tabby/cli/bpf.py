@@ -234,6 +234,7 @@ def ct_row(entry: CtEntry) -> Row:
         "age_s": round(entry.age_s, 3),
         "idle_s": round(entry.idle_s, 3),
         "path": entry.path,
+        "policy": entry.policy.split("|") if entry.policy else [],
     }
 
 
@@ -250,7 +251,13 @@ def read_conntrack(
 
     ct_kind = None
     if kind is not None:
-        ct_kind = CtType.EXT if kind.upper() == "EXT" else CtType[f"NAT_{kind.upper()}"]
+        ct_kind = (
+            CtType.EXT
+            if kind.upper() == "EXT"
+            else CtType.PLAIN
+            if kind.upper() == "PLAIN"
+            else CtType[f"NAT_{kind.upper()}"]
+        )
     with _open(CONNTRACK_SPEC, pin_root) as ct_map:
         entries = read_entries(ct_map, proto=proto, addr=ip, port=port, kind=ct_kind)
     return [ct_row(e) for e in entries]
@@ -275,10 +282,11 @@ def conntrack_dump(
     ),
     port: int | None = typer.Option(None, "--port", help="only entries with this port, likewise"),
     proto: str | None = typer.Option(None, "--proto", help="TCP or UDP"),
-    kind: str | None = typer.Option(None, "--type", help="FWD, REV or EXT"),
+    kind: str | None = typer.Option(None, "--type", help="FWD, REV, EXT or PLAIN (policy only)"),
 ) -> None:
-    """Conntrack (tby_ct): NAT pairs (FWD keyed by what the client sent, REV by the reply)
-    and EXT, a flow another node forwarded here; `path`: where a forwarded flow goes."""
+    """Conntrack (tby_ct): NAT pairs (FWD keyed by what the client sent, REV by the reply), EXT
+    (a flow another node forwarded here; `path`: where it goes) and PLAIN flows of isolated pods;
+    `policy` says which ends' NetworkPolicy admitted the flow."""
     _check_output(output)
     if ip is not None:
         try:
@@ -287,8 +295,8 @@ def conntrack_dump(
             fail(f"--ip must be an IPv4 address, not {ip!r}")
     if proto is not None and proto.upper() not in ("TCP", "UDP"):
         fail(f"--proto must be TCP or UDP, not {proto!r}")
-    if kind is not None and kind.upper() not in ("FWD", "REV", "EXT"):
-        fail(f"--type must be FWD, REV or EXT, not {kind!r}")
+    if kind is not None and kind.upper() not in ("FWD", "REV", "EXT", "PLAIN"):
+        fail(f"--type must be FWD, REV, EXT or PLAIN, not {kind!r}")
     if port is not None and not 0 < port < 65536:
         fail(f"--port must be 1-65535, not {port}")
     rows = read_conntrack(resolve_pin_root(lab, node, pin_root), proto, ip, port, kind)
@@ -296,7 +304,8 @@ def conntrack_dump(
         _print_json(rows)
         return
     table = Table(title=f"conntrack entries ({len(rows)})")
-    cols = ("proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp", "path")
+    cols = ["proto", "source", "destination", "type", "nat", "snat", "age", "idle", "tcp"]
+    cols += ["policy", "path"]
     for col in cols:
         table.add_column(col, justify="right" if col in ("age", "idle") else "left")
     for r in rows:
@@ -312,6 +321,7 @@ def conntrack_dump(
             _age(r["age_s"]),
             _age(r["idle_s"]),
             ",".join(r["tcp_flags"]),
+            ",".join(p.lower() for p in r["policy"]),
             r["path"],
         )
     _console().print(table)

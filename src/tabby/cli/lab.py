@@ -225,6 +225,9 @@ def netpol_matrix(
     name: str = typer.Option("demo", "--name", help="lab name (must be up)"),
     only: list[str] = OnlyOpt,
     keep: bool = typer.Option(False, "--keep", help="leave the x/y/z model in the lab"),
+    matrices: bool = typer.Option(
+        False, "--matrices", help="print every probe's matrices, not only those with a wrong cell"
+    ),
 ) -> None:
     """NetworkPolicy reachability matrices (upstream e2e's model) for every case of FILE:
     expected vs observed 9x9 matrices, a summary line; exit 1 on any failed cell."""
@@ -234,7 +237,14 @@ def netpol_matrix(
         _fail(f"--via must be service, pod or both, not {via!r}")
     lab = _lab(name)
     try:
-        results = netpol.run_file(lab, cases, via, only or None, keep_model=keep)  # type: ignore[arg-type]
+        results = netpol.run_file(
+            lab,
+            cases,
+            via,  # type: ignore[arg-type]
+            only or None,
+            keep_model=keep,
+            full=matrices,
+        )
     except (netpol.CaseError, OSError) as e:
         _fail(str(e))
         return

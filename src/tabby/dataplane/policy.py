@@ -12,7 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from tabby.bpf.maps.policy import DIR_IN, DIR_OUT, EndpointValue, PolicyFlags, PolicyMaps
+from tabby.bpf.maps.policy import (
+    DIR_IN,
+    DIR_OUT,
+    EndpointValue,
+    PeerKey,
+    PolicyFlags,
+    PolicyMaps,
+    PortKey,
+)
 from tabby.calc.policy import CompiledDirection, EndpointPolicy, compile_direction
 
 log = logging.getLogger(__name__)
@@ -107,41 +115,31 @@ class PolicyManager:
         return set_id
 
     def _write_set(self, p: _Programmed) -> int:
-        n = 0
+        peers: list[tuple[PeerKey, int]] = []
+        ports: list[tuple[PortKey, int]] = []
         for d, c in ((DIR_IN, p.ingress), (DIR_OUT, p.egress)):
             set_dir = p.set_id * 2 + d
-            for cidr, bits in c.peers:
-                self.maps.put_peer(set_dir, cidr, bits)
-                n += 1
-            for proto, port, plen, bits in c.ports:
-                self.maps.put_port(set_dir, proto, port, plen, bits)
-                n += 1
-        return n
+            peers += [(PeerKey.make(set_dir, cidr), bits) for cidr, bits in c.peers]
+            ports += [
+                (PortKey.make(set_dir, proto, port, plen), bits)
+                for proto, port, plen, bits in c.ports
+            ]
+        return self.maps.write_batch(peers, ports)
 
     def _delete_set(self, p: _Programmed) -> int:
         if p.flags == -1:  # adopted: its keys are only known by scanning
             return 0
-        n = 0
+        peers: list[PeerKey] = []
+        ports: list[PortKey] = []
         for d, c in ((DIR_IN, p.ingress), (DIR_OUT, p.egress)):
             set_dir = p.set_id * 2 + d
-            for cidr, _ in c.peers:
-                self.maps.delete_peer(set_dir, cidr)
-                n += 1
-            for proto, port, plen, _ in c.ports:
-                self.maps.delete_port(set_dir, proto, port, plen)
-                n += 1
-        return n
+            peers += [PeerKey.make(set_dir, cidr) for cidr, _ in c.peers]
+            ports += [PortKey.make(set_dir, proto, port, plen) for proto, port, plen, _ in c.ports]
+        return self.maps.delete_batch(peers, ports)
 
     def _sweep_adopted(self) -> int:
         """Entries of sets no endpoint uses any more (adopted from before a restart)."""
         live = {p.set_id for p in self.programmed.values()}
-        n = 0
-        for pk in self.maps.peer_keys():
-            if pk.set // 2 not in live:
-                self.maps.peers.delete(pk)
-                n += 1
-        for qk in self.maps.port_keys():
-            if qk.set // 2 not in live:
-                self.maps.ports.delete(qk)
-                n += 1
-        return n
+        peers = [k for k in self.maps.peer_keys() if k.set // 2 not in live]
+        ports = [k for k in self.maps.port_keys() if k.set // 2 not in live]
+        return self.maps.delete_batch(peers, ports)

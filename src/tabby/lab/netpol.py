@@ -342,7 +342,9 @@ class Harness:
             return None
         return pod["cluster_ip"] if via == "service" else pod["ip"]
 
-    def probe(self, probes: list[Obj], vias: list[str]) -> dict[tuple[int, str, str], Obj]:
+    def probe(
+        self, probes: list[Obj], vias: list[str], timeout_s: float = PROBE_TIMEOUT_S
+    ) -> dict[tuple[int, str, str], Obj]:
         """Observed matrices per (port, protocol, via): {row: "..X."}."""
         jobs: dict[str, list[tuple[Any, str, int, str]]] = {}
         shapes: dict[tuple[int, str, str], tuple[list[str], list[str]]] = {}
@@ -358,12 +360,13 @@ class Harness:
                             continue
                         key = (p["port"], p["protocol"], via, row, col)
                         jobs.setdefault(row, []).append((key, ip, p["port"], p["protocol"]))
-        return self._run_probes(jobs, shapes)
+        return self._run_probes(jobs, shapes, timeout_s)
 
     def _run_probes(
         self,
         jobs: dict[str, list[tuple[Any, str, int, str]]],
         shapes: dict[tuple[int, str, str], tuple[list[str], list[str]]],
+        timeout_s: float,
     ) -> dict[tuple[int, str, str], Obj]:
         results: dict[Any, bool] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
@@ -371,7 +374,7 @@ class Harness:
                 pool.submit(
                     traffic.in_netns,
                     self.pods[row]["netns"],
-                    lambda t=targets: _probe_sockets(t, PROBE_TIMEOUT_S),
+                    lambda t=targets: _probe_sockets(t, timeout_s),
                 )
                 for row, targets in jobs.items()
             ]
@@ -416,7 +419,8 @@ class Harness:
                 if any(_wrong(p, observed[(p["port"], p["protocol"], via)]) for via in vias)
             ]
             if retry:
-                again = self.probe(retry, vias)
+                # a loaded machine can miss one second: the second look waits twice as long
+                again = self.probe(retry, vias, 2 * PROBE_TIMEOUT_S)
                 for k, matrix in again.items():
                     prev = observed[k]
                     observed[k] = {
@@ -461,13 +465,14 @@ def _wrong(probe: Obj, observed: dict[str, str]) -> bool:
     return False
 
 
-def render(result: CaseResult, name: str = "") -> str:
-    """A case's matrices: per probe, each row as expected | observed, wrong cells marked."""
+def render(result: CaseResult, name: str = "", full: bool = False) -> str:
+    """A case's matrices: per probe, each row as expected | observed, wrong cells marked (only
+    for probes with a wrong cell, unless ``full``)."""
     lines = [f"== {result.id} {name}: {result.status.upper()} {result.why}".rstrip()]
     for o in result.probes:
         mark = "ok" if not o.wrong else f"{o.wrong} WRONG"
         lines.append(f"  [{o.step}] {o.protocol}/{o.port} via {o.via}: {mark}")
-        if o.wrong:
+        if o.wrong or full:
             width = max(len(r) for r in o.expected)
             lines.append(f"    {'':{width}}  expected   observed")
             for row, exp in o.expected.items():
@@ -481,6 +486,40 @@ def render(result: CaseResult, name: str = "") -> str:
     return "\n".join(lines)
 
 
+def run_cases(
+    h: Harness, cases: list[Obj], progress: Progress = print, full: bool = False
+) -> list[CaseResult]:
+    """The empty model first (every probe must connect), then every case in series."""
+    empty = {
+        "id": "empty-model",
+        "steps": [
+            {
+                "description": "no policy: everything connects",
+                "probes": [
+                    {"port": port, "protocol": proto, "expected": _all_dots()}
+                    for port in PORTS
+                    for proto in PROTOCOLS
+                ],
+            }
+        ],
+    }
+    base = h.run_case(empty)
+    progress(render(base))
+    if base.status != "passed":
+        return [base]
+    results: list[CaseResult] = []
+    for case in cases:
+        start = time.monotonic()
+        try:
+            res = h.run_case(case)
+        except CaseError as e:
+            res = CaseResult(case["id"], "failed", why=str(e))
+        took = f"  ({time.monotonic() - start:.1f}s)"
+        progress(render(res, case.get("name", ""), full) + took)
+        results.append(res)
+    return results
+
+
 def run_file(
     lab: Lab,
     path: str,
@@ -488,48 +527,19 @@ def run_file(
     only: list[str] | None = None,
     progress: Progress = print,
     keep_model: bool = False,
+    full: bool = False,
 ) -> list[CaseResult]:
-    """Every case of ``path`` (or those in ``only``), in series, after checking the empty model."""
+    """Every case of ``path`` (or those in ``only``) on a lab that is up."""
     cases = load_cases(path)
     if only:
         cases = [c for c in cases if c["id"] in only]
     h = Harness(lab, via, progress)
     h.setup()
-    results: list[CaseResult] = []
     try:
-        empty = {
-            "id": "empty-model",
-            "steps": [
-                {
-                    "description": "no policy: everything connects",
-                    "probes": [
-                        {
-                            "port": port,
-                            "protocol": proto,
-                            "expected": _all_dots(),
-                        }
-                        for port in PORTS
-                        for proto in PROTOCOLS
-                    ],
-                }
-            ],
-        }
-        base = h.run_case(empty)
-        progress(render(base))
-        if base.status != "passed":
-            return [base]
-        for case in cases:
-            start = time.monotonic()
-            try:
-                res = h.run_case(case)
-            except CaseError as e:
-                res = CaseResult(case["id"], "failed", why=str(e))
-            progress(render(res, case.get("name", "")) + f"  ({time.monotonic() - start:.1f}s)")
-            results.append(res)
+        return run_cases(h, cases, progress, full)
     finally:
         if not keep_model:
             h.teardown()
-    return results
 
 
 def _all_dots() -> Obj:

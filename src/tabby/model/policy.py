@@ -59,7 +59,9 @@ _ports = list_of(
 
 
 def _default_policy_types(spec: dict[str, Any]) -> list[str]:
-    return ["Ingress", "Egress"] if "egress" in spec else ["Ingress"]
+    """The API server's defaulting: Ingress, plus Egress when there is at least one egress rule
+    (an empty ``egress: []`` adds nothing)."""
+    return ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
 
 
 _spec = Struct(

@@ -87,12 +87,15 @@ def case(
     cid: str, title: str, tags: list[str], steps: list[Obj], requires: list[str] | None = None
 ) -> None:
     policies = [a["policy"] for s in steps for a in s["actions"] if a["op"] == "create_policy"]
+    needs = list(requires or [])
+    if "${" in json.dumps(steps):  # ipBlocks built from pod addresses
+        needs.append("pod-ip-templates")
     CASES.append(
         {
             "id": cid,
             "name": title,
             "tags": tags,
-            "requires": requires or [],
+            "requires": needs,
             "namespace_labels": {n: {"ns": n, "kubernetes.io/metadata.name": n} for n in NS},
             "pod_labels": {p: {"pod": name(p)} for p in PODS},
             "policies": policies,

@@ -137,6 +137,7 @@ class CtEntry:
     age_s: float
     idle_s: float
     path: str  # the ext tunnel: where a forwarded flow went (ingress) or came from (backend)
+    policy: str = ""  # PolVerdict names, "OUT|IN": which ends' NetworkPolicy admitted the flow
 
     @classmethod
     def decode(cls, key: CtKey, val: CtValue, now_ns: int) -> CtEntry:
@@ -152,6 +153,7 @@ class CtEntry:
             age_s=max(0.0, (now_ns - val.created_ns) / 1e9),
             idle_s=max(0.0, (now_ns - val.seen_ns) / 1e9),
             path=_path(val),
+            policy=str(PolVerdict(val.pol & 3).name or "") if val.pol & 3 else "",
         )
 
 

@@ -47,8 +47,12 @@ class PeerKey(ctypes.Structure):
 
     @classmethod
     def make(cls, set_dir: int, cidr: str) -> PeerKey:
-        net = ipaddress.IPv4Network(cidr)
-        return cls(prefixlen=32 + net.prefixlen, set=set_dir, addr=int(net.network_address))
+        """``cidr`` as calc emits it ("a.b.c.d/n", host bits clear), parsed without ipaddress
+        (thousands per apply)."""
+        addr, _, plen = cidr.partition("/")
+        a, b, c, d = (int(x) for x in addr.split("."))
+        value = (a << 24) | (b << 16) | (c << 8) | d
+        return cls(prefixlen=32 + int(plen or 32), set=set_dir, addr=value)
 
     @property
     def cidr(self) -> str:
@@ -122,6 +126,29 @@ class PolicyMaps:
     def put_port(self, set_dir: int, proto: int, port: int, plen: int, bits: int) -> None:
         self.ports.update(PortKey.make(set_dir, proto, port, plen), ctypes.c_uint64(bits))
 
+    def write_batch(
+        self, peers: list[tuple[PeerKey, int]], ports: list[tuple[PortKey, int]]
+    ) -> int:
+        """Every entry in two batch updates (LPM tries take BPF_MAP_UPDATE_BATCH: ~20x
+        fewer syscalls than one update each); returns the entries written."""
+        n = 0
+        for bpf_map, items in ((self.peers, peers), (self.ports, ports)):
+            if items:
+                n += bpf_map.update_batch(
+                    [k for k, _ in items], [ctypes.c_uint64(v) for _, v in items]
+                )
+        return n
+
+    def delete_batch(self, peers: list[PeerKey], ports: list[PortKey]) -> int:
+        """Delete the keys (batched; one at a time from the first absent key on)."""
+        n = 0
+        for bpf_map, keys in ((self.peers, peers), (self.ports, ports)):
+            try:
+                n += bpf_map.delete_batch(keys)
+            except OSError:  # an absent key stops the batch: finish one by one
+                n += sum(bpf_map.delete(k) for k in keys)
+        return n
+
     def delete_peer(self, set_dir: int, cidr: str) -> None:
         self.peers.delete(PeerKey.make(set_dir, cidr))
 
@@ -129,7 +156,7 @@ class PolicyMaps:
         self.ports.delete(PortKey.make(set_dir, proto, port, plen))
 
     def peer_keys(self) -> list[PeerKey]:
-        return [k for k, _ in self.peers.items()]
+        return list(self.peers.keys())
 
     def port_keys(self) -> list[PortKey]:
-        return [k for k, _ in self.ports.items()]
+        return list(self.ports.keys())
