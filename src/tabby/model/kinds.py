@@ -34,6 +34,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Node", ("v1",), False, ("node", "nodes", "no")),
     Kind("Pod", ("v1",), True, ("pod", "pods", "po")),
     Kind("Service", ("v1",), True, ("service", "services", "svc")),
+    Kind("Deployment", ("apps/v1",), True, ("deployment", "deployments", "deploy")),
     Kind("EndpointSlice", ("discovery.k8s.io/v1",), True, ("endpointslice", "endpointslices")),
     Kind(
         "NetworkPolicy",
