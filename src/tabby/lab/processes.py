@@ -61,9 +61,20 @@ def spawn(
     return {"pid": proc.pid, "start": start_time(proc.pid), "role": role, "argv": list(argv)}
 
 
+def zombie(pid: int) -> bool:
+    """Exited, not yet reaped by its parent (which may be another lab process, e.g. the kubelet
+    for its pods' containers): dead for every purpose here."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def alive(rec: dict[str, Any]) -> bool:
-    st = start_time(int(rec["pid"]))
-    return st is not None and st == rec.get("start")
+    pid = int(rec["pid"])
+    st = start_time(pid)
+    return st is not None and st == rec.get("start") and not zombie(pid)
 
 
 def stop(rec: dict[str, Any], sig: int = signal.SIGTERM, timeout_s: float = 5.0) -> None:
