@@ -291,6 +291,12 @@ class Reconciler:
                 log.warning("deployment controller: %s (retrying in %.1f s)", e, wait_s)
                 stop.wait(wait_s)
                 wait_s = min(wait_s * 2, BACKOFF_S[1])
+            except Exception:  # noqa: BLE001 - a bug must not end the lab's only kubelet
+                log.exception(
+                    "deployment controller: unexpected error (retrying in %.1f s)", wait_s
+                )
+                stop.wait(wait_s)
+                wait_s = min(wait_s * 2, BACKOFF_S[1])
 
 
 def _relevant(ev: Event) -> bool:
