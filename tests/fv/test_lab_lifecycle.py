@@ -32,7 +32,7 @@ def test_down_after_a_crash_that_lost_the_lab_state(root_caps):
         lab.add_pod("p", "node2")
         saved = state.read(name)
         procs = saved["procs"] + saved["pods"]["default/p"]["procs"]
-        assert len(procs) == 4 and all(processes.alive(p) for p in procs)
+        assert len(procs) == 5 and all(processes.alive(p) for p in procs)  # controller, kubelet
         assert leftovers(name)
         shutil.rmtree(state.lab_dir(name))  # the crash: nothing recorded survives
         Lab.down(name, progress=lambda _m: None)

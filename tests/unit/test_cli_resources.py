@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import typer
@@ -72,6 +73,34 @@ def test_apply_get_and_unchanged(tabbyctl, tmp_path):
     assert one["kind"] == "Service" and one["spec"]["ports"][0]["nodePort"] == 30080
     listed = json.loads(tabbyctl("get", "ippools", "-o", "json").stdout)
     assert listed["kind"] == "List" and listed["items"][0]["metadata"]["name"] == "pods"
+
+
+def test_seed_deployment_apply_get_and_patch(tabbyctl):
+    seed = pathlib.Path(__file__).parents[2] / "examples" / "seed-001-nginx.yaml"
+    out = tabbyctl("apply", "-f", str(seed))
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines() == ["deployment/nginx created", "service/nginx created"]
+    table = tabbyctl("get", "deployments", "-o", "wide").stdout.splitlines()
+    assert table[0].split() == [
+        "NAMESPACE",
+        "NAME",
+        "READY",
+        "UP-TO-DATE",
+        "AVAILABLE",
+        "CONTAINERS",
+        "IMAGES",
+        "SELECTOR",
+    ]
+    assert table[1].split() == ["default", "nginx", "0/1", "0", "0", "nginx", "nginx", "app=nginx"]
+    out = tabbyctl("patch", "deploy", "nginx", "--patch", '{"spec":{"replicas":3}}')
+    assert out.exit_code == 0, out.output
+    assert tabbyctl("get", "deploy").stdout.splitlines()[1].split()[:3] == [
+        "default",
+        "nginx",
+        "0/3",
+    ]
+    out = tabbyctl("patch", "deploy", "nginx", "--patch", '{"spec":{"replicas":-1}}')
+    assert out.exit_code == 1 and "spec.replicas: must be an integer >= 0" in out.output
 
 
 def test_apply_from_stdin_and_list_kind(tabbyctl):

@@ -208,6 +208,28 @@ def pod_del(pod: str = typer.Argument(..., help="[NAMESPACE/]POD"), name: str = 
 
 
 @app.command()
+def kubelet(name: str = NameOpt, log_level: str = typer.Option("info")) -> None:
+    """The lab's kubelet + deployment controller (started by `lab up`): each Deployment's
+    replicas become lab pods; runs until SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from tabby.lab.deployments import Reconciler
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    lab = _lab(name)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Reconciler(lab.plan, lab.datastore()).run(stop)
+
+
+@app.command()
 def demo(name: str = NameOpt) -> None:
     """Bring the lab up (if needed), start pods on every node and show them talking."""
     from tabby.lab import demo as demo_mod

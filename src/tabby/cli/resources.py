@@ -84,6 +84,15 @@ def _selector(selector: Obj | None) -> str:
     return ",".join(f"{k}={v}" for k, v in (selector or {}).items()) or "<none>"
 
 
+def _status(obj: Obj, key: str) -> int:
+    return int(obj.get("status", {}).get(key, 0))
+
+
+def _template_containers(deployment: Obj, key: str) -> str:
+    containers = _spec(deployment, "template", {}).get("spec", {}).get("containers", [])
+    return ",".join(str(c.get(key, "")) for c in containers)
+
+
 def _node_address(node: Obj, kind: str) -> str:
     addrs = node.get("status", {}).get("addresses", [])
     return next((a["address"] for a in addrs if a["type"] == kind), "<none>")
@@ -108,6 +117,14 @@ COLUMNS: dict[str, list[Column]] = {
         ("EXTERNAL-IP", _external_ips, False),
         ("PORTS", _service_ports, False),
         ("SELECTOR", lambda o: _selector(_spec(o, "selector", None)), True),
+    ],
+    "Deployment": [
+        ("READY", lambda o: f"{_status(o, 'readyReplicas')}/{_spec(o, 'replicas', 1)}", False),
+        ("UP-TO-DATE", lambda o: str(_status(o, "updatedReplicas")), False),
+        ("AVAILABLE", lambda o: str(_status(o, "availableReplicas")), False),
+        ("CONTAINERS", lambda o: _template_containers(o, "name"), True),
+        ("IMAGES", lambda o: _template_containers(o, "image"), True),
+        ("SELECTOR", lambda o: _selector(_spec(o, "selector", {}).get("matchLabels")), True),
     ],
     "EndpointSlice": [
         ("ADDRESSTYPE", lambda o: o["addressType"], False),

@@ -8,7 +8,9 @@ Kinds and where they live (one REST resource each, cluster-wide list + watch):
   speaks ``projectcalico.org/v3`` (the manifests users write): the apiVersion is rewritten on the
   way out and back on the way in, the rest of the object is identical;
 - IPAMBlock, IPAMHandle: tabby's own CRDs in ``tabby.dev/v1`` (their shape is not Calico's).
-  The CRD manifests are ``deploy/crds/*.yaml``.
+  The CRD manifests are ``deploy/crds/*.yaml``;
+- Deployments (``apps/v1``) can be applied, read and deleted, but are not watched (``Kind.watched``
+  is False): kube-controller-manager owns them on a real cluster, only the lab's kubelet reads them.
 
 What is relied on (documented in docs/design/datastore.md, section Kubernetes):
 
@@ -605,7 +607,9 @@ class KubernetesDatastore:
         with self._seeds_lock:
             seeds = {k.name: self._seeds.pop(k.name, None) for k in KINDS}
         informers = [
-            _Informer(self, kind, since_revision, seeds[kind.name], out.put) for kind in KINDS
+            _Informer(self, kind, since_revision, seeds[kind.name], out.put)
+            for kind in KINDS
+            if kind.watched
         ]
         tasks = [asyncio.run_coroutine_threadsafe(i.run(), self._loop) for i in informers]
         try:

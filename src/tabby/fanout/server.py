@@ -42,8 +42,10 @@ from tabby.model import KINDS as MODEL_KINDS
 
 log = logging.getLogger("tabby.typha")
 
-# What agents read (tabby.agent.KINDS): every kind but the per-pod IPAM handles.
-DEFAULT_KINDS: tuple[str, ...] = tuple(k.name for k in MODEL_KINDS if k.name != "IPAMHandle")
+# What agents read (tabby.agent.KINDS): every watched kind but the per-pod IPAM handles.
+DEFAULT_KINDS: tuple[str, ...] = tuple(
+    k.name for k in MODEL_KINDS if k.watched and k.name != "IPAMHandle"
+)
 DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_MAX_QUEUE_FRAMES = 1000
 FRAME_EVENTS = 500  # events per frame at most

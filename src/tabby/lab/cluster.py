@@ -138,6 +138,10 @@ def tabby_bin() -> str:
     return os.path.join(os.path.dirname(sys.executable), "tabby")
 
 
+def tabbyctl_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "tabbyctl")
+
+
 class Lab:
     def __init__(self, name: str = "demo") -> None:
         saved = state.read(name)
@@ -270,6 +274,7 @@ class Lab:
         )
         for node in self.plan.nodes:
             self.start_agent(node)
+        self.start_kubelet()
         self.wait_ready(progress=progress)
 
     def _start(
@@ -331,6 +336,11 @@ class Lab:
             argv += ["--bird-dir", bgp.node_bird_dir(state.lab_dir(self.name), node.name)]
         self._start(f"agent {node.name}", argv, cgroups.group(self.name, node.name))
 
+    def start_kubelet(self) -> None:
+        """The lab's kubelet + deployment controller (lab/deployments.py): Deployments -> pods."""
+        argv = [tabbyctl_bin(), "lab", "kubelet", "--name", self.name]
+        self._start("kubelet", argv, cgroups.group(self.name, "control"))
+
     def agent_proc(self, node: str) -> dict[str, Any]:
         for rec in state.read(self.name).get("procs", []):
             if rec["role"] == f"agent {node}":
@@ -339,6 +349,12 @@ class Lab:
 
     @staticmethod
     def down(name: str = "demo", progress: Progress = print) -> None:
+        saved = state.read(name)
+        # The kubelet first: it creates pods (and is the parent of their processes, which it
+        # would otherwise leave as zombies that look alive).
+        for proc in saved.get("procs", []):
+            if proc["role"] == "kubelet":
+                processes.stop(proc)
         saved = state.read(name)
         for pod in saved.get("pods", {}).values():
             for proc in pod.get("procs", []):

@@ -96,15 +96,34 @@ def run_cni(
     return json.loads(out.stdout) if out.stdout.strip() else {}
 
 
+def lab_image(image: str) -> str | None:
+    """The lab image an image reference runs as, or None: ``nginx``, ``nginx:1.25``,
+    ``docker.io/library/nginx@sha256:...`` all run Debian's nginx (the tag is not honoured)."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    base = last.split(":", 1)[0]
+    registry = name.rsplit("/", 1)[0] if "/" in name else ""
+    official = registry in ("", "library", "docker.io/library", "index.docker.io/library")
+    return base if official and base in IMAGES else None
+
+
 def pod_object(
-    name: str, namespace: str, node: str, image: str, labels: dict[str, str]
+    name: str,
+    namespace: str,
+    node: str,
+    image: str,
+    labels: dict[str, str],
+    owner: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if image not in IMAGES:
         raise PodError(f"image {image!r} is not runnable in the lab (known: {', '.join(IMAGES)})")
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if owner is not None:  # as a ReplicaSet's pods point at it (the lab has no ReplicaSets)
+        meta["ownerReferences"] = [owner]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "metadata": meta,
         "spec": {
             "nodeName": node,
             "containers": [{"name": image, "image": image, "ports": IMAGES[image]}],
@@ -158,10 +177,12 @@ def add(
     namespace: str = "default",
     image: str = "netexec",
     labels: dict[str, str] | None = None,
+    owner: dict[str, Any] | None = None,
 ) -> str:
-    """Create and start a pod; returns its IP. On failure, nothing of it is left behind."""
+    """Create and start a pod; returns its IP. On failure, nothing of it is left behind.
+    ``owner``: an ownerReference for metadata (the lab's deployment controller sets it)."""
     plan.node(node)
-    pod = pod_object(name, namespace, node, image, labels or {"app": name})
+    pod = pod_object(name, namespace, node, image, labels or {"app": name}, owner)
     key = f"{namespace}/{name}"
     if key in state.read(plan.name).get("pods", {}) or ds.get("Pod", name, namespace):
         raise PodError(f"pod {key} already exists")

@@ -61,9 +61,24 @@ def spawn(
     return {"pid": proc.pid, "start": start_time(proc.pid), "role": role, "argv": list(argv)}
 
 
+def zombie(pid: int) -> bool:
+    """Exited, not yet reaped by its parent (which may be another lab process, e.g. the kubelet
+    for its pods' containers): dead for every purpose here. A thread-group leader shows "Z" as
+    soon as it exits while its other threads (which may still hold its sockets) wind down: only
+    a leader alone in its group is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] != "Z":
+                return False
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def alive(rec: dict[str, Any]) -> bool:
-    st = start_time(int(rec["pid"]))
-    return st is not None and st == rec.get("start")
+    pid = int(rec["pid"])
+    st = start_time(pid)
+    return st is not None and st == rec.get("start") and not zombie(pid)
 
 
 def stop(rec: dict[str, Any], sig: int = signal.SIGTERM, timeout_s: float = 5.0) -> None:
@@ -83,6 +98,7 @@ def stop(rec: dict[str, Any], sig: int = signal.SIGTERM, timeout_s: float = 5.0)
         os.kill(pid, signal.SIGKILL)
         while alive(rec) and _reap(pid) is None:
             time.sleep(0.02)
+    _reap(pid)  # our child that exited between two checks: no zombie left behind
 
 
 def _reap(pid: int) -> int | None:

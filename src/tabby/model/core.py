@@ -1,4 +1,5 @@
-"""Kubernetes core kinds: Namespace, Pod, Node, Service, and discovery.k8s.io/v1 EndpointSlice."""
+"""Kubernetes core kinds: Namespace, Pod, Node, Service, discovery.k8s.io/v1 EndpointSlice and
+apps/v1 Deployment."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import ipaddress
 from typing import Any
 
 from tabby.model.errors import FieldError
-from tabby.model.meta import free, metadata
+from tabby.model.meta import free, label_selector, metadata
 from tabby.model.schema import (
+    MISSING,
     Check,
     Struct,
     at,
@@ -24,6 +26,7 @@ from tabby.model.schema import (
     protocol,
     string,
 )
+from tabby.model.selectors import match_labels
 
 
 def resource(**fields: Check) -> Struct:
@@ -126,6 +129,101 @@ _pod_status = Struct(
 )
 
 pod = resource(spec=_pod_spec, status=_pod_status)
+
+# --- Deployment (apps/v1) ----------------------------------------------------------------------
+
+_pod_template = Struct(
+    {
+        "metadata": Struct(
+            {"labels": map_of(string), "annotations": map_of(string), "name": string}
+        ),
+        "spec": _pod_spec,
+    },
+    required=("metadata", "spec"),
+)
+
+
+def _int_or_percent(value: Any, path: str) -> int | str:
+    """maxSurge / maxUnavailable: an integer >= 0 or a percentage such as "25%"."""
+    if isinstance(value, str) and value.endswith("%") and value[:-1].isdigit():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise FieldError(path, 'must be an integer >= 0 or a percentage such as "25%"')
+
+
+def _strategy_rules(strategy: dict[str, Any], path: str) -> dict[str, Any]:
+    if strategy["type"] == "Recreate" and "rollingUpdate" in strategy:
+        raise FieldError(at(path, "rollingUpdate"), "may not be set when type is Recreate")
+    return strategy
+
+
+_strategy = Struct(
+    {
+        "type": enum("RollingUpdate", "Recreate"),
+        "rollingUpdate": Struct({"maxSurge": _int_or_percent, "maxUnavailable": _int_or_percent}),
+    },
+    defaults={
+        "type": "RollingUpdate",
+        "rollingUpdate": lambda s: (
+            {"maxSurge": "25%", "maxUnavailable": "25%"} if s.get("type") != "Recreate" else MISSING
+        ),
+    },
+    post=_strategy_rules,
+)
+
+
+def _deployment_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """As the API server: a non-empty selector that selects the template's own labels."""
+    selector = spec["selector"]
+    if not selector.get("matchLabels") and not selector.get("matchExpressions"):
+        raise FieldError(at(path, "selector"), "empty selector is invalid for deployment")
+    labels = spec["template"]["metadata"].get("labels", {})
+    if not match_labels(selector, labels):
+        raise FieldError(
+            at(path, "selector"),
+            f"`selector` does not match template `labels` ({labels or 'none'})",
+        )
+    return spec
+
+
+_deployment_spec = Struct(
+    {
+        "replicas": integer(0),
+        "selector": label_selector,
+        "template": _pod_template,
+        "strategy": _strategy,
+        "minReadySeconds": integer(0),
+        "revisionHistoryLimit": integer(0),
+        "progressDeadlineSeconds": integer(1),
+        "paused": boolean,
+    },
+    required=("selector", "template"),
+    defaults={"replicas": 1, "strategy": {}},
+    post=_deployment_rules,
+)
+
+deployment = resource(
+    spec=_deployment_spec,
+    status=Struct(
+        {
+            "replicas": integer(0),
+            "readyReplicas": integer(0),
+            "availableReplicas": integer(0),
+            "updatedReplicas": integer(0),
+            "unavailableReplicas": integer(0),
+            "observedGeneration": integer(0),
+            "conditions": list_of(
+                Struct(
+                    {"type": string, "status": enum("True", "False", "Unknown")},
+                    required=("type", "status"),
+                    open=True,
+                )
+            ),
+        },
+        open=True,
+    ),
+).extend({}, required=("metadata", "spec"))
 
 # --- Node --------------------------------------------------------------------------------------
 

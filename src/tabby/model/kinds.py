@@ -17,6 +17,10 @@ class Kind:
     api_versions: tuple[str, ...]
     namespaced: bool
     aliases: tuple[str, ...]  # lower case: singular, plural, short names
+    # Watched by tabby's own components (agent, typha, the Kubernetes datastore's informers).
+    # False: a kind only the lab's controllers read (Deployment: on a real cluster
+    # kube-controller-manager owns it; tabby needs no watch or RBAC for it).
+    watched: bool = True
 
     @property
     def api_version(self) -> str:
@@ -34,6 +38,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Node", ("v1",), False, ("node", "nodes", "no")),
     Kind("Pod", ("v1",), True, ("pod", "pods", "po")),
     Kind("Service", ("v1",), True, ("service", "services", "svc")),
+    Kind("Deployment", ("apps/v1",), True, ("deployment", "deployments", "deploy"), watched=False),
     Kind("EndpointSlice", ("discovery.k8s.io/v1",), True, ("endpointslice", "endpointslices")),
     Kind(
         "NetworkPolicy",

@@ -20,6 +20,7 @@ SCHEMAS: dict[str, Struct] = {
     "Pod": core.pod,
     "Node": core.node,
     "Service": core.service,
+    "Deployment": core.deployment,
     "EndpointSlice": core.endpoint_slice,
     "NetworkPolicy": policy.network_policy,
     "FelixConfiguration": calico.felix_configuration,
