@@ -91,8 +91,7 @@ def run(name: str, console: Console) -> int:
         lines = f.read().splitlines()
     console.print("  " + (lines[-1] if lines else "(empty)"))
     ok_all &= _services(lab, console)
-    if demo_source_ip.deployments_supported():
-        ok_all &= _source_ip(lab, console)
+    ok_all &= _source_ip(lab, console)
     web2 = lab.pod("web-2")["ip"]
     console.print(
         "\nThe lab is running. Explore it:\n"

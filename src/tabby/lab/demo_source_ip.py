@@ -19,8 +19,6 @@ from tabby.lab import kubeproxy_node, state, traffic
 from tabby.lab.cluster import Lab
 from tabby.lab.kubeproxy_rules import KubeServicePort
 from tabby.lab.topology import EXTERNAL_CLIENT_IP
-from tabby.model import kinds
-from tabby.model.errors import UnknownKind
 
 SEED_YAML = Path(__file__).resolve().parents[3] / "examples" / "seed-001-nginx.yaml"
 NODEPORT = 30604
@@ -38,15 +36,6 @@ class Row:
     @property
     def real_ip(self) -> bool:
         return self.logged == EXTERNAL_CLIENT_IP
-
-
-def deployments_supported() -> bool:
-    """Whether the model knows apps/v1 Deployments (the lab's deployment reconciler)."""
-    try:
-        kinds.lookup("Deployment")
-    except UnknownKind:
-        return False
-    return True
 
 
 def seed_objects() -> list[dict[str, Any]]:
