@@ -62,8 +62,8 @@ def test_protocol_and_nodeport_rules():
 
 
 def test_unknown_kind_is_clear():
-    with pytest.raises(UnknownKind, match='unknown kind "Deployment"'):
-        validate({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}})
+    with pytest.raises(UnknownKind, match='unknown kind "StatefulSet"'):
+        validate({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "x"}})
 
 
 def test_wrong_api_version():
