@@ -195,5 +195,6 @@ def test_kind_aliases_case_insensitive():
     assert lookup("netpol").name == "NetworkPolicy"
     assert lookup("felixconfigurations").name == "FelixConfiguration"
     assert lookup("no").name == "Node"
+    assert lookup("deploy").name == "Deployment"
     with pytest.raises(UnknownKind, match="known kinds"):
-        lookup("deployments")
+        lookup("statefulsets")
