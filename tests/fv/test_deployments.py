@@ -114,6 +114,11 @@ def test_seed_deployment_scaling_refusal_and_deletion(lab: Lab) -> None:
     assert obj["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
     wait_for_endpoints(lab, "nginx", 1)
     assert through_every_node(lab) == {name}
+    status = subprocess.run(
+        [TABBYCTL, "lab", "status", "--name", lab.name], capture_output=True, text=True, timeout=60
+    )
+    assert f"default/{name}" in status.stdout, status.stdout
+    assert re.search(r"kubelet \(Deployments -> pods\): pid \d+ running", status.stdout)
     table = tabbyctl(lab, "get", "deployments")
     assert re.search(r"^default\s+nginx\s+1/1\s+1\s+1\b", table, re.M), table
 

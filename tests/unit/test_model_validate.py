@@ -62,8 +62,8 @@ def test_protocol_and_nodeport_rules():
 
 
 def test_unknown_kind_is_clear():
-    with pytest.raises(UnknownKind, match='unknown kind "Deployment"'):
-        validate({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}})
+    with pytest.raises(UnknownKind, match='unknown kind "StatefulSet"'):
+        validate({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "x"}})
 
 
 def test_wrong_api_version():
@@ -195,5 +195,6 @@ def test_kind_aliases_case_insensitive():
     assert lookup("netpol").name == "NetworkPolicy"
     assert lookup("felixconfigurations").name == "FelixConfiguration"
     assert lookup("no").name == "Node"
+    assert lookup("deploy").name == "Deployment"
     with pytest.raises(UnknownKind, match="known kinds"):
-        lookup("deployments")
+        lookup("statefulsets")

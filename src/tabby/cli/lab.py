@@ -139,6 +139,10 @@ def status(name: str = NameOpt) -> None:
             "yes" if running else "[red]no[/]",
         )
     console.print(pods)
+    kubelet = next((p for p in saved.get("procs", []) if p["role"] == "kubelet"), None)
+    if kubelet is not None:
+        up = "running" if processes.alive(kubelet) else "[red]not running[/]"
+        console.print(f"kubelet (Deployments -> pods): pid {kubelet['pid']} {up}")
     console.print(f"datastore: {lab.url}  (export TABBY_DATASTORE to point tabbyctl elsewhere)")
     if lab.backend == "bird":
         console.print(
