@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tabby.bpf.maps.counters import Reason
+
 pytestmark = pytest.mark.root
 
 CHILD = textwrap.dedent(
@@ -125,4 +127,4 @@ def test_debug_level_reports_the_policy_set_that_denied(bpf_dir: Path) -> None:
     assert "verdict 2" in out  # TC_ACT_SHOT
     # dir 0 = ingress; the peer is REMOTE_POD_IP 100.96.0.70 = 0x64600046
     assert f"tabby: policy drop dir=0 set={set_id} peer=64600046" in out
-    assert "tabby: drop reason=31" in out  # TBY_R_DROP_POL_IN
+    assert f"tabby: drop reason={int(Reason.DROP_POL_IN)}" in out

@@ -99,10 +99,6 @@ static __always_inline void ct_touch(struct tby_ct_val *v, const struct flow *f,
 		return;
 	if (f->tcp_flags & TBY_TCPF_SYN)
 		seen |= (f->tcp_flags & TBY_TCPF_ACK) ? TBY_CT_SYNACK : TBY_CT_SYN;
-	else if (!reply && (f->tcp_flags & TBY_TCPF_ACK))
-		/* the client acknowledges a SYN-ACK: established, also where the
-		 * replies take another path (DSR's ingress node never sees them) */
-		seen |= TBY_CT_SYNACK;
 	if (f->tcp_flags & TBY_TCPF_FIN)
 		seen |= reply ? TBY_CT_FIN_REV : TBY_CT_FIN_FWD;
 	if (f->tcp_flags & TBY_TCPF_RST)

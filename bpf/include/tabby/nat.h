@@ -652,6 +652,11 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 			if (v->type != TBY_CT_NAT_FWD)
 				return NAT_PASS;
 			if ((v->flags & TBY_CTF_TUNNEL) && tun) {
+				/* DSR: this node never sees the SYN-ACK; the
+				 * client's ACK says the flow is established */
+				if ((v->flags & TBY_CTF_DSR) && !(v->tcp & TBY_CT_SYNACK) &&
+				    (f.tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_ACK)) == TBY_TCPF_ACK)
+					v->tcp |= TBY_CT_SYNACK;
 				counter_inc(TBY_R_NAT_FWD);
 				return nat_tunnel_fwd(skb, pkt, &f, v, tun);
 			}
