@@ -50,7 +50,7 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 # Benchmarks (root, a few minutes; never part of `make test`). Each lab bench creates and removes
-# its own lab (`bench`, `benchconn`), also on failure or Ctrl-C. See bench/README.md.
+# its own lab (`bench`, `benchconn`, `benchpol`), also on failure or Ctrl-C. See bench/README.md.
 BENCH_CC := $(shell command -v gcc || command -v clang)
 build/bench/connload: bench/connload.c
 	@mkdir -p build/bench
@@ -59,7 +59,7 @@ build/bench/connload: bench/connload.c
 bench: setup build/bench/connload
 	$(PY) bench/services_scale.py
 	$(PY) bench/conn_rate.py
-	$(PY) bench/policy_scale.py
+	$(PY) bench/policy_scale.py --lab
 
 demo: setup
 	$(VENV)/bin/tabbyctl lab demo

@@ -246,6 +246,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the lab and the pins are removed (finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = cluster(args.pods, args.policies)
     gc.collect()
     gc.freeze()
