@@ -68,7 +68,7 @@ bench-quick: setup build/bench/connload
 bench-scripts: setup build/bench/connload
 	$(PY) bench/services_scale.py
 	$(PY) bench/conn_rate.py
-	$(PY) bench/policy_scale.py
+	$(PY) bench/policy_scale.py --lab
 
 demo: setup
 	$(VENV)/bin/tabbyctl lab demo

@@ -4,11 +4,12 @@ cost of an isolated pod against a non-isolated one.
 
 In process, on a real datapath loaded on a pin root of its own (/sys/fs/bpf/tabby/bench-*,
 removed afterwards even on failure). The cluster: 20 namespaces (label team=t<k % 4>) x 50 pods
-(labels app=a<i // 20 % 10>, tier=front|back, named ports http/8080 TCP and dns/53 UDP); 50 of the pods
-are on this node ("wired"), the other 950 are datastore-only endpoints elsewhere. 1,000 policies:
-per namespace 50, each selecting app=a<j // 20 % 10> (every wired pod is selected by 5), ingress from namespaceSelector team=t<j % 4> AND
-podSelector tier=front on named port http, plus one of every five with an egress rule to an ipBlock
-with an except on TCP 443-450 (endPort).
+(labels app=a<i // 20 % 10>, tier=front|back; named ports http/8080 TCP and dns/53 UDP); 50 of
+the pods are on this node ("wired"), the other 950 are datastore-only endpoints elsewhere.
+1,000 policies: per namespace 50, each selecting app=a<j // 20 % 10> (every wired pod is
+selected by 5), ingress from namespaceSelector team=t<j % 4> AND podSelector tier=front on the
+named port http, plus one of every five with an egress rule to an ipBlock with an except on
+TCP 443-450 (endPort).
 
 Reported: *calc* (calc.policy.compute for this node: the agent pays it on every batch of events),
 *map write* (PolicyManager.apply into the pinned maps), entries written; *one change* (one policy's
@@ -17,7 +18,14 @@ pins and rewrites); and *per packet*: BPF_PROG_TEST_RUN of tby_to_wl on an estab
 and on a new flow (SYN) to an isolated pod, as ratios to the same packets for a pod no policy
 selects (same run). Every figure is checked against the maps (entries read back).
 
-Usage (root): .venv/bin/python bench/policy_scale.py [--pods 1000] [--policies 1000]
+Part B (--lab), end to end: a one-node lab (`benchpol`, removed afterwards); the same 20
+Namespaces and 950 datastore-only Pods (on absent nodes) are stored, the 50 node1 pods are
+wired by tabby-cni (image pause: a netns and a veth, no process), then the 1,000 policies;
+node1's agent is restarted by its recorded PID and the time to /readyz at that revision is
+taken, with `tabby_policy_endpoints` checked; then one policy is updated 10 times and the time
+from the datastore write to the agent's /readyz reporting it (apply -> programmed) is taken.
+
+Usage (root): .venv/bin/python bench/policy_scale.py [--pods 1000] [--policies 1000] [--lab]
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -165,14 +175,79 @@ def per_packet(
     return out
 
 
+def part_b(res: dict[str, dict[tuple[str, str], Obj]], lab_name: str = "benchpol") -> Obj:
+    from tabby.lab import processes
+    from tabby.lab.cluster import Lab
+
+    Lab.down(lab_name, progress=lambda _m: None)  # a leftover of an interrupted run
+    lab = Lab.up(lab_name, nodes=1, progress=lambda _m: None)
+    try:
+        ds = lab.datastore()
+        base = [{"apiVersion": "v1", "kind": "Namespace", **o} for o in res["Namespace"].values()]
+        wired: list[Obj] = []
+        for o in res["Pod"].values():
+            if o["spec"]["nodeName"] == NODE:
+                wired.append(o)
+            else:  # datastore-only: another (absent) node's pod
+                base.append({"apiVersion": "v1", "kind": "Pod", **o})
+        store_s, _ = benchlib.store(ds, base, chunk=500)
+        t0 = time.monotonic()
+        for o in wired:  # veth, routes, programs: through tabby-cni, as kubelet would
+            meta = o["metadata"]
+            lab.add_pod(meta["name"], NODE, meta["namespace"], "pause", meta["labels"], wait=False)
+        lab.wait_ready(timeout_s=300)
+        wire_s = time.monotonic() - t0
+        pols = [
+            {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", **o}
+            for o in res["NetworkPolicy"].values()
+        ]
+        t0 = time.monotonic()
+        pol_store_s, revision = benchlib.store(ds, pols, chunk=500)
+        lab.wait_ready(revision, timeout_s=300)
+        live_s = time.monotonic() - t0
+        node = lab.plan.node(NODE)
+        rec = lab.agent_proc(NODE)
+        processes.stop(rec, signal.SIGTERM)
+        t0 = time.monotonic()
+        lab.start_agent(node)
+        lab.wait_ready(revision, timeout_s=300)
+        restart_s = time.monotonic() - t0
+        endpoints = benchlib.agent_metrics(node.netns).get("tabby_policy_endpoints", -1)
+        latencies = []
+        target = dict(pols[0])
+        for rep in range(10):
+            spec = json.loads(json.dumps(target["spec"]))
+            spec["ingress"][0]["from"][0]["podSelector"] = {
+                "matchLabels": {"tier": "front" if rep % 2 else "back"}
+            }
+            t0 = time.monotonic()
+            rev = ds.apply([{**target, "spec": spec}])
+            benchlib.wait_programmed(node.netns, rev, timeout_s=60)
+            latencies.append((time.monotonic() - t0) * 1000)
+    finally:
+        Lab.down(lab_name, progress=lambda _m: None)
+    return {
+        "store_pods_s (not target)": round(store_s, 2),
+        "wire_50_pods_s (not target)": round(wire_s, 2),
+        "policies_stored_to_programmed_s": round(live_s, 2),
+        "of_which_datastore_writes_s": round(pol_store_s, 2),
+        "agent_restart_to_ready_s": round(restart_s, 2),
+        "policy_endpoints_metric": endpoints,
+        "one_change_apply_to_programmed_ms": benchlib.spread(latencies),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pods", type=int, default=1000)
     ap.add_argument("--policies", type=int, default=1000)
+    ap.add_argument("--lab", action="store_true", help="also part B: through a lab's agent")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the lab and the pins are removed (finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = cluster(args.pods, args.policies)
     gc.collect()
     gc.freeze()
@@ -234,6 +309,8 @@ def main() -> int:
         "per_packet": {k: round(v, 2) for k, v in packet.items()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if args.lab:
+        row["lab"] = part_b(res)
     benchlib.write_json(RESULTS, f"{args.pods}pods_{args.policies}policies", row)
     for k, v in row.items():
         print(f"{k}: {v}")

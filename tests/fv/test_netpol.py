@@ -180,8 +180,14 @@ def test_established_flow_kept_new_connections_refused(model: netpol.Harness) ->
             ["bpf", "conntrack", "dump", "--lab", model.lab.name, "--node", node]
             + ["--type", "PLAIN", "--ip", ip, "-o", "json"],
         )
-        rows = [r for r in json.loads(run.output) if r["dst"] == ip and r["dport"] == 80]
-        assert rows and all(r["policy"] == ["IN"] for r in rows), run.output
+        sport = box["s"].getsockname()[1]
+        rows = [
+            r
+            for r in json.loads(run.output)
+            if (r["src"], r["sport"], r["dst"], r["dport"])
+            == (model.pods["y/a"]["ip"], sport, ip, 80)
+        ]
+        assert len(rows) == 1 and rows[0]["policy"] == ["IN"], run.output
         only_z = policy(
             "a-from",
             podSelector={"matchLabels": {"pod": "a"}},

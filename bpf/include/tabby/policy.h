@@ -107,8 +107,9 @@ static __always_inline int pol_from_own_host(__be32 saddr)
 /*
  * The policy of the local pod `local` (the source: dir OUT, the destination:
  * dir IN) for the flow f, cached on conntrack. `self` is this end's verdict
- * flag, `peer_flag` the one that makes a packet a reply of a flow the other
- * direction admitted.
+ * flag, `reply` the one that makes a packet a reply of a flow the other
+ * direction admitted. The entries' activity (seen_ns, TCP flags) is kept by
+ * nat_handle(), which meets them in its conntrack lookups.
  */
 static __always_inline enum pol_result pol_judge(struct __sk_buff *skb,
 						 const struct parsed_pkt *pkt,
