@@ -235,6 +235,15 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
             f"| {s['services']:,} | {prog} | {change} | {_fmt(s['agent_rss_mb'], '.0f')} | "
             f"{iperf} |"
         )
+    for s in summary["sizes"]:
+        split = s.get("change_split_ms") or {}
+        if split:
+            out.append(
+                f"\ntabby one change at N={s['services']:,}: of which the agent's dataplane "
+                f"apply {split.get('dataplane_apply', 0):.1f} ms and NAT map writes "
+                f"{split.get('nat_apply', 0):.1f} ms per change (mean); the rest is datastore "
+                "write, watch and calc."
+            )
     notes = sorted(
         {f"{p}: {note}" for s in summary["sizes"] for p, note in s["program_notes"].items()}
         | {

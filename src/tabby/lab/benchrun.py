@@ -155,6 +155,8 @@ class SizeResult:
     program_s: dict[str, float | None] = field(default_factory=dict)
     program_notes: dict[str, str] = field(default_factory=dict)
     change_ms: dict[str, list[float]] = field(default_factory=dict)
+    # tabby's one change split by its agent's own metrics (mean per change, ms)
+    change_split_ms: dict[str, float] = field(default_factory=dict)
     change_notes: dict[str, str] = field(default_factory=dict)
     agent_rss_mb: float | None = None
     iperf_gbps: dict[str, float] = field(default_factory=dict)
@@ -393,6 +395,7 @@ class TabbySide:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.stored = 1  # services in the datastore: web
+        self.split_before: dict[str, float] = {}
         self.extra_procs: list[dict[str, Any]] = []
 
     @classmethod
@@ -488,6 +491,7 @@ class TabbySide:
         node1 programmed that revision, ms."""
         node = self.lab.plan.node("node1")
         out = []
+        self.split_before = self._split_metrics()
         for k in range(changes):
             i = max(0, (self.stored - 1) // 2)
             gen = generation0 + k + 1
@@ -498,6 +502,29 @@ class TabbySide:
             revision = self.lab.datastore().apply(objs)
             wait_programmed(node.netns, revision)
             out.append((time.monotonic() - started) * 1000)
+        return out
+
+    def _split_metrics(self) -> dict[str, float]:
+        netns = self.lab.plan.node("node1").netns
+        out = {}
+        for name in ("tabby_dataplane_apply_seconds", "tabby_nat_sync_seconds"):
+            for part in ("sum", "count"):
+                out[f"{name}_{part}"] = agent_metric(netns, f"{name}_{part}") or 0.0
+        return out
+
+    def change_split_ms(self) -> dict[str, float]:
+        """Mean per apply round during the last changes: the agent's whole dataplane apply and
+        its NAT map writes (the rest of a change is datastore, watch and calc)."""
+        after = self._split_metrics()
+        out = {}
+        for name, label in (
+            ("tabby_dataplane_apply_seconds", "dataplane_apply"),
+            ("tabby_nat_sync_seconds", "nat_apply"),
+        ):
+            runs = after[f"{name}_count"] - self.split_before[f"{name}_count"]
+            total = after[f"{name}_sum"] - self.split_before[f"{name}_sum"]
+            if runs > 0:
+                out[label] = total / runs * 1000
         return out
 
     def agent_rss_mb(self) -> float | None:
@@ -762,11 +789,13 @@ class Runner:
         cfg = self.cfg
         if self.tabby is not None:
             size.change_ms["tabby"] = self.tabby.change_latency_ms(cfg.changes, self.generation)
+            size.change_split_ms = self.tabby.change_split_ms()
             self.generation += cfg.changes
             size.agent_rss_mb = self.tabby.agent_rss_mb()
             median = statistics.median(size.change_ms["tabby"])
+            split = ", ".join(f"{k} {v:.1f} ms" for k, v in size.change_split_ms.items())
             self.progress(
-                f"N={size.services:,} tabby: one change {median:.1f} ms median, "
+                f"N={size.services:,} tabby: one change {median:.1f} ms median ({split}), "
                 f"agent RSS {size.agent_rss_mb} MB"
             )
         if self.kernel is not None:
