@@ -403,7 +403,11 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 		/* a local pod or this node itself replies through a hook of ours
 		 * (from-workload, to-host); anything else must answer via us */
 		rt = route_lookup(be.addr);
-		if (nat_ext_tunnels(fe, rt, tun)) {
+		/* a flow that starts fragmented (a large UDP datagram) cannot
+		 * fit the tunnel's header and nothing here re-fragments: it is
+		 * SNATed as kube-proxy would, and the kernel forwards its
+		 * fragments */
+		if (nat_ext_tunnels(fe, rt, tun) && !pkt->more_frags) {
 			fwd.tun_ip = rt->next_hop;
 			fwd.flags = TBY_CTF_TUNNEL | (cfg_ext_mode == 2 ? TBY_CTF_DSR : 0);
 		} else if (be.addr != cfg_host_ip &&
