@@ -324,19 +324,5 @@ def test_an_ipblock_of_the_client_admits_it_through_a_remote_ingress_node(lab, w
 
 
 def _read_response(s: socket.socket) -> str:
-    """One HTTP/1.1 response with Content-Length; its body."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise OSError("closed before the headers")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += s.recv(4096)
-    return body.decode()
+    """One HTTP/1.1 response's body."""
+    return traffic.read_http_response(s)[1].decode()

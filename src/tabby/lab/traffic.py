@@ -46,6 +46,28 @@ def link_mtu(netns: str, ifname: str = "eth0") -> int:
     return in_netns(netns, read)
 
 
+def read_http_response(s: socket.socket) -> tuple[str, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a connected socket (keep-alive): its
+    status line and body, read whole however the stream was segmented."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise OSError("closed before the headers")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise OSError("closed before the end of the body")
+        body += chunk
+    return lines[0].decode(), body
+
+
 def http_download_len(
     netns: str, ip: str, port: int, size: int, timeout_s: float = 10.0, cpus: set[int] | None = None
 ) -> int:
