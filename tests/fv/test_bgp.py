@@ -361,26 +361,8 @@ def _pid_or_none(lab: Lab, node: str) -> int | None:
 
 def _download(client: dict[str, Any], server: dict[str, Any]) -> float:
     """Mbit/s of GET /bytes?n=BIG from ``server`` (netexec) into ``client``."""
-    import socket
-
-    def go() -> int:
-        with socket.create_connection((server["ip"], 8080), timeout=10) as s:
-            s.sendall(
-                f"GET /bytes?n={BIG} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-            )
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise OSError("closed before the headers")
-                data += chunk
-            n = len(data.partition(b"\r\n\r\n")[2])
-            while chunk := s.recv(1 << 20):
-                n += len(chunk)
-        return n
-
     start = time.monotonic()
-    got = traffic.in_netns(client["netns"], go)
+    got = traffic.http_download_len(client["netns"], server["ip"], 8080, BIG)
     took = time.monotonic() - start
     assert got == BIG
     return BIG * 8 / took / 1e6

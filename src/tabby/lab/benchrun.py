@@ -224,12 +224,23 @@ def run_connload(
     argv += ["-a", target, "-p", str(port), "-c", str(inflight), "-t", str(seconds)]
     argv += ["-n", "2000000"]
 
+    done = _run_client(argv, seconds, cgroup)
+    if done.returncode != 0:
+        raise BenchError(f"connload to {target}:{port} failed: {done.stderr.strip()}")
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in done.stdout.split())}
+
+
+def _run_client(
+    argv: list[str], seconds: float, cgroup: str | None
+) -> subprocess.CompletedProcess[str]:
+    """A load client (connload, iperf3) run to completion, in ``cgroup`` when given."""
+
     def into_cgroup() -> None:
         if cgroup:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
 
-    done = subprocess.run(
+    return subprocess.run(
         argv,
         capture_output=True,
         text=True,
@@ -237,9 +248,6 @@ def run_connload(
         preexec_fn=into_cgroup,
         check=False,
     )
-    if done.returncode != 0:
-        raise BenchError(f"connload to {target}:{port} failed: {done.stderr.strip()}")
-    return {k: float(v) for k, v in (kv.split("=", 1) for kv in done.stdout.split())}
 
 
 def run_iperf(netns: str, target: str, seconds: float, cgroup: str | None = None) -> float:
@@ -247,19 +255,7 @@ def run_iperf(netns: str, target: str, seconds: float, cgroup: str | None = None
     argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", "iperf3", "-J"]
     argv += ["-c", target, "-p", str(IPERF_PORT), "-t", str(seconds)]
 
-    def into_cgroup() -> None:
-        if cgroup:
-            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        preexec_fn=into_cgroup,
-        check=False,
-    )
+    done = _run_client(argv, seconds, cgroup)
     try:
         report = json.loads(done.stdout)
         return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9

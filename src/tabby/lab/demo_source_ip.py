@@ -109,7 +109,8 @@ def run(lab: Lab) -> list[Row]:
             rows.append(Row(f"tabby {mode}", node.name, pod["node"], logged, ok))
     _set_mode(lab, "Tunnel")
     svc = lab.datastore().get("Service", "nginx", "default")
-    assert svc is not None
+    if svc is None:
+        raise LookupError("the seed's Service default/nginx is gone")
     kp = kubeproxy_node.up(
         lab.plan,
         [

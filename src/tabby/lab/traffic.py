@@ -46,16 +46,22 @@ def link_mtu(netns: str, ifname: str = "eth0") -> int:
     return in_netns(netns, read)
 
 
-def read_http_response(s: socket.socket) -> tuple[str, bytes]:
-    """One HTTP/1.1 response with a Content-Length from a connected socket (keep-alive): its
-    status line and body, read whole however the stream was segmented."""
+def _read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP response's header block and whatever of the body came with it."""
     data = b""
     while b"\r\n\r\n" not in data:
-        chunk = s.recv(4096)
+        chunk = s.recv(65536)
         if not chunk:
             raise OSError("closed before the headers")
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def read_http_response(s: socket.socket) -> tuple[str, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a connected socket (keep-alive): its
+    status line and body, read whole however the stream was segmented."""
+    head, body = _read_head(s)
     lines = head.split(b"\r\n")
     length = next(
         int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")
@@ -81,13 +87,7 @@ def http_download_len(
             s.sendall(
                 f"GET /bytes?n={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
             )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise OSError("closed before the headers")
-                head += chunk
-            n = len(head.partition(b"\r\n\r\n")[2])
+            n = len(_read_head(s)[1])
             while chunk := s.recv(1 << 20):
                 n += len(chunk)
         return n
