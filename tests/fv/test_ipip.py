@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tabby.calc import names
 from tabby.lab import capture, traffic
 from tabby.lab.cluster import Lab
 from tabby.lab.topology import EXTERNAL_CLIENT_IP
@@ -161,6 +162,41 @@ def test_clusterip_and_nodeport_to_a_backend_across_the_router(lab, pods, mode):
     assert cap.ipip_between(p1["ip"], p2["ip"]), "ClusterIP flow crossed in IP-in-IP"
     assert cap.inner_between(EXTERNAL_CLIENT_IP, p2["ip"]), "NodePort flow crossed wrapped"
     assert cap.plain_between(p1["ip"], p2["ip"]) == []
+
+
+def test_pods_made_before_a_switch_to_ipip_keep_large_transfers_working(lab, pods):
+    """Pods created while the pool had no encapsulation have the data MTU (1500). After a live
+    switch to IP-in-IP their full-size segments no longer fit once wrapped: the IP-in-IP route's
+    MTU (data - 20) makes the sending node answer fragmentation-needed, and TCP's PMTU
+    discovery shrinks the segments (no black hole)."""
+    set_pool(lab, "Always")
+    p1, p2 = pods["p1"], pods["p2"]
+    with _mtu(lab, "p1", DATA_MTU), _mtu(lab, "p2", DATA_MTU):
+        got = traffic.http_download_len(p1["netns"], p2["ip"], 8080, 2 << 20, timeout_s=20)
+    assert got == 2 << 20
+    routes = subprocess.run(
+        ["ip", "-n", lab.plan.node("node2").netns, "route", "show", "proto", "88"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert f"mtu {DATA_MTU - 20}" in routes, routes
+
+
+@contextlib.contextmanager
+def _mtu(lab: Lab, name: str, mtu: int) -> Iterator[None]:
+    """Both ends of the pod's veth at ``mtu`` (as if it were made under another mode)."""
+    pod = lab.pod(name)
+    ends = [
+        (pod["netns"], "eth0"),
+        (lab.plan.node(pod["node"]).netns, names.host_ifname("default", name)),
+    ]
+    old = traffic.link_mtu(pod["netns"])
+    try:
+        for netns, ifname in ends:
+            subprocess.run(["ip", "-n", netns, "link", "set", ifname, "mtu", str(mtu)], check=True)
+        yield
+    finally:
+        for netns, ifname in ends:
+            subprocess.run(["ip", "-n", netns, "link", "set", ifname, "mtu", str(old)], check=False)
 
 
 def test_large_tso_download_no_more_retransmits_than_vxlan(lab, pods, capsys):

@@ -91,7 +91,7 @@ class KernelRouteManager:
                             dst=cidr,
                             gateway=how[0],
                             oif=data_idx,
-                            metrics={"attrs": [("RTAX_MTU", how[1])]},
+                            metrics={"mtu": how[1]},
                             proto=RTPROT_TABBY,
                         )
                     elif route.encap == "vxlan":
