@@ -72,7 +72,7 @@ def router_config(plan: LabPlan) -> str:
         f"router id {rid};",
         "log stderr { info, remote, warning, error, auth, fatal, bug };",
         "protocol device { scan time 2; }",
-        'protocol direct { ipv4; interface "br-*"; }',
+        'protocol direct { ipv4; interface "rt-*"; }',
         "protocol kernel {",
         "  scan time 2;",
         "  graceful restart;",

@@ -39,8 +39,23 @@ def build_fabric(plan: LabPlan) -> None:
         for sub in plan.subnets:
             net = ipaddress.ip_network(sub.cidr)
             ipr.link("add", ifname=sub.bridge, kind="bridge")
-            idx = links.ifindex(ipr, sub.bridge)
-            ipr.link("set", index=idx, mtu=plan.fabric_mtu)
+            bridge = links.ifindex(ipr, sub.bridge)
+            ipr.link("set", index=bridge, mtu=plan.fabric_mtu, state="up")
+            # The router's leg is a veth plugged into the bridge, not the bridge device itself:
+            # a bridge device has no hw_enc_features, so the router's output through it would
+            # segment every encapsulated GSO packet (IP-in-IP, VXLAN) in software, a cost no
+            # real router adds (measured: 5,700 aggregates in, 217,000 segments out).
+            leg = router_leg(sub.bridge)
+            ipr.link(
+                "add",
+                ifname=leg,
+                kind="veth",
+                mtu=plan.fabric_mtu,
+                peer={"ifname": "p" + leg, "mtu": plan.fabric_mtu},
+            )
+            port = links.ifindex(ipr, "p" + leg)
+            ipr.link("set", index=port, master=bridge, state="up")
+            idx = links.ifindex(ipr, leg)
             ipr.addr(
                 "add", index=idx, address=str(net.network_address + 1), prefixlen=net.prefixlen
             )
@@ -53,6 +68,11 @@ def build_fabric(plan: LabPlan) -> None:
             ipr.route("add", dst=topology.LOADBALANCER_CIDR, gateway=hops[0]["gateway"])
         else:
             ipr.route("add", dst=topology.LOADBALANCER_CIDR, multipath=hops)
+
+
+def router_leg(bridge: str) -> str:
+    """The router's interface on the subnet of ``bridge`` (``br-a`` -> ``rt-a``)."""
+    return "rt-" + bridge.removeprefix("br-")
 
 
 def set_router_rp_filter(plan: LabPlan, strict: bool) -> None:

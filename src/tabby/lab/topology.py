@@ -1,7 +1,8 @@
 """The lab's address plan as data (DESIGN.md, kOps defaults). Pure: no I/O.
 
 fabric netns: bridges br-a (172.20.32.0/19) and br-b (172.20.64.0/19) joined by routing in the
-same namespace (the router), and a leg to the external client (203.0.113.0/24). The router
+same namespace (the router, whose legs rt-a / rt-b are veths plugged into the bridges), and a
+leg to the external client (203.0.113.0/24). The router
 sends the LoadBalancer/externalIP range (198.51.100.0/24) to the nodes over one ECMP route.
 Nodes alternate between the two subnets, so node1 -> node2 crosses the router.
 
