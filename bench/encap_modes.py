@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Bench: pod-to-pod across nodes with no encapsulation (ipipMode Never, routes learnt over
-BGP), as a ratio to pod-to-pod on the same node, in one run.
+"""Bench: pod-to-pod across nodes in each of the pool's routing modes (IP-in-IP Always and
+CrossSubnet, VXLAN Always and CrossSubnet, Never with routes learnt over BGP), as ratios to
+pod-to-pod on the same node, in one run.
 
 A lab of its own (``--lab-name``, removed afterwards even on failure, Ctrl-C or SIGTERM) from the
-example kOps spec stretched over two subnets with ``ipipMode: Never`` (the BIRD backend): a
-client pod on node1 and one nginx pod on each node: node1 (same node), node3 (other node, same
-subnet: one L2 hop) and node2 (across the fabric's router, via a route learnt over BGP). Per
-case and repetition (cases rotated so none is always first): TCP throughput with iperf3 (client
-pinned to CPU 0, server to CPU 1, ``--seconds``), and new TCP connections/s with connload
-(bench/connload.c, 32 in flight, nginx pinned to CPU 1). Ratios are taken within a repetition,
-then the median over repetitions.
+example kOps spec stretched over two subnets with the BIRD backend: a client pod on node1 and one
+nginx pod on each node: node1 (same node), node3 (other node, same subnet: one L2 hop) and node2
+(across the fabric's router). The pool's mode is switched live between cells (a patch of the
+IPPool, as a user would), so one lab serves every mode. Per repetition, modes and cases are
+rotated so that none is always first; per cell: TCP throughput with iperf3 (client pinned to
+CPU 0, server to CPU 1, ``--seconds``), and new TCP connections/s with connload (bench/connload.c,
+32 in flight, nginx pinned to CPU 1). Ratios are taken to the same-node cell of the same mode and
+repetition, then the median over repetitions.
 
 Usage (root, after `make bench` built connload):
-  .venv/bin/python bench/bgp_routing.py [--seconds 5] [--reps 3]
+  .venv/bin/python bench/encap_modes.py [--seconds 4] [--reps 3] [--modes ipip-always,never-bgp]
 """
 
 from __future__ import annotations
@@ -33,9 +35,17 @@ from rich.table import Table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results", "bgp_routing.json")
+RESULTS = os.path.join(HERE, "results", "encap_modes.json")
 CASES = {"same-node": "web1", "same-subnet": "web3", "across-router": "web2"}
 SERVERS = {"web1": "node1", "web2": "node2", "web3": "node3"}
+POOL = "default-ipv4-ippool"
+MODES = {  # name -> (ipipMode, vxlanMode)
+    "ipip-always": ("Always", "Never"),
+    "ipip-crosssubnet": ("CrossSubnet", "Never"),
+    "vxlan-always": ("Never", "Always"),
+    "vxlan-crosssubnet": ("Never", "CrossSubnet"),
+    "never-bgp": ("Never", "Never"),
+}
 console = Console(width=150)
 
 
@@ -66,20 +76,74 @@ def iperf(client_netns: str, server_netns: str, ip: str, seconds: float) -> floa
         server.wait(timeout=10)
 
 
+def set_mode(lab: Any, mode: str) -> None:
+    """Switch the pool's mode live and wait until every agent has programmed it."""
+    ipip, vxlan = MODES[mode]
+    lab.datastore().patch("IPPool", POOL, None, {"spec": {"ipipMode": ipip, "vxlanMode": vxlan}})
+    lab.wait_ready()
+
+
+def wait_answers(lab: Any, client: str, mode: str) -> None:
+    """Every path answers in this mode (routes converged, BGP included)."""
+    for case, pod in CASES.items():
+        deadline = time.monotonic() + 30
+        while connload(client, lab.pod(pod)["ip"], 1, None, 1, 5)["conns"] < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{mode} {case}: {lab.pod(pod)['ip']} never answered")
+
+
+def rotated(names: list[str], rep: int) -> list[str]:
+    k = rep % len(names)
+    return names[k:] + names[:k]
+
+
+def summarize(runs: list[dict[str, Any]], modes: list[str]) -> list[dict[str, Any]]:
+    """Per mode and case: medians, and ratios to that mode's same-node cell of the same rep."""
+    rows = []
+    for mode in modes:
+        base = {r["rep"]: r for r in runs if r["mode"] == mode and r["case"] == "same-node"}
+        for case in CASES:
+            cells = {r["rep"]: r for r in runs if r["mode"] == mode and r["case"] == case}
+
+            def ratio(
+                key: str,
+                cells: dict[int, dict[str, Any]] = cells,
+                base: dict[int, dict[str, Any]] = base,
+            ) -> float:
+                return statistics.median(cells[i][key] / base[i][key] for i in cells)
+
+            rows.append({
+                "mode": mode, "case": case,
+                "gbit_s": statistics.median(r["gbit_s"] for r in cells.values()),
+                "gbit_ratio": ratio("gbit_s"),
+                "conn_s": statistics.median(r["conn_s"] for r in cells.values()),
+                "conn_ratio": ratio("conn_s"),
+                "errors": sum(r["errors"] for r in cells.values()),
+            })  # fmt: skip
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per run (<= 60)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per cell (<= 60)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--lab-name", default="benchbgp")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES)
+    )
+    parser.add_argument("--lab-name", default="benchmodes")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
     if os.geteuid() != 0:
-        print("bgp_routing: needs root (the lab)", file=sys.stderr)
+        print("encap_modes: needs root (the lab)", file=sys.stderr)
         return 2
     if not os.access(CONNLOAD, os.X_OK):
-        print(f"bgp_routing: {CONNLOAD} missing: run `make bench`", file=sys.stderr)
+        print(f"encap_modes: {CONNLOAD} missing: run `make bench`", file=sys.stderr)
         return 2
     if not 0 < args.seconds <= 60 or not 1 <= args.reps <= 10:
-        print("bgp_routing: --seconds in (0, 60], --reps in [1, 10]", file=sys.stderr)
+        print("encap_modes: --seconds in (0, 60], --reps in [1, 10]", file=sys.stderr)
+        return 2
+    if not modes or set(modes) - set(MODES):
+        print(f"encap_modes: --modes takes some of {', '.join(MODES)}", file=sys.stderr)
         return 2
 
     from tabby.lab.cluster import Lab
@@ -100,49 +164,34 @@ def main() -> int:
             subprocess.run(
                 ["nsenter", f"--net=/run/netns/{client}", "sysctl", "-qw", knob], check=True
             )
-        for case, pod in CASES.items():  # smoke: every path answers (BGP converged)
-            deadline = time.monotonic() + 30
-            while connload(client, lab.pod(pod)["ip"], 1, None, 1, 5)["conns"] < 1:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{case}: {lab.pod(pod)['ip']} never answered")
-        names = list(CASES)
         for rep in range(args.reps):
-            for case in names[rep % 3 :] + names[: rep % 3]:
-                server = lab.pod(CASES[case])
-                gbit = iperf(client, server["netns"], server["ip"], args.seconds)
-                out = connload(client, server["ip"], args.seconds, None, 32, 500000)
-                errors = int(sum(v for k, v in out.items() if k.startswith("err_")))
-                runs.append({"rep": rep, "case": case, "gbit_s": gbit, "conn_s": out["rate"],
-                             "p50_us": out["p50_us"], "errors": errors})  # fmt: skip
-                console.print(
-                    f"  rep {rep} {case:13s} {gbit:6.2f} Gbit/s  {out['rate']:8.0f} conn/s  "
-                    f"errors {errors}"
-                )
+            for mode in rotated(modes, rep):
+                set_mode(lab, mode)
+                wait_answers(lab, client, mode)
+                for case in rotated(list(CASES), rep):
+                    server = lab.pod(CASES[case])
+                    gbit = iperf(client, server["netns"], server["ip"], args.seconds)
+                    out = connload(client, server["ip"], args.seconds, None, 32, 500000)
+                    errors = int(sum(v for k, v in out.items() if k.startswith("err_")))
+                    runs.append({"rep": rep, "mode": mode, "case": case, "gbit_s": gbit,
+                                 "conn_s": out["rate"], "p50_us": out["p50_us"],
+                                 "errors": errors})  # fmt: skip
+                    console.print(
+                        f"  rep {rep} {mode:17s} {case:13s} {gbit:6.2f} Gbit/s  "
+                        f"{out['rate']:8.0f} conn/s  errors {errors}"
+                    )
     finally:
         Lab.down(args.lab_name, progress=lambda m: console.print(f"  {m}"))
 
-    rows = []
-    base = {r["rep"]: r for r in runs if r["case"] == "same-node"}
-
-    def ratio(per_rep: dict[int, dict[str, Any]], key: str) -> float:
-        return statistics.median(per_rep[i][key] / base[i][key] for i in per_rep)
-
-    for case in CASES:
-        per_rep = {r["rep"]: r for r in runs if r["case"] == case}
-        rows.append({
-            "case": case,
-            "gbit_s": statistics.median(r["gbit_s"] for r in per_rep.values()),
-            "gbit_ratio": ratio(per_rep, "gbit_s"),
-            "conn_s": statistics.median(r["conn_s"] for r in per_rep.values()),
-            "conn_ratio": ratio(per_rep, "conn_s"),
-            "errors": sum(r["errors"] for r in per_rep.values()),
-        })  # fmt: skip
-    table = Table(title=f"Never+BGP pod-to-pod from node1 ({args.reps} interleaved repetitions)")
-    for col in ("destination", "Gbit/s", "ratio", "conn/s", "ratio", "errors"):
+    rows = summarize(runs, modes)
+    table = Table(
+        title=f"pod-to-pod from node1 per pool mode ({args.reps} interleaved repetitions)"
+    )
+    for col in ("mode", "destination", "Gbit/s", "ratio", "conn/s", "ratio", "errors"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            r["case"], f"{r['gbit_s']:.2f}", f"{r['gbit_ratio']:.2f}",
+            r["mode"], r["case"], f"{r['gbit_s']:.2f}", f"{r['gbit_ratio']:.2f}",
             f"{r['conn_s']:,.0f}", f"{r['conn_ratio']:.2f}", str(r["errors"]),
         )  # fmt: skip
     console.print(table)
