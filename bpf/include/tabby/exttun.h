@@ -217,8 +217,19 @@ static __always_inline int exttun_record(struct __sk_buff *skb,
 		if (v->tun_ip != ingress || v->flags != flags) {
 			v->tun_ip = ingress;
 			v->flags = flags;
+			counter_inc(TBY_R_EXT_MOVED);
 		}
 		ct_touch(v, &f, 0);
+		counter_inc(TBY_R_EXT_RX);
+		return 0;
+	}
+	/* a flow that entered through this very node (its local NAT pair, not
+	 * SNATed) and now arrives through another ingress node: the pair's REV
+	 * half keeps translating the pod's replies, straight to the client */
+	if (v && v->type == TBY_CT_NAT_REV && !v->nat_saddr && v->nat_addr == ext->fe_addr &&
+	    v->nat_port == ext->fe_port) {
+		ct_touch(v, &f, 0);
+		counter_inc(TBY_R_EXT_MOVED);
 		counter_inc(TBY_R_EXT_RX);
 		return 0;
 	}

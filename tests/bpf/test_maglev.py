@@ -1,0 +1,145 @@
+"""Maglev under BPF_PROG_TEST_RUN: two nodes (two independently loaded datapaths on their own pin
+roots, programmed from the same Service by their own NAT managers) send the same flow to the same
+backend, the slot the Python mirror of the hash predicts; a flow whose packets reach the second
+node mid-connection (an ACK, no SYN) gets the backend the first node gave it; a missing table
+falls back to the random choice, counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import packets as P
+import pytest
+from scapy.all import IP, TCP
+from test_exttun import ext_header
+from test_nat import BACKENDS, Node, frame, service, slice_of
+
+from tabby.bpf.maps.counters import Reason
+from tabby.bpf.maps.maglev import MAGLEV_SPEC, flow_hash
+from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.routes import RouteValue
+from tabby.bpf.objects import DatapathConfig, DatapathObjects
+from tabby.calc import maglev
+from tabby.calc.services import MAGLEV_ANNOTATION
+from tabby.dataplane.nat import NatManager
+
+pytestmark = pytest.mark.root
+
+TC_ACT_REDIRECT = 7
+LB_IP = "198.51.100.7"
+M = maglev.table_size()
+MORE = (*BACKENDS, "100.96.0.73", "100.96.0.74")  # five remote pods
+
+
+def lb_service(annotated: bool = True) -> dict[str, object]:
+    svc = service(externalIPs=[LB_IP])
+    if annotated:
+        svc["metadata"]["annotations"] = {MAGLEV_ANNOTATION: "maglev"}  # type: ignore[index]
+    return svc
+
+
+def make_node(stack: ExitStack, bpf_dir: Path, pin_root: str, m: int = M) -> Node:
+    config = DatapathConfig.build(
+        vni=4242, host_ip=P.NODE_IP, ext_mode="DSR", data_ifindex=1, data_mtu=1500, maglev_m=m
+    )
+    dp = stack.enter_context(DatapathObjects(pin_root, config, bpf_dir))
+    n = Node(dp)
+    n.nat = NatManager(
+        *(dp.map(s) for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC, MAGLEV_SPEC))
+    )
+    dp.routes().upsert(f"{P.REMOTE_NODE_IP}/32", RouteValue.remote_host(P.REMOTE_NODE_IP))
+    return n
+
+
+@pytest.fixture
+def nodes(bpf_dir: Path, pin_root: str) -> Iterator[tuple[Node, Node]]:
+    with ExitStack() as stack:
+        a = make_node(stack, bpf_dir, pin_root)
+        b = make_node(stack, bpf_dir, pin_root + "-b")
+        stack.callback(__import__("shutil").rmtree, pin_root + "-b", True)
+        for n in (a, b):
+            n.program((lb_service(), [slice_of(addrs=MORE)]))
+        yield a, b
+
+
+def backend_of(node: Node, sport: int, flags: str = "S") -> tuple[str, dict[Reason, int]]:
+    pkt = frame(P.EXTERNAL_IP, LB_IP, TCP(sport=sport, dport=80, flags=flags))
+    verdict, out, delta = node.run("tby_from_host", pkt)
+    assert verdict == TC_ACT_REDIRECT, "DSR: into the ext tunnel towards the backend's node"
+    return str(ext_header(out)[3][IP].dst), delta
+
+
+def predicted(sport: int) -> str:
+    table = maglev.backend_table([(a, 8080) for a in MORE], M)
+    return table[flow_hash(P.EXTERNAL_IP, LB_IP, sport, 80, 6) % M][0]
+
+
+def test_the_same_flow_gets_the_same_backend_on_two_nodes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    chosen = {}
+    for sport in range(41000, 41060):
+        on_a, delta = backend_of(a, sport)
+        on_b, _ = backend_of(b, sport)
+        assert on_a == on_b == predicted(sport), sport
+        assert delta.get(Reason.MAGLEV_PICK) == 1 and delta.get(Reason.NAT_NEW) == 1
+        chosen[sport] = on_a
+    assert set(chosen.values()) == set(MORE), "the flows spread over every backend"
+
+
+def test_a_flow_moved_mid_connection_keeps_its_backend(nodes: tuple[Node, Node]) -> None:
+    """The SYN entered node A; an ECMP change brings the next packet (an ACK) to node B, which
+    has no conntrack entry for it: it starts a pair there with the same backend."""
+    a, b = nodes
+    for sport in range(42000, 42020):
+        first, _ = backend_of(a, sport)
+        moved, delta = backend_of(b, sport, flags="A")
+        assert moved == first and delta.get(Reason.MAGLEV_PICK) == 1
+
+
+def test_without_the_annotation_the_choice_is_random(bpf_dir: Path, pin_root: str) -> None:
+    with ExitStack() as stack:
+        n = make_node(stack, bpf_dir, pin_root)
+        n.program((lb_service(annotated=False), [slice_of(addrs=MORE)]))
+        got = set()
+        for _ in range(40):  # one source port, new flows each time (closed by RST)
+            be, delta = backend_of(n, 43000)
+            assert not delta.get(Reason.MAGLEV_PICK) and not delta.get(Reason.MAGLEV_MISS)
+            got.add(be)
+            backend_of(n, 43000, flags="R")
+        assert len(got) > 1, "random: the same tuple lands on several backends"
+
+
+def test_an_empty_table_falls_back_to_random_counted(nodes: tuple[Node, Node]) -> None:
+    a, _ = nodes
+    table = a.dp.map(MAGLEV_SPEC)
+    keys = list(table.keys())
+    assert len(keys) == M, "one table of M slots"
+    for k in keys:
+        table.delete(k)
+    be, delta = backend_of(a, 44000)
+    assert be in MORE and delta.get(Reason.MAGLEV_MISS) == 1 and delta.get(Reason.NAT_NEW) == 1
+    assert not delta.get(Reason.MAGLEV_PICK)
+
+
+def test_a_datapath_without_a_table_size_falls_back(bpf_dir: Path, pin_root: str) -> None:
+    with ExitStack() as stack:
+        n = make_node(stack, bpf_dir, pin_root, m=0)
+        n.program((lb_service(), [slice_of(addrs=MORE)]))
+        be, delta = backend_of(n, 45000)
+        assert be in MORE and delta.get(Reason.MAGLEV_MISS) == 1
+
+
+def test_removing_a_backend_moves_about_one_nth_of_the_flows(nodes: tuple[Node, Node]) -> None:
+    a, _ = nodes
+    ports = range(46000, 46100)
+    before = {p: backend_of(a, p)[0] for p in ports}
+    for p in ports:
+        backend_of(a, p, flags="R")  # closed: the next SYN of the port is a new flow
+    a.program((lb_service(), [slice_of(addrs=MORE[:-1])]))
+    after = {p: backend_of(a, p)[0] for p in ports}
+    moved = [p for p in ports if before[p] != after[p]]
+    assert {p for p in ports if before[p] == MORE[-1]} <= set(moved)
+    assert len(moved) < 2 * len(ports) / len(MORE), len(moved)
