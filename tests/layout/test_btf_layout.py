@@ -213,6 +213,7 @@ def test_route_flags_match_types_h() -> None:
         ("TBY_NAT_", nat.NatFlags),
         ("TBY_CT_", conntrack.TcpFlags),
         ("TBY_CTP_", conntrack.PolVerdict),
+        ("TBY_CTF_", conntrack.CtFlags),
         ("TBY_POL_", policy.PolicyFlags),
     ],
 )

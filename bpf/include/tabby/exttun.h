@@ -229,7 +229,10 @@ static __always_inline int exttun_record(struct __sk_buff *skb,
 	if (v && v->type == TBY_CT_NAT_REV && !v->nat_saddr && v->nat_addr == ext->fe_addr &&
 	    v->nat_port == ext->fe_port) {
 		ct_touch(v, &f, 0);
-		counter_inc(TBY_R_EXT_MOVED);
+		if (!(v->flags & TBY_CTF_MOVED)) {
+			v->flags |= TBY_CTF_MOVED;
+			counter_inc(TBY_R_EXT_MOVED);
+		}
 		counter_inc(TBY_R_EXT_RX);
 		return 0;
 	}

@@ -108,6 +108,8 @@ struct tby_nat_src_key {
 /* tby_ct_val.flags */
 #define TBY_CTF_TUNNEL (1U << 0) /* ingress FWD half: sent to tun_ip in the ext tunnel */
 #define TBY_CTF_DSR (1U << 1) /* replies leave the backend's node straight to the client */
+/* REV half of a local pair whose flow now arrives through another ingress node */
+#define TBY_CTF_MOVED (1U << 2)
 
 /* tby_ct_val.tcp: TCP flags seen, either direction. */
 #define TBY_CT_SYN (1U << 0)
