@@ -18,9 +18,10 @@ from tabby.bpf.maps.spec import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_HASH, MapSpec
 
 SEED = 0x7AB1E5ED  # TBY_MAGLEV_SEED
 MAX_ENTRIES = 262144
-# what one slot costs the kernel (a no-prealloc hash element: header, 8-byte key, 8-byte value,
-# rounded up by its allocator), measured with bpftool's memlock of a filled table (README)
-SLOT_BYTES = 64
+# what one slot costs the kernel (a no-prealloc hash element: header, 8-byte key, 8-byte value),
+# as bpftool's bytes_memlock grows per written slot on kernel 6.18; the map's bucket array adds
+# 16 bytes per max entry once (4 MiB), whether or not any table is written
+SLOT_BYTES = 72
 
 
 class MaglevKey(ctypes.Structure):
