@@ -13,10 +13,12 @@ from pathlib import Path
 
 import packets as P
 import pytest
-from scapy.all import IP, TCP
-from test_exttun import ext_header
+from scapy.all import ICMP, IP, TCP
+from test_exttun import ext_header, tunnelled
 from test_nat import BACKENDS, Node, frame, service, slice_of
 
+from tabby.bpf.libbpf import TC_ACT_OK
+from tabby.bpf.maps.conntrack import CtFlags, CtType
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.maglev import MAGLEV_SPEC, flow_hash
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
@@ -143,3 +145,67 @@ def test_removing_a_backend_moves_about_one_nth_of_the_flows(nodes: tuple[Node, 
     moved = [p for p in ports if before[p] != after[p]]
     assert {p for p in ports if before[p] == MORE[-1]} <= set(moved)
     assert len(moved) < 2 * len(ports) / len(MORE), len(moved)
+
+
+# --- a flow moving between a local pair and the ext tunnel (the backend's node) ----------------
+
+F_DSR = 1  # TBY_EXT_F_DSR
+
+
+@pytest.fixture
+def backend_node(bpf_dir: Path, pin_root: str) -> Iterator[Node]:
+    """This node holds the only backend (POD_IP); REMOTE_NODE_IP is another ingress node."""
+    with ExitStack() as stack:
+        n = make_node(stack, bpf_dir, pin_root)
+        n.program((lb_service(), [slice_of(addrs=(P.POD_IP,))]))
+        yield n
+
+
+def via_peer(sport: int, flags: str, fe: str = LB_IP) -> bytes:
+    inner = IP(src=P.EXTERNAL_IP, dst=P.POD_IP) / TCP(sport=sport, dport=8080, flags=flags)
+    return tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, fe, 80, F_DSR, inner)
+
+
+def test_a_local_flow_arriving_through_another_ingress_node_is_kept(backend_node: Node) -> None:
+    n = backend_node
+    syn = frame(P.EXTERNAL_IP, LB_IP, TCP(sport=50000, dport=80, flags="S"))
+    verdict, out, _ = n.run("tby_from_host", syn)
+    assert verdict == TC_ACT_OK and out[IP].dst == P.POD_IP, "the local pair"
+    for i in range(2):  # the ECMP router now sends the flow to the peer, which tunnels it here
+        verdict, out, delta = n.run("tby_from_host", via_peer(50000, "A"))
+        assert verdict == TC_ACT_OK and out[IP].dst == P.POD_IP and TCP in out
+        assert delta.get(Reason.EXT_RX) == 1 and delta.get(Reason.DROP_EXT_FLOW) is None
+        assert delta.get(Reason.EXT_MOVED) == (1 if i == 0 else None), "counted once"
+    rev = n.ct_entry(P.EXTERNAL_IP, 50000, P.POD_IP, 8080)
+    assert rev.type == CtType.NAT_REV and rev.flags & CtFlags.MOVED
+    reply = frame(P.POD_IP, P.EXTERNAL_IP, TCP(sport=8080, dport=50000, flags="SA"))
+    verdict, out, _ = n.run("tby_from_wl", reply)
+    assert (out[IP].src, out[TCP].sport) == (LB_IP, 80), "the pod still answers as the LB IP"
+
+
+def test_a_forwarded_flow_arriving_at_its_backends_node_directly_is_kept(
+    backend_node: Node,
+) -> None:
+    n = backend_node
+    verdict, _, _ = n.run("tby_from_host", via_peer(51000, "S"))
+    assert verdict == TC_ACT_OK
+    assert n.ct_entry(P.EXTERNAL_IP, 51000, P.POD_IP, 8080).type == CtType.EXT
+    ack = frame(P.EXTERNAL_IP, LB_IP, TCP(sport=51000, dport=80, flags="A"))
+    verdict, out, delta = n.run("tby_from_host", ack)  # the router moved it to this node
+    assert verdict == TC_ACT_OK and out[IP].dst == P.POD_IP
+    assert delta.get(Reason.EXT_MOVED) == 1 and delta.get(Reason.NAT_NEW) == 1
+    assert n.ct_entry(P.EXTERNAL_IP, 51000, P.POD_IP, 8080).type == CtType.NAT_REV
+
+
+def test_another_frontends_forwarded_flow_is_still_a_collision(backend_node: Node) -> None:
+    """The same client port to the same backend through another frontend is the documented
+    collision: the new flow is refused (ICMP), the first one keeps its entry."""
+    n = backend_node
+    verdict, _, _ = n.run("tby_from_host", via_peer(52000, "S", fe="198.51.100.99"))
+    assert verdict == TC_ACT_OK
+    syn = frame(P.EXTERNAL_IP, LB_IP, TCP(sport=52000, dport=80, flags="S"))
+    verdict, out, delta = n.run("tby_from_host", syn)
+    assert delta.get(Reason.DROP_CT_FULL) == 1 and delta.get(Reason.EXT_MOVED) is None
+    assert ICMP in out and (out[ICMP].type, out[ICMP].code) == (3, 3), "port unreachable"
+    assert (out[IP].src, out[IP].dst) == (LB_IP, P.EXTERNAL_IP), f"verdict {verdict}"
+    assert n.ct_entry(P.EXTERNAL_IP, 52000, P.POD_IP, 8080).type == CtType.EXT
