@@ -64,6 +64,7 @@ class Reason(enum.IntEnum):
     MAGLEV_PICK = 42
     MAGLEV_MISS = 43
     EXT_MOVED = 44
+    EXT_REFUSED = 45
 
     @property
     def c_name(self) -> str:
