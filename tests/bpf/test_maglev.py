@@ -7,9 +7,11 @@ falls back to the random choice, counted.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import packets as P
 import pytest
@@ -18,14 +20,15 @@ from test_exttun import ext_header, tunnelled
 from test_nat import BACKENDS, Node, frame, service, slice_of
 
 from tabby.bpf.libbpf import TC_ACT_OK
-from tabby.bpf.maps.conntrack import CtFlags, CtType
+from tabby.bpf.maps.conntrack import CtFlags, CtType, TcpFlags
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.maglev import MAGLEV_SPEC, flow_hash
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.routes import RouteValue
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import maglev
-from tabby.calc.services import MAGLEV_ANNOTATION
+from tabby.calc.services import MAGLEV_ANNOTATION, NAT_MAGLEV, service_nat
+from tabby.dataplane.maglev import MaglevConfig
 from tabby.dataplane.nat import NatManager
 
 pytestmark = pytest.mark.root
@@ -99,6 +102,8 @@ def test_a_flow_moved_mid_connection_keeps_its_backend(nodes: tuple[Node, Node])
         first, _ = backend_of(a, sport)
         moved, delta = backend_of(b, sport, flags="A")
         assert moved == first and delta.get(Reason.MAGLEV_PICK) == 1
+        fwd = b.ct_entry(P.EXTERNAL_IP, sport, LB_IP, 80)
+        assert fwd.tcp & TcpFlags.SYNACK, "picked up established: the long timeout"
 
 
 def test_without_the_annotation_the_choice_is_random(bpf_dir: Path, pin_root: str) -> None:
@@ -209,3 +214,71 @@ def test_another_frontends_forwarded_flow_is_still_a_collision(backend_node: Nod
     assert ICMP in out and (out[ICMP].type, out[ICMP].code) == (3, 3), "port unreachable"
     assert (out[IP].src, out[IP].dst) == (LB_IP, P.EXTERNAL_IP), f"verdict {verdict}"
     assert n.ct_entry(P.EXTERNAL_IP, 52000, P.POD_IP, 8080).type == CtType.EXT
+
+
+# --- the NAT manager's tables on real maps --------------------------------------------------------
+
+
+def _table_in_map(n: Node) -> dict[int, tuple[str, int]]:
+    return {
+        k.slot: (str(ipaddress.IPv4Address(v.addr)), v.port)
+        for k, v in n.dp.map(MAGLEV_SPEC).lookup_batch()
+    }
+
+
+def _desired(*svcs: dict[str, object], addrs: tuple[str, ...] = MORE) -> dict[str, Any]:
+    out = {}
+    for svc in svcs:
+        name = svc["metadata"]["name"]  # type: ignore[index]
+        nat = service_nat(svc, [slice_of(name, addrs=addrs)], "node1", P.NODE_IP)
+        out[nat.key] = nat
+    return out
+
+
+def test_tables_survive_a_restart_follow_backends_and_go_with_the_annotation(
+    bpf_dir: Path, pin_root: str
+) -> None:
+    with ExitStack() as stack:
+        n = make_node(stack, bpf_dir, pin_root)
+        maps = [n.dp.map(s) for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC)]
+        assert not n.nat.apply(_desired(lb_service())).errors
+        want = maglev.backend_table([(a, 8080) for a in MORE], M)
+        assert _table_in_map(n) == dict(enumerate(want))
+        restarted = NatManager(*maps, n.dp.map(MAGLEV_SPEC))  # the agent restarts
+        assert restarted.apply(_desired(lb_service())).writes == 0, "adopted as it is"
+        result = restarted.apply(_desired(lb_service(), addrs=MORE[:-1]))
+        smaller = maglev.backend_table([(a, 8080) for a in MORE[:-1]], M)
+        assert _table_in_map(n) == dict(enumerate(smaller))
+        changed = sum(1 for a, b in zip(want, smaller, strict=True) if a != b)
+        assert result.writes < changed + 10, "only the slots that moved (and the NAT entries)"
+        restarted.apply(_desired(lb_service(annotated=False), addrs=MORE[:-1]))
+        assert _table_in_map(n) == {}
+        flags = {k.describe(): v.flags for k, v in maps[0].lookup_batch()}
+        assert not flags[f"{LB_IP}:80/TCP"] & NAT_MAGLEV
+
+
+def test_over_the_cap_the_later_service_is_refused_with_a_warning(
+    bpf_dir: Path, pin_root: str
+) -> None:
+    with ExitStack() as stack:
+        n = make_node(stack, bpf_dir, pin_root)
+        cap = MaglevConfig(max_services=1)
+        first = lb_service()
+        assert n.nat.apply(_desired(first), cap).warnings == []
+        second = service("zweb", externalIPs=["198.51.100.8"])
+        second["metadata"]["annotations"] = {MAGLEV_ANNOTATION: "maglev"}  # type: ignore[index]
+        second["spec"]["clusterIP"] = "100.64.0.11"  # type: ignore[index]
+        result = n.nat.apply(_desired(first, second), cap)
+        assert not result.errors
+        assert result.warnings == [
+            f"default/zweb: over bpfMaglevMaxServices (1 Maglev tables of {M} slots): its "
+            "external traffic picks backends at random"
+        ]
+        assert len(_table_in_map(n)) == M, "the first service's table, untouched"
+        flags = {k.describe(): v.flags for k, v in n.dp.map(FRONTENDS_SPEC).lookup_batch()}
+        assert flags[f"{LB_IP}:80/TCP"] & NAT_MAGLEV
+        assert not flags["198.51.100.8:80/TCP"] & NAT_MAGLEV
+        result = n.nat.apply(_desired(second), cap)  # the first goes: the second gets its place
+        assert result.warnings == [] and len(_table_in_map(n)) == M
+        flags = {k.describe(): v.flags for k, v in n.dp.map(FRONTENDS_SPEC).lookup_batch()}
+        assert flags["198.51.100.8:80/TCP"] & NAT_MAGLEV

@@ -430,6 +430,11 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 			snat = cfg_host_ip;
 		}
 	}
+	/* a Maglev flow picked up mid-connection (an ECMP router moved it
+	 * here) is an established one: it ages by that timeout, not the SYN's */
+	if ((fe->flags & TBY_NAT_MAGLEV) && f->key.proto == IPPROTO_TCP &&
+	    !(f->tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_RST)))
+		fwd.tcp = TBY_CT_SYNACK;
 	if (nat_create_pair(f, &be, snat, &fwd, now)) {
 		/* the documented collision: refuse the new flow cleanly */
 		counter_inc(TBY_R_DROP_CT_FULL);
