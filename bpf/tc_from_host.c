@@ -22,6 +22,31 @@
 #include "tabby/parse.h"
 
 /*
+ * The documented collision, refused cleanly rather than left to hang: the
+ * client port already reaches this backend through another frontend. A TCP
+ * SYN gets its destination back (the frontend it was sent to) and becomes an
+ * ICMP port unreachable from there, back to the hop it came from, which
+ * routes it to the client (ECONNREFUSED); anything else of the flow (UDP
+ * included) is dropped.
+ */
+static __always_inline int from_host_refuse(struct __sk_buff *skb, struct parsed_pkt *pkt,
+					    const struct tby_ext_hdr *ext)
+{
+	struct flow f = {};
+
+	if (pkt->is_frag || ct_flow_of(skb, pkt, &f) || f.key.proto != IPPROTO_TCP ||
+	    (f.tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_ACK)) != TBY_TCPF_SYN) {
+		counter_inc(TBY_R_DROP_EXT_FLOW);
+		return TC_ACT_SHOT;
+	}
+	if (nat_rewrite(skb, pkt, 1, f.key.dst, ext->fe_addr, f.key.dport, ext->fe_port)) {
+		counter_inc(TBY_R_DROP_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	return icmp_refuse_syn(skb, pkt, TBY_R_EXT_REFUSED);
+}
+
+/*
  * The ext tunnel (exttun.h): a forwarded flow's packet is recorded for its
  * local backend; a backend's reply, back from its node, gets its frontend
  * back here (nat_handle) and the kernel forwards it to the client.
@@ -35,7 +60,14 @@ static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pk
 	}
 	if (ext->flags & TBY_EXT_F_REPLY)
 		return nat_handle(skb, pkt, 0, NULL) == NAT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
-	return exttun_record(skb, pkt, ext, from) ? TC_ACT_SHOT : TC_ACT_OK;
+	switch (exttun_record(skb, pkt, ext, from)) {
+	case 0:
+		return TC_ACT_OK;
+	case TBY_EXT_COLLISION:
+		return from_host_refuse(skb, pkt, ext);
+	default:
+		return TC_ACT_SHOT;
+	}
 }
 
 SEC("tc")

@@ -201,3 +201,29 @@ def test_ext_tunnel_from_a_stranger_is_dropped_and_pod_vxlan_passes(node: Node) 
     )
     verdict, out, delta = node.run("tby_from_host", pod_vxlan)
     assert verdict == TC_ACT_OK and raw(out) == pod_vxlan and not delta, "the VXLAN device's"
+
+
+def test_the_backends_node_refuses_a_colliding_flow_with_port_unreachable(node: Node) -> None:
+    """The documented collision: the client port already reaches this backend through another
+    frontend (another ingress node's NodePort). The second flow's SYN comes back as ICMP port
+    unreachable from the frontend it was sent to (ECONNREFUSED, never a hang); the first flow's
+    entry is untouched; a non-SYN packet of the second flow is dropped."""
+    other_fe = "172.20.64.13"
+    first = IP(src=P.EXTERNAL_IP, dst=P.POD_IP) / TCP(sport=50002, dport=8080, flags="S")
+    wrapped = tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, P.REMOTE_NODE_IP, NODEPORT, 0, first)
+    assert node.run("tby_from_host", wrapped)[0] == TC_ACT_OK
+    second = tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, other_fe, NODEPORT, 0, first)
+    verdict, out, delta = node.run("tby_from_host", second)
+    assert verdict == TC_ACT_REDIRECT and delta.get(Reason.EXT_REFUSED) == 1
+    assert (out[IP].src, out[IP].dst) == (other_fe, P.EXTERNAL_IP)
+    assert (out[ICMP].type, out[ICMP].code) == (3, 3)
+    quoted = out[ICMP].payload
+    assert (quoted.src, quoted.dst) == (P.EXTERNAL_IP, other_fe), "what the client sent"
+    assert_checksums_valid(out)
+    ext = node.ct_entry(P.EXTERNAL_IP, 50002, P.POD_IP, 8080)
+    assert ext.type == CtType.EXT and ext.nat_addr == int(ipaddress.IPv4Address(P.REMOTE_NODE_IP))
+    ack = IP(src=P.EXTERNAL_IP, dst=P.POD_IP) / TCP(sport=50002, dport=8080, flags="A")
+    verdict, _, delta = node.run(
+        "tby_from_host", tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, other_fe, NODEPORT, 0, ack)
+    )
+    assert verdict == TC_ACT_SHOT and delta.get(Reason.DROP_EXT_FLOW) == 1

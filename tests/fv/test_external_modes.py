@@ -326,3 +326,40 @@ def test_an_ipblock_of_the_client_admits_it_through_a_remote_ingress_node(lab, w
 def _read_response(s: socket.socket) -> str:
     """One HTTP/1.1 response's body."""
     return traffic.read_http_response(s)[1].decode()
+
+
+def test_one_client_port_through_two_ingress_nodes_to_one_backend_is_refused(lab, web):
+    """The documented collision: a client port already talking to the backend through node1's
+    NodePort opens a second connection through node3's. The backend's node cannot keep both (one
+    backend tuple) and refuses the second with ICMP port unreachable from node3's NodePort: the
+    client gets ECONNREFUSED at once, never a hang, and the first connection keeps working."""
+    set_mode(lab, "Tunnel")
+    n1, n3 = lab.plan.node("node1").ip, lab.plan.node("node3").ip
+    before = counters(lab, "node2")
+
+    def go() -> tuple[str, str, str]:
+        def bound() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(3)
+            s.bind((EXTERNAL_CLIENT_IP, 41500))
+            return s
+
+        with bound() as first, bound() as second:
+            first.connect((n1, NODEPORT))
+            first.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen = _read_response(first)
+            try:
+                second.connect((n3, NODEPORT))
+                outcome = "connected"
+            except ConnectionRefusedError:
+                outcome = "refused"
+            except TimeoutError:
+                outcome = "timeout"
+            first.sendall(b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n")
+            return seen, outcome, _read_response(first)
+
+    seen, outcome, again = traffic.in_netns(lab.plan.external_netns, go)
+    assert outcome == "refused"
+    assert seen.startswith(EXTERNAL_CLIENT_IP) and again.startswith(EXTERNAL_CLIENT_IP)
+    assert counter_delta(before, counters(lab, "node2"), Reason.EXT_REFUSED) >= 1

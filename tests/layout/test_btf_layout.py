@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, nat, policy
+from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, maglev, nat, policy
 from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
 from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
 from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
@@ -31,6 +31,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_nat_fe_val": nat.FrontendValue,
     "tby_nat_be_key": nat.BackendKey,
     "tby_nat_be_val": nat.BackendValue,
+    "tby_maglev_key": maglev.MaglevKey,
     "tby_nat_aff_key": nat.AffinityKey,
     "tby_nat_aff_val": nat.AffinityValue,
     "tby_nat_src_key": nat.SourceRangeKey,
@@ -212,6 +213,7 @@ def test_route_flags_match_types_h() -> None:
         ("TBY_NAT_", nat.NatFlags),
         ("TBY_CT_", conntrack.TcpFlags),
         ("TBY_CTP_", conntrack.PolVerdict),
+        ("TBY_CTF_", conntrack.CtFlags),
         ("TBY_POL_", policy.PolicyFlags),
     ],
 )

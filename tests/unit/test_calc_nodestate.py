@@ -188,3 +188,15 @@ def test_dsr_warns_when_replies_carry_sources_of_other_subnets():
     assert compute(resources(two_subnets + [felix("Tunnel")]), "n1").warnings == []
     assert compute(resources(one_subnet + [felix("DSR")]), "n1").warnings == []
     assert compute(resources(two_subnets), "n1").ext_mode == "Tunnel"
+
+
+def test_maglev_options_come_from_felixconfiguration():
+    fc = {
+        "kind": "FelixConfiguration",
+        "metadata": {"name": "default"},
+        "spec": {"bpfMaglevMaxServices": 7, "bpfMaglevMaxEndpointsPerService": 3},
+    }
+    st = compute(resources(OBJS + [fc]), "n1")
+    assert (st.maglev_max_services, st.maglev_max_endpoints) == (7, 3)
+    default = compute(resources(OBJS), "n1")
+    assert (default.maglev_max_services, default.maglev_max_endpoints) == (100, 10)

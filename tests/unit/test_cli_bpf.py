@@ -229,3 +229,56 @@ def test_counters(node_pins: str) -> None:
     code, out = tabbyctl("counters", "--pin-root", node_pins)
     assert code == 0, out
     assert "drop_spoof" in out and "41" in out and "pass_wl_out" not in out
+
+
+@pytest.mark.root
+def test_nat_maglev_shows_each_table_and_where_a_client_lands(pin_root: str, bpf_dir: Path) -> None:
+    from tabby.bpf.maps.maglev import MAGLEV_SPEC, flow_hash
+    from tabby.bpf.maps.nat import SOURCE_RANGES_SPEC
+    from tabby.calc import maglev
+    from tabby.calc.services import MAGLEV_ANNOTATION, service_nat
+    from tabby.dataplane.nat import NatManager
+
+    pods = ["100.96.1.2", "100.96.2.3", "100.96.3.4"]
+    svc = {
+        "metadata": {
+            "namespace": "default",
+            "name": "web",
+            "annotations": {MAGLEV_ANNOTATION: "maglev"},
+        },
+        "spec": {
+            "clusterIP": "100.64.0.10",
+            "externalIPs": ["198.51.100.7"],
+            "ports": [{"port": 80}],
+        },
+    }
+    eps = {
+        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"port": 80}],
+        "endpoints": [{"addresses": [a]} for a in pods],
+    }
+    with DatapathObjects(pin_root, DatapathConfig.build(), bpf_dir) as dp:
+        specs = (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC, MAGLEV_SPEC)
+        nat = NatManager(*(dp.map(s) for s in specs))
+        assert not nat.apply({"default/web": service_nat(svc, [eps], "n1", "172.20.32.11")}).errors
+        code, out = tabbyctl(
+            "nat", "maglev", "--pin-root", pin_root, "-o", "json", "--client", "203.0.113.10:40000"
+        )
+        assert code == 0, out
+        (row,) = json.loads(out)
+        m = maglev.table_size()
+        assert row["frontends"] == ["198.51.100.7:80/TCP"] and row["slots"] == row["filled"] == m
+        assert [b["backend"] for b in row["backends"]] == [f"{a}:80" for a in pods]
+        assert {b["slots"] for b in row["backends"]} <= {m // 3, m // 3 + 1}
+        table = maglev.backend_table([(a, 80) for a in pods], m)
+        want = table[flow_hash("203.0.113.10", "198.51.100.7", 40000, 80, 6) % m]
+        assert row["picks"] == {"198.51.100.7:80/TCP": f"{want[0]}:{want[1]}"}
+        code, out = tabbyctl("nat", "maglev", "--pin-root", pin_root)
+        assert code == 0 and "198.51.100.7:80/TCP" in out and "33.3%" in out, out
+        code, out = tabbyctl("nat", "dump", "--pin-root", pin_root, "-o", "json")
+        flags = {r["frontend"]: r["flags"] for r in json.loads(out)}
+        assert flags["198.51.100.7:80/TCP"] == ["external", "maglev"]
+        assert flags["100.64.0.10:80/TCP"] == []
+    code, out = tabbyctl("nat", "maglev", "--pin-root", pin_root, "--client", "nope")
+    assert code == 1 and "--client must be IPv4:PORT" in out

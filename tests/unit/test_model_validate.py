@@ -198,3 +198,16 @@ def test_kind_aliases_case_insensitive():
     assert lookup("deploy").name == "Deployment"
     with pytest.raises(UnknownKind, match="known kinds"):
         lookup("statefulsets")
+
+
+def test_maglev_options_are_calicos_with_their_ranges():
+    felix = {
+        "apiVersion": "projectcalico.org/v3",
+        "kind": "FelixConfiguration",
+        "metadata": {"name": "default"},
+    }
+    ok = {**felix, "spec": {"bpfMaglevMaxServices": 50, "bpfMaglevMaxEndpointsPerService": 20}}
+    assert validate(ok)["spec"]["bpfMaglevMaxEndpointsPerService"] == 20
+    assert "spec.bpfMaglevMaxServices" in error_of({**felix, "spec": {"bpfMaglevMaxServices": 0}})
+    big = {**felix, "spec": {"bpfMaglevMaxEndpointsPerService": 3001}}
+    assert "spec.bpfMaglevMaxEndpointsPerService" in error_of(big)

@@ -24,5 +24,7 @@ const volatile __u32 cfg_ext_mode = 0;
 const volatile __u32 cfg_data_ifindex = 0; /* the data interface (ext tunnel out) */
 const volatile __u32 cfg_data_mtu = 1500; /* its MTU: what an encapsulated packet must fit */
 const volatile __u32 cfg_vxlan_port = 4789; /* UDP port of VXLAN, ext tunnel included */
+/* Maglev table size M (a prime; bpfMaglevMaxEndpointsPerService); 0: no table */
+const volatile __u32 cfg_maglev_m = 0;
 
 #endif /* __TABBY_CONFIG_H */

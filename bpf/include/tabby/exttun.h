@@ -190,11 +190,14 @@ static __always_inline enum exttun_result exttun_decap(struct __sk_buff *skb,
 	return EXTTUN_DONE;
 }
 
+#define TBY_EXT_COLLISION 1 /* exttun_record(): the documented collision */
+
 /*
  * The backend's node: records (or refreshes) the forwarded flow of an
- * unwrapped packet, which must be for a local pod. A flow of the same client
- * port to the same backend through another frontend, still open, is the
- * documented collision: dropped (the first flow keeps working).
+ * unwrapped packet, which must be for a local pod (else -1, counted). A flow
+ * of the same client port to the same backend through another frontend,
+ * still open, is the documented collision: TBY_EXT_COLLISION, not counted,
+ * the caller refuses it (the first flow keeps working).
  */
 static __always_inline int exttun_record(struct __sk_buff *skb,
 					 const struct parsed_pkt *pkt,
@@ -217,16 +220,28 @@ static __always_inline int exttun_record(struct __sk_buff *skb,
 		if (v->tun_ip != ingress || v->flags != flags) {
 			v->tun_ip = ingress;
 			v->flags = flags;
+			counter_inc(TBY_R_EXT_MOVED);
 		}
 		ct_touch(v, &f, 0);
 		counter_inc(TBY_R_EXT_RX);
 		return 0;
 	}
-	if (v && !(f.key.proto == IPPROTO_TCP && (f.tcp_flags & TBY_TCPF_SYN) &&
-		   ct_tcp_closed(v->tcp))) {
-		counter_inc(TBY_R_DROP_EXT_FLOW);
-		return -1;
+	/* a flow that entered through this very node (its local NAT pair, not
+	 * SNATed) and now arrives through another ingress node: the pair's REV
+	 * half keeps translating the pod's replies, straight to the client */
+	if (v && v->type == TBY_CT_NAT_REV && !v->nat_saddr && v->nat_addr == ext->fe_addr &&
+	    v->nat_port == ext->fe_port) {
+		ct_touch(v, &f, 0);
+		if (!(v->flags & TBY_CTF_MOVED)) {
+			v->flags |= TBY_CTF_MOVED;
+			counter_inc(TBY_R_EXT_MOVED);
+		}
+		counter_inc(TBY_R_EXT_RX);
+		return 0;
 	}
+	if (v && !(f.key.proto == IPPROTO_TCP && (f.tcp_flags & TBY_TCPF_SYN) &&
+		   ct_tcp_closed(v->tcp)))
+		return TBY_EXT_COLLISION;
 	nv.created_ns = bpf_ktime_get_ns();
 	nv.type = TBY_CT_EXT;
 	nv.nat_addr = ext->fe_addr;

@@ -107,6 +107,69 @@ static __always_inline int icmp_answer(struct __sk_buff *skb,
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+#define TBY_ICMP_WHOLE_MAX 80 /* an option-less IPv4 header and the longest TCP header */
+
+/*
+ * Port unreachable quoting the whole packet, for a TCP SYN without payload
+ * that the ext tunnel brought: bpf_skb_change_tail() refuses such an skb
+ * (it still carries the tunnel's encapsulation state), so nothing is cut and
+ * the error only grows the packet by its own headers. The quote is at most 80
+ * bytes; the checksum runs over a zero-padded buffer, as zeros add nothing.
+ */
+static __always_inline int icmp_refuse_syn(struct __sk_buff *skb,
+					   const struct parsed_pkt *pkt,
+					   enum tby_reason counted)
+{
+	struct {
+		struct icmphdr icmp;
+		__u8 quote[TBY_ICMP_WHOLE_MAX];
+	} body = {};
+	struct iphdr ip = {};
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+	__u32 len = pkt->ip_end - TBY_IP_OFF;
+	__u32 i;
+
+	if (pkt->l4_off != TBY_IP_OFF + sizeof(struct iphdr) || pkt->is_frag ||
+	    len > TBY_ICMP_WHOLE_MAX || len % 4 || bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		goto fail;
+	/* word by word: fixed-size loads the verifier can bound */
+#pragma unroll
+	for (i = 0; i < TBY_ICMP_WHOLE_MAX / 4; i++) {
+		if (i * 4 >= len)
+			break;
+		if (bpf_skb_load_bytes(skb, TBY_IP_OFF + i * 4, body.quote + i * 4, 4))
+			goto fail;
+	}
+	__builtin_memcpy(&ip.daddr, body.quote + offsetof(struct iphdr, saddr), 4);
+	__builtin_memcpy(&ip.saddr, body.quote + offsetof(struct iphdr, daddr), 4);
+	if (bpf_skb_adjust_room(skb, TBY_ICMP_ROOM, BPF_ADJ_ROOM_MAC, 0))
+		goto fail;
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.ttl = 64;
+	ip.protocol = IPPROTO_ICMP;
+	ip.tot_len = bpf_htons(TBY_ICMP_ROOM + len);
+	ip.check = icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	body.icmp.type = ICMP_DEST_UNREACH;
+	body.icmp.code = ICMP_PORT_UNREACH;
+	body.icmp.checksum =
+		icmp_fold_csum(bpf_csum_diff(NULL, 0, (__be32 *)&body, sizeof(body), 0));
+	__builtin_memcpy(mac, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
+	    bpf_skb_store_bytes(skb, TBY_IP_OFF, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, TBY_IP_OFF + sizeof(ip), &body.icmp,
+				sizeof(body.icmp), 0))
+		goto fail;
+	counter_inc(counted);
+	return bpf_redirect(skb->ifindex, 0);
+fail:
+	counter_inc(TBY_R_DROP_NAT_FAIL);
+	return TC_ACT_SHOT;
+}
+
 /* A service without endpoints: port unreachable, as kube-proxy's REJECT. */
 static __always_inline int icmp_reject(struct __sk_buff *skb,
 				       const struct parsed_pkt *pkt)

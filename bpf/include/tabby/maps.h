@@ -50,6 +50,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_nat_be SEC(".maps");
 
+/*
+ * Maglev lookup tables, all in one hash: (backend set, slot) -> backend.
+ * Allocated on use (no prealloc): a node without Maglev services pays nothing;
+ * capacity = bpfMaglevMaxServices x table size, checked by dataplane/nat.py.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct tby_maglev_key);
+	__type(value, struct tby_nat_be_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_maglev SEC(".maps");
+
 /* sessionAffinity ClientIP: (backend set, client) -> last backend. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

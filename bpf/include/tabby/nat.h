@@ -22,6 +22,7 @@
 #include "ct.h"
 #include "exttun.h"
 #include "fib.h"
+#include "maglev.h"
 #include "maps.h"
 #include "parse.h"
 
@@ -120,15 +121,21 @@ static __always_inline int nat_affinity_get(const struct tby_nat_fe_val *fe,
 	return 0;
 }
 
-/* Picks a backend of a frontend with count > 0: affinity, else random. */
+/*
+ * Picks a backend of a frontend with count > 0: Maglev (the same on every
+ * node, so it comes before the node-local affinity), affinity, else random.
+ */
 static __always_inline int nat_pick_backend(const struct tby_nat_fe_val *fe,
-					    __be32 client,
+					    const struct tby_ct_key *k,
 					    struct tby_nat_be_val *out,
 					    __u64 now)
 {
 	struct tby_nat_be_key bk = { .id = fe->id };
 	struct tby_nat_be_val *be;
+	__be32 client = k->src;
 
+	if ((fe->flags & TBY_NAT_MAGLEV) && !maglev_pick(fe, k, out))
+		return 0;
 	if ((fe->flags & TBY_NAT_AFFINITY) &&
 	    !nat_affinity_get(fe, client, out, now))
 		return 0;
@@ -183,6 +190,14 @@ static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 	 * verdict is judged again on the NAT pair's REV half */
 	if (old && old->type == TBY_CT_PLAIN)
 		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
+	/* an external flow forwarded here by another ingress node (exttun.h),
+	 * now arriving at this node directly (an ECMP router moved it): the
+	 * same flow if it reached the same frontend, and this pair takes over */
+	if (old && old->type == TBY_CT_EXT && !rev->nat_saddr &&
+	    old->nat_addr == rev->nat_addr && old->nat_port == rev->nat_port) {
+		counter_inc(TBY_R_EXT_MOVED);
+		return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
+	}
 	if (!old || old->type != TBY_CT_NAT_REV)
 		return -1;
 	if (old->nat_addr == rev->nat_addr && old->nat_port == rev->nat_port &&
@@ -393,7 +408,7 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 		counter_inc(TBY_R_DROP_FRAG);
 		return NAT_DROP;
 	}
-	if (nat_pick_backend(fe, f->key.src, &be, now)) {
+	if (nat_pick_backend(fe, &f->key, &be, now)) {
 		counter_inc(TBY_R_DROP_NAT_FAIL);
 		return NAT_DROP;
 	}
@@ -415,6 +430,11 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 			snat = cfg_host_ip;
 		}
 	}
+	/* a Maglev flow picked up mid-connection (an ECMP router moved it
+	 * here) is an established one: it ages by that timeout, not the SYN's */
+	if ((fe->flags & TBY_NAT_MAGLEV) && f->key.proto == IPPROTO_TCP &&
+	    !(f->tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_RST)))
+		fwd.tcp = TBY_CT_SYNACK;
 	if (nat_create_pair(f, &be, snat, &fwd, now)) {
 		/* the documented collision: refuse the new flow cleanly */
 		counter_inc(TBY_R_DROP_CT_FULL);

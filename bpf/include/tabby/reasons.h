@@ -50,6 +50,10 @@ enum tby_reason {
 	TBY_R_DROP_POL_IN, /* a local pod's ingress policy denied a new flow */
 	TBY_R_DROP_POL_OUT, /* a local pod's egress policy denied a new flow */
 	TBY_R_POL_NEW, /* a new flow of an isolated pod admitted and cached on conntrack */
+	TBY_R_MAGLEV_PICK, /* a new flow's backend taken from its Maglev table */
+	TBY_R_MAGLEV_MISS, /* a Maglev frontend without its table (slot): random backend */
+	TBY_R_EXT_MOVED, /* a flow arrived through another ingress node and kept its backend */
+	TBY_R_EXT_REFUSED, /* backend's node: a colliding forwarded flow refused with ICMP */
 	TBY_REASON_MAX,
 };
 

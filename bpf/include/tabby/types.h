@@ -40,6 +40,7 @@ struct tby_route_val {
 #define TBY_NAT_DROP_EMPTY (1U << 1) /* Local traffic policy, no local backend: drop */
 #define TBY_NAT_SRC_RANGES (1U << 2) /* loadBalancerSourceRanges: check tby_nat_src */
 #define TBY_NAT_EXTERNAL (1U << 3) /* NodePort / LoadBalancer / externalIP frontend */
+#define TBY_NAT_MAGLEV (1U << 4) /* new flows: backend from tby_maglev by the 5-tuple hash */
 
 /* Key of tby_nat_fe: a service frontend as a packet addresses it. */
 struct tby_nat_fe_key {
@@ -65,6 +66,18 @@ struct tby_nat_be_val {
 	__be32 addr;
 	__be16 port;
 	__u16 _pad;
+};
+
+/*
+ * Maglev (lb.projectcalico.org/external-traffic-strategy: maglev): slot
+ * 0..cfg_maglev_m-1 of a backend set's lookup table (value: struct
+ * tby_nat_be_val, the backend itself). Every node writes the same table for
+ * the same backends (calc/maglev.py), so a flow whose packets move to another
+ * ingress node mid-connection reaches the same backend there.
+ */
+struct tby_maglev_key {
+	__u32 id; /* backend set, as tby_nat_fe_val.id */
+	__u32 slot;
 };
 
 /* sessionAffinity ClientIP: the backend a client was last given. */
@@ -95,6 +108,8 @@ struct tby_nat_src_key {
 /* tby_ct_val.flags */
 #define TBY_CTF_TUNNEL (1U << 0) /* ingress FWD half: sent to tun_ip in the ext tunnel */
 #define TBY_CTF_DSR (1U << 1) /* replies leave the backend's node straight to the client */
+/* REV half of a local pair whose flow now arrives through another ingress node */
+#define TBY_CTF_MOVED (1U << 2)
 
 /* tby_ct_val.tcp: TCP flags seen, either direction. */
 #define TBY_CT_SYN (1U << 0)

@@ -55,6 +55,9 @@ EXT_MODES = {"SNAT": 0, "Tunnel": 1, "DSR": 2}
 class DatapathConfig(ctypes.Structure):
     """Mirror of the ``.rodata`` of every entry object (config.h), in declaration order."""
 
+    # .rodata ends where its last variable does, not at a multiple of cfg_host_netns' 8 bytes
+    # (whose offset is a multiple of 8 anyway): no tail padding
+    _pack_ = 4
     _fields_ = [
         ("cfg_vni", ctypes.c_uint32),
         ("cfg_host_ip", _be32),
@@ -65,6 +68,7 @@ class DatapathConfig(ctypes.Structure):
         ("cfg_data_ifindex", ctypes.c_uint32),
         ("cfg_data_mtu", ctypes.c_uint32),
         ("cfg_vxlan_port", ctypes.c_uint32),
+        ("cfg_maglev_m", ctypes.c_uint32),
     ]
 
     @classmethod
@@ -79,6 +83,7 @@ class DatapathConfig(ctypes.Structure):
         data_ifindex: int = 0,
         data_mtu: int = 1500,
         vxlan_port: int = 4789,
+        maglev_m: int = 0,
     ) -> DatapathConfig:
         if not 0 < vni < 1 << 24:
             raise ValueError(f"VNI {vni} is outside 1..16777215")
@@ -92,6 +97,7 @@ class DatapathConfig(ctypes.Structure):
             cfg_data_ifindex=data_ifindex,
             cfg_data_mtu=data_mtu,
             cfg_vxlan_port=vxlan_port,
+            cfg_maglev_m=maglev_m,
         )
 
 

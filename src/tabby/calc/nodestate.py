@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from tabby.calc import names, policy
+from tabby.calc import maglev, names, policy
 from tabby.calc.mtu import Encap
 from tabby.calc.services import ServiceNAT
 
@@ -95,6 +95,9 @@ class NodeState:
     warnings: list[str] = field(default_factory=list)
     ctlb_mode: Literal["TCP", "Enabled", "Disabled"] = "TCP"  # bpfConnectTimeLoadBalancing
     ext_mode: Literal["Tunnel", "DSR"] = "Tunnel"  # bpfExternalServiceMode
+    maglev_max_services: int = maglev.DEFAULT_MAX_SERVICES  # bpfMaglevMaxServices
+    # bpfMaglevMaxEndpointsPerService: sizes the tables (calc.maglev.table_size)
+    maglev_max_endpoints: int = maglev.DEFAULT_MAX_ENDPOINTS
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
@@ -199,6 +202,10 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
     state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
     state.ext_mode = "DSR" if cfg.get("bpfExternalServiceMode") == "DSR" else "Tunnel"
+    state.maglev_max_services = int(cfg.get("bpfMaglevMaxServices", maglev.DEFAULT_MAX_SERVICES))
+    state.maglev_max_endpoints = int(
+        cfg.get("bpfMaglevMaxEndpointsPerService", maglev.DEFAULT_MAX_ENDPOINTS)
+    )
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
     state.kube_proxy_cleanup = bool(cfg.get("bpfKubeProxyIptablesCleanupEnabled", True))
     state.vxlan_mtu = int(cfg.get("vxlanMTU", 0) or 0)

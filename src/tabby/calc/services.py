@@ -16,6 +16,10 @@ kube-proxy's rules, followed here:
   "has no local endpoints") where an empty cluster set rejects ("has no endpoints");
 - NodePorts answer on this node's address; loadBalancerSourceRanges apply to LoadBalancer IPs;
 - healthCheckNodePort reports the node-local ready endpoints.
+
+Calico's annotation ``lb.projectcalico.org/external-traffic-strategy: maglev`` marks the external
+frontends (NodePort, LoadBalancer, externalIP) ``NAT_MAGLEV``: their new flows take the backend
+from the set's Maglev table (calc.maglev, written by dataplane/nat.py) by the flow's hash.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ NAT_AFFINITY = 1
 NAT_DROP_EMPTY = 2
 NAT_SRC_RANGES = 4
 NAT_EXTERNAL = 8
+NAT_MAGLEV = 16
+MAGLEV_ANNOTATION = "lb.projectcalico.org/external-traffic-strategy"
 
 Backend = tuple[str, int]  # (address, port)
 
@@ -150,6 +156,8 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
         else 0
     )
     base_flags = NAT_AFFINITY if affinity else 0
+    strategy = (meta.get("annotations") or {}).get(MAGLEV_ANNOTATION)
+    maglev = strategy == "maglev"
     cluster_ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if _ipv4(ip)]
     lb_ips = [
         ing["ip"]
@@ -161,6 +169,8 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
     sets: dict[str, tuple[Backend, ...]] = {}
     local_ready: set[str] = set()
     warnings: list[str] = []
+    if strategy is not None and not maglev:
+        warnings.append(f"{key}: {MAGLEV_ANNOTATION} {strategy!r} unknown (maglev): ignored")
 
     for port in spec.get("ports") or []:
         proto = port.get("protocol", "TCP")
@@ -178,6 +188,7 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
         external = f"{label}:{'local' if external_local else 'cluster'}"
         internal_flags = base_flags | (NAT_DROP_EMPTY if internal_local else 0)
         external_flags = base_flags | NAT_EXTERNAL | (NAT_DROP_EMPTY if external_local else 0)
+        external_flags |= NAT_MAGLEV if maglev else 0
 
         wanted: list[tuple[str, int, str, int, str, tuple[str, ...]]] = [
             (ip, port["port"], internal, internal_flags, "ClusterIP", ()) for ip in cluster_ips

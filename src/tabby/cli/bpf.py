@@ -198,6 +198,98 @@ def nat_dump(
     _console().print(table)
 
 
+def read_maglev(pin_root: str, client: tuple[str, int] | None = None) -> list[Row]:
+    """Maglev tables (tby_maglev) per backend set: the frontends using it, its size, each
+    backend's slots and share; with ``client`` (address, port), the backend each frontend gives
+    that client's TCP flow (the datapath's hash, mirrored)."""
+    from collections import Counter
+
+    from tabby.bpf.maps.maglev import MAGLEV_SPEC, flow_hash
+    from tabby.bpf.maps.nat import FRONTENDS_SPEC, PROTOCOLS, NatFlags
+
+    with _open(FRONTENDS_SPEC, pin_root) as fe_map, _open(MAGLEV_SPEC, pin_root) as mg_map:
+        frontends = fe_map.lookup_batch()
+        tables: dict[int, dict[int, str]] = {}
+        for k, v in mg_map.lookup_batch():
+            tables.setdefault(k.id, {})[k.slot] = f"{ipaddress.IPv4Address(v.addr)}:{v.port}"
+    users: dict[int, list[Any]] = {}
+    for key, val in frontends:
+        if val.flags & NatFlags.MAGLEV:
+            users.setdefault(val.id, []).append(key)
+    rows = []
+    for set_id in sorted(set(tables) | set(users)):
+        slots = tables.get(set_id, {})
+        size = max(slots, default=-1) + 1
+        counts = Counter(slots.values())
+        fes = sorted(users.get(set_id, []), key=lambda k: (int(k.addr), int(k.port)))
+        row: Row = {
+            "id": set_id,
+            "frontends": [k.describe() for k in fes],
+            "slots": size,
+            "filled": len(slots),
+            "backends": [
+                {"backend": be, "slots": n, "share": round(n / size, 4) if size else 0.0}
+                for be, n in sorted(counts.items())
+            ],
+        }
+        if client is not None:
+            picks = {}
+            for k in fes:
+                fe_addr = str(ipaddress.IPv4Address(k.addr))
+                h = flow_hash(client[0], fe_addr, client[1], k.port, PROTOCOLS["TCP"])
+                picks[k.describe()] = slots.get(h % size) if size else None
+            row["client"] = f"{client[0]}:{client[1]}"
+            row["picks"] = picks
+        rows.append(row)
+    return rows
+
+
+@nat_app.command("maglev")
+def nat_maglev(
+    lab: str = LabOpt,
+    node: str = NodeOpt,
+    pin_root: str | None = PinRootOpt,
+    output: str = OutputOpt,
+    client: str | None = typer.Option(
+        None, "--client", help="IP:PORT: the backend each frontend gives this client's TCP flow"
+    ),
+) -> None:
+    """Maglev tables (lb.projectcalico.org/external-traffic-strategy: maglev): per backend set,
+    its frontends, table size and each backend's slots."""
+    _check_output(output)
+    parsed = None
+    if client is not None:
+        addr, _, port = client.rpartition(":")
+        try:
+            parsed = (str(ipaddress.IPv4Address(addr)), int(port))
+        except ValueError:
+            fail(f"--client must be IPv4:PORT, not {client!r}")
+        if not 0 < parsed[1] < 65536:
+            fail(f"--client port must be 1-65535, not {parsed[1]}")
+    rows = read_maglev(resolve_pin_root(lab, node, pin_root), parsed)
+    if output == "json":
+        _print_json(rows)
+        return
+    table = Table(title=f"Maglev tables ({len(rows)})")
+    for col in ("id", "frontends", "slots", "backends (slots, share)"):
+        table.add_column(col, justify="right" if col in ("id", "slots") else "left")
+    if parsed is not None:
+        table.add_column(f"{parsed[0]}:{parsed[1]} ->")
+    for row in rows:
+        size = f"{row['filled']}/{row['slots']}" if row["filled"] != row["slots"] else row["slots"]
+        cells = [
+            str(row["id"]),
+            "\n".join(row["frontends"]) or "- (no frontend uses it)",
+            str(size),
+            "\n".join(f"{b['backend']} {b['slots']} {b['share']:.1%}" for b in row["backends"])
+            or "-",
+        ]
+        if parsed is not None:
+            cells.append("\n".join(str(v) for v in row["picks"].values()) or "-")
+        table.add_row(*cells)
+    _console().print(table)
+
+
 # --- conntrack ----------------------------------------------------------------------------------
 
 _CT_KEY = re.compile(
@@ -339,7 +431,11 @@ def read_counters(pin_root: str) -> dict[str, int]:
 
 
 def _kind(reason: str) -> str:
-    return reason.split("_", 1)[0] if reason.startswith(("drop_", "nat_", "ctlb_")) else "pass"
+    return (
+        reason.split("_", 1)[0]
+        if reason.startswith(("drop_", "nat_", "ctlb_", "maglev_"))
+        else "pass"
+    )
 
 
 @app.command()

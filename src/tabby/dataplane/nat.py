@@ -1,12 +1,13 @@
-"""The NAT manager: ServiceNAT objects (calc.services) -> tby_nat_fe / tby_nat_be / tby_nat_src.
+"""The NAT manager: ServiceNAT objects (calc.services) -> tby_nat_fe / tby_nat_be / tby_nat_src,
+and the Maglev tables of annotated services (tby_maglev, through dataplane/maglev.py).
 
 Invariants:
 - only services whose ServiceNAT object changed (by identity) are looked at, so one endpoint
   change costs one service's writes, not a resync;
 - writes are batched and ordered so that no packet sees a hole: backends and source ranges
-  first, then frontends, then deletions of frontends, then of backend ordinals beyond the new
-  counts and of whole sets. A shrinking set keeps its old tail until its frontend says the
-  smaller count;
+  first (Maglev slots with them), then frontends, then deletions of frontends, then of backend
+  ordinals beyond the new counts, of whole sets and of Maglev tables. A shrinking set keeps its
+  old tail until its frontend says the smaller count;
 - backend set ids are allocated here. After a restart the pinned frontends are adopted (so the
   ones no longer wanted are deleted), the sets are rewritten once under fresh ids and the old
   ids' backends deleted afterwards: established flows live in conntrack and are not affected.
@@ -25,6 +26,7 @@ from socket import inet_aton, inet_ntoa
 from typing import Any
 
 from tabby.bpf import libbpf
+from tabby.bpf.maps.maglev import MaglevKey
 from tabby.bpf.maps.nat import (
     PROTOCOL_NAMES,
     PROTOCOLS,
@@ -35,6 +37,7 @@ from tabby.bpf.maps.nat import (
     SourceRangeKey,
 )
 from tabby.calc.services import Backend, ServiceNAT
+from tabby.dataplane.maglev import MaglevConfig, MaglevPlan, MaglevTables
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class _Set:
 @dataclass
 class NatApplyResult:
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # Maglev services over the cap
     backends_removed: bool = False  # some backend left a set: stale UDP conntrack to sweep
     frontends: int = 0
     backends: int = 0
@@ -65,8 +69,11 @@ class NatManager:
         frontends: libbpf.Map[Any, Any],
         backends: libbpf.Map[Any, Any],
         source_ranges: libbpf.Map[Any, Any],
+        maglev: libbpf.Map[Any, Any] | None = None,
     ) -> None:
+        """Without a ``maglev`` map, NAT_MAGLEV is never written (random choice)."""
         self.fe_map, self.be_map, self.src_map = frontends, backends, source_ranges
+        self.maglev = MaglevTables(maglev)
         self.services: dict[str, ServiceNAT] = {}
         self.sets: dict[str, _Set] = {}  # set name -> programmed id and backends
         self.fes: dict[FeKey, FrontendValue] = {}
@@ -118,7 +125,9 @@ class NatManager:
         self._next_id += 1
         return new
 
-    def apply(self, desired: Mapping[str, ServiceNAT]) -> NatApplyResult:
+    def apply(
+        self, desired: Mapping[str, ServiceNAT], maglev: MaglevConfig | None = None
+    ) -> NatApplyResult:
         started = time.monotonic()
         result = NatApplyResult()
         # O(changed) past this identity scan: one endpoint change at 20k services costs one
@@ -131,8 +140,16 @@ class NatManager:
             if len(programmed) + added != len(desired)
             else []
         )
-        if not changed and not removed and not self._first:
+        resized = self.maglev.configure(maglev or MaglevConfig())
+        if not changed and not removed and not self._first and not resized:
             return self._finish(result, started)
+        for name in changed:
+            self.maglev.track(name, desired[name])
+        for name in removed:
+            self.maglev.track(name, None)
+        # a service whose Maglev table was refused (over the cap) or granted: its frontends
+        # are written again, with or without NAT_MAGLEV
+        changed += [k for k in self.maglev.admit() if k in desired and k not in changed]
 
         be_writes: dict[tuple[int, int], Backend] = {}
         be_deletes: list[tuple[int, int]] = []
@@ -164,7 +181,10 @@ class NatManager:
                 fk = (fe.addr, fe.port, fe.protocol)
                 want_fes[fk] = name
                 value = FrontendValue(
-                    id=st.id, count=len(st.backends), flags=fe.flags, affinity_s=fe.affinity_s
+                    id=st.id,
+                    count=len(st.backends),
+                    flags=self.maglev.flags(fe.backend_set, fe.flags),
+                    affinity_s=fe.affinity_s,
                 )
                 old_value = self.fes.get(fk)
                 if old_value is None or bytes(old_value) != bytes(value):
@@ -195,11 +215,25 @@ class NatManager:
                 if s[0] not in live_ids or (s[0] in touched_ids and s not in src_writes)
             }
 
+        mg_plan = self.maglev.plan(
+            {
+                n: (self.sets[n].id, self.sets[n].backends)
+                for n in self.maglev.admitted
+                if n in self.sets
+            }
+        )
         try:
             result.writes = self._write(
-                be_writes, src_writes - self.srcs, fe_writes, fe_deletes, be_deletes, src_deletes
+                be_writes,
+                src_writes - self.srcs,
+                fe_writes,
+                fe_deletes,
+                be_deletes,
+                src_deletes,
+                mg_plan,
             )
         except OSError as e:
+            self.maglev.resync()
             # the maps are untouched past the failed batch; forget what we believed of the
             # changed services so that the next apply rewrites them
             for name in changed:
@@ -247,6 +281,7 @@ class NatManager:
         fe_deletes: list[FeKey],
         be_deletes: list[tuple[int, int]],
         src_deletes: set[SrcKey],
+        mg_plan: MaglevPlan,
     ) -> int:
         writes = 0
         # The arrays are packed with struct, not built from one ctypes object per entry: at
@@ -259,6 +294,13 @@ class NatManager:
                 BackendValue, [_BE_VAL.pack(inet_aton(a), p) for a, p in be_writes.values()]
             )
             writes += self.be_map.update_batch(keys, values)
+        mg_map = self.maglev.map
+        if mg_plan.writes and mg_map is not None:  # a table before the frontends that use it
+            keys = _packed(MaglevKey, [_BE_KEY.pack(i, slot) for i, slot in mg_plan.writes])
+            values = _packed(
+                BackendValue, [_BE_VAL.pack(inet_aton(a), p) for a, p in mg_plan.writes.values()]
+            )
+            writes += mg_map.update_batch(keys, values)
         one = ctypes.c_uint32(1)
         for set_id, cidr in src_writes:
             self.src_map.update(SourceRangeKey.make(set_id, cidr), one)
@@ -281,9 +323,13 @@ class NatManager:
         for key in self._retired_src:
             self.src_map.delete(key)
         self._retired_src = []
+        mg_deletes = mg_plan.deletes + self.maglev.retired()
+        if mg_deletes and mg_map is not None:  # after the frontends no longer point at them
+            writes += _delete_many(mg_map, [MaglevKey(id=i, slot=s) for i, s in mg_deletes])
         return writes
 
     def _finish(self, result: NatApplyResult, started: float) -> NatApplyResult:
+        result.warnings = self.maglev.warnings()
         result.frontends = len(self.fes)
         result.backends = self._backend_count
         result.finished_at = time.monotonic()

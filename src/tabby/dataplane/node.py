@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tabby import preflight
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
+from tabby.bpf.maps.maglev import MAGLEV_SPEC
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
@@ -28,6 +29,7 @@ from tabby.dataplane.conntrack import ConntrackGC, GcStats
 from tabby.dataplane.ctlb import REAPER, CtlbManager
 from tabby.dataplane.healthcheck import HealthServers
 from tabby.dataplane.kubeproxy import cleanup as kube_proxy_cleanup
+from tabby.dataplane.maglev import MaglevConfig
 from tabby.dataplane.nat import NatApplyResult, NatManager
 from tabby.dataplane.policy import PolicyApplyResult, PolicyManager
 from tabby.dataplane.routes import KernelRouteManager, RouteMapManager
@@ -71,6 +73,7 @@ class NodeDataplane:
         # own fds on the pins: they outlive a reload of the objects
         self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
+        self.nat_maps.append(MAGLEV_SPEC.open_pinned(pin_root))
         self.nat = NatManager(*self.nat_maps)
         self.last_nat = NatApplyResult()
         self.policy_maps = PolicyMaps.open_pinned(pin_root)
@@ -111,8 +114,9 @@ class NodeDataplane:
         self.desired_routes = dict(state.routes)
         errors += self.sync_learned_routes()
         # services before the programs that read them are attached to new interfaces
-        self.last_nat = self.nat.apply(state.services)
+        self.last_nat = self.nat.apply(state.services, _maglev_config(state))
         errors += self.last_nat.errors
+        warnings += self.last_nat.warnings
         # policies before the programs see a new endpoint (Felix's order)
         self.last_policy = self.policy.apply(state.policies)
         errors += self.last_policy.errors
@@ -261,6 +265,11 @@ class _LoadKey:
     data_ifindex: int
     data_mtu: int
     vxlan_port: int
+    maglev_m: int
+
+
+def _maglev_config(state: NodeState) -> MaglevConfig:
+    return MaglevConfig(state.maglev_max_services, state.maglev_max_endpoints)
 
 
 def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
@@ -276,6 +285,7 @@ def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
         index,
         mtu,
         state.vxlan_port,
+        _maglev_config(state).m,
     )
 
 
@@ -290,6 +300,7 @@ def _load(pin_root: str, key: _LoadKey) -> DatapathObjects:
         data_ifindex=key.data_ifindex,
         data_mtu=key.data_mtu,
         vxlan_port=key.vxlan_port,
+        maglev_m=key.maglev_m,
     )
     return DatapathObjects(pin_root, config).load()
 

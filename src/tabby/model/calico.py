@@ -58,6 +58,8 @@ _felix_spec = Struct(
         "bpfAttachType": enum("TCX", "TC"),
         "bpfKubeProxyHealthzPort": integer(0, 65535),
         "bpfKubeProxyIptablesCleanupEnabled": boolean,
+        "bpfMaglevMaxServices": integer(1, 3000),
+        "bpfMaglevMaxEndpointsPerService": integer(1, 3000),
         "bpfMapSizeNATFrontend": _positive,
         "bpfMapSizeNATBackend": _positive,
         "bpfMapSizeConntrack": _positive,

@@ -7,6 +7,7 @@ from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, FRAGS_SPEC
 from tabby.bpf.maps.counters import COUNTERS_SPEC
 from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
 from tabby.bpf.maps.ctlb import CTLB_SOCKETS_SPEC
+from tabby.bpf.maps.maglev import MAGLEV_SPEC
 from tabby.bpf.maps.nat import AFFINITY_SPEC, BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.policy import ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
 from tabby.bpf.maps.routes import ROUTES_SPEC
@@ -17,6 +18,7 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     COUNTERS_SPEC,
     FRONTENDS_SPEC,
     BACKENDS_SPEC,
+    MAGLEV_SPEC,
     AFFINITY_SPEC,
     SOURCE_RANGES_SPEC,
     CONNTRACK_SPEC,

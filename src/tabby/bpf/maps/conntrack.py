@@ -35,6 +35,7 @@ class CtFlags(enum.IntFlag):
 
     TUNNEL = 1 << 0
     DSR = 1 << 1
+    MOVED = 1 << 2  # a local pair's flow now arriving through another ingress node
 
 
 class PolVerdict(enum.IntFlag):
@@ -164,4 +165,6 @@ def _path(val: CtValue) -> str:
         return f"from ingress {_str(val.tun_ip)}{mode}"
     if val.flags & CtFlags.TUNNEL:
         return f"tunnel to {_str(val.tun_ip)}{mode}"
+    if val.flags & CtFlags.MOVED:
+        return "local pair, now through another ingress node"
     return ""

@@ -61,6 +61,10 @@ class Reason(enum.IntEnum):
     DROP_POL_IN = 39
     DROP_POL_OUT = 40
     POL_NEW = 41
+    MAGLEV_PICK = 42
+    MAGLEV_MISS = 43
+    EXT_MOVED = 44
+    EXT_REFUSED = 45
 
     @property
     def c_name(self) -> str:

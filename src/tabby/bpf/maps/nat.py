@@ -34,6 +34,7 @@ class NatFlags(enum.IntFlag):
     DROP_EMPTY = 1 << 1
     SRC_RANGES = 1 << 2
     EXTERNAL = 1 << 3
+    MAGLEV = 1 << 4
 
 
 def _ip(addr: str) -> int:
