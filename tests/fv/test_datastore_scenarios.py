@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -152,16 +153,19 @@ class Store:
         self.kind, self.work = kind, work
         self.etcd: EtcdServer | None = None
         self.api: FakeApiServer | None = None
-        if kind == "etcd":
-            self.etcd = EtcdServer(work)
+        self.ds: Any = None
+        self.url = f"sqlite:///{work / 'store.db'}"
+
+    def open(self) -> None:
+        """Start the server (etcd, fake API) and connect; close() undoes what got done."""
+        if self.kind == "etcd":
+            self.etcd = EtcdServer(self.work)
             self.etcd.start()
             self.url = self.etcd.url
-        elif kind == "kubernetes":
+        elif self.kind == "kubernetes":
             self.api = FakeApiServer(bookmark_interval_s=0.2).start()
-            self.url = f"kubernetes://{self.api.kubeconfig(work / 'kubeconfig')}"
-        else:
-            self.url = f"sqlite:///{work / 'store.db'}"
-        self.ds: Any = open_datastore(self.url)
+            self.url = f"kubernetes://{self.api.kubeconfig(self.work / 'kubeconfig')}"
+        self.ds = open_datastore(self.url)
 
     def reopen(self) -> None:
         """A fresh client (after etcd came back)."""
@@ -169,9 +173,11 @@ class Store:
         self.ds = open_datastore(self.url)
 
     def close(self) -> None:
-        self.ds.close()
+        if self.ds is not None:
+            self.ds.close()
         if self.etcd is not None:
             self.etcd.stop()
+            shutil.rmtree(self.work / "data", ignore_errors=True)
         if self.api is not None:
             self.api.stop()
 
@@ -376,10 +382,10 @@ def scenario(
     if request.param == "etcd":
         request.getfixturevalue("etcd_binary")
     work = tmp_path_factory.mktemp(f"dss-{request.param}")
-    store: Store | None = None
+    store = Store(request.param, work)
     node_: Node | None = None
     try:
-        store = Store(request.param, work)
+        store.open()
         store.ds.apply(BASE)
         node_ = Node(work, store.url)
         node_.create()
@@ -390,16 +396,8 @@ def scenario(
     finally:
         if node_ is not None:
             node_.destroy()
-        if store is not None:
-            store.close()
+        store.close()
     assert node_ is not None and not os.path.exists(node_.pin_root)
-
-
-def wait_until(what: str, pred: Callable[[], bool], timeout_s: float = READY_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.1)
 
 
 # --- the scenario ----------------------------------------------------------------------------
