@@ -11,8 +11,10 @@ the routes to 20 remote blocks, and has no local pod.
 Datastores: ``embedded`` (the lab's SQLite store), ``etcd`` (a private etcd started for the run on
 127.0.0.1, its data in the lab's state dir, stopped by PID), ``kubernetes`` (tests/fakeapi, the
 fake kube-apiserver, in this process on 127.0.0.1: it speaks the real protocol, lists are paged
-500 at a time; its CPU is this process's, not the agent's). Loading the objects is timed but is
-not a target.
+500 at a time; its CPU is this process's, not the agent's), and ``typha``: the agent reads
+through ``tabby typha`` (Typha's role, a process on 127.0.0.1, synced before the agent starts)
+over the embedded store; typha's own RSS is reported beside. Loading the objects is timed but
+is not a target.
 
 Per datastore, node1's agent is started (a) cold: its pins removed first, as on a node that
 joins, and (b) warm: stopped and started again on its pins, as after an upgrade or a crash.
@@ -22,11 +24,12 @@ in: imports, connection, list, decode) and ``tabby_nat_sync_from_insync_seconds`
 list in -> last NAT map write, loading the BPF objects included), and its
 memory once ready: VmRSS and the peak VmHWM from /proc/<pid>/status.
 
-One 1-node lab (``benchag``, removed afterwards also on failure or Ctrl-C); nothing leaves the
-lab's namespaces and loopback. Results merged into bench/results/agent_scale.json.
+One 1-node lab (``benchag``, or ``--lab NAME``; removed afterwards also on failure or Ctrl-C);
+nothing leaves the lab's namespaces and loopback. Results merged into
+bench/results/agent_scale.json.
 
 Usage (root): .venv/bin/python bench/agent_scale.py [--services 10000] [--pods 1000]
-                  [--datastores embedded etcd kubernetes]
+                  [--datastores embedded etcd kubernetes typha] [--lab benchag]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import benchlib
 from rich.console import Console
@@ -53,7 +57,7 @@ from fakeapi import FakeApiServer  # noqa: E402
 
 from tabby.calc import names  # noqa: E402
 from tabby.dataplane.node import remove_pins  # noqa: E402
-from tabby.datastore import open_datastore  # noqa: E402
+from tabby.datastore import DatastoreError, open_datastore  # noqa: E402
 from tabby.lab import cgroups, etcd, processes, state  # noqa: E402
 from tabby.lab.cluster import HEALTH_PORT, Lab, base_resources, pin_root, tabby_bin  # noqa: E402
 
@@ -80,6 +84,7 @@ class Run:
     rss_mib: float  # VmRSS once ready
     peak_mib: float  # VmHWM once ready
     frontends: float
+    server_rss_mib: float = 0.0  # typha only: the fan-out server's VmRSS (one per cluster)
 
 
 def dataset(plan: Any, n_services: int, n_pods: int) -> list[dict[str, Any]]:
@@ -278,6 +283,43 @@ def bench_kubernetes(b: Bench, objs: list[dict[str, Any]], n: int, p: int) -> li
         api.stop()
 
 
+def bench_typha(b: Bench, objs: list[dict[str, Any]], n: int, p: int) -> list[Run]:
+    """The agent reading through `tabby typha` (a process of the lab, on 127.0.0.1) over the
+    lab's embedded store; typha is up and synced before the agent starts."""
+    ds = b.lab.datastore()
+    load_s, _ = benchlib.store(ds, objs)  # unchanged objects if embedded ran first: no writes
+    revision = ds.revision()
+    port = etcd.free_port()
+    argv = [tabby_bin(), "typha", "--datastore", b.lab.url, "--listen", f"127.0.0.1:{port}"]
+    rec = processes.spawn(argv, "bench typha", os.path.join(b.work, "bench-typha.log"))
+    b._record(rec)  # lab down stops it by PID too
+    url = f"typha://127.0.0.1:{port}?datastore={quote(b.lab.url, safe='')}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:  # typha's own list done: a client's first snapshot answers
+            try:
+                client = open_datastore(url)
+                try:
+                    if client.revision() >= revision:
+                        break
+                finally:
+                    client.close()
+            except DatastoreError:
+                pass
+            if not processes.alive(rec) or time.monotonic() > deadline:
+                raise RuntimeError(f"typha never served revision {revision}; see its log")
+            time.sleep(0.2)
+        runs = b.measure("typha (embedded)", url, revision, load_s, n, p)
+        rss, _ = memory_mib(int(rec["pid"]))
+        for run in runs:
+            run.server_rss_mib = rss
+        console.print(f"  typha: RSS {rss:.0f} MiB")
+        return runs
+    finally:
+        b.stop_agent()
+        processes.stop(rec)
+
+
 def table(runs: list[Run]) -> None:
     t = Table(title="agent start-up and memory (node1, no local pod)")
     for col in ("datastore", "services", "pods", "load s", "start", "start -> ready s",
@@ -298,7 +340,11 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=1_000)
     ap.add_argument(
         "--datastores", nargs="+", default=["embedded", "etcd", "kubernetes"],
-        choices=["embedded", "etcd", "kubernetes"],
+        choices=["embedded", "etcd", "kubernetes", "typha"],
+    )  # fmt: skip
+    ap.add_argument(
+        "--lab", default=LAB, help="the lab's name (removed first if it exists: give a name of "
+        "your own when someone else may be running this bench on the machine)",
     )  # fmt: skip
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -308,8 +354,8 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    Lab.down(LAB, progress=lambda _m: None)  # a leftover of an interrupted run
-    lab = Lab.up(LAB, nodes=1, progress=lambda m: console.print(f"  lab: {m}"))
+    Lab.down(args.lab, progress=lambda _m: None)  # a leftover of an interrupted run
+    lab = Lab.up(args.lab, nodes=1, progress=lambda m: console.print(f"  lab: {m}"))
     runs: list[Run] = []
     try:
         b = Bench(lab)
@@ -317,11 +363,16 @@ def main() -> None:
         objs = dataset(lab.plan, args.services, args.pods)
         console.print(f"{len(objs)} objects ({args.services} services + slices, {args.pods} pods)")
         for name in args.datastores:
-            fn = {"embedded": bench_embedded, "etcd": bench_etcd, "kubernetes": bench_kubernetes}
+            fn = {
+                "embedded": bench_embedded,
+                "etcd": bench_etcd,
+                "kubernetes": bench_kubernetes,
+                "typha": bench_typha,
+            }
             console.print(f"[bold]{name}[/]")
             runs += fn[name](b, objs, args.services, args.pods)
     finally:
-        Lab.down(LAB, progress=lambda _m: None)
+        Lab.down(args.lab, progress=lambda _m: None)
     table(runs)
     benchlib.write_json(
         RESULTS,

@@ -9,11 +9,14 @@ TCP and UDP both ways in the subnet and across the router, captured unencapsulat
 fabric; a 20 MB transfer; an agent restart (BIRD keeps running, nothing is withdrawn); a BIRD
 crash (peers keep the routes by graceful restart, the agent starts BIRD again); a dead node
 (hold timer) and a deleted node withdrawn within about 10 s with traffic no longer sent there;
-route reflectors instead of the mesh, switched live and back.
+route reflectors instead of the mesh, switched live and back; a deleted node's peer dropped from
+the other nodes' bird.conf and `tabbyctl node status`, and the machine peered again under a new
+name (stale nodes, issue 9).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +30,8 @@ import pytest
 
 from tabby.bpf.maps.routes import ROUTES_SPEC, RouteFlags, RoutesMap
 from tabby.dataplane.bird import Session, sessions
-from tabby.lab import capture, processes, traffic
+from tabby.dataplane.node import remove_pins
+from tabby.lab import bgp, capture, processes, state, traffic
 from tabby.lab.cluster import Lab, pin_root
 
 from . import spec_lab as spec_labs
@@ -36,6 +40,7 @@ from .service_lab import counters
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 BIG = 20 << 20
 WITHDRAW_BOUND_S = 12.0  # hold time 9 s + the agent's 1 s route sync + slack for a busy CPU
+RELEASE_S = 60.0  # issue 9: a deleted or renamed node's BGP peers go within a minute
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +115,22 @@ def bird_pid(lab: Lab, node: str) -> int:
 def peers(lab: Lab, node: str) -> dict[str, Session]:
     netns = lab.plan.fabric_netns if node == "fabric" else lab.plan.node(node).netns
     return {s.peer: s for s in sessions(lab.bird_socket(node), netns=netns)}
+
+
+def bird_conf(lab: Lab, node: str) -> str:
+    """The bird.conf a node's agent wrote."""
+    with open(os.path.join(os.path.dirname(lab.bird_socket(node)), "bird.conf")) as f:
+        return f.read()
+
+
+def cli_sessions(lab: Lab, node: str) -> dict[str, str]:
+    """`tabbyctl node status -o json` of a lab node: {peer address: state}."""
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "tabbyctl"), "node", "status",
+         "--name", lab.name, "--node", node, "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {row["peer"]: row["info"] for row in json.loads(out)}
 
 
 def established(lab: Lab, node: str) -> set[str]:
@@ -431,12 +452,26 @@ def test_a_deleted_node_is_withdrawn_within_10_s(lab, pods):
     subprocess.run(["ip", "-n", lab.plan.fabric_netns, "link", "set", port, "down"], check=True)
     try:
         ds.delete("Node", "node3")
+        deleted_at = time.monotonic()
         wait_until(
             lambda: b3 not in learned(lab, "node1") and b3 not in kernel_routes(n1.netns),
             timeout_s=WITHDRAW_BOUND_S,
             what="node3's block withdrawn on node1",
         )
         assert ip(lab, "node3") not in peers(lab, "node1"), "the mesh session is gone"
+        ip3 = ip(lab, "node3")
+        wait_until(
+            lambda: all(
+                f"neighbor {ip3} " not in bird_conf(lab, n) and ip3 not in cli_sessions(lab, n)
+                for n in ("node1", "node2")
+            ),
+            timeout_s=RELEASE_S,
+            what="node3's peer dropped from the other nodes' bird.conf and node status",
+        )
+        released_s = time.monotonic() - deleted_at
+        print(
+            f"\nnode3's BGP peers released on node1 and node2 {released_s:.1f} s after its delete"
+        )
         wait_until(
             lambda: b3 not in kernel_routes(lab.plan.fabric_netns),
             timeout_s=WITHDRAW_BOUND_S,
@@ -450,3 +485,40 @@ def test_a_deleted_node_is_withdrawn_within_10_s(lab, pods):
         }
         ds.apply([{**saved, "metadata": meta}])
     wait_until(lambda: ip(lab, "node3") in peers(lab, "node1"), what="node3 peers again")
+
+
+def test_a_node_replaced_under_a_new_name_peers_under_it(lab, pods):
+    """node3's machine comes back as "node3b" (a replaced instance registering under a new
+    name; node3's Node deleted, its agent and BIRD gone): no peer of the old name is left, and
+    the other nodes peer with the machine again under the new one."""
+    ip3 = ip(lab, "node3")
+    ds = lab.datastore()
+    saved = ds.get("Node", "node3")
+    assert saved is not None
+    processes.stop(lab.agent_proc("node3"))
+    old_bird = bird_pid(lab, "node3")
+    os.kill(old_bird, signal.SIGTERM)  # the machine's BIRD goes with it (started by its agent)
+    wait_until(lambda: not os.path.exists(f"/proc/{old_bird}"), what="node3's BIRD stopped")
+    ds.delete("Node", "node3")
+    wait_until(
+        lambda: all(f"neighbor {ip3} " not in bird_conf(lab, n) for n in ("node1", "node2")),
+        timeout_s=RELEASE_S,
+        what="node3's peer released",
+    )
+    remove_pins(pin_root(lab.name, "node3"))  # a fresh machine: the old agent's pins are gone
+    meta = {k: v for k, v in saved["metadata"].items() if k in ("labels", "annotations")}
+    ds.apply([{**saved, "metadata": {**meta, "name": "node3b"}}])
+    lab.start_agent(dataclasses.replace(lab.plan.node("node3"), name="node3b"))
+    took_s = wait_until(
+        lambda: all(
+            cli_sessions(lab, n).get(ip3, "").startswith("Established") for n in ("node1", "node2")
+        ),
+        timeout_s=RELEASE_S,
+        what="node1 and node2 peered with node3b",
+    )
+    print(f"\nnode3b peered with node1 and node2 {took_s:.1f} s after its agent started")
+    for n in ("node1", "node2"):
+        assert bird_conf(lab, n).count(f"neighbor {ip3} ") == 1, n
+    with open(os.path.join(bgp.node_bird_dir(state.lab_dir(lab.name), "node3b"), "bird.pid")) as f:
+        new_bird = int(f.read())
+    assert new_bird != old_bird and os.path.exists(f"/proc/{new_bird}"), "node3b runs its own BIRD"

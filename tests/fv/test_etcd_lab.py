@@ -1,9 +1,13 @@
 """A lab whose agents, controller, CNI and tabbyctl all run on etcd (Calico's etcd mode).
 
 The lab starts its own etcd (loopback TCP on free ports + a unix socket in its state dir, data
-there too), records it as a lab process and stops it by PID on `lab down`. The checks are the
-first ones of test_pod_networking and test_services, and a NetworkPolicy with a relabel, on the
-etcd datastore.
+there too), records it as a lab process and stops it by PID on `lab down`. On it run, unchanged,
+a representative part of the service tests (test_services.py's ClusterIP TCP and UDP, NodePort
+from outside on every node with the client's address kept, a service without endpoints refused,
+hairpin: imported below, so pytest runs them here on this module's lab), 18 of the
+NetworkPolicy reachability matrix's cases (tests/fv/netpol/cases.json, chosen below), plus
+pod-to-pod traffic, a NetworkPolicy with a relabel through the ClusterIP, tabbyctl on etcd and an
+etcd restart.
 """
 
 from __future__ import annotations
@@ -13,21 +17,67 @@ import os
 import subprocess
 import sys
 import uuid
-from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tabby.datastore.etcd import EtcdDatastore
-from tabby.lab import etcd, processes, state, traffic
+from tabby.lab import etcd, netpol, processes, state, traffic
 from tabby.lab.cluster import Lab
 
-from .test_services import service, wait_for_backends
+from . import test_services as service_tests
+
+# Collected here too, with this module's `lab`: the same tests on etcd (fixtures first).
+cluster = service_tests.cluster
+VIP = service_tests.VIP
+test_clusterip_tcp = service_tests.test_clusterip_tcp_reaches_every_remote_backend_without_snat
+test_clusterip_udp = service_tests.test_clusterip_udp
+test_nodeport_from_outside = service_tests.test_nodeport_from_outside_on_every_node
+test_no_endpoints_refused = service_tests.test_service_without_endpoints_is_refused_not_black_holed
+test_hairpin = service_tests.test_hairpin_pod_reaches_itself_through_its_service
 
 pytestmark = [pytest.mark.root, pytest.mark.lab, pytest.mark.etcd]
+NETPOL_CASES = Path(__file__).parent / "netpol" / "cases.json"
 
-VIP = "100.64.0.20"
+
+# The reachability cases run here (the whole matrix runs on the embedded lab in test_netpol.py):
+# one or more per way a datastore event changes policy (policy create, update, delete; pod and
+# namespace relabels; pods and namespaces created and deleted) and per rule shape the agents
+# program (selectors AND/OR, named and ranged ports, UDP, egress, ipBlock except, unions).
+# The whole matrix on etcd passed too (93 s through the pods' addresses, 117 s through both):
+# `tabbyctl lab up --datastore etcd` then `tabbyctl lab netpol-matrix --cases ...`.
+ETCD_CASES = (
+    "deny-all-ingress-x",
+    "ingress-ns-and-pod-in-one-peer",
+    "ingress-ns-or-pod-two-peers",
+    "ingress-named-udp",
+    "ingress-end-port",
+    "deny-all-egress-x",
+    "egress-named-port",
+    "ingress-and-egress-meet",
+    "ingress-ipblock-except",
+    "union-of-policies",
+    "update-policy",
+    "delete-policy",
+    "relabel-namespace",
+    "relabel-client-pod",
+    "relabel-target-pod",
+    "create-pod",
+    "delete-pod",
+    "create-namespace",
+)
+
+
+@pytest.fixture(scope="module")
+def model(lab: Lab) -> netpol.Harness:
+    """test_netpol.py's x/y/z model, probed at the pods' own addresses: what etcd changes is
+    what the agents program, not the service path (the 3-node lab probes both). No teardown of
+    its own: the lab goes right after this module, with every pod."""
+    h = netpol.Harness(lab, "pod", progress=lambda _m: None)
+    h.setup()
+    return h
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +93,6 @@ def lab(root_caps: None, etcd_binary: str) -> Iterator[Lab]:
     assert not os.path.exists(state.lab_dir(name))
 
 
-@pytest.fixture(scope="module")
-def cluster(lab: Lab) -> dict[str, Any]:
-    lab.add_pod("client", "node1", wait=False)
-    lab.add_pod("web-a", "node2", labels={"app": "web"}, wait=False)
-    lab.add_pod("web-b", "node2", labels={"app": "web"}, wait=False)
-    lab.datastore().apply([service("web", VIP, {"app": "web"})])
-    wait_for_backends(lab, "web", 2)
-    return {n: lab.pod(n) for n in ("client", "web-a", "web-b")}
-
-
 def test_the_lab_runs_on_etcd(lab: Lab) -> None:
     assert lab.url.startswith("etcd+unix:///run/tabby/") and lab.etcd_url
     assert isinstance(lab.datastore(), EtcdDatastore)
@@ -66,13 +106,6 @@ def test_pods_talk_across_nodes(cluster: dict[str, Any]) -> None:
     assert traffic.http_get(client["netns"], web["ip"], 8080, "/hostname") == "web-a"
     seen = traffic.http_get(client["netns"], web["ip"], 8080, "/clientip").split(":")[0]
     assert seen == client["ip"], "no SNAT between pods"
-
-
-def test_clusterip_service(cluster: dict[str, Any]) -> None:
-    client = cluster["client"]
-    seen = Counter(traffic.http_get(client["netns"], VIP, 80, "/hostname") for _ in range(20))
-    assert set(seen) == {"web-a", "web-b"}, seen
-    assert traffic.udp_request(client["netns"], VIP, 53, b"hostname") in {"web-a", "web-b"}
 
 
 def test_network_policy_and_a_relabel_on_etcd(lab: Lab, cluster: dict[str, Any]) -> None:
@@ -108,6 +141,16 @@ def test_network_policy_and_a_relabel_on_etcd(lab: Lab, cluster: dict[str, Any])
         ds.delete("NetworkPolicy", "friends-only", "default")
         ds.patch("Pod", "client", "default", {"metadata": {"labels": {"role": None}}})
         lab.wait_ready()
+
+
+def test_netpol_matrix_cases_on_etcd(model: netpol.Harness) -> None:
+    cases = [c for c in netpol.load_cases(str(NETPOL_CASES)) if c["id"] in ETCD_CASES]
+    assert sorted(c["id"] for c in cases) == sorted(ETCD_CASES)
+    results = netpol.run_cases(model, cases, lambda _line: None)
+    failed = [r for r in results if r.status != "passed"]
+    assert not failed, "\n".join(netpol.render(r) for r in failed)
+    assert len(results) == len(ETCD_CASES)
+    model.reset({})
 
 
 def test_tabbyctl_reads_the_lab_etcd(lab: Lab, cluster: dict[str, Any]) -> None:

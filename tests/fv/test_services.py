@@ -51,7 +51,9 @@ def service(name: str, vip: str, selector: dict[str, str], **spec: Any) -> dict[
 def cluster(lab: Lab) -> dict[str, Any]:
     lab.add_pod("client", "node1", wait=False)
     lab.add_pod("web-a", "node2", labels={"app": "web", "pod": "web-a"}, wait=False)
-    lab.add_pod("web-b", "node3", labels={"app": "web", "pod": "web-b"}, wait=False)
+    # node3 in the 3-node lab; the last node in a smaller one (test_etcd_lab.py runs on 2)
+    last = lab.plan.nodes[-1].name
+    lab.add_pod("web-b", last, labels={"app": "web", "pod": "web-b"}, wait=False)
     web = service("web", VIP, {"app": "web"}, type="NodePort")
     web["spec"]["ports"][0]["nodePort"] = NODEPORT
     lab.datastore().apply(

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from etcdserver import EtcdServer
 from fakeapi import FakeApiServer
 
 from tabby.datastore import (
@@ -39,7 +38,6 @@ from tabby.datastore import etcd as etcd_store
 from tabby.datastore.embedded import EmbeddedDatastore
 from tabby.datastore.etcd import EtcdDatastore
 from tabby.datastore.kubernetes import KubernetesDatastore, config_for
-from tabby.lab import etcd as etcd_proc
 from tabby.model import ValidationError
 
 POOL = {
@@ -72,36 +70,6 @@ def service(name: str, type_: str = "ClusterIP") -> dict[str, Any]:
 
 
 # --- etcd, for real ------------------------------------------------------------------------------
-
-
-class EtcdServer:
-    """One etcd process on loopback; restartable on the same ports and data dir."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.client_port, self.peer_port = etcd_proc.free_port(), etcd_proc.free_port()
-        self.url = f"etcd://127.0.0.1:{self.client_port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = etcd_proc.argv(str(self.work / "data"), self.client_port, self.peer_port)
-        with open(self.work / "etcd.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=self.work, stdout=log, stderr=log)
-        proc = self.proc
-        etcd_proc.wait_ready(self.url, alive=lambda: proc.poll() is None)
-
-    def stop(self) -> None:
-        """SIGTERM by PID (then SIGKILL), and reap."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
