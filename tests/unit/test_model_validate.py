@@ -198,3 +198,12 @@ def test_kind_aliases_case_insensitive():
     assert lookup("deploy").name == "Deployment"
     with pytest.raises(UnknownKind, match="known kinds"):
         lookup("statefulsets")
+
+
+@pytest.mark.parametrize("field", ["ipipMode", "vxlanMode"])
+@pytest.mark.parametrize("mode", ["Always", "CrossSubnet"])
+def test_an_ipv6_pool_is_never_encapsulated(field, mode):
+    msg = error_of(pool(cidr="fd00:10:96::/48", **{field: mode}))
+    assert f"spec.{field}: {mode}: an IPv6 pool is not encapsulated (use Never)" in msg
+    out = validate(pool(cidr="fd00:10:96::/48"))["spec"]
+    assert (out["blockSize"], out["ipipMode"], out["vxlanMode"]) == (122, "Never", "Never")

@@ -81,6 +81,11 @@ def base_resources(
             }
         )
     for node in plan.nodes:
+        annotations = {"projectcalico.org/IPv4Address": f"{node.ip}/{node.prefixlen}"}
+        addresses = [{"type": "InternalIP", "address": node.ip}]
+        if node.ip6:  # dual-stack, as kubelet reports it: IPv4 first
+            annotations["projectcalico.org/IPv6Address"] = f"{node.ip6}/64"
+            addresses.append({"type": "InternalIP", "address": node.ip6})
         objs.append(
             {
                 "apiVersion": "v1",
@@ -88,14 +93,9 @@ def base_resources(
                 "metadata": {
                     "name": node.name,
                     "labels": {"kubernetes.io/hostname": node.name},
-                    "annotations": {"projectcalico.org/IPv4Address": f"{node.ip}/{node.prefixlen}"},
+                    "annotations": annotations,
                 },
-                "status": {
-                    "addresses": [
-                        {"type": "InternalIP", "address": node.ip},
-                        {"type": "Hostname", "address": node.name},
-                    ]
-                },
+                "status": {"addresses": [*addresses, {"type": "Hostname", "address": node.name}]},
             }
         )
     return objs
@@ -104,8 +104,25 @@ def base_resources(
 def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], list[str]]:
     """The rendered FelixConfiguration + IPPool a lab from ``cluster`` applies, and warnings.
 
-    The pool keeps its encapsulation (IP-in-IP is done by the data interface's programs)."""
-    objs, warnings = kops.render(cluster), []
+    The pool keeps its encapsulation (IP-in-IP is done by the data interface's programs). An
+    IPv6 spec's lab is dual-stack (topology.py): its IPv6 pool (the spec's podCIDR, else
+    POOL6_CIDR) comes with the lab's IPv4 pool, both without encapsulation (routed over BGP)."""
+    objs, warnings = kops.render(cluster, default_pod_cidr=topology.POOL6_CIDR), []
+    if cluster.ipv6:
+        objs.append(
+            {
+                "apiVersion": "projectcalico.org/v3",
+                "kind": "IPPool",
+                "metadata": {"name": kops.POOL_NAME[4]},
+                "spec": {
+                    "cidr": topology.POOL_CIDR,
+                    "blockSize": 26,
+                    "ipipMode": "Never",
+                    "vxlanMode": "Never",
+                    "natOutgoing": True,
+                },
+            }
+        )
     for obj in objs:
         spec = obj["spec"]
         if obj["kind"] == "IPPool":
@@ -114,7 +131,9 @@ def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], lis
                 if pool.overlaps(ipaddress.ip_network(other)):
                     raise LabError(f"pod CIDR {pool} overlaps {other}, which the lab uses")
     svc = cluster.service_cidr
-    if svc and svc != DEFAULT_SERVICE_CIDR:
+    if svc and ":" in svc:
+        warnings.append(f"serviceClusterIPRange {svc}: IPv6 services are not supported yet")
+    elif svc and svc != DEFAULT_SERVICE_CIDR:
         warnings.append(
             f"serviceClusterIPRange {svc}: the lab's datastore allocates ClusterIPs from "
             f"{DEFAULT_SERVICE_CIDR}"
@@ -152,6 +171,7 @@ class Lab:
             subnets=saved.get("subnets"),
             placement=saved.get("placement"),
             fabric_mtu=int(saved.get("fabric_mtu", 1500)),
+            ipv6=bool(saved.get("ipv6", False)),
         )
         self.backend = str(saved.get("backend", "vxlan"))
 
@@ -249,6 +269,7 @@ class Lab:
             st["subnets"], st["fabric_mtu"] = subnets, self.plan.fabric_mtu
             st["placement"] = [subnets.index(n.subnet) for n in self.plan.nodes]
             st["backend"] = self.backend
+            st["ipv6"] = self.plan.ipv6
         ds = self.datastore()
         objs = base_resources(self.plan, config)
         if self.backend == "bird":
@@ -263,7 +284,8 @@ class Lab:
         if self.backend == "bird":
             self._start_router_bird(progress)
         for node in self.plan.nodes:
-            progress(f"node {node.name}: {node.netns} {node.ip}/{node.prefixlen}")
+            also = f" {node.ip6}/64" if node.ip6 else ""
+            progress(f"node {node.name}: {node.netns} {node.ip}/{node.prefixlen}{also}")
             fabric.build_node(self.plan, node)
             cgroups.group(self.name, node.name)
         progress("starting the controller and one agent per node")
