@@ -8,10 +8,14 @@ programs); BIRD on every node and on the router peers over IPv6 too and announce
 blocks, which land in the kernels (next hop: the node in the subnet, the router across it);
 TCP and UDP over IPv6 pod to pod on one node, in the subnet and across the router, captured on
 the fabric as plain IPv6 (next header TCP / UDP, nothing encapsulated); a 20 MB transfer.
+Services: an IPv6 ClusterIP (ipFamilies [IPv6], from the lab's IPv6 service CIDR) reached from a
+pod over TCP and UDP, balanced at connect() over backends on the other nodes, the client's
+address kept, the reply's source the ClusterIP; a PreferDualStack Service gets both families.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -27,18 +31,21 @@ import yaml
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 
+from tabby.bpf.maps.counters import Reason
 from tabby.calc.names import POD_GATEWAY6
 from tabby.dataplane.bird import sessions
 from tabby.lab import capture, traffic
 from tabby.lab.cluster import Lab
+from tabby.lab.sockclient import SocketClient
 from tabby.model import kops
 
 from . import spec_lab as spec_labs
-from .service_lab import counters
+from .service_lab import counter_delta, counters
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-ipv6-cluster.yaml"
 POOL6 = ipaddress.ip_network("fd7a:b1e:96::/48")
+SERVICE6 = ipaddress.ip_network("fd7a:b1e:64::/108")  # the example's serviceClusterIPRange
 BIG = 20 << 20
 
 
@@ -219,3 +226,81 @@ def _download(client: dict[str, Any], server: dict[str, Any], family: str) -> fl
     took = time.monotonic() - start
     assert got == BIG
     return BIG * 8 / took / 1e6
+
+
+# --- services over IPv6 -------------------------------------------------------------------------
+
+
+def service(name: str, selector: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "selector": {"app": selector},
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                {"name": "udp", "port": 53, "targetPort": 8081, "protocol": "UDP"},
+            ],
+            **spec,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def web6(lab: Lab, pods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Service web6 (IPv6 only) over w2 (node2) and w3 (node3)."""
+    for name, node in (("w2", "node2"), ("w3", "node3")):
+        lab.add_pod(name, node, labels={"app": "web6"}, wait=False)
+    ds = lab.datastore()
+    ds.apply([service("web6", "web6", ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack")])
+    lab.wait_ready()
+    svc = ds.get("Service", "web6", "default")
+    assert svc is not None
+    return svc
+
+
+def pod_client(lab: Lab, pod: str) -> SocketClient:
+    """A client process in the pod's netns and cgroup: the socket hooks follow the cgroup."""
+    netns, cgroup = lab.exec_argv(pod, [])
+    return SocketClient(netns, cgroup)
+
+
+def test_an_ipv6_cluster_ip_balances_tcp_and_udp_across_nodes_at_connect(lab, pods, web6):
+    vip = web6["spec"]["clusterIP"]
+    assert web6["spec"]["clusterIPs"] == [vip] and ipaddress.ip_address(vip) in SERVICE6
+    p1 = pods["p1"]
+    before = counters(lab, "node1")
+    with pod_client(lab, "p1") as c:
+        tcp = [c("tcp", ip=vip, port=80, path="/hostname") for _ in range(12)]
+        client = c("tcp", ip=vip, port=80, path="/clientip")
+        udp = [c("sendto", ip=vip, port=53, payload="hostname") for _ in range(12)]
+    assert {a.get("body") for a in tcp} == {"w2", "w3"}, tcp  # both backends, other nodes
+    assert all(a["peer"][:2] == [vip, 80] for a in tcp), "getpeername6 shows the ClusterIP"
+    assert client["body"].rsplit(":", 1)[0] == p1["ip6"], "the pod's own address: no SNAT"
+    assert {a.get("reply") for a in udp} == {"w2", "w3"}, udp
+    assert all(a["src"][:2] == [vip, 53] for a in udp), "recvmsg6 shows the ClusterIP"
+    after = counters(lab, "node1")
+    assert counter_delta(before, after, Reason.CTLB_CONNECT) >= 13
+    assert counter_delta(before, after, Reason.CTLB_SENDMSG) >= 12
+
+
+def test_an_ipv6_cluster_ip_without_endpoints_refuses_and_dual_stack_gets_both(lab, pods, web6):
+    ds = lab.datastore()
+    ds.apply([
+        service("empty6", "nobody", ipFamilies=["IPv6"]),
+        service("dual", "web6", ipFamilyPolicy="PreferDualStack"),
+    ])  # fmt: skip
+    lab.wait_ready()
+    empty = ds.get("Service", "empty6", "default")
+    dual = ds.get("Service", "dual", "default")
+    assert empty is not None and dual is not None
+    v4, v6 = dual["spec"]["clusterIPs"]
+    assert ipaddress.ip_address(v4).version == 4 and ipaddress.ip_address(v6) in SERVICE6
+    with pod_client(lab, "p1") as c:
+        for ip in (v4, v6):  # IPv4 (tabby's IPv4 NAT) and IPv6 (connect6) frontends of one Service
+            assert c("tcp", ip=ip, port=80, path="/hostname").get("body") in {"w2", "w3"}
+        refused = c("tcp", ip=empty["spec"]["clusterIP"], port=80, path="/hostname")
+    assert refused.get("errno") == errno.EPERM, refused
+    ds.delete("Service", "empty6", "default")
+    ds.delete("Service", "dual", "default")

@@ -16,6 +16,10 @@ kube-proxy's rules, followed here:
   "has no local endpoints") where an empty cluster set rejects ("has no endpoints");
 - NodePorts answer on this node's address; loadBalancerSourceRanges apply to LoadBalancer IPs;
 - healthCheckNodePort reports the node-local ready endpoints.
+
+IPv6: a Service's IPv6 clusterIP(s) get ClusterIP frontends over the IPv6 EndpointSlices, in
+``ServiceNAT.ipv6`` (served at connect() only, by the IPv6 NAT manager); IPv6 NodePorts,
+externalIPs and LoadBalancer IPs are not handled yet (a warning says so).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class ServiceNAT:
     health_check_port: int = 0
     local_endpoints: int = 0
     warnings: tuple[str, ...] = ()
+    ipv6: ServiceNAT | None = None  # the IPv6 ClusterIP frontends and their backend sets
 
 
 # One endpoint of one service port: (address, port, ready, serving+terminating, on this node).
@@ -104,11 +109,19 @@ def _ipv4(addr: Any) -> bool:
         return False
 
 
-def _endpoints_for(port: Obj, slices: list[Obj], node: str) -> list[_Endpoint]:
+def _ipv6(addr: Any) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(str(addr)), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _endpoints_for(port: Obj, slices: list[Obj], node: str, family: int = 4) -> list[_Endpoint]:
     name, protocol = port.get("name", ""), port.get("protocol", "TCP")
+    address_type, valid = ("IPv4", _ipv4) if family == 4 else ("IPv6", _ipv6)
     out: list[_Endpoint] = []
     for sl in slices:
-        if sl.get("addressType") != "IPv4":
+        if sl.get("addressType") != address_type:
             continue
         number = 0
         for p in sl.get("ports") or ():
@@ -119,7 +132,7 @@ def _endpoints_for(port: Obj, slices: list[Obj], node: str) -> list[_Endpoint]:
             continue
         for ep in sl.get("endpoints") or ():
             addrs = ep.get("addresses")
-            if not addrs or not _ipv4(addrs[0]):  # one address per endpoint is used
+            if not addrs or not valid(addrs[0]):  # one address per endpoint is used
                 continue
             cond = ep.get("conditions")
             if cond:
@@ -194,6 +207,12 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
             flags |= NAT_SRC_RANGES if src else 0
             frontends.append(Frontend(addr, number, proto, bset, flags, affinity_s, src, kind))
     used = {f.backend_set for f in frontends}
+    v6_ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if _ipv6(ip)]
+    ipv6 = _ipv6_nat(key, spec, slices, node, v6_ips, base_flags, affinity_s) if v6_ips else None
+    if ipv6 is not None and (
+        stype != "ClusterIP" or any(_ipv6(ip) for ip in spec.get("externalIPs") or [])
+    ):
+        warnings.append(f"{key}: IPv6 is served on its ClusterIP only (not NodePort/external)")
     health = 0
     if stype in ("NodePort", "LoadBalancer") and external_local:
         health = int(spec.get("healthCheckNodePort") or 0)
@@ -204,7 +223,36 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
         health_check_port=health,
         local_endpoints=len(local_ready),
         warnings=tuple(warnings),
+        ipv6=ipv6,
     )
+
+
+def _ipv6_nat(
+    key: str,
+    spec: Obj,
+    slices: list[Obj],
+    node: str,
+    cluster_ips: list[str],
+    flags: int,
+    affinity_s: int,
+) -> ServiceNAT:
+    """The IPv6 ClusterIP frontends of one Service, over its IPv6 EndpointSlices."""
+    internal_local = spec.get("internalTrafficPolicy") == "Local"
+    frontends: list[Frontend] = []
+    sets: dict[str, tuple[Backend, ...]] = {}
+    for port in spec.get("ports") or []:
+        proto = port.get("protocol", "TCP")
+        if proto not in ("TCP", "UDP"):
+            continue
+        endpoints = _endpoints_for(port, slices, node, family=6)
+        if internal_local:
+            endpoints = [e for e in endpoints if e[4]]
+        label = f"{key}:{port.get('name') or port['port']}/{proto}:ipv6"
+        sets[label] = usable(endpoints)
+        bflags = flags | (NAT_DROP_EMPTY if internal_local else 0)
+        for ip in cluster_ips:
+            frontends.append(Frontend(ip, port["port"], proto, label, bflags, affinity_s))
+    return ServiceNAT(key=key, frontends=tuple(frontends), backend_sets=sets)
 
 
 class ServiceIndex:

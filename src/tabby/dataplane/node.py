@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from tabby import preflight
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
-from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.nat import (
+    BACKENDS6_SPEC,
+    BACKENDS_SPEC,
+    FRONTENDS6_SPEC,
+    FRONTENDS_SPEC,
+    SOURCE_RANGES_SPEC,
+)
 from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
@@ -71,7 +77,10 @@ class NodeDataplane:
         # own fds on the pins: they outlive a reload of the objects
         self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
         self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
-        self.nat = NatManager(*self.nat_maps)
+        self.nat = NatManager(self.nat_maps[0], self.nat_maps[1], self.nat_maps[2])
+        self.nat6_maps = [s.open_pinned(pin_root) for s in (FRONTENDS6_SPEC, BACKENDS6_SPEC)]
+        # IPv6 ClusterIPs (served at connect() only)
+        self.nat6 = NatManager(self.nat6_maps[0], self.nat6_maps[1], None, family=6)
         self.last_nat = NatApplyResult()
         self.policy_maps = PolicyMaps.open_pinned(pin_root)
         self.policy = PolicyManager(self.policy_maps)
@@ -113,6 +122,8 @@ class NodeDataplane:
         # services before the programs that read them are attached to new interfaces
         self.last_nat = self.nat.apply(state.services)
         errors += self.last_nat.errors
+        services6 = {k: svc.ipv6 for k, svc in state.services.items() if svc.ipv6 is not None}
+        errors += self.nat6.apply(services6).errors
         # policies before the programs see a new endpoint (Felix's order)
         self.last_policy = self.policy.apply(state.policies)
         errors += self.last_policy.errors
@@ -226,7 +237,7 @@ class NodeDataplane:
     def close(self) -> None:
         self.health.close()
         self.policy_maps.close()
-        for m in [*self.nat_maps, self.routes.map.map, self.counters.map]:
+        for m in [*self.nat_maps, *self.nat6_maps, self.routes.map.map, self.counters.map]:
             m.close()
         self.objects.close()
 

@@ -131,14 +131,22 @@ def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], lis
                 if pool.overlaps(ipaddress.ip_network(other)):
                     raise LabError(f"pod CIDR {pool} overlaps {other}, which the lab uses")
     svc = cluster.service_cidr
-    if svc and ":" in svc:
-        warnings.append(f"serviceClusterIPRange {svc}: IPv6 services are not supported yet")
-    elif svc and svc != DEFAULT_SERVICE_CIDR:
+    if svc and ":" not in svc and svc != DEFAULT_SERVICE_CIDR:  # IPv6: see service_cidrs
         warnings.append(
             f"serviceClusterIPRange {svc}: the lab's datastore allocates ClusterIPs from "
             f"{DEFAULT_SERVICE_CIDR}"
         )
     return objs, warnings
+
+
+def service_cidrs(plan: LabPlan, cluster: kops.KopsCluster | None) -> str:
+    """The lab datastore's service CIDR(s): IPv4, and in an IPv6 lab the spec's IPv6
+    serviceClusterIPRange (else SERVICE6_CIDR) too (kube-apiserver's dual-stack form)."""
+    if not plan.ipv6:
+        return DEFAULT_SERVICE_CIDR
+    spec = cluster.service_cidr if cluster is not None else None
+    v6 = spec if spec and ":" in spec else topology.SERVICE6_CIDR
+    return f"{DEFAULT_SERVICE_CIDR},{v6}"
 
 
 def _rmdir_if_empty(path: str) -> None:
@@ -174,6 +182,7 @@ class Lab:
             ipv6=bool(saved.get("ipv6", False)),
         )
         self.backend = str(saved.get("backend", "vxlan"))
+        self.service_cidrs = service_cidrs(self.plan, None)
 
     @property
     def url(self) -> str:
@@ -252,6 +261,7 @@ class Lab:
         preflight.require()
         lab = cls.__new__(cls)
         lab.name, lab.plan, lab.backend = name, plan, backend
+        lab.service_cidrs = service_cidrs(plan, cluster)
         try:
             if datastore == "etcd":
                 lab._start_etcd(progress)
@@ -270,6 +280,10 @@ class Lab:
             st["placement"] = [subnets.index(n.subnet) for n in self.plan.nodes]
             st["backend"] = self.backend
             st["ipv6"] = self.plan.ipv6
+            if self.service_cidrs != DEFAULT_SERVICE_CIDR and not st.get("datastore"):
+                # every component opens the store with it (the embedded store's admission)
+                path = f"{state.lab_dir(self.name)}/store.db"
+                st["datastore"] = f"sqlite:///{path}?service-cidr={self.service_cidrs}"
         ds = self.datastore()
         objs = base_resources(self.plan, config)
         if self.backend == "bird":
