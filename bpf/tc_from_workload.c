@@ -15,6 +15,7 @@
 #include "tabby/fib.h"
 #include "tabby/icmp.h"
 #include "tabby/nat.h"
+#include "tabby/nat6.h"
 #include "tabby/parse.h"
 #include "tabby/policy.h"
 
@@ -37,8 +38,12 @@ int tby_from_wl(struct __sk_buff *skb)
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
 		break;
+	case PARSE_IPV6: /* replies of IPv6 NodePort flows (nat6.h); else untouched */
+		if (nat6_from_workload(skb) == NAT6_DROP)
+			return TC_ACT_SHOT;
+		counter_inc(TBY_R_PASS_NON_IP);
+		return TC_ACT_OK;
 	case PARSE_ARP:
-	case PARSE_IPV6:
 		counter_inc(TBY_R_PASS_NON_IP);
 		return TC_ACT_OK;
 	case PARSE_OTHER:

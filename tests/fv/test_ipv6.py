@@ -10,7 +10,9 @@ TCP and UDP over IPv6 pod to pod on one node, in the subnet and across the route
 the fabric as plain IPv6 (next header TCP / UDP, nothing encapsulated); a 20 MB transfer.
 Services: an IPv6 ClusterIP (ipFamilies [IPv6], from the lab's IPv6 service CIDR) reached from a
 pod over TCP and UDP, balanced at connect() over backends on the other nodes, the client's
-address kept, the reply's source the ClusterIP; a PreferDualStack Service gets both families.
+address kept, the reply's source the ClusterIP; a PreferDualStack Service gets both families;
+an IPv6 NodePort reached from outside the cluster (the fabric's router), translated per packet:
+the local backend sees the client, the remote one the node (SNAT); TCP, UDP, 40 MB through it.
 """
 
 from __future__ import annotations
@@ -304,3 +306,38 @@ def test_an_ipv6_cluster_ip_without_endpoints_refuses_and_dual_stack_gets_both(l
     assert refused.get("errno") == errno.EPERM, refused
     ds.delete("Service", "empty6", "default")
     ds.delete("Service", "dual", "default")
+
+
+def test_an_ipv6_nodeport_per_packet_local_backend_keeps_the_client_remote_is_snated(
+    lab, pods, web6
+):
+    """From the fabric's router (an IPv6 client outside the cluster) to node2's IPv6 address:
+    w2 (on node2) sees the client, w3 (node3) sees node2 (SNAT, as kube-proxy); TCP and UDP."""
+    ds = lab.datastore()
+    ds.apply([service("np6", "web6", type="NodePort", ipFamilies=["IPv6"])])
+    lab.wait_ready()
+    np6 = ds.get("Service", "np6", "default")
+    assert np6 is not None
+    tcp_port, udp_port = (p["nodePort"] for p in np6["spec"]["ports"])
+    node2 = lab.plan.node("node2")
+    client = lab.plan.subnets[1].gateway6  # the router's address on node2's subnet
+    fabric = lab.plan.fabric_netns
+    before = counters(lab, "node2")
+    try:
+        seen: dict[str, set[str]] = {}
+        for _ in range(16):
+            name = traffic.http_get(fabric, node2.ip6, tcp_port, "/hostname")
+            source = traffic.http_get(fabric, node2.ip6, tcp_port, "/clientip")
+            seen.setdefault(name, set()).add(source.rsplit(":", 1)[0])
+        udp = {traffic.udp_request(fabric, node2.ip6, udp_port, b"hostname") for _ in range(12)}
+        for _ in range(2):  # large (GSO) segments through the rewritten checksums
+            assert traffic.http_download_len(fabric, node2.ip6, tcp_port, BIG) == BIG
+    finally:
+        ds.delete("Service", "np6", "default")
+    assert set(seen) == {"w2", "w3"} and udp == {"w2", "w3"}, (seen, udp)
+    # a connection may land on the other backend than the /hostname one before it: the two
+    # sources seen are the client's (local backend) and node2's (remote backend, SNAT)
+    assert set().union(*seen.values()) == {client, node2.ip6}, seen
+    after = counters(lab, "node2")
+    assert counter_delta(before, after, Reason.NAT6_NEW) >= 16 * 2 + 12 + 2
+    assert counter_delta(before, after, Reason.DROP_NAT_FAIL) == 0

@@ -44,6 +44,8 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_nat_be6_val": nat.Backend6Value,
     "tby_ctlb_sk6_key": ctlb.CtlbSock6Key,
     "tby_ctlb_sk6_val": ctlb.CtlbSock6Value,
+    "tby_ct6_key": conntrack.Ct6Key,
+    "tby_ct6_val": conntrack.Ct6Value,
     "tby_ct_gc_stats": ctgc.CtGcStats,
     "tby_pol_ep_val": policy.EndpointValue,
     "tby_pol_peer_key": policy.PeerKey,

@@ -3,7 +3,7 @@ come from the IPv6 EndpointSlices only, and leave the IPv4 ones as they were."""
 
 from __future__ import annotations
 
-from tabby.calc.services import NAT_DROP_EMPTY, service_nat
+from tabby.calc.services import NAT_DROP_EMPTY, NAT_EXTERNAL, service_nat
 
 
 def service(cluster_ips: list[str], **spec: object) -> dict:
@@ -67,9 +67,21 @@ def test_an_ipv6_only_service_and_internal_traffic_policy_local():
         assert [b[0] for b in local.ipv6.backend_sets[f.backend_set]] == ["fd00:96::41"]
 
 
-def test_an_ipv4_service_has_no_ipv6_part_and_ipv6_nodeports_are_named():
+def test_an_ipv4_service_has_no_ipv6_part_and_ipv6_nodeports_are_on_the_nodes_ipv6():
     assert service_nat(service(["100.64.1.1"]), SLICES, "n1", None).ipv6 is None
     nodeport = service(["fd00:64::1"], type="NodePort")
     nodeport["spec"]["ports"][0]["nodePort"] = 30080
-    nat = service_nat(nodeport, SLICES, "n1", "172.20.32.11")
-    assert any("IPv6 is served on its ClusterIP only" in w for w in nat.warnings)
+    nat = service_nat(nodeport, SLICES, "n1", "172.20.32.11", "fd00:20:1::11")
+    assert nat.ipv6 is not None
+    np = [f for f in nat.ipv6.frontends if f.kind == "NodePort"]
+    assert [(f.addr, f.port, f.protocol) for f in np] == [("fd00:20:1::11", 30080, "TCP")]
+    assert np[0].flags & NAT_EXTERNAL
+    assert nat.ipv6.backend_sets[np[0].backend_set] == (
+        ("fd00:96::41", 8080),
+        ("fd00:96::81", 8080),
+    )
+    without = service_nat(nodeport, SLICES, "n1", "172.20.32.11")
+    assert without.ipv6 is not None and all(f.kind == "ClusterIP" for f in without.ipv6.frontends)
+    lb = service(["fd00:64::1"], type="LoadBalancer")
+    nat = service_nat(lb, SLICES, "n1", "172.20.32.11", "fd00:20:1::11")
+    assert any("not LoadBalancer or externalIPs" in w for w in nat.warnings)

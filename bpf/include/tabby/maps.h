@@ -132,6 +132,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_ctlb_sk6 SEC(".maps");
 
+/* IPv6 NodePort flows (nat6.h): tuple as it arrives -> tuple to rewrite to. An
+ * LRU: no sweep; an idle flow's pair ages out under pressure. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tby_ct6_key);
+	__type(value, struct tby_ct6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ct6 SEC(".maps");
+
 /* NetworkPolicy: local pod address -> its policy set and isolation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -50,6 +50,8 @@ enum tby_reason {
 	TBY_R_DROP_POL_IN, /* a local pod's ingress policy denied a new flow */
 	TBY_R_DROP_POL_OUT, /* a local pod's egress policy denied a new flow */
 	TBY_R_POL_NEW, /* a new flow of an isolated pod admitted and cached on conntrack */
+	TBY_R_NAT6_NEW, /* a new IPv6 NodePort flow: backend chosen, pair in tby_ct6 */
+	TBY_R_NAT6, /* a packet of an IPv6 NodePort flow translated (either way) */
 	TBY_REASON_MAX,
 };
 

@@ -85,6 +85,27 @@ struct tby_nat_be6_val {
 	__u16 _pad;
 };
 
+/*
+ * IPv6 NodePorts per packet (nat6.h): one entry per direction of a flow, keyed
+ * by the tuple as it arrives, holding the tuple to rewrite it to.
+ */
+struct tby_ct6_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+struct tby_ct6_val {
+	__u8 src[16];
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 _pad;
+};
+
 /* sessionAffinity ClientIP: the backend a client was last given. */
 struct tby_nat_aff_key {
 	__u32 id;

@@ -84,6 +84,7 @@ class NodeState:
     node: str
     node_ip: str | None
     bpf_enabled: bool = True
+    node_ip6: str | None = None  # IPv6 NodePorts answer on it
     vni: int = DEFAULT_VNI
     vxlan_port: int = DEFAULT_VXLAN_PORT
     log_level: str = "Off"
@@ -203,6 +204,7 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
     nodes = {name: obj for (_, name), obj in resources.get("Node", {}).items()}
     me = nodes.get(node)
     state = NodeState(node=node, node_ip=node_internal_ip(me) if me else None)
+    state.node_ip6 = node_internal_ip6(me) if me else None
     cfg = felix_config(resources)
     state.bpf_enabled = bool(cfg.get("bpfEnabled", True))
     state.vni = int(cfg.get("vxlanVNI", DEFAULT_VNI))

@@ -17,8 +17,9 @@ kube-proxy's rules, followed here:
 - NodePorts answer on this node's address; loadBalancerSourceRanges apply to LoadBalancer IPs;
 - healthCheckNodePort reports the node-local ready endpoints.
 
-IPv6: a Service's IPv6 clusterIP(s) get ClusterIP frontends over the IPv6 EndpointSlices, in
-``ServiceNAT.ipv6`` (served at connect() only, by the IPv6 NAT manager); IPv6 NodePorts,
+IPv6: a Service's IPv6 clusterIP(s) get ClusterIP frontends over the IPv6 EndpointSlices, and
+its NodePorts a frontend on the node's IPv6 address, in ``ServiceNAT.ipv6`` (the IPv6 NAT
+manager: ClusterIPs at connect(), NodePorts per packet, bpf/include/tabby/nat6.h); IPv6
 externalIPs and LoadBalancer IPs are not handled yet (a warning says so).
 """
 
@@ -145,7 +146,9 @@ def _endpoints_for(port: Obj, slices: list[Obj], node: str, family: int = 4) -> 
     return out
 
 
-def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None) -> ServiceNAT:
+def service_nat(
+    service: Obj, slices: list[Obj], node: str, node_ip: str | None, node_ip6: str | None = None
+) -> ServiceNAT:
     """One Service's frontends and backend sets as seen from ``node``."""
     meta, spec = service["metadata"], service.get("spec", {})
     key = f"{meta.get('namespace', 'default')}/{meta['name']}"
@@ -208,11 +211,18 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
             frontends.append(Frontend(addr, number, proto, bset, flags, affinity_s, src, kind))
     used = {f.backend_set for f in frontends}
     v6_ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if _ipv6(ip)]
-    ipv6 = _ipv6_nat(key, spec, slices, node, v6_ips, base_flags, affinity_s) if v6_ips else None
+    ipv6 = (
+        _ipv6_nat(key, spec, slices, node, v6_ips, base_flags, affinity_s, node_ip6)
+        if v6_ips
+        else None
+    )
     if ipv6 is not None and (
-        stype != "ClusterIP" or any(_ipv6(ip) for ip in spec.get("externalIPs") or [])
+        stype == "LoadBalancer" or any(_ipv6(ip) for ip in spec.get("externalIPs") or [])
     ):
-        warnings.append(f"{key}: IPv6 is served on its ClusterIP only (not NodePort/external)")
+        warnings.append(
+            f"{key}: IPv6 is served on its ClusterIP and NodePorts only (not LoadBalancer "
+            "or externalIPs)"
+        )
     health = 0
     if stype in ("NodePort", "LoadBalancer") and external_local:
         health = int(spec.get("healthCheckNodePort") or 0)
@@ -235,9 +245,13 @@ def _ipv6_nat(
     cluster_ips: list[str],
     flags: int,
     affinity_s: int,
+    node_ip6: str | None,
 ) -> ServiceNAT:
-    """The IPv6 ClusterIP frontends of one Service, over its IPv6 EndpointSlices."""
+    """The IPv6 ClusterIP (and NodePort, on ``node_ip6``) frontends of one Service, over its
+    IPv6 EndpointSlices. NodePorts use the cluster-wide set (externalTrafficPolicy Local: not
+    yet over IPv6)."""
     internal_local = spec.get("internalTrafficPolicy") == "Local"
+    node_ports = spec.get("type") in ("NodePort", "LoadBalancer") and node_ip6
     frontends: list[Frontend] = []
     sets: dict[str, tuple[Backend, ...]] = {}
     for port in spec.get("ports") or []:
@@ -245,14 +259,33 @@ def _ipv6_nat(
         if proto not in ("TCP", "UDP"):
             continue
         endpoints = _endpoints_for(port, slices, node, family=6)
-        if internal_local:
-            endpoints = [e for e in endpoints if e[4]]
         label = f"{key}:{port.get('name') or port['port']}/{proto}:ipv6"
         sets[label] = usable(endpoints)
+        internal = label
+        if internal_local:
+            internal = f"{label}:local"
+            sets[internal] = usable([e for e in endpoints if e[4]])
         bflags = flags | (NAT_DROP_EMPTY if internal_local else 0)
         for ip in cluster_ips:
-            frontends.append(Frontend(ip, port["port"], proto, label, bflags, affinity_s))
-    return ServiceNAT(key=key, frontends=tuple(frontends), backend_sets=sets)
+            frontends.append(Frontend(ip, port["port"], proto, internal, bflags, affinity_s))
+        if node_ports and port.get("nodePort"):
+            frontends.append(
+                Frontend(
+                    str(node_ip6),
+                    port["nodePort"],
+                    proto,
+                    label,
+                    flags | NAT_EXTERNAL,
+                    affinity_s,
+                    kind="NodePort",
+                )
+            )
+    used = {f.backend_set for f in frontends}
+    return ServiceNAT(
+        key=key,
+        frontends=tuple(frontends),
+        backend_sets={name: bs for name, bs in sets.items() if name in used},
+    )
 
 
 class ServiceIndex:
@@ -265,15 +298,16 @@ class ServiceIndex:
     def __init__(self, node: str) -> None:
         self.node = node
         self.node_ip: str | None = None
+        self.node_ip6: str | None = None
         self._services: dict[Key, Obj] = {}
         self._slices: dict[Key, dict[str, Obj]] = {}  # service key -> slice name -> slice
         self._slice_owner: dict[Key, Key] = {}  # slice key -> service key
         self._results: dict[str, ServiceNAT] = {}
         self._dirty: set[Key] = set()
 
-    def set_node_ip(self, node_ip: str | None) -> None:
-        if node_ip != self.node_ip:
-            self.node_ip = node_ip
+    def set_node_ip(self, node_ip: str | None, node_ip6: str | None = None) -> None:
+        if (node_ip, node_ip6) != (self.node_ip, self.node_ip6):
+            self.node_ip, self.node_ip6 = node_ip, node_ip6
             self._dirty |= set(self._services)
 
     def on_service(self, key: Key, obj: Obj | None) -> None:
@@ -307,6 +341,6 @@ class ServiceIndex:
                 self._results.pop(name, None)
                 continue
             slices = list(self._slices.get(key, {}).values())
-            self._results[name] = service_nat(svc, slices, self.node, self.node_ip)
+            self._results[name] = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
         self._dirty.clear()
         return dict(self._results)

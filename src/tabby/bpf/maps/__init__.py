@@ -3,7 +3,7 @@
 The mirrors are checked against the compiled objects' BTF by tests/layout.
 """
 
-from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, FRAGS_SPEC
+from tabby.bpf.maps.conntrack import CONNTRACK6_SPEC, CONNTRACK_SPEC, FRAGS_SPEC
 from tabby.bpf.maps.counters import COUNTERS_SPEC
 from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
 from tabby.bpf.maps.ctlb import CTLB_SOCKETS6_SPEC, CTLB_SOCKETS_SPEC
@@ -33,6 +33,7 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     FRONTENDS6_SPEC,
     BACKENDS6_SPEC,
     CTLB_SOCKETS6_SPEC,
+    CONNTRACK6_SPEC,
     ENDPOINTS_SPEC,
     PEERS_SPEC,
     PORTS_SPEC,

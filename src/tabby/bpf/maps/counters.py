@@ -61,6 +61,8 @@ class Reason(enum.IntEnum):
     DROP_POL_IN = 39
     DROP_POL_OUT = 40
     POL_NEW = 41
+    NAT6_NEW = 42
+    NAT6 = 43
 
     @property
     def c_name(self) -> str:
