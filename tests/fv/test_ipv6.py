@@ -13,6 +13,7 @@ pod over TCP and UDP, balanced at connect() over backends on the other nodes, th
 address kept, the reply's source the ClusterIP; a PreferDualStack Service gets both families;
 an IPv6 NodePort reached from outside the cluster (the fabric's router), translated per packet:
 the local backend sees the client, the remote one the node (SNAT); TCP, UDP, 40 MB through it.
+A pod's forged IPv6 source is dropped (anti-spoofing, tby_wl6).
 """
 
 from __future__ import annotations
@@ -341,3 +342,34 @@ def test_an_ipv6_nodeport_per_packet_local_backend_keeps_the_client_remote_is_sn
     after = counters(lab, "node2")
     assert counter_delta(before, after, Reason.NAT6_NEW) >= 16 * 2 + 12 + 2
     assert counter_delta(before, after, Reason.DROP_NAT_FAIL) == 0
+
+
+def test_a_pod_cannot_send_ipv6_from_an_address_not_its_own(lab, pods):
+    """tby_from_wl's IPv6 anti-spoofing (tby_wl6): a forged source (q1's address, from p1's
+    veth) is dropped and counted; the pod's own address and link-local (ND) still pass."""
+    import socket
+
+    from scapy.layers.inet import UDP
+    from scapy.layers.l2 import Ether
+
+    p1, q1, p2 = pods["p1"], pods["q1"], pods["p2"]
+
+    def send(src: str) -> None:
+        frame = (
+            Ether(src="02:00:00:00:00:01", dst="ee:ee:ee:ee:ee:ee")
+            / IPv6(src=src, dst=p2["ip6"])
+            / UDP(sport=40000, dport=8081)
+            / b"x"
+        )
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:  # the pod's own eth0
+            raw.bind(("eth0", 0))
+            for _ in range(3):
+                raw.send(bytes(frame))
+
+    before = counters(lab, "node1")
+    traffic.in_netns(p1["netns"], lambda: send(q1["ip6"]))
+    traffic.in_netns(p1["netns"], lambda: send("fd7a:b1e:96:ffff::1"))  # nobody's
+    after = counters(lab, "node1")
+    assert counter_delta(before, after, Reason.DROP_SPOOF) == 6
+    exchange6(p1, p2)  # its own address: fine
+    assert counter_delta(after, counters(lab, "node1"), Reason.DROP_SPOOF) == 0

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, nat, policy
+from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, nat, policy, workloads6
 from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
 from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
 from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
@@ -46,6 +46,8 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_ctlb_sk6_val": ctlb.CtlbSock6Value,
     "tby_ct6_key": conntrack.Ct6Key,
     "tby_ct6_val": conntrack.Ct6Value,
+    "tby_wl6_key": workloads6.Workload6Key,
+    "tby_wl6_val": workloads6.Workload6Value,
     "tby_ct_gc_stats": ctgc.CtGcStats,
     "tby_pol_ep_val": policy.EndpointValue,
     "tby_pol_peer_key": policy.PeerKey,

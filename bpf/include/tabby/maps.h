@@ -142,6 +142,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_ct6 SEC(".maps");
 
+/* IPv6 anti-spoofing: local pod IPv6 address -> its host-side veth. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tby_wl6_key);
+	__type(value, struct tby_wl6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_wl6 SEC(".maps");
+
 /* NetworkPolicy: local pod address -> its policy set and isolation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

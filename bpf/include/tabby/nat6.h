@@ -44,28 +44,24 @@ enum nat6_result {
 	NAT6_DROP,
 };
 
-/* The tuple of a TCP/UDP IPv6 packet into *key; -1 if it is none. */
+/* The tuple of a TCP/UDP IPv6 packet into *key; -1 if it is none. Copied out
+ * with bpf_skb_load_bytes: no packet pointers to keep valid across rewrites. */
 static __always_inline int nat6_tuple(struct __sk_buff *skb, struct tby_ct6_key *key)
 {
-	struct ipv6hdr *ip6;
-	__be16 *ports;
-	void *data, *data_end;
+	struct {
+		struct ipv6hdr ip6;
+		__be16 ports[2];
+	} h;
 
-	if (parse_pull(skb, NAT6_L4_OFF + 4))
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &h, sizeof(h)))
 		return -1;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	ip6 = data + ETH_HLEN;
-	ports = data + NAT6_L4_OFF;
-	if ((void *)(ip6 + 1) > data_end || (void *)(ports + 2) > data_end)
+	if (h.ip6.nexthdr != IPPROTO_TCP && h.ip6.nexthdr != IPPROTO_UDP)
 		return -1;
-	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
-		return -1;
-	__builtin_memcpy(key->src, &ip6->saddr, 16);
-	__builtin_memcpy(key->dst, &ip6->daddr, 16);
-	key->sport = ports[0];
-	key->dport = ports[1];
-	key->proto = ip6->nexthdr;
+	__builtin_memcpy(key->src, &h.ip6.saddr, 16);
+	__builtin_memcpy(key->dst, &h.ip6.daddr, 16);
+	key->sport = h.ports[0];
+	key->dport = h.ports[1];
+	key->proto = h.ip6.nexthdr;
 	return 0;
 }
 

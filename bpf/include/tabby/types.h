@@ -106,6 +106,16 @@ struct tby_ct6_val {
 	__u32 _pad;
 };
 
+/* IPv6 anti-spoofing: a local pod's IPv6 address -> its host-side veth. */
+struct tby_wl6_key {
+	__u8 addr[16];
+};
+
+struct tby_wl6_val {
+	__u32 ifindex;
+	__u32 _pad;
+};
+
 /* sessionAffinity ClientIP: the backend a client was last given. */
 struct tby_nat_aff_key {
 	__u32 id;

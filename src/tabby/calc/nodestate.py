@@ -59,6 +59,7 @@ class Endpoint:
     name: str
     ip: str
     ifname: str
+    ip6: str | None = None  # a dual-stack pod's IPv6 address (anti-spoofing: tby_wl6)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,8 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
         if spec.get("nodeName") != node or not ip or spec.get("hostNetwork"):
             continue
         ifname = names.host_ifname(ns, name)
-        state.endpoints[ifname] = Endpoint(ns, name, ip, ifname)
+        ip6 = next((str(e["ip"]) for e in status.get("podIPs") or [] if ":" in str(e["ip"])), None)
+        state.endpoints[ifname] = Endpoint(ns, name, ip, ifname, ip6)
         pool = _pool_for(ipaddress.IPv4Network(f"{ip}/32"), pools) if ":" not in ip else None
         masq = RT_NAT_OUT if pool and pool["spec"].get("natOutgoing") else 0
         state.routes[f"{ip}/32"] = Route(f"{ip}/32", RT_LOCAL_WL | masq, ifname=ifname)

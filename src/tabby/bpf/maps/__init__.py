@@ -18,6 +18,7 @@ from tabby.bpf.maps.nat import (
 from tabby.bpf.maps.policy import ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
 from tabby.bpf.maps.routes import ROUTES_SPEC
 from tabby.bpf.maps.spec import MapSpec
+from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC
 
 ALL_SPECS: tuple[MapSpec, ...] = (
     ROUTES_SPEC,
@@ -34,6 +35,7 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     BACKENDS6_SPEC,
     CTLB_SOCKETS6_SPEC,
     CONNTRACK6_SPEC,
+    WORKLOADS6_SPEC,
     ENDPOINTS_SPEC,
     PEERS_SPEC,
     PORTS_SPEC,
