@@ -135,7 +135,9 @@ static __always_inline int nat6_remote(struct __sk_buff *skb, const __u8 dst[16]
 	fib.family = NAT6_AF_INET6;
 	fib.ifindex = skb->ifindex;
 	__builtin_memcpy(fib.ipv6_dst, dst, 16);
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) < 0)
+	/* no usable route: treat as remote, so that replies come back through us */
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) !=
+	    BPF_FIB_LKUP_RET_SUCCESS)
 		return 1;
 	return fib.ifindex == cfg_data_ifindex;
 }
