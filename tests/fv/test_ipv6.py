@@ -283,6 +283,17 @@ def test_an_ipv6_cluster_ip_balances_tcp_and_udp_across_nodes_at_connect(lab, po
     assert client["body"].rsplit(":", 1)[0] == p1["ip6"], "the pod's own address: no SNAT"
     assert {a.get("reply") for a in udp} == {"w2", "w3"}, udp
     assert all(a["src"][:2] == [vip, 53] for a in udp), "recvmsg6 shows the ClusterIP"
+    dump = json.loads(
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "tabbyctl"), "bpf", "nat", "dump",
+             "--lab", lab.name, "--node", "node1", "-o", "json"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    rows = {(r["addr"], r["port"], r["protocol"]): r for r in dump}
+    backends = {lab.pod("w2")["ip6"], lab.pod("w3")["ip6"]}
+    assert {b["addr"] for b in rows[(vip, 80, "TCP")]["backends"]} == backends
+    assert {b["port"] for b in rows[(vip, 53, "UDP")]["backends"]} == {8081}
     after = counters(lab, "node1")
     assert counter_delta(before, after, Reason.CTLB_CONNECT) >= 13
     assert counter_delta(before, after, Reason.CTLB_SENDMSG) >= 12
