@@ -208,19 +208,41 @@ def test_the_pods_ipv6_gateway_is_the_nodes_link_local_by_neighbor_discovery(lab
 
 
 def test_a_large_ipv6_transfer_across_the_router_and_the_figures(lab, pods, capsys):
-    """20 MB p2 -> p1 over IPv6 across the router; the IPv4 path and the same node alongside
-    (figures, not assertions)."""
+    """20 MB p2 -> p1 over IPv6 across the router; the same node, the subnet and the IPv4 path
+    alongside, and connections/s (figures, not assertions: ratios within this run)."""
     before = drops(lab, ("node1", "node2"))
     across6 = _download(pods["p1"], pods["p2"], "ip6")
     assert drops(lab, ("node1", "node2")) == before, "tabby dropped nothing"
     across4 = _download(pods["p1"], pods["p2"], "ip")
     same6 = _download(pods["p1"], pods["q1"], "ip6")
+    subnet6 = _download(pods["p1"], pods["p3"], "ip6")
+    rates = {k: _conn_rate(pods["p1"], pods[k]) for k in ("q1", "p3", "p2")}
     with capsys.disabled():
         print(
-            f"\nIPv6 20 MB download: same node {same6:.0f} Mbit/s, across the router "
-            f"{across6:.0f} ({across6 / same6:.2f}x); IPv4 across the router {across4:.0f} "
-            f"(IPv6/IPv4 {across6 / across4:.2f}x)"
+            f"\nIPv6 20 MB download: same node {same6:.0f} Mbit/s, other node in the subnet "
+            f"{subnet6:.0f} ({subnet6 / same6:.2f}x), across the router {across6:.0f} "
+            f"({across6 / same6:.2f}x); IPv4 across the router {across4:.0f} (IPv6/IPv4 "
+            f"{across6 / across4:.2f}x); IPv6 connections/s: same node {rates['q1']:.0f}, in the "
+            f"subnet {rates['p3']:.0f} ({rates['p3'] / rates['q1']:.2f}x), across the router "
+            f"{rates['p2']:.0f} ({rates['p2'] / rates['q1']:.2f}x)"
         )
+
+
+def _conn_rate(client: dict[str, Any], server: dict[str, Any], seconds: float = 1.5) -> float:
+    """New TCP connections/s over IPv6 (connect, GET /hostname, read to EOF, close)."""
+    import socket
+
+    def go() -> float:
+        done, start = 0, time.monotonic()
+        while time.monotonic() - start < seconds:
+            with socket.create_connection((server["ip6"], 8080), timeout=3) as s:
+                s.sendall(b"GET /hostname HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                while s.recv(65536):
+                    pass
+            done += 1
+        return done / (time.monotonic() - start)
+
+    return traffic.in_netns(client["netns"], go)
 
 
 def _download(client: dict[str, Any], server: dict[str, Any], family: str) -> float:
