@@ -284,6 +284,8 @@ class Lab:
                 # every component opens the store with it (the embedded store's admission)
                 path = f"{state.lab_dir(self.name)}/store.db"
                 st["datastore"] = f"sqlite:///{path}?service-cidr={self.service_cidrs}"
+        if self.service_cidrs != DEFAULT_SERVICE_CIDR:
+            progress(f"datastore: {self.url} (dual-stack services: use it as TABBY_DATASTORE)")
         ds = self.datastore()
         objs = base_resources(self.plan, config)
         if self.backend == "bird":
