@@ -30,7 +30,9 @@ NODEPORT = 30080
 BACKENDS6 = ("fd00:96::41", "fd00:96::42")
 
 
-def service(addrs: tuple[str, ...] = BACKENDS6) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def service(
+    addrs: tuple[str, ...] = BACKENDS6, **extra: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     svc = {
         "metadata": {"namespace": "default", "name": "web6"},
         "spec": {
@@ -53,6 +55,7 @@ def service(addrs: tuple[str, ...] = BACKENDS6) -> tuple[dict[str, Any], list[di
                     "nodePort": NODEPORT,
                 },
             ],  # fmt: skip
+            **extra,
         },
     }
     sl = {
@@ -61,7 +64,9 @@ def service(addrs: tuple[str, ...] = BACKENDS6) -> tuple[dict[str, Any], list[di
             {"name": "t", "port": 8080, "protocol": "TCP"},
             {"name": "u", "port": 8081, "protocol": "UDP"},
         ],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addrs],
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": True}, "nodeName": "node2"} for a in addrs
+        ],
     }
     return svc, [sl]
 
@@ -71,8 +76,8 @@ class Node:
         self.runner = P.Runner(dp)
         self.nat6 = NatManager(dp.map(FRONTENDS6_SPEC), dp.map(BACKENDS6_SPEC), None, family=6)
 
-    def program(self, addrs: tuple[str, ...] = BACKENDS6) -> None:
-        svc, slices = service(addrs)
+    def program(self, addrs: tuple[str, ...] = BACKENDS6, **extra: Any) -> None:
+        svc, slices = service(addrs, **extra)
         nat = service_nat(svc, slices, "node1", P.NODE_IP, NODE_IP6)
         assert nat.ipv6 is not None
         assert not self.nat6.apply({nat.key: nat.ipv6}).errors
@@ -134,3 +139,9 @@ def test_cluster_ip6_and_strangers_pass_untouched_and_no_endpoints_drops(node: N
     node.program(addrs=())
     verdict, _, delta = node.run(frame(CLIENT6, NODE_IP6, TCP(sport=2, dport=NODEPORT)))
     assert verdict == TC_ACT_SHOT and delta.get(Reason.NAT_REJECT) == 1
+
+
+def test_external_traffic_policy_local_without_a_local_endpoint_drops(node: Node) -> None:
+    node.program(externalTrafficPolicy="Local")  # both backends are on node2, we are node1
+    verdict, _, delta = node.run(frame(CLIENT6, NODE_IP6, TCP(sport=3, dport=NODEPORT)))
+    assert verdict == TC_ACT_SHOT and delta.get(Reason.DROP_NO_LOCAL) == 1

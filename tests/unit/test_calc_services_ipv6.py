@@ -85,3 +85,15 @@ def test_an_ipv4_service_has_no_ipv6_part_and_ipv6_nodeports_are_on_the_nodes_ip
     lb = service(["fd00:64::1"], type="LoadBalancer")
     nat = service_nat(lb, SLICES, "n1", "172.20.32.11", "fd00:20:1::11")
     assert any("not LoadBalancer or externalIPs" in w for w in nat.warnings)
+
+
+def test_ipv6_nodeport_with_external_traffic_policy_local_uses_the_nodes_endpoints():
+    svc = service(["fd00:64::1"], type="NodePort", externalTrafficPolicy="Local")
+    svc["spec"]["ports"][0]["nodePort"] = 30080
+    nat = service_nat(svc, SLICES, "n3", "172.20.32.13", "fd00:20:1::13")
+    assert nat.ipv6 is not None
+    (np,) = [f for f in nat.ipv6.frontends if f.kind == "NodePort"]
+    assert np.flags & NAT_DROP_EMPTY and np.flags & NAT_EXTERNAL
+    assert nat.ipv6.backend_sets[np.backend_set] == (("fd00:96::81", 8080),), "n3's only"
+    cluster = [f for f in nat.ipv6.frontends if f.kind == "ClusterIP" and f.protocol == "TCP"]
+    assert len(nat.ipv6.backend_sets[cluster[0].backend_set]) == 2, "ClusterIP: cluster-wide"

@@ -157,8 +157,8 @@ static __always_inline enum nat6_result nat6_new(struct __sk_buff *skb,
 	fe = bpf_map_lookup_elem(&tby_nat_fe6, &fk);
 	if (!fe || !(fe->flags & TBY_NAT_EXTERNAL))
 		return NAT6_PASS;
-	if (fe->count == 0) {
-		counter_inc(TBY_R_NAT_REJECT); /* no ICMPv6 answer yet: dropped */
+	if (fe->count == 0) { /* no ICMPv6 answer yet: dropped either way */
+		counter_inc(fe->flags & TBY_NAT_DROP_EMPTY ? TBY_R_DROP_NO_LOCAL : TBY_R_NAT_REJECT);
 		return NAT6_DROP;
 	}
 	bk.id = fe->id;

@@ -248,9 +248,10 @@ def _ipv6_nat(
     node_ip6: str | None,
 ) -> ServiceNAT:
     """The IPv6 ClusterIP (and NodePort, on ``node_ip6``) frontends of one Service, over its
-    IPv6 EndpointSlices. NodePorts use the cluster-wide set (externalTrafficPolicy Local: not
-    yet over IPv6)."""
+    IPv6 EndpointSlices; the traffic policies as for IPv4 (Local: the node's endpoints, none
+    drops)."""
     internal_local = spec.get("internalTrafficPolicy") == "Local"
+    external_local = spec.get("externalTrafficPolicy") == "Local"
     node_ports = spec.get("type") in ("NodePort", "LoadBalancer") and node_ip6
     frontends: list[Frontend] = []
     sets: dict[str, tuple[Backend, ...]] = {}
@@ -261,21 +262,21 @@ def _ipv6_nat(
         endpoints = _endpoints_for(port, slices, node, family=6)
         label = f"{key}:{port.get('name') or port['port']}/{proto}:ipv6"
         sets[label] = usable(endpoints)
-        internal = label
-        if internal_local:
-            internal = f"{label}:local"
-            sets[internal] = usable([e for e in endpoints if e[4]])
+        sets[f"{label}:local"] = usable([e for e in endpoints if e[4]])
+        internal = f"{label}:local" if internal_local else label
         bflags = flags | (NAT_DROP_EMPTY if internal_local else 0)
         for ip in cluster_ips:
             frontends.append(Frontend(ip, port["port"], proto, internal, bflags, affinity_s))
         if node_ports and port.get("nodePort"):
+            external = f"{label}:local" if external_local else label
+            eflags = flags | NAT_EXTERNAL | (NAT_DROP_EMPTY if external_local else 0)
             frontends.append(
                 Frontend(
                     str(node_ip6),
                     port["nodePort"],
                     proto,
-                    label,
-                    flags | NAT_EXTERNAL,
+                    external,
+                    eflags,
                     affinity_s,
                     kind="NodePort",
                 )
