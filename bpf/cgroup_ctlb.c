@@ -11,6 +11,12 @@
  * Each translation records (socket cookie, backend) -> frontend in tby_ctlb_sk;
  * the reverse hooks only undo what is recorded there.
  *
+ * IPv6 (connect6, sendmsg6, recvmsg6, getpeername6; tby_nat_fe6/be6,
+ * tby_ctlb_sk6): IPv6 ClusterIPs exist only here, there is no per-packet IPv6
+ * path, so TCP and UDP are both translated in every mode, a frontend with no
+ * backends refuses the connect() (EPERM), and sessionAffinity and source
+ * ranges are not honoured (a random backend each time).
+ *
  * A frontend is left to the per-packet path (no translation, no count) when it
  * has no backends (the tc path rejects), when it checks source ranges, or when
  * it has ClientIP affinity and the socket's source address is not known yet
@@ -218,6 +224,125 @@ SEC("cgroup/getpeername4")
 int tby_ctlb_peer4(struct bpf_sock_addr *ctx)
 {
 	ctlb_restore_frontend(ctx);
+	return SOCK_ALLOW;
+}
+
+/* --- IPv6 ------------------------------------------------------------------ */
+
+#define SOCK_REFUSE 0 /* cgroup sock_addr verdict: the call fails with EPERM */
+
+static __always_inline void ctlb6_read(const struct bpf_sock_addr *ctx, __u8 addr[16])
+{
+	__u32 w[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+
+	__builtin_memcpy(addr, w, 16);
+}
+
+static __always_inline void ctlb6_write(struct bpf_sock_addr *ctx, const __u8 addr[16])
+{
+	__u32 w[4];
+
+	__builtin_memcpy(w, addr, 16);
+	ctx->user_ip6[0] = w[0];
+	ctx->user_ip6[1] = w[1];
+	ctx->user_ip6[2] = w[2];
+	ctx->user_ip6[3] = w[3];
+}
+
+/*
+ * Translate ctx's IPv6 destination if it is a frontend of ours: 1 translated,
+ * 0 not ours, -1 ours with nothing to translate to (refuse).
+ */
+static __always_inline int ctlb6_translate(struct bpf_sock_addr *ctx)
+{
+	struct tby_nat_fe6_key fk = {};
+	struct tby_nat_be_key bk = {};
+	struct tby_ctlb_sk6_key key = {};
+	struct tby_ctlb_sk6_val orig = {};
+	struct tby_nat_be6_val *be;
+	struct tby_nat_fe_val *fe;
+
+	ctlb6_read(ctx, fk.addr);
+	fk.port = (__be16)ctx->user_port;
+	fk.proto = (__u8)ctx->protocol;
+	fe = bpf_map_lookup_elem(&tby_nat_fe6, &fk);
+	if (!fe)
+		return 0;
+	if (fe->count == 0)
+		return -1;
+	bk.id = fe->id;
+	bk.ordinal = bpf_get_prandom_u32() % fe->count;
+	be = bpf_map_lookup_elem(&tby_nat_be6, &bk);
+	if (!be)
+		return -1; /* a set being rewritten */
+	key.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(key.addr, be->addr, 16);
+	key.port = be->port;
+	__builtin_memcpy(orig.addr, fk.addr, 16);
+	orig.port = fk.port;
+	if (bpf_map_update_elem(&tby_ctlb_sk6, &key, &orig, BPF_ANY))
+		return -1;
+	ctlb6_write(ctx, be->addr);
+	ctx->user_port = be->port;
+	return 1;
+}
+
+static __always_inline int ctlb6_restore_frontend(struct bpf_sock_addr *ctx)
+{
+	struct tby_ctlb_sk6_key key = {};
+	struct tby_ctlb_sk6_val *orig;
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	ctlb6_read(ctx, key.addr);
+	key.port = (__be16)ctx->user_port;
+	orig = bpf_map_lookup_elem(&tby_ctlb_sk6, &key);
+	if (!orig)
+		return 0;
+	ctlb6_write(ctx, orig->addr);
+	ctx->user_port = orig->port;
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int tby_ctlb_conn6(struct bpf_sock_addr *ctx)
+{
+	__u32 proto = ctx->protocol;
+	int done;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SOCK_ALLOW;
+	done = ctlb6_translate(ctx);
+	if (done < 0)
+		return SOCK_REFUSE;
+	if (done)
+		counter_inc(TBY_R_CTLB_CONNECT);
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/sendmsg6")
+int tby_ctlb_send6(struct bpf_sock_addr *ctx)
+{
+	int done = ctlb6_translate(ctx);
+
+	if (done < 0)
+		return SOCK_REFUSE;
+	if (done)
+		counter_inc(TBY_R_CTLB_SENDMSG);
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/recvmsg6")
+int tby_ctlb_recv6(struct bpf_sock_addr *ctx)
+{
+	if (ctlb6_restore_frontend(ctx))
+		counter_inc(TBY_R_CTLB_RECVMSG);
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/getpeername6")
+int tby_ctlb_peer6(struct bpf_sock_addr *ctx)
+{
+	ctlb6_restore_frontend(ctx);
 	return SOCK_ALLOW;
 }
 

@@ -19,6 +19,7 @@
 #include "tabby/icmp.h"
 #include "tabby/ipip.h"
 #include "tabby/nat.h"
+#include "tabby/nat6.h"
 #include "tabby/parse.h"
 
 /*
@@ -77,8 +78,14 @@ int tby_from_host(struct __sk_buff *skb)
 	struct parsed_pkt pkt = {};
 	struct tby_ext_hdr ext;
 
-	if (parse_packet(skb, &pkt) != PARSE_IPV4)
+	switch (parse_packet(skb, &pkt)) {
+	case PARSE_IPV4:
+		break;
+	case PARSE_IPV6: /* IPv6 NodePorts (nat6.h); the rest is the stack's */
+		return nat6_from_host(skb) == NAT6_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+	default:
 		return TC_ACT_OK; /* the node's own stack judges the rest */
+	}
 	if (pkt.ip_proto == IPPROTO_IPIP && pkt.daddr == cfg_host_ip && cfg_host_ip) {
 		if (ipip_decap(skb, &pkt) == IPIP_DROP)
 			return TC_ACT_SHOT;

@@ -2,7 +2,8 @@
 /*
  * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
  * sends. parse -> anti-spoofing -> conntrack / service NAT -> egress policy
- * on the translated packet -> let the node's kernel forward.
+ * on the translated packet -> let the node's kernel forward. IPv6: anti-spoofing
+ * (tby_wl6) and IPv6 NodePort replies (nat6.h) only; no IPv6 policy yet.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -15,6 +16,7 @@
 #include "tabby/fib.h"
 #include "tabby/icmp.h"
 #include "tabby/nat.h"
+#include "tabby/nat6.h"
 #include "tabby/parse.h"
 #include "tabby/policy.h"
 
@@ -27,6 +29,25 @@ static __always_inline int wl_source_ok(struct __sk_buff *skb, __be32 saddr)
 	       rt->ifindex == skb->ifindex;
 }
 
+/*
+ * IPv6: the source must be the pod's own address on this veth (tby_wl6), or
+ * link-local / unspecified (neighbor discovery, duplicate address detection).
+ */
+static __always_inline int wl6_source_ok(struct __sk_buff *skb)
+{
+	struct tby_wl6_key key = {};
+	struct tby_wl6_val *wl;
+	__u32 w[4];
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), key.addr, 16))
+		return 0;
+	__builtin_memcpy(w, key.addr, 16);
+	if ((key.addr[0] == 0xfe && (key.addr[1] & 0xc0) == 0x80) || !(w[0] | w[1] | w[2] | w[3]))
+		return 1;
+	wl = bpf_map_lookup_elem(&tby_wl6, &key);
+	return wl && wl->ifindex == skb->ifindex;
+}
+
 SEC("tc")
 int tby_from_wl(struct __sk_buff *skb)
 {
@@ -37,8 +58,16 @@ int tby_from_wl(struct __sk_buff *skb)
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
 		break;
+	case PARSE_IPV6: /* replies of IPv6 NodePort flows (nat6.h); else untouched */
+		if (!wl6_source_ok(skb)) {
+			counter_inc(TBY_R_DROP_SPOOF);
+			return TC_ACT_SHOT;
+		}
+		if (nat6_from_workload(skb) == NAT6_DROP)
+			return TC_ACT_SHOT;
+		counter_inc(TBY_R_PASS_NON_IP);
+		return TC_ACT_OK;
 	case PARSE_ARP:
-	case PARSE_IPV6:
 		counter_inc(TBY_R_PASS_NON_IP);
 		return TC_ACT_OK;
 	case PARSE_OTHER:

@@ -549,7 +549,7 @@ class Agent:
             state.bird = bird.render(self.resources, self.node)
             if state.bird is not None:
                 state.warnings.extend(state.bird.warnings)
-        self.services.set_node_ip(state.node_ip)
+        self.services.set_node_ip(state.node_ip, state.node_ip6)
         self.worker.submit(with_services(state, self.services.results()), revision)
 
 

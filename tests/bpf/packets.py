@@ -53,8 +53,8 @@ def arp() -> bytes:
     return raw(Ether(src=POD_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=POD_IP, pdst="169.254.1.1"))
 
 
-def ipv6() -> bytes:
-    return raw(eth() / IPv6(src="fd00::5", dst="fd00::1") / UDP(sport=1, dport=2))
+def ipv6(src: str = "fd00::5") -> bytes:
+    return raw(eth() / IPv6(src=src, dst="fd00::1") / UDP(sport=1, dport=2))
 
 
 def other_ethertype() -> bytes:

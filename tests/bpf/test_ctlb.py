@@ -270,9 +270,13 @@ def test_tcp_mode_leaves_udp_alone(tcp_mode: Env) -> None:
         assert c("sendto", ip=VIP, port=53)["errno"] == errno.ENETUNREACH
     assert sorted(os.listdir(f"{tcp_mode.ctlb.pin_dir}")) == [
         "connect4",
+        "connect6",  # IPv6 ClusterIPs: at the socket in every mode
         "getpeername4",
+        "getpeername6",
         "recvmsg4",
+        "recvmsg6",
         "sendmsg4",
+        "sendmsg6",
     ]
 
 
@@ -333,9 +337,13 @@ def test_links_are_adopted_and_refuse_the_root_group(enabled: Env) -> None:
     assert restarted.apply(enabled.cgroup, "Enabled", fds) == []
     assert sorted(os.listdir(restarted.pin_dir)) == [
         "connect4",
+        "connect6",  # IPv6 ClusterIPs: at the socket in every mode
         "getpeername4",
+        "getpeername6",
         "recvmsg4",
+        "recvmsg6",
         "sendmsg4",
+        "sendmsg6",
     ]
     for hook in os.listdir(restarted.pin_dir):
         fd = libbpf.obj_get(os.path.join(restarted.pin_dir, hook))

@@ -12,6 +12,7 @@ import pytest
 from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.routes import RouteValue
+from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC, Workload6Key, Workload6Value
 from tabby.bpf.objects import DatapathObjects
 
 pytestmark = pytest.mark.root
@@ -26,6 +27,12 @@ def install_routes(dp: DatapathObjects) -> None:
     routes.upsert("100.96.0.64/26", RouteValue.remote_workload(P.REMOTE_NODE_IP))
     routes.upsert(f"{P.NODE_IP}/32", RouteValue.local_host())
     routes.upsert(f"{P.REMOTE_NODE_IP}/32", RouteValue.remote_host(P.REMOTE_NODE_IP))
+    wl6 = dp.map(WORKLOADS6_SPEC)  # the pod's IPv6 address on "its veth"; another pod's
+    wl6.update(Workload6Key.make(POD_IP6), Workload6Value(ifindex=TEST_RUN_IFINDEX))
+    wl6.update(Workload6Key.make(OTHER_POD_IP6), Workload6Value(ifindex=99))
+
+
+POD_IP6, OTHER_POD_IP6 = "fd00::5", "fd00::6"
 
 
 FROM_WL = [
@@ -35,7 +42,15 @@ FROM_WL = [
     P.Case("padded minimum frame", P.padded_tcp, TC_ACT_OK, Reason.PASS_WL_OUT),
     P.Case("non-first fragment", P.fragment, TC_ACT_OK, Reason.PASS_WL_OUT),
     P.Case("arp passes", P.arp, TC_ACT_OK, Reason.PASS_NON_IP),
-    P.Case("ipv6 passes", P.ipv6, TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("ipv6 from own address passes", P.ipv6, TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("ipv6 link-local (neighbor discovery) passes", lambda: P.ipv6(src="fe80::1"),
+         TC_ACT_OK, Reason.PASS_NON_IP),
+    P.Case("ipv6 unspecified (DAD) passes", lambda: P.ipv6(src="::"), TC_ACT_OK,
+         Reason.PASS_NON_IP),
+    P.Case("ipv6 spoof: another local pod's address", lambda: P.ipv6(src=OTHER_POD_IP6),
+         TC_ACT_SHOT, Reason.DROP_SPOOF),
+    P.Case("ipv6 spoof: nobody's address", lambda: P.ipv6(src="fd00::99"), TC_ACT_SHOT,
+         Reason.DROP_SPOOF),
     P.Case("unknown ethertype", P.other_ethertype, TC_ACT_SHOT, Reason.DROP_ETHERTYPE),
     P.Case("spoof: another local pod's address", lambda: P.tcp(src=P.OTHER_POD_IP),
          TC_ACT_SHOT, Reason.DROP_SPOOF),

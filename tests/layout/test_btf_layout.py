@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, maglev, nat, policy
+from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, maglev, nat, policy, workloads6
 from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
 from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
 from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
@@ -41,6 +41,14 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_frag_val": conntrack.FragValue,
     "tby_ctlb_sk_key": ctlb.CtlbSockKey,
     "tby_ctlb_sk_val": ctlb.CtlbSockValue,
+    "tby_nat_fe6_key": nat.Frontend6Key,
+    "tby_nat_be6_val": nat.Backend6Value,
+    "tby_ctlb_sk6_key": ctlb.CtlbSock6Key,
+    "tby_ctlb_sk6_val": ctlb.CtlbSock6Value,
+    "tby_ct6_key": conntrack.Ct6Key,
+    "tby_ct6_val": conntrack.Ct6Value,
+    "tby_wl6_key": workloads6.Workload6Key,
+    "tby_wl6_val": workloads6.Workload6Value,
     "tby_ct_gc_stats": ctgc.CtGcStats,
     "tby_pol_ep_val": policy.EndpointValue,
     "tby_pol_peer_key": policy.PeerKey,

@@ -161,9 +161,50 @@ def test_nodestate_leaves_plain_pool_blocks_to_bgp():
     assert "100.96.0.64/26" not in with_bgp.routes and "100.97.0.64/26" in with_bgp.routes
 
 
-@pytest.mark.parametrize("case", ["mesh", "reflector", "no pools"])
+def dual(name, ip, ip6):
+    obj = node(name, ip)
+    obj["status"]["addresses"].append({"type": "InternalIP", "address": ip6})
+    return obj
+
+
+NODES6 = [
+    dual("n1", "172.20.32.11", "fd00:20:1::11"),
+    dual("n2", "172.20.64.12", "fd00:20:2::12"),
+    node("n3", "172.20.32.13"),  # IPv4 only: no IPv6 session with it
+]
+POOL6 = pool("v6", "fd00:96::/48")
+BLOCKS6 = [block("fd00:96::/122", "n1"), block("fd00:96::40/122", "n2")]
+
+
+def test_ipv6_sessions_pools_and_blocks_beside_ipv4():
+    objs = [*NODES6, *POOLS, POOL6, *BLOCKS, *BLOCKS6, peer("tor6", peerIP="fd00:20:1::1",
+            asNumber=64512)]  # fmt: skip
+    cfg = bird.render(resources(*objs), "n1")
+    assert cfg is not None and cfg.ip6 == "fd00:20:1::11" and cfg.router_id == "172.20.32.11"
+    assert [(p.name, p.type) for p in cfg.peers] == [
+        ("Mesh_172_20_32_13", "node-to-node mesh"),
+        ("Mesh_172_20_64_12", "node-to-node mesh"),
+        ("Global_fd00_20_1__1", "global"),
+        ("Mesh_fd00_20_2__12", "node-to-node mesh"),
+    ]
+    assert cfg.pools6 == ["fd00:96::/48"] and cfg.blocks6 == ["fd00:96::/122"]
+    assert cfg.pools == ["100.96.0.0/16", "100.97.0.0/16"], "IPv4 filters keep IPv4 only"
+    text = cfg.text
+    assert "route fd00:96::/122 blackhole;" in text and "fd00:96::40/122" not in text
+    assert "protocol bgp Mesh_fd00_20_2__12 from tabby_peer6" in text
+    assert "local fd00:20:1::11 as 64512;" in text
+    # a node without IPv6 gets no IPv6 half, and no IPv6 peer
+    n3 = bird.render(resources(*objs), "n3")
+    assert n3 is not None and n3.ip6 is None and all(":" not in p.address for p in n3.peers)
+    assert "ipv6" not in n3.text
+
+
+@pytest.mark.parametrize("case", ["mesh", "reflector", "no pools", "dual-stack"])
 def test_real_bird_accepts_the_config(tmp_path, case):
     objs = [*NODES, *POOLS, *BLOCKS, peer("tor", peerIP="172.20.32.1", asNumber=64512)]
+    if case == "dual-stack":
+        objs = [*NODES6, *POOLS, POOL6, *BLOCKS, *BLOCKS6, peer("tor6", peerIP="fd00:20:1::1",
+                asNumber=64512)]  # fmt: skip
     if case == "reflector":
         objs[0] = node(
             "n1", "172.20.32.11", **{"projectcalico.org/RouteReflectorClusterID": "1.2.3.4"}

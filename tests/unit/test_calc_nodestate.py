@@ -200,3 +200,28 @@ def test_maglev_options_come_from_felixconfiguration():
     assert (st.maglev_max_services, st.maglev_max_endpoints) == (7, 3)
     default = compute(resources(OBJS), "n1")
     assert (default.maglev_max_services, default.maglev_max_endpoints) == (100, 10)
+
+
+def test_dual_stack_ipv6_blocks_and_addresses_leave_ipv4_state_alone_and_policy_says_so():
+    n1 = node("n1", "172.20.32.11")
+    n1["status"]["addresses"].insert(0, {"type": "InternalIP", "address": "fd00:20:1::11"})
+    a = pod("a", "n1", "100.96.0.1")
+    a["status"]["podIPs"] = [{"ip": "100.96.0.1"}, {"ip": "fd00:96::1"}]
+    a["metadata"]["labels"] = {"app": "a"}
+    pool6 = {"kind": "IPPool", "metadata": {"name": "p6"}, "spec": {"cidr": "fd00:96::/48"}}
+    objs = [n1, *OBJS[1:6], block("fd00:96::40/122", "n2"), pool6, a]
+    state = compute(resources(objs), "n1")
+    assert state.routes["172.20.32.11/32"].flags == RT_LOCAL_HOST, "the IPv4 InternalIP"
+    assert not [r for r in (*state.routes, *state.kernel_routes) if ":" in r], "BIRD's job"
+    assert not [w for w in state.warnings if "IPv6" in w], "no policy: nothing to say"
+    deny = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "deny", "namespace": "default"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
+    state = compute(resources([*objs, deny]), "n1")
+    assert [w for w in state.warnings if "IPv6" in w] == [
+        "pod default/a: NetworkPolicy is not enforced on its IPv6 address fd00:96::1 "
+        "(IPv6 policy is not supported yet: IPv6 traffic passes)"
+    ]

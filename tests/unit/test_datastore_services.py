@@ -385,3 +385,50 @@ def test_tabbyctl_get_shows_allocated_values(tmp_path, monkeypatch):
     assert shown["spec"]["ports"][0]["nodePort"] == FIRST_PORT
     assert "service/web unchanged" in runner.invoke(app, ["apply", "-f", str(manifest)]).stdout
     assert f"80:{FIRST_PORT}/TCP" in runner.invoke(app, ["get", "svc"]).stdout
+
+
+# --- dual-stack service CIDR ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def ds2(tmp_path):
+    store = EmbeddedDatastore(tmp_path / "d.db", service_cidr="100.64.0.0/13,fd00:64::/108")
+    yield store
+    store.close()
+
+
+def test_dual_stack_cidr_gives_each_service_the_families_it_asks_for(ds2):
+    ds2.apply([
+        svc("v4"),
+        svc("v6", ipFamilies=["IPv6"]),
+        svc("both", ipFamilyPolicy="PreferDualStack"),
+        svc("six-first", ipFamilies=["IPv6", "IPv4"], ipFamilyPolicy="RequireDualStack"),
+        svc("pinned", clusterIPs=["100.64.0.20", "fd00:64::20"], ipFamilyPolicy="RequireDualStack"),
+    ])  # fmt: skip
+    assert spec_of(ds2, "v4")["clusterIPs"] == [FIRST_IP]
+    v6 = spec_of(ds2, "v6")
+    assert v6["clusterIP"] == v6["clusterIPs"][0] and v6["clusterIP"].startswith("fd00:64::")
+    four, six = spec_of(ds2, "both")["clusterIPs"]
+    assert "." in four and six.startswith("fd00:64::") and six != v6["clusterIP"]
+    first, second = spec_of(ds2, "six-first")["clusterIPs"]
+    assert ":" in first and "." in second
+    assert spec_of(ds2, "pinned")["clusterIPs"] == ["100.64.0.20", "fd00:64::20"]
+    msg = rejected(ds2, svc("dup", clusterIP="fd00:64::20"))
+    assert "spec.clusterIP: fd00:64::20 is already allocated to default/pinned" in msg
+
+
+def test_an_unconfigured_family_names_the_field(ds, tmp_path):
+    msg = rejected(ds, svc("x", ipFamilies=["IPv6"]))
+    assert "spec.ipFamilies[0]: IPv6 is not configured (service CIDR 100.64.0.0/13)" in msg
+    msg = rejected(ds, svc("y", ipFamilyPolicy="RequireDualStack"))
+    assert "spec.ipFamilyPolicy: RequireDualStack: the service CIDR is single-stack" in msg
+    assert spec_of_applied(ds, svc("z", ipFamilyPolicy="PreferDualStack"))["clusterIPs"] == [
+        FIRST_IP
+    ], "PreferDualStack on a single-stack CIDR: one address"
+    with pytest.raises(DatastoreError, match="one IPv4 and one IPv6"):
+        EmbeddedDatastore(tmp_path / "bad.db", service_cidr="fd00:1::/108,fd00:2::/108")
+
+
+def spec_of_applied(ds, obj: dict) -> dict:
+    ds.apply([obj])
+    return spec_of(ds, obj["metadata"]["name"])

@@ -91,3 +91,28 @@ def test_concurrent_processes_never_get_the_same_address(url: str) -> None:
 
 def test_tunnel_handle_naming_is_stable() -> None:
     assert names.tunnel_handle("node1") == "vxlan-tunnel-addr-node1"
+
+
+def test_dual_stack_handles_hold_one_address_per_family(url: str) -> None:
+    ds = open_datastore(url)
+    ds.apply([{**POOL, "metadata": {"name": "p6"}, "spec": {"cidr": "fd00:10:96::/120"}}])
+    ipam = BlockIPAM(ds)
+    assert ipam.has_pool(4) and ipam.has_pool(6)
+    a4, a6 = ipam.assign("n1", "h-a"), ipam.assign("n1", "h-a", 6)
+    assert ipaddress.ip_address(a4).version == 4
+    assert a6 == "fd00:10:96::1", "a /122 block of the IPv6 pool; its all-zeros address skipped"
+    assert ipam.assign("n1", "h-a", 6) == a6 and ipam.lookup("h-a", 6) == a6
+    assert ipam.lookup("h-a") == a4
+    b6 = ipam.assign("n2", "h-b", 6)
+    assert b6 == "fd00:10:96::41", "n2 claims the next /122"
+    blocks = {b["spec"]["cidr"]: b["spec"]["affinity"] for b in ds.list("IPAMBlock")[0]}
+    assert blocks["fd00:10:96::/122"] == "host:n1" and blocks["fd00:10:96::40/122"] == "host:n2"
+    assert sorted(ipam.release("h-a")) == sorted([a4, a6])
+    assert ipam.lookup("h-a") is None and ipam.lookup("h-a", 6) is None
+    # 63 usable addresses per /122 (the all-zeros one is never handed out), 4 blocks per /120
+    ips = [ipam.assign("n3", f"x{i}", 6) for i in range(63 * 2)]
+    assert len(set(ips)) == len(ips) and b6 not in ips
+
+
+def test_an_ipv4_only_cluster_has_no_ipv6_pool(url: str) -> None:
+    assert not BlockIPAM(open_datastore(url)).has_pool(6)

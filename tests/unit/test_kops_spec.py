@@ -5,6 +5,7 @@ rendering (applied to an embedded datastore and read back), the CLI, and the lab
 from __future__ import annotations
 
 import copy
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -408,9 +409,42 @@ def test_lab_never_uses_the_hosts_net_and_bounds_the_node_count():
     assert "192.0.2.0/24" in text and f"first {topology.MAX_NODES}" in text
 
 
-def test_lab_refuses_ipv6_specs():
-    with pytest.raises(topology.TopologyError, match="IPv6"):
-        topology.from_spec("t", cluster_of(variant({**BPF}, **IPV6)))
+def test_an_ipv6_spec_makes_a_dual_stack_lab_with_its_pool_unencapsulated():
+    cluster = cluster_of(variant({**BPF}, **IPV6))
+    sp = topology.from_spec("t", cluster)
+    assert sp.plan.ipv6 and all(n.ip6 and n.gateway6 for n in sp.plan.nodes)
+    assert any("dual-stack" in w for w in sp.warnings)
+    node = sp.plan.nodes[0]
+    assert node.ip6 is not None and ipaddress.ip_address(node.ip6).is_private  # a ULA
+    objs, _ = spec_resources(cluster)
+    pools = {o["spec"]["cidr"]: o["spec"] for o in objs if o["kind"] == "IPPool"}
+    assert set(pools) == {"2001:db8:1::/64", topology.POOL_CIDR}
+    v6 = pools["2001:db8:1::/64"]
+    assert (v6["blockSize"], v6["ipipMode"], v6["vxlanMode"]) == (122, "Never", "Never")
+    assert pools[topology.POOL_CIDR]["vxlanMode"] == "Never", "IPv4 routed over BGP as well"
+    nodes = [o for o in base_resources(sp.plan, objs) if o["kind"] == "Node"]
+    addrs = [a["address"] for a in nodes[0]["status"]["addresses"] if a["type"] == "InternalIP"]
+    assert addrs == [node.ip, node.ip6]
+
+
+def test_an_ipv6_spec_without_pod_cidr_gets_the_labs_ula_pool():
+    spec = {k: v for k, v in IPV6.items() if k != "podCIDR"}
+    objs, _ = spec_resources(cluster_of(variant({**BPF}, **spec)))
+    assert topology.POOL6_CIDR in {o["spec"]["cidr"] for o in objs if o["kind"] == "IPPool"}
+
+
+def test_an_ipv6_spec_with_an_ipv4_pod_cidr_names_the_field():
+    err = errors(variant({**BPF}, **{**IPV6, "podCIDR": "100.96.0.0/11"}))
+    assert "needs IPv6" in err["spec.podCIDR"]
+
+
+def test_the_ipv6_example_validates_and_renders_an_ipv6_pool():
+    path = EXAMPLE.parent / "kops-ipv6-cluster.yaml"
+    result = kops.parse(list(yaml.safe_load_all(path.read_text())))
+    assert result.ok and result.cluster is not None and result.cluster.ipv6
+    pools = [o for o in kops.render(result.cluster) if o["kind"] == "IPPool"]
+    assert [p["metadata"]["name"] for p in pools] == ["default-ipv6-ippool"]
+    assert pools[0]["spec"]["natOutgoing"] is False, "Calico's IPv6 default"
 
 
 @pytest.mark.parametrize("cidr", ["192.0.2.0/25", "203.0.113.0/24", "172.20.0.0/29", "fd00::/64"])

@@ -211,3 +211,12 @@ def test_maglev_options_are_calicos_with_their_ranges():
     assert "spec.bpfMaglevMaxServices" in error_of({**felix, "spec": {"bpfMaglevMaxServices": 0}})
     big = {**felix, "spec": {"bpfMaglevMaxEndpointsPerService": 3001}}
     assert "spec.bpfMaglevMaxEndpointsPerService" in error_of(big)
+
+
+@pytest.mark.parametrize("field", ["ipipMode", "vxlanMode"])
+@pytest.mark.parametrize("mode", ["Always", "CrossSubnet"])
+def test_an_ipv6_pool_is_never_encapsulated(field, mode):
+    msg = error_of(pool(cidr="fd00:10:96::/48", **{field: mode}))
+    assert f"spec.{field}: {mode}: an IPv6 pool is not encapsulated (use Never)" in msg
+    out = validate(pool(cidr="fd00:10:96::/48"))["spec"]
+    assert (out["blockSize"], out["ipipMode"], out["vxlanMode"]) == (122, "Never", "Never")

@@ -119,6 +119,52 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_ctlb_sk SEC(".maps");
 
+/* IPv6 service frontends (ClusterIP:port/proto) -> backend set, as tby_nat_fe. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tby_nat_fe6_key);
+	__type(value, struct tby_nat_fe_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_nat_fe6 SEC(".maps");
+
+/* IPv6 backend sets: (id, ordinal) -> backend, as tby_nat_be. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tby_nat_be_key);
+	__type(value, struct tby_nat_be6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_nat_be6 SEC(".maps");
+
+/* Connect-time LB over IPv6: (socket cookie, backend) -> frontend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tby_ctlb_sk6_key);
+	__type(value, struct tby_ctlb_sk6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ctlb_sk6 SEC(".maps");
+
+/* IPv6 NodePort flows (nat6.h): tuple as it arrives -> tuple to rewrite to. An
+ * LRU: no sweep; an idle flow's pair ages out under pressure. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tby_ct6_key);
+	__type(value, struct tby_ct6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ct6 SEC(".maps");
+
+/* IPv6 anti-spoofing: local pod IPv6 address -> its host-side veth. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tby_wl6_key);
+	__type(value, struct tby_wl6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_wl6 SEC(".maps");
+
 /* NetworkPolicy: local pod address -> its policy set and isolation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -54,6 +54,8 @@ enum tby_reason {
 	TBY_R_MAGLEV_MISS, /* a Maglev frontend without its table (slot): random backend */
 	TBY_R_EXT_MOVED, /* a flow arrived through another ingress node and kept its backend */
 	TBY_R_EXT_REFUSED, /* backend's node: a colliding forwarded flow refused with ICMP */
+	TBY_R_NAT6_NEW, /* a new IPv6 NodePort flow: backend chosen, pair in tby_ct6 */
+	TBY_R_NAT6, /* a packet of an IPv6 NodePort flow translated (either way) */
 	TBY_REASON_MAX,
 };
 

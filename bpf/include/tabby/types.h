@@ -80,6 +80,55 @@ struct tby_maglev_key {
 	__u32 slot;
 };
 
+/*
+ * IPv6 services (ClusterIP, at connect() only: cgroup_ctlb.c's connect6 /
+ * sendmsg6 / recvmsg6). Frontends share tby_nat_fe_val and tby_nat_be_key with
+ * IPv4; addresses are 16 bytes in network order.
+ */
+struct tby_nat_fe6_key {
+	__u8 addr[16]; /* an IPv6 ClusterIP */
+	__be16 port;
+	__u8 proto; /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 _pad;
+};
+
+struct tby_nat_be6_val {
+	__u8 addr[16];
+	__be16 port;
+	__u16 _pad;
+};
+
+/*
+ * IPv6 NodePorts per packet (nat6.h): one entry per direction of a flow, keyed
+ * by the tuple as it arrives, holding the tuple to rewrite it to.
+ */
+struct tby_ct6_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+struct tby_ct6_val {
+	__u8 src[16];
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 _pad;
+};
+
+/* IPv6 anti-spoofing: a local pod's IPv6 address -> its host-side veth. */
+struct tby_wl6_key {
+	__u8 addr[16];
+};
+
+struct tby_wl6_val {
+	__u32 ifindex;
+	__u32 _pad;
+};
+
 /* sessionAffinity ClientIP: the backend a client was last given. */
 struct tby_nat_aff_key {
 	__u32 id;
@@ -192,6 +241,21 @@ struct tby_ctlb_sk_key {
 
 struct tby_ctlb_sk_val {
 	__be32 addr; /* the frontend the application asked for */
+	__be16 port;
+	__u16 _pad;
+};
+
+/* The same for IPv6 sockets (tby_ctlb_sk6). */
+struct tby_ctlb_sk6_key {
+	__u64 cookie;
+	__u8 addr[16];
+	__be16 port;
+	__u16 _pad;
+	__u32 _pad2;
+};
+
+struct tby_ctlb_sk6_val {
+	__u8 addr[16];
 	__be16 port;
 	__u16 _pad;
 };

@@ -764,10 +764,14 @@ test_run.__test__ = False  # type: ignore[attr-defined]  # not a pytest test whe
 
 # enum bpf_attach_type / bpf_link_type values (UAPI; stable)
 BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP6_SENDMSG = 15
 BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_CGROUP_UDP6_RECVMSG = 20
 BPF_TRACE_ITER = 28
 BPF_CGROUP_INET4_GETPEERNAME = 29
+BPF_CGROUP_INET6_GETPEERNAME = 30
 BPF_LINK_TYPE_CGROUP = 3
 
 _proto("bpf_iter_create", _int, _int)

@@ -40,6 +40,10 @@ ENTRY_OBJECTS: dict[str, tuple[str, ...]] = {
         "tby_ctlb_send4",
         "tby_ctlb_recv4",
         "tby_ctlb_peer4",
+        "tby_ctlb_conn6",
+        "tby_ctlb_send6",
+        "tby_ctlb_recv6",
+        "tby_ctlb_peer6",
         "tby_ctlb_reap",
     ),
 }

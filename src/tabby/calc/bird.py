@@ -17,6 +17,10 @@ What the config does, as Calico's bird.cfg.template:
   Never) and the blackholes of this node's blocks there (metric 32: a route tabby itself programs
   for an encapsulated pool, metric 0, always wins during a pool's live mode switch). Routes of
   encapsulated pools stay with tabby's route managers (from the IPAM blocks), as Felix does.
+- IPv6 (a node with an IPv6 InternalIP and IPv6 pools), as Calico's bird6: the same peers over
+  their IPv6 addresses (``Mesh_fd00__12``...), an ``ipv6`` channel with its own filters, kernel
+  protocol (``tabby_kernel6``) and blocks (``tabby_blocks6``). IPv6 pools are never encapsulated,
+  so every learnt IPv6 block goes to the kernel. The router id stays the node's IPv4 address.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tabby.calc.nodestate import Resources, node_internal_ip
+from tabby.calc.nodestate import Resources, node_internal_ip, node_internal_ip6
 from tabby.model import calico_selectors
 from tabby.model.calico import duration_s
 
@@ -38,6 +42,8 @@ AS_ANNOTATION = "projectcalico.org/ASNumber"
 CLUSTER_ID_ANNOTATION = "projectcalico.org/RouteReflectorClusterID"
 KERNEL_METRIC = 32  # BIRD's default; tabby's own routes use 0
 BLOCKS_PROTOCOL = "tabby_blocks"
+BLOCKS6_PROTOCOL = "tabby_blocks6"
+KERNEL6_PROTOCOL = "tabby_kernel6"
 DEFAULT_RESTART_WAIT_S = 30
 
 
@@ -65,6 +71,9 @@ class BirdConfig:
     cluster_id: str | None = None
     listen_port: int = 179
     warnings: list[str] = field(default_factory=list)
+    ip6: str | None = None  # this node's IPv6 address: IPv6 sessions and routes (see module)
+    blocks6: list[str] = field(default_factory=list)
+    pools6: list[str] = field(default_factory=list)  # every IPv6 pool is plain (not encapsulated)
 
     @property
     def restart_wait_s(self) -> int:
@@ -147,11 +156,15 @@ def render(resources: Resources, node: str) -> BirdConfig | None:
     cfg.listen_port = int(bgp.get("listenPort", 179))
     cfg.cluster_id = _cluster_id(me, warnings)
 
-    pools = [
-        p["spec"]
-        for p in resources.get("IPPool", {}).values()
-        if not p["spec"].get("disabled") and ":" not in p["spec"]["cidr"]
+    enabled = [
+        p["spec"] for p in resources.get("IPPool", {}).values() if not p["spec"].get("disabled")
     ]
+    pools = [p for p in enabled if ":" not in p["cidr"]]
+    cfg.ip6 = node_internal_ip6(me)
+    if cfg.ip6:
+        cfg.pools6 = sorted(
+            str(ipaddress.IPv6Network(p["cidr"])) for p in enabled if ":" in p["cidr"]
+        )
     cfg.pools = sorted(p["cidr"] for p in pools)
     cfg.plain_pools = sorted(
         p["cidr"]
@@ -167,26 +180,37 @@ def render(resources: Resources, node: str) -> BirdConfig | None:
         if any(net.subnet_of(p) for p in pool_nets):
             cfg.blocks.append(str(net))
     cfg.blocks.sort()
+    pool6_nets = [ipaddress.IPv6Network(c) for c in cfg.pools6]
+    for block in resources.get("IPAMBlock", {}).values():
+        spec = block.get("spec", {})
+        if str(spec.get("affinity", "")) != f"host:{node}" or ":" not in spec["cidr"]:
+            continue
+        net6 = ipaddress.IPv6Network(spec["cidr"])
+        if any(net6.subnet_of(p) for p in pool6_nets):
+            cfg.blocks6.append(str(net6))
+    cfg.blocks6.sort(key=lambda c: ipaddress.IPv6Network(c))
 
     peers: dict[str, Peer] = {}
     mesh_keepalive = _seconds(bgp.get("nodeMeshKeepaliveTime"))
     mesh_restart = _seconds(bgp.get("nodeMeshMaxRestartTime"))
 
     def node_peer(prefix: str, kind: PeerType, other: Obj, keepalive: Any, restart: Any) -> None:
-        ip = node_internal_ip(other)
-        if ip is None or ip == my_ip or ":" in ip or ip in peers:
-            return
         their_cid = _cluster_id(other, [])
-        peers[ip] = Peer(
-            _name(prefix, ip),
-            ip,
-            cfg.listen_port,
-            _node_as(other, default_as, []),
-            kind,
-            keepalive,
-            restart,
-            rr_client=cfg.cluster_id is not None and their_cid != cfg.cluster_id,
-        )
+        # one session per family both nodes have (IPv6: Calico's bird6 sessions)
+        ip6 = node_internal_ip6(other) if cfg.ip6 else None
+        for ip in (node_internal_ip(other), ip6):
+            if ip is None or ip in (my_ip, cfg.ip6) or ip in peers:
+                continue
+            peers[ip] = Peer(
+                _name(prefix, ip),
+                ip,
+                cfg.listen_port,
+                _node_as(other, default_as, []),
+                kind,
+                keepalive,
+                restart,
+                rr_client=cfg.cluster_id is not None and their_cid != cfg.cluster_id,
+            )
 
     explicit = sorted(
         resources.get("BGPPeer", {}).values(), key=lambda o: str(o["metadata"]["name"])
@@ -221,8 +245,8 @@ def render(resources: Resources, node: str) -> BirdConfig | None:
                     node_peer("Node", "node specific", other, keepalive, restart)
             continue
         address, port = _peer_address(str(spec["peerIP"]))
-        if ":" in address or address == my_ip or address in peers:
-            continue  # IPv6 peers: not yet (IPv4 sessions only)
+        if (":" in address and not cfg.ip6) or address in (my_ip, cfg.ip6) or address in peers:
+            continue  # an IPv6 peer of a node without IPv6: nothing to peer from
         peers[address] = Peer(
             _name("Global" if kind == "global" else "Node", address),
             address,
@@ -236,9 +260,14 @@ def render(resources: Resources, node: str) -> BirdConfig | None:
         for name in sorted(nodes):
             if name != node:
                 node_peer("Mesh", "node-to-node mesh", nodes[name], mesh_keepalive, mesh_restart)
-    cfg.peers = sorted(peers.values(), key=lambda p: ipaddress.IPv4Address(p.address))
+    cfg.peers = sorted(peers.values(), key=lambda p: _address_key(p.address))
     cfg.warnings = warnings
     return cfg
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
 
 
 def _within(cidrs: list[str], also: str = "") -> str:
@@ -264,7 +293,11 @@ def _text(cfg: BirdConfig) -> str:
         "",
         "protocol device { scan time 2; }",
         "# connected subnets: BGP next hops of same-subnet peers resolve on-link",
-        'protocol direct { ipv4; interface -"tby*", -"lo", "*"; }',
+        "protocol direct {",
+        "  ipv4;",
+        *(["  ipv6;"] if cfg.ip6 else []),
+        '  interface -"tby*", -"lo", "*";',
+        "}",
         "",
         "filter tabby_import {",
         _within(cfg.pools),
@@ -301,20 +334,10 @@ def _text(cfg: BirdConfig) -> str:
         *[f"  route {b} blackhole;" for b in cfg.blocks],
         "}",
         "",
-        "template bgp tabby_peer {",
-        f"  {local} as {cfg.as_number};",
-        "  multihop;",
-        "  connect delay time 1;",
-        "  connect retry time 2;",
-        "  error wait time 1, 10;",
-        "  graceful restart on;",
-        "  ipv4 {",
-        "    gateway recursive;",
-        "    import filter tabby_import;",
-        "    export filter tabby_export_to_peers;",
-        "  };",
-        "}",
+        *_template("tabby_peer", local, cfg.as_number, "ipv4", ""),
     ]
+    if cfg.ip6:
+        out += _text6(cfg)
     for peer in cfg.peers:
         body = [
             f'  description "{peer.type}";',
@@ -329,5 +352,65 @@ def _text(cfg: BirdConfig) -> str:
             body.append(f"  graceful restart time {peer.restart_s};")
         if peer.rr_client:
             body += ["  rr client;", f"  rr cluster id {cfg.cluster_id};"]
-        out += ["", f"protocol bgp {peer.name} from tabby_peer {{", *body, "}"]
+        template = "tabby_peer6" if ":" in peer.address else "tabby_peer"
+        out += ["", f"protocol bgp {peer.name} from {template} {{", *body, "}"]
     return "\n".join(out) + "\n"
+
+
+def _template(name: str, local: str, as_number: int, channel: str, suffix: str) -> list[str]:
+    return [
+        f"template bgp {name} {{",
+        f"  {local} as {as_number};",
+        "  multihop;",
+        "  connect delay time 1;",
+        "  connect retry time 2;",
+        "  error wait time 1, 10;",
+        "  graceful restart on;",
+        f"  {channel} {{",
+        "    gateway recursive;",
+        f"    import filter tabby_import{suffix};",
+        f"    export filter tabby_export_to_peers{suffix};",
+        "  };",
+        "}",
+    ]
+
+
+def _text6(cfg: BirdConfig) -> list[str]:
+    """The IPv6 half (BIRD's filters and protocols carry one family each): every IPv6 pool is
+    plain, so its learnt blocks and this node's blackholes all go to the kernel."""
+    ours = f'(proto = "{BLOCKS6_PROTOCOL}" || source = RTS_BGP)'
+    local = f"local {cfg.ip6}"
+    if cfg.listen_port != 179:
+        local += f" port {cfg.listen_port}"
+    return [
+        "",
+        "# IPv6: pools are never encapsulated; sessions between the nodes' IPv6 addresses",
+        "filter tabby_import6 {",
+        _within(cfg.pools6),
+        "  reject;",
+        "}",
+        "filter tabby_export_to_peers6 {",
+        _within(cfg.pools6, ours),
+        "  reject;",
+        "}",
+        "filter tabby_kernel_learn6 {",
+        _within(cfg.pools6).replace("accept", "reject"),
+        "  accept;",
+        "}",
+        f"protocol kernel {KERNEL6_PROTOCOL} {{",
+        "  learn;",
+        "  scan time 2;",
+        f"  metric {KERNEL_METRIC};",
+        "  graceful restart;",
+        "  merge paths on;",
+        "  ipv6 {",
+        "    import filter tabby_kernel_learn6;",
+        "    export filter tabby_export_to_peers6;",
+        "  };",
+        "}",
+        f"protocol static {BLOCKS6_PROTOCOL} {{",
+        "  ipv6;",
+        *[f"  route {b} blackhole;" for b in cfg.blocks6],
+        "}",
+        *_template("tabby_peer6", local, cfg.as_number, "ipv6", "6"),
+    ]

@@ -7,6 +7,9 @@ import hashlib
 HOST_IFACE_PREFIX = "tby"
 TUNNEL_DEVICE = "tby.vxlan"
 POD_GATEWAY = "169.254.1.1"  # Calico's fixed next hop: the node answers for it by proxy ARP
+# Calico's IPv6 next hop (the link-local address of MAC ee:ee:ee:ee:ee:ee): every pod's host-side
+# veth carries it, so the node itself answers the pod's neighbor solicitation for it
+POD_GATEWAY6 = "fe80::ecee:eeff:feee:eeee"
 
 
 def host_ifname(namespace: str, pod: str) -> str:

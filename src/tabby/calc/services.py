@@ -20,6 +20,11 @@ kube-proxy's rules, followed here:
 Calico's annotation ``lb.projectcalico.org/external-traffic-strategy: maglev`` marks the external
 frontends (NodePort, LoadBalancer, externalIP) ``NAT_MAGLEV``: their new flows take the backend
 from the set's Maglev table (calc.maglev, written by dataplane/nat.py) by the flow's hash.
+
+IPv6: a Service's IPv6 clusterIP(s) get ClusterIP frontends over the IPv6 EndpointSlices, and
+its NodePorts a frontend on the node's IPv6 address, in ``ServiceNAT.ipv6`` (the IPv6 NAT
+manager: ClusterIPs at connect(), NodePorts per packet, bpf/include/tabby/nat6.h); IPv6
+externalIPs and LoadBalancer IPs are not handled yet (a warning says so).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class ServiceNAT:
     health_check_port: int = 0
     local_endpoints: int = 0
     warnings: tuple[str, ...] = ()
+    ipv6: ServiceNAT | None = None  # the IPv6 ClusterIP frontends and their backend sets
 
 
 # One endpoint of one service port: (address, port, ready, serving+terminating, on this node).
@@ -110,11 +116,19 @@ def _ipv4(addr: Any) -> bool:
         return False
 
 
-def _endpoints_for(port: Obj, slices: list[Obj], node: str) -> list[_Endpoint]:
+def _ipv6(addr: Any) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(str(addr)), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _endpoints_for(port: Obj, slices: list[Obj], node: str, family: int = 4) -> list[_Endpoint]:
     name, protocol = port.get("name", ""), port.get("protocol", "TCP")
+    address_type, valid = ("IPv4", _ipv4) if family == 4 else ("IPv6", _ipv6)
     out: list[_Endpoint] = []
     for sl in slices:
-        if sl.get("addressType") != "IPv4":
+        if sl.get("addressType") != address_type:
             continue
         number = 0
         for p in sl.get("ports") or ():
@@ -125,7 +139,7 @@ def _endpoints_for(port: Obj, slices: list[Obj], node: str) -> list[_Endpoint]:
             continue
         for ep in sl.get("endpoints") or ():
             addrs = ep.get("addresses")
-            if not addrs or not _ipv4(addrs[0]):  # one address per endpoint is used
+            if not addrs or not valid(addrs[0]):  # one address per endpoint is used
                 continue
             cond = ep.get("conditions")
             if cond:
@@ -138,7 +152,9 @@ def _endpoints_for(port: Obj, slices: list[Obj], node: str) -> list[_Endpoint]:
     return out
 
 
-def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None) -> ServiceNAT:
+def service_nat(
+    service: Obj, slices: list[Obj], node: str, node_ip: str | None, node_ip6: str | None = None
+) -> ServiceNAT:
     """One Service's frontends and backend sets as seen from ``node``."""
     meta, spec = service["metadata"], service.get("spec", {})
     key = f"{meta.get('namespace', 'default')}/{meta['name']}"
@@ -205,6 +221,19 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
             flags |= NAT_SRC_RANGES if src else 0
             frontends.append(Frontend(addr, number, proto, bset, flags, affinity_s, src, kind))
     used = {f.backend_set for f in frontends}
+    v6_ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if _ipv6(ip)]
+    ipv6 = (
+        _ipv6_nat(key, spec, slices, node, v6_ips, base_flags, affinity_s, node_ip6)
+        if v6_ips
+        else None
+    )
+    if ipv6 is not None and (
+        stype == "LoadBalancer" or any(_ipv6(ip) for ip in spec.get("externalIPs") or [])
+    ):
+        warnings.append(
+            f"{key}: IPv6 is served on its ClusterIP and NodePorts only (not LoadBalancer "
+            "or externalIPs)"
+        )
     health = 0
     if stype in ("NodePort", "LoadBalancer") and external_local:
         health = int(spec.get("healthCheckNodePort") or 0)
@@ -215,6 +244,59 @@ def service_nat(service: Obj, slices: list[Obj], node: str, node_ip: str | None)
         health_check_port=health,
         local_endpoints=len(local_ready),
         warnings=tuple(warnings),
+        ipv6=ipv6,
+    )
+
+
+def _ipv6_nat(
+    key: str,
+    spec: Obj,
+    slices: list[Obj],
+    node: str,
+    cluster_ips: list[str],
+    flags: int,
+    affinity_s: int,
+    node_ip6: str | None,
+) -> ServiceNAT:
+    """The IPv6 ClusterIP (and NodePort, on ``node_ip6``) frontends of one Service, over its
+    IPv6 EndpointSlices; the traffic policies as for IPv4 (Local: the node's endpoints, none
+    drops)."""
+    internal_local = spec.get("internalTrafficPolicy") == "Local"
+    external_local = spec.get("externalTrafficPolicy") == "Local"
+    node_ports = spec.get("type") in ("NodePort", "LoadBalancer") and node_ip6
+    frontends: list[Frontend] = []
+    sets: dict[str, tuple[Backend, ...]] = {}
+    for port in spec.get("ports") or []:
+        proto = port.get("protocol", "TCP")
+        if proto not in ("TCP", "UDP"):
+            continue
+        endpoints = _endpoints_for(port, slices, node, family=6)
+        label = f"{key}:{port.get('name') or port['port']}/{proto}:ipv6"
+        sets[label] = usable(endpoints)
+        sets[f"{label}:local"] = usable([e for e in endpoints if e[4]])
+        internal = f"{label}:local" if internal_local else label
+        bflags = flags | (NAT_DROP_EMPTY if internal_local else 0)
+        for ip in cluster_ips:
+            frontends.append(Frontend(ip, port["port"], proto, internal, bflags, affinity_s))
+        if node_ports and port.get("nodePort"):
+            external = f"{label}:local" if external_local else label
+            eflags = flags | NAT_EXTERNAL | (NAT_DROP_EMPTY if external_local else 0)
+            frontends.append(
+                Frontend(
+                    str(node_ip6),
+                    port["nodePort"],
+                    proto,
+                    external,
+                    eflags,
+                    affinity_s,
+                    kind="NodePort",
+                )
+            )
+    used = {f.backend_set for f in frontends}
+    return ServiceNAT(
+        key=key,
+        frontends=tuple(frontends),
+        backend_sets={name: bs for name, bs in sets.items() if name in used},
     )
 
 
@@ -228,15 +310,16 @@ class ServiceIndex:
     def __init__(self, node: str) -> None:
         self.node = node
         self.node_ip: str | None = None
+        self.node_ip6: str | None = None
         self._services: dict[Key, Obj] = {}
         self._slices: dict[Key, dict[str, Obj]] = {}  # service key -> slice name -> slice
         self._slice_owner: dict[Key, Key] = {}  # slice key -> service key
         self._results: dict[str, ServiceNAT] = {}
         self._dirty: set[Key] = set()
 
-    def set_node_ip(self, node_ip: str | None) -> None:
-        if node_ip != self.node_ip:
-            self.node_ip = node_ip
+    def set_node_ip(self, node_ip: str | None, node_ip6: str | None = None) -> None:
+        if (node_ip, node_ip6) != (self.node_ip, self.node_ip6):
+            self.node_ip, self.node_ip6 = node_ip, node_ip6
             self._dirty |= set(self._services)
 
     def on_service(self, key: Key, obj: Obj | None) -> None:
@@ -270,6 +353,6 @@ class ServiceIndex:
                 self._results.pop(name, None)
                 continue
             slices = list(self._slices.get(key, {}).values())
-            self._results[name] = service_nat(svc, slices, self.node, self.node_ip)
+            self._results[name] = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
         self._dirty.clear()
         return dict(self._results)

@@ -115,45 +115,61 @@ def flag_names(flags: int, affinity_s: int) -> list[str]:
 
 
 def read_nat(pin_root: str) -> list[Row]:
-    """Frontends with their backends by ordinal, sorted by VIP, port, protocol."""
-    from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, PROTOCOL_NAMES
+    """Frontends with their backends by ordinal, sorted by VIP, port, protocol; IPv4 first, then
+    the IPv6 ones (tby_nat_fe6/be6; skipped on an older datapath that has none)."""
+    from tabby.bpf.maps.nat import (
+        BACKENDS6_SPEC,
+        BACKENDS_SPEC,
+        FRONTENDS6_SPEC,
+        FRONTENDS_SPEC,
+        PROTOCOL_NAMES,
+    )
 
-    with _open(FRONTENDS_SPEC, pin_root) as fe_map, _open(BACKENDS_SPEC, pin_root) as be_map:
-        frontends = fe_map.lookup_batch()
-        backends = {(k.id, k.ordinal): v for k, v in be_map.lookup_batch()}
-    rows: list[tuple[tuple[int, int, int], Row]] = []
-    for key, val in frontends:
-        addr = str(ipaddress.IPv4Address(key.addr))
-        bes: list[Row] = []
-        for ordinal in range(val.count):
-            be = backends.get((val.id, ordinal))
-            if be is None:  # a set being shrunk or grown right now, or a bug: show it
-                bes.append({"ordinal": ordinal, "addr": None, "port": None})
-            else:
-                bes.append(
-                    {
-                        "ordinal": ordinal,
-                        "addr": str(ipaddress.IPv4Address(be.addr)),
-                        "port": be.port,
-                    }
-                )
-        row: Row = {
-            "frontend": key.describe(),
-            "addr": addr,
-            "port": key.port,
-            "protocol": PROTOCOL_NAMES.get(key.proto, str(key.proto)),
-            "id": val.id,
-            "count": val.count,
-            "flags": flag_names(val.flags, val.affinity_s),
-            "affinity_s": val.affinity_s,
-            "backends": bes,
-        }
-        rows.append(((int(key.addr), int(key.port), int(key.proto)), row))
+    def v4(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.IPv4Address(value)
+
+    def v6(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.IPv6Address(bytes(value))
+
+    rows: list[tuple[tuple[int, int, int, int], Row]] = []
+    for fe_spec, be_spec, addr_of in (
+        (FRONTENDS_SPEC, BACKENDS_SPEC, v4),
+        (FRONTENDS6_SPEC, BACKENDS6_SPEC, v6),
+    ):
+        if fe_spec is FRONTENDS6_SPEC and not os.path.exists(os.path.join(pin_root, fe_spec.name)):
+            continue
+        with _open(fe_spec, pin_root) as fe_map, _open(be_spec, pin_root) as be_map:
+            frontends = fe_map.lookup_batch()
+            backends = {(k.id, k.ordinal): v for k, v in be_map.lookup_batch()}
+        for key, val in frontends:
+            addr = addr_of(key.addr)
+            bes: list[Row] = []
+            for ordinal in range(val.count):
+                be = backends.get((val.id, ordinal))
+                if be is None:  # a set being shrunk or grown right now, or a bug: show it
+                    bes.append({"ordinal": ordinal, "addr": None, "port": None})
+                else:
+                    bes.append({"ordinal": ordinal, "addr": str(addr_of(be.addr)), "port": be.port})
+            row: Row = {
+                "frontend": key.describe(),
+                "addr": str(addr),
+                "port": key.port,
+                "protocol": PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+                "id": val.id,
+                "count": val.count,
+                "flags": flag_names(val.flags, val.affinity_s),
+                "affinity_s": val.affinity_s,
+                "backends": bes,
+            }
+            sort_key = (addr.version, int(addr), int(key.port), int(key.proto))
+            rows.append((sort_key, row))
     return [row for _, row in sorted(rows, key=lambda item: item[0])]
 
 
 def _backend_str(be: Row) -> str:
-    return "<missing>" if be["addr"] is None else f"{be['addr']}:{be['port']}"
+    if be["addr"] is None:
+        return "<missing>"
+    return f"[{be['addr']}]:{be['port']}" if ":" in be["addr"] else f"{be['addr']}:{be['port']}"
 
 
 def nat_text(rows: list[Row]) -> str:
@@ -174,7 +190,7 @@ def nat_dump(
     pin_root: str | None = PinRootOpt,
     output: str = typer.Option("table", "--output", "-o", help="table, text or json"),
 ) -> None:
-    """Service frontends (tby_nat_fe) and the backends of each (tby_nat_be)."""
+    """Service frontends (tby_nat_fe; IPv6: tby_nat_fe6) and the backends of each."""
     _check_output(output, ("table", "text", "json"))
     rows = read_nat(resolve_pin_root(lab, node, pin_root))
     if output == "json":

@@ -57,16 +57,20 @@ def status(
     console = Console(highlight=False, width=max(120, Console().width))
     pid = _pid(os.path.join(os.path.dirname(socket), "bird.pid"))
     console.print(f"BIRD is running{f' (pid {pid})' if pid else ''}.\n")
-    console.print("IPv4 BGP status")
-    if not rows:
-        console.print("No IPv4 peers found.")
-        return
-    table = Table(box=box.ASCII)
-    for col in ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "ROUTES IN/OUT"):
-        table.add_column(col, no_wrap=True)
-    for r in rows:
-        table.add_row(r.peer, r.type, r.state, r.since, r.info, f"{r.imported}/{r.exported}")
-    console.print(table)
+    for family, of_family in (
+        ("IPv4", [r for r in rows if ":" not in r.peer]),
+        ("IPv6", [r for r in rows if ":" in r.peer]),
+    ):
+        console.print(f"{family} BGP status")  # calicoctl's two tables
+        if not of_family:
+            console.print(f"No {family} peers found.\n")
+            continue
+        table = Table(box=box.ASCII)
+        for col in ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO", "ROUTES IN/OUT"):
+            table.add_column(col, no_wrap=True)
+        for r in of_family:
+            table.add_row(r.peer, r.type, r.state, r.since, r.info, f"{r.imported}/{r.exported}")
+        console.print(table)
 
 
 def _pid(path: str) -> str | None:

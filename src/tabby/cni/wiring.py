@@ -2,6 +2,10 @@
 
 Calico's layout: the pod gets ``<ip>/32`` on its interface and a default route via 169.254.1.1,
 which the host side answers for by proxy ARP; the node gets ``<ip>/32 dev tby<hash>``.
+With an IPv6 pool the pod is dual-stack: it also gets ``<ip6>/128`` and a default route via
+fe80::ecee:eeff:feee:eeee, an address of the host-side veth itself (so the node answers the
+pod's neighbor solicitation), and the node gets ``<ip6>/128 dev tby<hash>``; no duplicate
+address detection on either side (IPAM hands an address out once).
 ADD is idempotent for one container id (IPAM returns the same address) and undoes its own
 partial work when a later step fails, so a failed ADD leaves nothing behind.
 """
@@ -9,6 +13,7 @@ partial work when a later step fails, so a failed ADD leaves nothing behind.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -58,28 +63,37 @@ def add(req: Request) -> dict[str, Any]:
     ipam = _ipam(req)
     try:
         ip = ipam.assign(req.config["nodename"], req.handle)
+        ip6 = ipam.assign(req.config["nodename"], req.handle, 6) if ipam.has_pool(6) else None
     except (IPAMError, DatastoreError) as e:
+        ipam.release(req.handle)
         raise CNIError(E_TRY_AGAIN, f"IPAM: {e}") from e
     host = names.host_ifname(req.pod_namespace, req.pod_name)
     try:
-        host_mac, pod_mac = _wire(req, path, host, ip, _mtu(req, ipam))
+        host_mac, pod_mac = _wire(req, path, host, ip, _mtu(req, ipam), ip6)
     except Exception as e:
         _unwire(host)
         ipam.release(req.handle)
         raise CNIError(E_IO, f"wiring {req.pod_namespace}/{req.pod_name} failed: {e}") from e
+    ips = [{"address": f"{ip}/32", "gateway": names.POD_GATEWAY, "interface": 1}]
+    routes = [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}]
+    if ip6:
+        ips.append({"address": f"{ip6}/128", "gateway": names.POD_GATEWAY6, "interface": 1})
+        routes.append({"dst": "::/0", "gw": names.POD_GATEWAY6})
     return {
         "cniVersion": req.config["cniVersion"],
         "interfaces": [
             {"name": host, "mac": host_mac},
             {"name": req.ifname, "mac": pod_mac, "sandbox": path},
         ],
-        "ips": [{"address": f"{ip}/32", "gateway": names.POD_GATEWAY, "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     }
 
 
-def _wire(req: Request, path: str, host: str, ip: str, mtu: int) -> tuple[str, str]:
+def _wire(
+    req: Request, path: str, host: str, ip: str, mtu: int, ip6: str | None = None
+) -> tuple[str, str]:
     with links.rtnl() as ipr:
         if links.ifindex(ipr, host) is not None:
             links.delete_link(ipr, host)  # a stale veth of an earlier sandbox of this pod
@@ -99,8 +113,20 @@ def _wire(req: Request, path: str, host: str, ip: str, mtu: int) -> tuple[str, s
         for knob, value in (("proxy_arp", "1"), ("rp_filter", "0"), ("forwarding", "1")):
             links.write_sysctl(f"net/ipv4/conf/{host}/{knob}", value)
         links.write_sysctl(f"net/ipv4/neigh/{host}/proxy_delay", "0")
+        if ip6:
+            links.write_sysctl(f"net/ipv6/conf/{host}/accept_dad", "0")
+            links.write_sysctl(f"net/ipv6/conf/{host}/forwarding", "1")
+            ipr.addr(
+                "add",
+                index=idx,
+                address=names.POD_GATEWAY6,
+                prefixlen=64,
+                flags=links.IFA_F_NODAD,
+            )
         ipr.link("set", index=idx, state="up")
         links.replace_route(ipr, dst=f"{ip}/32", oif=idx, scope=links.RT_SCOPE_LINK)
+        if ip6:
+            links.replace_route(ipr, dst=f"{ip6}/128", oif=idx, family=socket.AF_INET6)
         host_mac = str(links.link_attr(ipr, idx, "IFLA_ADDRESS"))
     with enter_netns(path), links.rtnl() as pod:
         lo = links.ifindex(pod, "lo")
@@ -109,9 +135,16 @@ def _wire(req: Request, path: str, host: str, ip: str, mtu: int) -> tuple[str, s
         pidx = links.ifindex(pod, req.ifname)
         assert pidx is not None
         pod.addr("add", index=pidx, address=ip, prefixlen=32)
+        if ip6:
+            links.write_sysctl(f"net/ipv6/conf/{req.ifname}/accept_dad", "0")
+            pod.addr("add", index=pidx, address=ip6, prefixlen=128, flags=links.IFA_F_NODAD)
         pod.link("set", index=pidx, state="up")
         pod.route("add", dst=f"{names.POD_GATEWAY}/32", oif=pidx, scope=links.RT_SCOPE_LINK)
         pod.route("add", dst="0.0.0.0/0", gateway=names.POD_GATEWAY, oif=pidx)
+        if ip6:
+            pod.route(
+                "add", dst="::/0", gateway=names.POD_GATEWAY6, oif=pidx, family=socket.AF_INET6
+            )
         pod_mac = str(links.link_attr(pod, pidx, "IFLA_ADDRESS"))
     return host_mac, pod_mac
 

@@ -45,10 +45,17 @@ HOOKS: dict[str, tuple[str, int]] = {
     "sendmsg4": ("tby_ctlb_send4", libbpf.BPF_CGROUP_UDP4_SENDMSG),
     "recvmsg4": ("tby_ctlb_recv4", libbpf.BPF_CGROUP_UDP4_RECVMSG),
     "getpeername4": ("tby_ctlb_peer4", libbpf.BPF_CGROUP_INET4_GETPEERNAME),
+    # IPv6 ClusterIPs are served here only (no per-packet IPv6 path): TCP and UDP in any mode
+    "connect6": ("tby_ctlb_conn6", libbpf.BPF_CGROUP_INET6_CONNECT),
+    "sendmsg6": ("tby_ctlb_send6", libbpf.BPF_CGROUP_UDP6_SENDMSG),
+    "recvmsg6": ("tby_ctlb_recv6", libbpf.BPF_CGROUP_UDP6_RECVMSG),
+    "getpeername6": ("tby_ctlb_peer6", libbpf.BPF_CGROUP_INET6_GETPEERNAME),
 }
+_HOOKS6 = ("connect6", "sendmsg6", "recvmsg6", "getpeername6")
 MODE_HOOKS: dict[str, tuple[str, ...]] = {
-    "TCP": ("connect4", "sendmsg4", "recvmsg4", "getpeername4"),  # UDP: the node's own only
-    "Enabled": ("connect4", "sendmsg4", "recvmsg4", "getpeername4"),
+    # UDP over IPv4: the node's own only
+    "TCP": ("connect4", "sendmsg4", "recvmsg4", "getpeername4", *_HOOKS6),
+    "Enabled": ("connect4", "sendmsg4", "recvmsg4", "getpeername4", *_HOOKS6),
     "Disabled": (),
 }
 

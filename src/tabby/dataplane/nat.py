@@ -8,6 +8,9 @@ Invariants:
   first (Maglev slots with them), then frontends, then deletions of frontends, then of backend
   ordinals beyond the new counts, of whole sets and of Maglev tables. A shrinking set keeps its
   old tail until its frontend says the smaller count;
+- one manager per family: IPv4 (tby_nat_fe / tby_nat_be / tby_nat_src, tby_maglev) and IPv6
+  ClusterIPs (tby_nat_fe6 / tby_nat_be6, given each ServiceNAT's ``ipv6`` part; no source ranges,
+  no Maglev);
 - backend set ids are allocated here. After a restart the pinned frontends are adopted (so the
   ones no longer wanted are deleted), the sets are rewritten once under fresh ids and the old
   ids' backends deleted afterwards: established flows live in conntrack and are not affected.
@@ -22,7 +25,7 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from socket import inet_aton, inet_ntoa
+from socket import AF_INET6, inet_aton, inet_ntoa, inet_ntop, inet_pton
 from typing import Any
 
 from tabby.bpf import libbpf
@@ -30,8 +33,10 @@ from tabby.bpf.maps.maglev import MaglevKey
 from tabby.bpf.maps.nat import (
     PROTOCOL_NAMES,
     PROTOCOLS,
+    Backend6Value,
     BackendKey,
     BackendValue,
+    Frontend6Key,
     FrontendKey,
     FrontendValue,
     SourceRangeKey,
@@ -68,12 +73,15 @@ class NatManager:
         self,
         frontends: libbpf.Map[Any, Any],
         backends: libbpf.Map[Any, Any],
-        source_ranges: libbpf.Map[Any, Any],
+        source_ranges: libbpf.Map[Any, Any] | None,
         maglev: libbpf.Map[Any, Any] | None = None,
+        family: int = 4,
     ) -> None:
-        """Without a ``maglev`` map, NAT_MAGLEV is never written (random choice)."""
+        """Without a ``maglev`` map, NAT_MAGLEV is never written (random choice); ``family`` 6:
+        the IPv6 maps (tby_nat_fe6, tby_nat_be6), no source ranges map, no Maglev."""
         self.fe_map, self.be_map, self.src_map = frontends, backends, source_ranges
         self.maglev = MaglevTables(maglev)
+        self.codec = _CODECS[family]
         self.services: dict[str, ServiceNAT] = {}
         self.sets: dict[str, _Set] = {}  # set name -> programmed id and backends
         self.fes: dict[FeKey, FrontendValue] = {}
@@ -90,16 +98,17 @@ class NatManager:
         """
         keys, values, count = self.fe_map.lookup_batch_raw()
         fe_vals: Any = (FrontendValue * count).from_buffer_copy(values) if count else []
-        for (addr, port, proto), value in zip(_FE_KEY.iter_unpack(keys), fe_vals, strict=True):
-            self.fes[(inet_ntoa(addr), port, _proto(proto))] = FrontendValue.from_buffer_copy(value)
+        c = self.codec
+        for (addr, port, proto), value in zip(c.fe_key.iter_unpack(keys), fe_vals, strict=True):
+            self.fes[(c.ntop(addr), port, _proto(proto))] = FrontendValue.from_buffer_copy(value)
         keys, values, _ = self.be_map.lookup_batch_raw()
         by_id: dict[int, dict[int, Backend]] = {}
         for (set_id, ordinal), (addr, port) in zip(
-            _BE_KEY.iter_unpack(keys), _BE_VAL.iter_unpack(values), strict=True
+            _BE_KEY.iter_unpack(keys), c.be_val.iter_unpack(values), strict=True
         ):
-            by_id.setdefault(set_id, {})[ordinal] = (inet_ntoa(addr), port)
+            by_id.setdefault(set_id, {})[ordinal] = (c.ntop(addr), port)
         self._adopted: dict[int, dict[int, Backend]] = by_id  # id -> ordinal -> backend
-        self._retired_src: list[SourceRangeKey] = list(self.src_map.keys())
+        self._retired_src: list[SourceRangeKey] = list(self.src_map.keys()) if self.src_map else []
         used = set(by_id) | {v.id for v in self.fes.values()}
         self._next_id = max(used, default=0) + 1
 
@@ -288,10 +297,11 @@ class NatManager:
         # 20k services x 3, 80,000 live ctypes objects (and ipaddress parsing) made the cyclic
         # GC walk the whole heap and were most of the write time. Addresses were validated as
         # IPv4 dotted quads by calc.services, so inet_aton reads them exactly.
+        c = self.codec
         if be_writes:
             keys = _packed(BackendKey, [_BE_KEY.pack(i, o) for i, o in be_writes])
             values = _packed(
-                BackendValue, [_BE_VAL.pack(inet_aton(a), p) for a, p in be_writes.values()]
+                c.be_type, [c.be_val.pack(c.pton(a), p) for a, p in be_writes.values()]
             )
             writes += self.be_map.update_batch(keys, values)
         mg_map = self.maglev.map
@@ -302,26 +312,26 @@ class NatManager:
             )
             writes += mg_map.update_batch(keys, values)
         one = ctypes.c_uint32(1)
-        for set_id, cidr in src_writes:
-            self.src_map.update(SourceRangeKey.make(set_id, cidr), one)
+        for set_id, cidr in src_writes if self.src_map else ():
+            self.src_map.update(SourceRangeKey.make(set_id, cidr), one)  # type: ignore[union-attr]
             writes += 1
         if fe_writes:
             keys_fe = _packed(
-                FrontendKey,
-                [_FE_KEY.pack(inet_aton(a), p, PROTOCOLS[proto]) for a, p, proto in fe_writes],
+                c.fe_type,
+                [c.fe_key.pack(c.pton(a), p, PROTOCOLS[proto]) for a, p, proto in fe_writes],
             )
             values_fe = _packed(FrontendValue, [bytes(v) for v in fe_writes.values()])
             writes += self.fe_map.update_batch(keys_fe, values_fe)
-        writes += _delete_many(self.fe_map, [FrontendKey.make(*fk) for fk in fe_deletes])
+        writes += _delete_many(self.fe_map, [c.fe_type.make(*fk) for fk in fe_deletes])
         # sets adopted at start that no wanted frontend claimed: after the frontends moved on
         retired = [BackendKey(i, o) for i, ordinals in self._adopted.items() for o in ordinals]
         self._adopted = {}
         be_keys = [BackendKey(id=i, ordinal=o) for i, o in be_deletes] + retired
         writes += _delete_many(self.be_map, be_keys)
-        for set_id, cidr in src_deletes:
-            self.src_map.delete(SourceRangeKey.make(set_id, cidr))
+        for set_id, cidr in src_deletes if self.src_map else ():
+            self.src_map.delete(SourceRangeKey.make(set_id, cidr))  # type: ignore[union-attr]
         for key in self._retired_src:
-            self.src_map.delete(key)
+            self.src_map.delete(key)  # type: ignore[union-attr]
         self._retired_src = []
         mg_deletes = mg_plan.deletes + self.maglev.retired()
         if mg_deletes and mg_map is not None:  # after the frontends no longer point at them
@@ -350,8 +360,41 @@ def _delete_many(bpf_map: libbpf.Map[Any, Any], keys: list[Any]) -> int:
 _BE_KEY = struct.Struct("=II")
 _BE_VAL = struct.Struct("!4sH2x")
 _FE_KEY = struct.Struct("!4sHBx")
-for _layout, _mirror in ((_BE_KEY, BackendKey), (_BE_VAL, BackendValue), (_FE_KEY, FrontendKey)):
+_BE6_VAL = struct.Struct("!16sH2x")
+_FE6_KEY = struct.Struct("!16sHBx")
+for _layout, _mirror in (
+    (_BE_KEY, BackendKey),
+    (_BE_VAL, BackendValue),
+    (_FE_KEY, FrontendKey),
+    (_BE6_VAL, Backend6Value),
+    (_FE6_KEY, Frontend6Key),
+):
     assert _layout.size == ctypes.sizeof(_mirror), _mirror
+
+
+@dataclass(frozen=True)
+class _Codec:
+    """How one family's addresses and keys are packed (struct layouts above)."""
+
+    fe_key: struct.Struct
+    be_val: struct.Struct
+    fe_type: Any
+    be_type: Any
+    pton: Any
+    ntop: Any
+
+
+_CODECS = {
+    4: _Codec(_FE_KEY, _BE_VAL, FrontendKey, BackendValue, inet_aton, inet_ntoa),
+    6: _Codec(
+        _FE6_KEY,
+        _BE6_VAL,
+        Frontend6Key,
+        Backend6Value,
+        lambda a: inet_pton(AF_INET6, a),
+        lambda b: inet_ntop(AF_INET6, b),
+    ),
+}
 
 
 def _packed(struct_type: type[Any], packed: list[bytes]) -> Any:

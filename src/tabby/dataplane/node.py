@@ -16,9 +16,16 @@ from dataclasses import dataclass
 from tabby import preflight
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
 from tabby.bpf.maps.maglev import MAGLEV_SPEC
-from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.nat import (
+    BACKENDS6_SPEC,
+    BACKENDS_SPEC,
+    FRONTENDS6_SPEC,
+    FRONTENDS_SPEC,
+    SOURCE_RANGES_SPEC,
+)
 from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
+from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
 from tabby.calc.bird import BirdConfig
@@ -34,6 +41,7 @@ from tabby.dataplane.nat import NatApplyResult, NatManager
 from tabby.dataplane.policy import PolicyApplyResult, PolicyManager
 from tabby.dataplane.routes import KernelRouteManager, RouteMapManager
 from tabby.dataplane.tunnel import TunnelManager
+from tabby.dataplane.workloads6 import Workload6Manager
 from tabby.netlink import links
 
 log = logging.getLogger(__name__)
@@ -71,11 +79,19 @@ class NodeDataplane:
         self.learned: dict[str, str] = {}  # BGP: prefix -> next hop, as last read from BIRD
         self.bird_config: BirdConfig | None = None
         # own fds on the pins: they outlive a reload of the objects
-        self.nat_maps = [s.open_pinned(pin_root) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
-        self.nat_maps.append(SOURCE_RANGES_SPEC.open_pinned(pin_root))
-        self.nat_maps.append(MAGLEV_SPEC.open_pinned(pin_root))
-        self.nat = NatManager(*self.nat_maps)
+        fe, be, src, mg = (
+            s.open_pinned(pin_root)
+            for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC, MAGLEV_SPEC)
+        )
+        self.nat_maps = [fe, be, src, mg]
+        self.nat = NatManager(fe, be, src, mg)
+        self.nat6_maps = [s.open_pinned(pin_root) for s in (FRONTENDS6_SPEC, BACKENDS6_SPEC)]
+        # IPv6 ClusterIPs (served at connect() only)
+        self.nat6 = NatManager(self.nat6_maps[0], self.nat6_maps[1], None, family=6)
         self.last_nat = NatApplyResult()
+        self.wl6_map = WORKLOADS6_SPEC.open_pinned(pin_root)
+        self.workloads6 = Workload6Manager(self.wl6_map)
+        self.ipv6_forwarding = False
         self.policy_maps = PolicyMaps.open_pinned(pin_root)
         self.policy = PolicyManager(self.policy_maps)
         self.last_policy = PolicyApplyResult()
@@ -117,9 +133,18 @@ class NodeDataplane:
         self.last_nat = self.nat.apply(state.services, _maglev_config(state))
         errors += self.last_nat.errors
         warnings += self.last_nat.warnings
+        services6 = {k: svc.ipv6 for k, svc in state.services.items() if svc.ipv6 is not None}
+        errors += self.nat6.apply(services6).errors
         # policies before the programs see a new endpoint (Felix's order)
         self.last_policy = self.policy.apply(state.policies)
         errors += self.last_policy.errors
+        # IPv6: the pods' own addresses before the programs judge their packets
+        errors += self.workloads6.apply(
+            {ep.ip6: ifname for ifname, ep in state.endpoints.items() if ep.ip6}
+        )
+        if state.node_ip6 and not self.ipv6_forwarding:  # as Felix with IPv6 support
+            links.write_sysctl("net/ipv6/conf/all/forwarding", "1")
+            self.ipv6_forwarding = True
         if state.bpf_enabled != self.bpf_enabled and state.bpf_enabled is False:
             warnings.append("bpfEnabled is false: tabby's programs are detached (disruptive)")
         self.bpf_enabled = state.bpf_enabled
@@ -230,7 +255,13 @@ class NodeDataplane:
     def close(self) -> None:
         self.health.close()
         self.policy_maps.close()
-        for m in [*self.nat_maps, self.routes.map.map, self.counters.map]:
+        for m in [
+            *self.nat_maps,
+            *self.nat6_maps,
+            self.wl6_map,
+            self.routes.map.map,
+            self.counters.map,
+        ]:
             m.close()
         self.objects.close()
 

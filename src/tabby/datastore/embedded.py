@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import builtins
-import ipaddress
 import json
 import os
 import sqlite3
@@ -169,12 +168,10 @@ class EmbeddedDatastore:
         self.notify_path = self.path.with_name(self.path.name + ".notify")
         self.keep_events = keep_events
         try:
-            net = ipaddress.ip_network(service_cidr)
+            nets = services.parse_service_cidrs(service_cidr)
         except ValueError as err:
             raise DatastoreError(f"datastore {self.path}: service CIDR: {err}") from None
-        if net.num_addresses < 4:
-            raise DatastoreError(f"datastore {self.path}: service CIDR {net} is too small")
-        self.service_cidr = str(net)
+        self.service_cidr = ",".join(str(n) for n in nets)
         self._lock = threading.RLock()
         with self._errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)

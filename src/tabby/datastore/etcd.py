@@ -283,12 +283,10 @@ class EtcdDatastore:
         self.target = _grpc_target(target)
         self.name = name or f"etcd://{target}"
         try:
-            net = ipaddress.ip_network(service_cidr)
+            nets = services.parse_service_cidrs(service_cidr)
         except ValueError as err:
             raise DatastoreError(f"datastore {self.name}: service CIDR: {err}") from None
-        if net.num_addresses < 4:
-            raise DatastoreError(f"datastore {self.name}: service CIDR {net} is too small")
-        self.service_cidr = str(net)
+        self.service_cidr = ",".join(str(n) for n in nets)
         self.reconnect_timeout_s = reconnect_timeout_s
         self._watch_down: str | None = None  # why the watch stream is down (retrying), or None
         self._loop = shared_loop()

@@ -6,6 +6,11 @@ writers, so two writers never hand out the same address or port. Pure: no I/O, s
 Kubernetes datastore can reuse it.
 
 Rules (kube-apiserver's, see docs/design/datastore.md):
+- The service CIDR may be dual-stack, ``"<IPv4 CIDR>,<IPv6 CIDR>"`` (kube-apiserver's form; the
+  first is the primary family). A Service holds one cluster IP per family it asks for:
+  ``ipFamilies`` (default: the primary), ``ipFamilyPolicy`` SingleStack (default: the first of
+  ``ipFamilies``), PreferDualStack (every configured family, ``ipFamilies`` first) or
+  RequireDualStack (both, else an error); ``clusterIPs`` lists them in that order.
 - Every type but ExternalName holds a cluster IP from the service CIDR; ``""`` or absent means
   "allocate one", ``None`` is headless (no address held). ``clusterIPs`` follows ``clusterIP``.
   An explicit address must lie in the CIDR, be free, and not be the first host address (kept
@@ -39,6 +44,17 @@ Obj = dict[str, Any]
 DEFAULT_SERVICE_CIDR = "100.64.0.0/13"  # kOps' serviceClusterIPRange default
 NODE_PORTS = range(30000, 32768)  # kube-apiserver's --service-node-port-range default
 KUBERNETES = "default/kubernetes"  # the one Service that may hold the first host address
+
+
+def parse_service_cidrs(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``"cidr"`` or ``"cidr4,cidr6"`` (either order, one per family); ValueError says why."""
+    nets = [ipaddress.ip_network(part.strip()) for part in text.split(",")]
+    if len(nets) > 2 or len({n.version for n in nets}) != len(nets):
+        raise ValueError(f"{text!r}: one CIDR, or one IPv4 and one IPv6 CIDR")
+    for net in nets:
+        if net.num_addresses < 4:
+            raise ValueError(f"service CIDR {net} is too small")
+    return nets
 
 
 def needs_cluster_ip(spec: Obj) -> bool:
@@ -122,7 +138,9 @@ class ServiceAllocator:
     """The cluster IPs and node ports held by stored Services; hands out and checks more."""
 
     def __init__(self, service_cidr: str, services: Iterable[Obj]) -> None:
-        self.cidr = ipaddress.ip_network(service_cidr)
+        nets = parse_service_cidrs(service_cidr)
+        self.cidr = nets[0]  # the primary family's
+        self.cidrs = {f"IPv{n.version}": n for n in nets}
         self.ips: dict[str, str] = {}  # cluster IP -> owner ("namespace/name")
         self.ports: dict[int, str] = {}  # node port (health-check ports too) -> owner
         for svc in services:
@@ -185,47 +203,97 @@ class ServiceAllocator:
             elif want != had:
                 raise _error(svc, "spec.clusterIP", f"field is immutable (it is {had})")
             return
-        if len(spec.get("clusterIPs") or []) > 1:
-            raise _error(
-                svc,
-                "spec.clusterIPs[1]",
-                f"this datastore's service CIDR ({self.cidr}) is single-stack",
-            )
         if want == "None":
             return
-        addr = self._check_ip(svc, want, owner) if want else self._free_ip(svc, owner)
-        spec["clusterIP"] = addr
-        spec["clusterIPs"] = [addr]
+        families = self._families(svc, spec)
+        given = [a for a in spec.get("clusterIPs") or ([want] if want else []) if a]
+        if len(given) > len(families):
+            why = (
+                f"this datastore's service CIDR ({self.cidr}) is single-stack"
+                if len(self.cidrs) == 1
+                else f"more addresses than families ({', '.join(families)})"
+            )
+            raise _error(svc, f"spec.clusterIPs[{len(families)}]", why)
+        addrs: list[str] = []
+        for i, family in enumerate(families):
+            net = self.cidrs[family]
+            field = "spec.clusterIP" if i == 0 else f"spec.clusterIPs[{i}]"
+            if i < len(given):
+                addrs.append(self._check_ip(svc, given[i], owner, net, field))
+            else:
+                addrs.append(self._free_ip(svc, owner, net))
+        spec["clusterIP"] = addrs[0]
+        spec["clusterIPs"] = addrs
 
-    def _usable(self) -> tuple[int, int]:
+    def _families(self, svc: Obj, spec: Obj) -> list[str]:
+        """The families a Service holds addresses of, in order (see the module)."""
+        asked = list(spec.get("ipFamilies") or [])
+        given = [a for a in spec.get("clusterIPs") or [spec.get("clusterIP")] if a]
+        if not asked:  # the given addresses' families; one not configured: "not in the CIDR"
+            asked = [f"IPv{ipaddress.ip_address(a).version}" for a in given]
+            if not asked or any(f not in self.cidrs for f in asked):
+                asked = [f"IPv{self.cidr.version}"]
+        for i, family in enumerate(asked):
+            if family not in self.cidrs:
+                raise _error(
+                    svc,
+                    f"spec.ipFamilies[{i}]",
+                    f"{family} is not configured (service CIDR "
+                    f"{', '.join(str(n) for n in self.cidrs.values())})",
+                )
+        policy = spec.get("ipFamilyPolicy") or ("SingleStack" if len(asked) < 2 else "")
+        if policy == "SingleStack":
+            return asked[:1]
+        others = [f for f in self.cidrs if f not in asked]
+        families = list(dict.fromkeys(asked + others))
+        if policy == "RequireDualStack" and len(families) < 2:
+            raise _error(
+                svc, "spec.ipFamilyPolicy", "RequireDualStack: the service CIDR is single-stack"
+            )
+        return families
+
+    @staticmethod
+    def _usable(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
         """The first usable address (as an int) and how many there are (no network/broadcast)."""
-        first = int(self.cidr.network_address) + 1
-        count = self.cidr.num_addresses - (2 if self.cidr.version == 4 else 1)
+        first = int(net.network_address) + 1
+        count = net.num_addresses - (2 if net.version == 4 else 1)
         return first, max(count, 0)
 
-    def _check_ip(self, svc: Obj, want: str, owner: str) -> str:
+    def _check_ip(
+        self,
+        svc: Obj,
+        want: str,
+        owner: str,
+        net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+        field: str = "spec.clusterIP",
+    ) -> str:
         addr = ipaddress.ip_address(want)
-        first, count = self._usable()
-        if addr.version != self.cidr.version or not first <= int(addr) < first + count:
-            raise _error(svc, "spec.clusterIP", f"{addr} is not in the service CIDR {self.cidr}")
+        first, count = self._usable(net)
+        if addr.version != net.version or not first <= int(addr) < first + count:
+            raise _error(svc, field, f"{addr} is not in the service CIDR {net}")
         if int(addr) == first and owner != KUBERNETES:
-            raise _error(svc, "spec.clusterIP", f"{addr} is reserved for {KUBERNETES}")
+            raise _error(svc, field, f"{addr} is reserved for {KUBERNETES}")
         holder = self.ips.get(str(addr))
         if holder is not None:
-            raise _error(svc, "spec.clusterIP", f"{addr} is already allocated to {holder}")
+            raise _error(svc, field, f"{addr} is already allocated to {holder}")
         return str(addr)
 
-    def _free_ip(self, svc: Obj, owner: str) -> str:
-        first, count = self._usable()
+    def _free_ip(
+        self,
+        svc: Obj,
+        owner: str,
+        net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    ) -> str:
+        first, count = self._usable(net)
         if owner == KUBERNETES and str(ipaddress.ip_address(first)) not in self.ips:
             return str(ipaddress.ip_address(first))
-        band = _static_band(self.cidr.num_addresses, 16, 256)
+        band = _static_band(net.num_addresses, 16, 256)
         # Index 0 (the first host address) is kept for default/kubernetes.
         for index in itertools.chain(range(max(band, 1), count), range(1, min(band, count))):
             addr = str(ipaddress.ip_address(first + index))
             if addr not in self.ips:
                 return addr
-        raise _error(svc, "spec.clusterIP", f"no free address left in {self.cidr}")
+        raise _error(svc, "spec.clusterIP", f"no free address left in {net}")
 
     # --- node ports ----------------------------------------------------------------------------
 

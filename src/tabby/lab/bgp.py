@@ -6,6 +6,10 @@ its own BIRD 2 in the fabric namespace (started by the lab, recorded by PID), pe
 pool without encapsulation are routed across it with plain routes. It announces nothing. The
 nodes peer with it through a global BGPPeer (``fabric-router``), as Calico users declare a ToR.
 
+An IPv6 lab's router also peers with every node over IPv6 (``ipv6`` channel, the nodes'
+ULAs) and learns their IPv6 blocks; the nodes declare it as a second global BGPPeer
+(``fabric-router-v6``), as Calico users declare an IPv6 ToR.
+
 Lab timers are short (keepalive 3 s, hold 9 s, graceful restart 30 s), so a dead node's blocks
 are withdrawn within about 10 s, and a restarting BIRD keeps its peers' routes meanwhile.
 """
@@ -21,11 +25,16 @@ AS_NUMBER = 64512
 KEEPALIVE_S = 3
 RESTART_S = 30
 ROUTER_PEER = "fabric-router"
+ROUTER_PEER6 = "fabric-router-v6"
 
 
 def router_ip(plan: LabPlan) -> str:
     """The router's address the nodes peer with (first subnet's gateway; multihop from others)."""
     return plan.subnets[0].gateway
+
+
+def router_ip6(plan: LabPlan) -> str:
+    return plan.subnets[0].gateway6
 
 
 def node_bird_dir(lab_dir: str, node: str) -> str:
@@ -37,7 +46,19 @@ def router_bird_dir(lab_dir: str) -> str:
 
 
 def resources(plan: LabPlan) -> list[dict[str, Any]]:
-    """BGPConfiguration default (mesh on, the lab's timers) and the router as a global peer."""
+    """BGPConfiguration default (mesh on, the lab's timers) and the router as a global peer
+    (one per family in an IPv6 lab)."""
+    peer6 = {
+        "apiVersion": "projectcalico.org/v3",
+        "kind": "BGPPeer",
+        "metadata": {"name": ROUTER_PEER6},
+        "spec": {
+            "peerIP": router_ip6(plan),
+            "asNumber": AS_NUMBER,
+            "keepaliveTime": f"{KEEPALIVE_S}s",
+            "maxRestartTime": f"{RESTART_S}s",
+        },
+    }
     return [
         {
             "apiVersion": "projectcalico.org/v3",
@@ -61,6 +82,7 @@ def resources(plan: LabPlan) -> list[dict[str, Any]]:
                 "maxRestartTime": f"{RESTART_S}s",
             },
         },
+        *([peer6] if plan.ipv6 else []),
     ]
 
 
@@ -72,15 +94,46 @@ def router_config(plan: LabPlan) -> str:
         f"router id {rid};",
         "log stderr { info, remote, warning, error, auth, fatal, bug };",
         "protocol device { scan time 2; }",
-        'protocol direct { ipv4; interface "rt-*"; }',
+        f'protocol direct {{ ipv4; {"ipv6; " if plan.ipv6 else ""}interface "rt-*"; }}',
         "protocol kernel {",
         "  scan time 2;",
         "  graceful restart;",
         "  merge paths on;",
         "  ipv4 { import none; export where source = RTS_BGP; };",
         "}",
-        "template bgp node {",
-        f"  local {rid} as {AS_NUMBER};",
+        *_template("node", rid, "ipv4"),
+    ]
+    if plan.ipv6:
+        out += [
+            "protocol kernel {",
+            "  scan time 2;",
+            "  graceful restart;",
+            "  merge paths on;",
+            "  ipv6 { import none; export where source = RTS_BGP; };",
+            "}",
+            *_template("node6", router_ip6(plan), "ipv6"),
+        ]
+    for node in plan.nodes:
+        out += [
+            f"protocol bgp {node.name} from node {{",
+            f'  description "node {node.name}";',
+            f"  neighbor {node.ip} as {AS_NUMBER};",
+            "}",
+        ]
+        if node.ip6:
+            out += [
+                f"protocol bgp {node.name}_v6 from node6 {{",
+                f'  description "node {node.name} (IPv6)";',
+                f"  neighbor {node.ip6} as {AS_NUMBER};",
+                "}",
+            ]
+    return "\n".join(out) + "\n"
+
+
+def _template(name: str, local: str, channel: str) -> list[str]:
+    return [
+        f"template bgp {name} {{",
+        f"  local {local} as {AS_NUMBER};",
         "  multihop;",
         f"  hold time {KEEPALIVE_S * 3};",
         f"  keepalive time {KEEPALIVE_S};",
@@ -89,17 +142,9 @@ def router_config(plan: LabPlan) -> str:
         "  error wait time 1, 10;",
         "  graceful restart on;",
         f"  graceful restart time {RESTART_S};",
-        "  ipv4 { gateway recursive; import all; export none; };",
+        f"  {channel} {{ gateway recursive; import all; export none; }};",
         "}",
     ]
-    for node in plan.nodes:
-        out += [
-            f"protocol bgp {node.name} from node {{",
-            f'  description "node {node.name}";',
-            f"  neighbor {node.ip} as {AS_NUMBER};",
-            "}",
-        ]
-    return "\n".join(out) + "\n"
 
 
 def router_argv(directory: str) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from scapy.all import rdpcap
 from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
 
 
 class Capture:
@@ -24,6 +25,15 @@ class Capture:
     def plain_between(self, a: str, b: str) -> list[Any]:
         """Packets whose OUTER header is a<->b (i.e. not encapsulated)."""
         return [p for p in self.packets if IP in p and {p[IP].src, p[IP].dst} == {a, b}]
+
+    def plain6_between(self, a: str, b: str) -> list[Any]:
+        """IPv6 packets whose OUTER header is a<->b (an IPv6 header on the wire, not inside
+        anything else)."""
+        return [
+            p
+            for p in self.packets
+            if IPv6 in p and IP not in p and {p[IPv6].src, p[IPv6].dst} == {a, b}
+        ]
 
     def inner_between(self, a: str, b: str, port: int = 4789) -> list[Any]:
         out = []

@@ -81,6 +81,11 @@ def base_resources(
             }
         )
     for node in plan.nodes:
+        annotations = {"projectcalico.org/IPv4Address": f"{node.ip}/{node.prefixlen}"}
+        addresses = [{"type": "InternalIP", "address": node.ip}]
+        if node.ip6:  # dual-stack, as kubelet reports it: IPv4 first
+            annotations["projectcalico.org/IPv6Address"] = f"{node.ip6}/64"
+            addresses.append({"type": "InternalIP", "address": node.ip6})
         objs.append(
             {
                 "apiVersion": "v1",
@@ -88,14 +93,9 @@ def base_resources(
                 "metadata": {
                     "name": node.name,
                     "labels": {"kubernetes.io/hostname": node.name},
-                    "annotations": {"projectcalico.org/IPv4Address": f"{node.ip}/{node.prefixlen}"},
+                    "annotations": annotations,
                 },
-                "status": {
-                    "addresses": [
-                        {"type": "InternalIP", "address": node.ip},
-                        {"type": "Hostname", "address": node.name},
-                    ]
-                },
+                "status": {"addresses": [*addresses, {"type": "Hostname", "address": node.name}]},
             }
         )
     return objs
@@ -104,8 +104,25 @@ def base_resources(
 def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], list[str]]:
     """The rendered FelixConfiguration + IPPool a lab from ``cluster`` applies, and warnings.
 
-    The pool keeps its encapsulation (IP-in-IP is done by the data interface's programs)."""
-    objs, warnings = kops.render(cluster), []
+    The pool keeps its encapsulation (IP-in-IP is done by the data interface's programs). An
+    IPv6 spec's lab is dual-stack (topology.py): its IPv6 pool (the spec's podCIDR, else
+    POOL6_CIDR) comes with the lab's IPv4 pool, both without encapsulation (routed over BGP)."""
+    objs, warnings = kops.render(cluster, default_pod_cidr=topology.POOL6_CIDR), []
+    if cluster.ipv6:
+        objs.append(
+            {
+                "apiVersion": "projectcalico.org/v3",
+                "kind": "IPPool",
+                "metadata": {"name": kops.POOL_NAME[4]},
+                "spec": {
+                    "cidr": topology.POOL_CIDR,
+                    "blockSize": 26,
+                    "ipipMode": "Never",
+                    "vxlanMode": "Never",
+                    "natOutgoing": True,
+                },
+            }
+        )
     for obj in objs:
         spec = obj["spec"]
         if obj["kind"] == "IPPool":
@@ -114,12 +131,22 @@ def spec_resources(cluster: kops.KopsCluster) -> tuple[list[dict[str, Any]], lis
                 if pool.overlaps(ipaddress.ip_network(other)):
                     raise LabError(f"pod CIDR {pool} overlaps {other}, which the lab uses")
     svc = cluster.service_cidr
-    if svc and svc != DEFAULT_SERVICE_CIDR:
+    if svc and ":" not in svc and svc != DEFAULT_SERVICE_CIDR:  # IPv6: see service_cidrs
         warnings.append(
             f"serviceClusterIPRange {svc}: the lab's datastore allocates ClusterIPs from "
             f"{DEFAULT_SERVICE_CIDR}"
         )
     return objs, warnings
+
+
+def service_cidrs(plan: LabPlan, cluster: kops.KopsCluster | None) -> str:
+    """The lab datastore's service CIDR(s): IPv4, and in an IPv6 lab the spec's IPv6
+    serviceClusterIPRange (else SERVICE6_CIDR) too (kube-apiserver's dual-stack form)."""
+    if not plan.ipv6:
+        return DEFAULT_SERVICE_CIDR
+    spec = cluster.service_cidr if cluster is not None else None
+    v6 = spec if spec and ":" in spec else topology.SERVICE6_CIDR
+    return f"{DEFAULT_SERVICE_CIDR},{v6}"
 
 
 def _rmdir_if_empty(path: str) -> None:
@@ -152,8 +179,10 @@ class Lab:
             subnets=saved.get("subnets"),
             placement=saved.get("placement"),
             fabric_mtu=int(saved.get("fabric_mtu", 1500)),
+            ipv6=bool(saved.get("ipv6", False)),
         )
         self.backend = str(saved.get("backend", "vxlan"))
+        self.service_cidrs = service_cidrs(self.plan, None)
 
     @property
     def url(self) -> str:
@@ -232,6 +261,7 @@ class Lab:
         preflight.require()
         lab = cls.__new__(cls)
         lab.name, lab.plan, lab.backend = name, plan, backend
+        lab.service_cidrs = service_cidrs(plan, cluster)
         try:
             if datastore == "etcd":
                 lab._start_etcd(progress)
@@ -249,6 +279,13 @@ class Lab:
             st["subnets"], st["fabric_mtu"] = subnets, self.plan.fabric_mtu
             st["placement"] = [subnets.index(n.subnet) for n in self.plan.nodes]
             st["backend"] = self.backend
+            st["ipv6"] = self.plan.ipv6
+            if self.service_cidrs != DEFAULT_SERVICE_CIDR and not st.get("datastore"):
+                # every component opens the store with it (the embedded store's admission)
+                path = f"{state.lab_dir(self.name)}/store.db"
+                st["datastore"] = f"sqlite:///{path}?service-cidr={self.service_cidrs}"
+        if self.service_cidrs != DEFAULT_SERVICE_CIDR:
+            progress(f"datastore: {self.url} (dual-stack services: use it as TABBY_DATASTORE)")
         ds = self.datastore()
         objs = base_resources(self.plan, config)
         if self.backend == "bird":
@@ -263,7 +300,8 @@ class Lab:
         if self.backend == "bird":
             self._start_router_bird(progress)
         for node in self.plan.nodes:
-            progress(f"node {node.name}: {node.netns} {node.ip}/{node.prefixlen}")
+            also = f" {node.ip6}/64" if node.ip6 else ""
+            progress(f"node {node.name}: {node.netns} {node.ip}/{node.prefixlen}{also}")
             fabric.build_node(self.plan, node)
             cgroups.group(self.name, node.name)
         progress("starting the controller and one agent per node")

@@ -7,7 +7,10 @@ Only namespaces named ``<lab>-*`` are created or removed; the root namespace is 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
+
+from pyroute2 import IPRoute
 
 from tabby.lab import topology
 from tabby.lab.topology import LabPlan, NodePlan
@@ -20,6 +23,14 @@ def add_netns(name: str) -> None:
     with enter_netns(name), links.rtnl() as ipr:
         lo = links.ifindex(ipr, "lo")
         ipr.link("set", index=lo, state="up")
+        # The lab's IPv6 addresses are planned (no duplicates on its bridges): no duplicate
+        # address detection, so an address is usable (and BIRD can bind it) at once.
+        for conf in ("all", "default"):
+            links.write_sysctl(f"net/ipv6/conf/{conf}/accept_dad", "0")
+
+
+def _add_addr6(ipr: IPRoute, idx: int | None, address: str, prefixlen: int) -> None:
+    ipr.addr("add", index=idx, address=address, prefixlen=prefixlen, flags=links.IFA_F_NODAD)
 
 
 def del_netns(name: str) -> None:
@@ -59,8 +70,12 @@ def build_fabric(plan: LabPlan) -> None:
             ipr.addr(
                 "add", index=idx, address=str(net.network_address + 1), prefixlen=net.prefixlen
             )
+            if plan.ipv6:
+                _add_addr6(ipr, idx, sub.gateway6, 64)
             ipr.link("set", index=idx, state="up")
         links.write_sysctl("net/ipv4/ip_forward", "1")
+        if plan.ipv6:
+            links.write_sysctl("net/ipv6/conf/all/forwarding", "1")
         # LoadBalancer ingress IPs and externalIPs are announced by every node, as a BGP-speaking
         # load balancer would: one ECMP route (hashed per source/destination address pair).
         hops = [{"gateway": node.ip} for node in plan.nodes]
@@ -126,3 +141,7 @@ def build_node(plan: LabPlan, node: NodePlan) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=node.gateway)
         links.write_sysctl("net/ipv4/ip_forward", "1")
         links.write_sysctl("net/ipv4/conf/all/rp_filter", "0")
+        if node.ip6 and node.gateway6:
+            _add_addr6(ipr, idx, node.ip6, 64)
+            ipr.route("add", dst="::/0", gateway=node.gateway6, family=socket.AF_INET6)
+            links.write_sysctl("net/ipv6/conf/all/forwarding", "1")

@@ -2,7 +2,8 @@
 
 HTTP on TCP (GET /hostname, /clientip, /echo?msg=..., /bytes?n=N for large downloads) and a UDP
 responder ("hostname" -> pod name, "clientip" -> the datagram's source, anything else echoed).
-Runs until SIGTERM.
+Every server listens on IPv4 and, where the pod has IPv6 (a dual-stack pod), on its own IPv6
+socket too (IPV6_V6ONLY: IPv4 clients keep their plain addresses). Runs until SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from urllib.parse import parse_qs, urlparse
 MAX_BYTES = 64 << 20
 
 
-def http_server(port: int, name: str) -> ThreadingHTTPServer:
+class _HTTP6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+def http_server(port: int, name: str, ipv6: bool = False) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -43,14 +52,20 @@ def http_server(port: int, name: str) -> ThreadingHTTPServer:
             else:
                 self.send_error(404)
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = (
+        _HTTP6Server(("::", port), Handler)
+        if ipv6
+        else ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    )
     server.daemon_threads = True
     return server
 
 
-def udp_server(port: int, name: str) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
+def udp_server(port: int, name: str, ipv6: bool = False) -> None:
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_DGRAM)
+    if ipv6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(("::" if ipv6 else "0.0.0.0", port))
     while True:
         data, peer = sock.recvfrom(65535)
         cmd = data.strip()
@@ -72,12 +87,23 @@ def main() -> None:
         "--also", type=int, action="append", default=[], help="one more port, TCP and UDP"
     )
     args = ap.parse_args()
-    threading.Thread(target=udp_server, args=(args.udp_port, args.name), daemon=True).start()
-    for extra in args.also:  # the netpol model's pods: TCP and UDP on 80 and 81
-        threading.Thread(target=udp_server, args=(extra, args.name), daemon=True).start()
-        server = http_server(extra, args.name)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    http_server(args.http_port, args.name).serve_forever()
+    families = [False] + ([True] if socket.has_ipv6 and _pod_has_ipv6() else [])
+    for ipv6 in families:
+        for port in (args.udp_port, *args.also):  # --also: the netpol model's pods (80 and 81)
+            threading.Thread(target=udp_server, args=(port, args.name, ipv6), daemon=True).start()
+        for port in (args.http_port, *args.also):
+            server = http_server(port, args.name, ipv6)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Event().wait()
+
+
+def _pod_has_ipv6() -> bool:
+    """A global IPv6 address on an interface (a dual-stack pod)."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            return any(not line.startswith("fe80") and line.split()[-1] != "lo" for line in f)
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

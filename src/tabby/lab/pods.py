@@ -203,12 +203,15 @@ def add(
     try:
         fabric.add_netns(netns)
         result = run_cni(plan, node, "ADD", cid, namespace, name, netns)
-        ip = str(result["ips"][0]["address"]).split("/")[0]
+        ips = [str(entry["address"]).split("/")[0] for entry in result["ips"]]
+        ip = ips[0]  # IPv4 first; dual-stack pods (an IPv6 pool) have their IPv6 address next
         argv = container_argv(image, name, netns, plan.name)
         if argv:
             log = os.path.join(state.lab_dir(plan.name), f"{netns}.log")
             rec["procs"].append(processes.spawn(argv, f"pod {key}", log, netns=netns, cgroup=cg))
         rec["ip"] = ip
+        if len(ips) > 1:
+            rec["ip6"] = ips[1]
         with state.editing(plan.name) as st:
             st["pods"][key] = rec
         _wait_listening(netns, IMAGES.get(image, []))
@@ -220,7 +223,7 @@ def add(
                 "status": {
                     "phase": "Running",
                     "podIP": ip,
-                    "podIPs": [{"ip": ip}],
+                    "podIPs": [{"ip": a} for a in ips],
                     "conditions": [{"type": "Ready", "status": "True"}],
                 }
             },

@@ -1,4 +1,6 @@
 """A socket client process inside a namespace and (optionally) a cgroup, driven line by line.
+IPv4 or IPv6, by the address of each command (IPv6 addresses come back as [host, port, flow,
+scope]).
 
 Socket-level hooks (connect-time load balancing) follow the cgroup of the process that opens the
 socket, so a test that must see them cannot use a thread of its own: it starts this client where
@@ -33,9 +35,10 @@ for line in sys.stdin:
     cmd = json.loads(line)
     op, addr = cmd["op"], (cmd.get("ip"), cmd.get("port"))
     payload = cmd.get("payload", "hi").encode()
+    fam = socket.AF_INET6 if ":" in str(cmd.get("ip")) else socket.AF_INET
     try:
         if op == "tcp":  # connect; then an HTTP GET of "path", or read the server's greeting
-            with socket.socket() as s:
+            with socket.socket(fam) as s:
                 s.settimeout(3)
                 if cmd.get("bind"):
                     s.bind((cmd["bind"], 0))
@@ -48,7 +51,7 @@ for line in sys.stdin:
                 else:
                     answer(peer=peer, reply=s.recv(64).decode())
         elif op == "sendto":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
                 s.settimeout(3)
                 s.sendto(payload, addr)
                 data, src = s.recvfrom(512)
@@ -56,7 +59,7 @@ for line in sys.stdin:
         elif op == "udp_connect":
             if udp is not None:
                 udp.close()
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp = socket.socket(fam, socket.SOCK_DGRAM)
             udp.settimeout(3)
             udp.connect(addr)
             answer(peer=list(udp.getpeername()))

@@ -6,6 +6,10 @@ leg to the external client (203.0.113.0/24). The router
 sends the LoadBalancer/externalIP range (198.51.100.0/24) to the nodes over one ECMP route.
 Nodes alternate between the two subnets, so node1 -> node2 crosses the router.
 
+An IPv6 lab (``ipv6=True``, a spec with an IPv6 pool) is dual-stack: each bridge also carries a
+ULA /64 (``subnet6``: FABRIC6_PREFIX + the bridge's index, router ::1, nodeN ::N+10), pods get
+an IPv4 and an IPv6 address, and IPv6 pools are routed without encapsulation over BGP.
+
 A lab built from a kOps cluster spec (``from_spec``) takes the spec's subnets (one bridge each,
 up to MAX_SUBNETS) where they fit the lab, and its nodes from the InstanceGroups (each group's
 minSize, round-robin over the group's subnets, bounded by MAX_NODES); every departure from the
@@ -24,6 +28,9 @@ from tabby.model.kops import KopsCluster
 SUBNETS = ("172.20.32.0/19", "172.20.64.0/19")
 BRIDGES = ("br-a", "br-b")
 POOL_CIDR = "100.96.0.0/11"
+POOL6_CIDR = "fd7a:b1e:96::/48"  # an IPv6 spec's pod CIDR when it names none (ULA)
+SERVICE6_CIDR = "fd7a:b1e:64::/108"
+FABRIC6_PREFIX = "fd7a:b1e:20"  # bridge i carries FABRIC6_PREFIX:<i + 1>::/64
 SERVICE_CIDR = "100.64.0.0/13"
 EXTERNAL_CIDR = "203.0.113.0/24"
 LOADBALANCER_CIDR = "198.51.100.0/24"  # LoadBalancer ingress IPs and externalIPs
@@ -64,6 +71,8 @@ class NodePlan:
     prefixlen: int
     gateway: str
     fabric_port: str  # the veth end plugged into the bridge, in the fabric namespace
+    ip6: str | None = None  # IPv6 labs: the node's ULA on its subnet's /64
+    gateway6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,15 @@ class SubnetPlan:
     def prefixlen(self) -> int:
         return ipaddress.ip_network(self.cidr).prefixlen
 
+    @property
+    def cidr6(self) -> str:
+        """The bridge's IPv6 /64 (used by IPv6 labs only): FABRIC6_PREFIX + the bridge index."""
+        return f"{FABRIC6_PREFIX}:{ord(self.bridge[-1]) - ord('a') + 1}::/64"
+
+    @property
+    def gateway6(self) -> str:
+        return str(ipaddress.ip_network(self.cidr6).network_address + 1)
+
 
 def default_subnets() -> tuple[SubnetPlan, ...]:
     return tuple(SubnetPlan(b, c, b) for b, c in zip(BRIDGES, SUBNETS, strict=True))
@@ -91,6 +109,7 @@ class LabPlan:
     nodes: tuple[NodePlan, ...]
     subnets: tuple[SubnetPlan, ...] = field(default_factory=default_subnets)
     fabric_mtu: int = 1500  # MTU of every fabric link (nodes' eth0); 9001 as on AWS
+    ipv6: bool = False  # dual-stack fabric (see the module)
 
     @property
     def fabric_netns(self) -> str:
@@ -120,9 +139,10 @@ def plan(
     subnets: Sequence[str] | None = None,
     placement: Sequence[int] | None = None,
     fabric_mtu: int = 1500,
+    ipv6: bool = False,
 ) -> LabPlan:
     """The plan of lab ``name``: ``nodes`` nodes over ``subnets`` (default: the two /19s),
-    node i on ``subnets[placement[i]]`` (default: alternating)."""
+    node i on ``subnets[placement[i]]`` (default: alternating); ``ipv6``: dual-stack."""
     if not NAME_RE.match(name):
         raise TopologyError(f"lab name {name!r}: use 1-12 lowercase letters/digits, letter first")
     if not 1 <= nodes <= MAX_NODES:
@@ -147,6 +167,7 @@ def plan(
     for i in range(1, nodes + 1):
         sub = nets[where[i - 1]]
         net = ipaddress.ip_network(sub.cidr)
+        net6 = ipaddress.ip_network(sub.cidr6)
         out.append(
             NodePlan(
                 name=f"node{i}",
@@ -157,9 +178,11 @@ def plan(
                 prefixlen=net.prefixlen,
                 gateway=sub.gateway,
                 fabric_port=f"node{i}",
+                ip6=str(net6.network_address + NODE_HOST_OFFSET + i) if ipv6 else None,
+                gateway6=sub.gateway6 if ipv6 else None,
             )
         )
-    return LabPlan(name, tuple(out), nets, fabric_mtu)
+    return LabPlan(name, tuple(out), nets, fabric_mtu, ipv6)
 
 
 def subnet_problem(cidr: str, others: Sequence[str] = ()) -> str | None:
@@ -192,7 +215,10 @@ def from_spec(name: str, cluster: KopsCluster, fabric_mtu: int = 1500) -> SpecPl
     """The lab plan a kOps cluster means, bounded to what this machine runs (see the module)."""
     warnings: list[str] = []
     if cluster.ipv6:
-        raise TopologyError("IPv6 cluster specs: the lab's fabric and pools are IPv4 only yet")
+        warnings.append(
+            "IPv6 spec: the lab is dual-stack (kOps' IPv6 clusters are IPv6-only): nodes and pods "
+            f"also get IPv4, pods from {POOL_CIDR} routed over BGP without encapsulation"
+        )
     members = [g for g in cluster.instance_groups if g.runs_agent]
     if not members:
         warnings.append("no InstanceGroup runs nodes: the lab uses 3 nodes")
@@ -218,7 +244,7 @@ def from_spec(name: str, cluster: KopsCluster, fabric_mtu: int = 1500) -> SpecPl
         )
     cidrs: dict[str, str] = {}
     spare = list(SUBNETS)
-    spec_ranges = [c for c in (cluster.pod_cidr, cluster.service_cidr) if c]
+    spec_ranges = [c for c in (cluster.pod_cidr, cluster.service_cidr) if c and ":" not in c]
     for sub_name in order[:MAX_SUBNETS]:
         sub = cluster.subnet(sub_name)
         cidr = sub.cidr if sub else None
@@ -234,7 +260,14 @@ def from_spec(name: str, cluster: KopsCluster, fabric_mtu: int = 1500) -> SpecPl
     used = list(cidrs)
     placement = [used.index(n) if n in cidrs else i % len(used) for i, n in enumerate(wanted)]
     lab_cidrs = [cidrs[n] for n in used]
-    net = plan(name, len(wanted), subnets=lab_cidrs, placement=placement, fabric_mtu=fabric_mtu)
+    net = plan(
+        name,
+        len(wanted),
+        subnets=lab_cidrs,
+        placement=placement,
+        fabric_mtu=fabric_mtu,
+        ipv6=cluster.ipv6,
+    )
     return SpecPlan(net, tuple(warnings), {cidrs[n]: n for n in used})
 
 

@@ -118,7 +118,8 @@ def udp_request(
     """Send a datagram from ``netns`` and return the reply (retried: UDP may lose the first ARP)."""
 
     def go() -> str:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.settimeout(timeout_s / tries)
             for _ in range(tries):
                 s.sendto(payload, (ip, port))

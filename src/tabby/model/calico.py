@@ -101,6 +101,12 @@ def _pool_rules(spec: dict[str, Any], path: str) -> dict[str, Any]:
         )
     if spec["ipipMode"] != "Never" and spec["vxlanMode"] != "Never":
         raise FieldError(at(path, "vxlanMode"), "ipipMode and vxlanMode cannot both be enabled")
+    if net.version == 6:
+        for key in ("ipipMode", "vxlanMode"):
+            if spec[key] != "Never":  # as Calico: IPv6 pools are routed natively (BGP)
+                raise FieldError(
+                    at(path, key), f"{spec[key]}: an IPv6 pool is not encapsulated (use Never)"
+                )
     return spec
 
 

@@ -292,6 +292,10 @@ def _cluster(
     ipv6 = nonmasq is not None and nonmasq.version == 6
     pod = _cidr(rep, spec.get("podCIDR"), "spec.podCIDR")
     svc = _cidr(rep, spec.get("serviceClusterIPRange"), "spec.serviceClusterIPRange")
+    if ipv6:
+        for path, net in (("spec.podCIDR", pod), ("spec.serviceClusterIPRange", svc)):
+            if net is not None and net.version != 6:
+                rep.error(path, f"{net}: an IPv6 cluster (nonMasqueradeCIDR ::/0) needs IPv6")
     if nonmasq is not None and nonmasq.version == 4:
         pod = pod or _kops_pod_cidr(nonmasq)
         svc = svc or _kops_service_cidr(nonmasq)
@@ -637,9 +641,11 @@ def _calico(rep: _Report, raw: Mapping[str, Any], *, ipv6: bool, cloud: str) -> 
 # --------------------------------------------------------------------------- render
 
 
-def render(cluster: KopsCluster) -> list[dict[str, Any]]:
+def render(cluster: KopsCluster, default_pod_cidr: str | None = None) -> list[dict[str, Any]]:
     """The FelixConfiguration and IPPool(s) the spec means (projectcalico.org/v3), as kOps'
-    Calico manifest would configure them (FELIX_* settings, CALICO_IPV4POOL_*)."""
+    Calico manifest would configure them (FELIX_* settings, CALICO_IPV4POOL_*).
+    ``default_pod_cidr``: an IPv6 spec's pool when it names no podCIDR (kOps then takes the
+    pods' addresses from the cloud's per-subnet IPv6 prefixes, which a lab has not)."""
     c = cluster.calico
     felix: dict[str, Any] = {
         "bpfEnabled": c.bpf_enabled,
@@ -662,19 +668,21 @@ def render(cluster: KopsCluster) -> list[dict[str, Any]]:
             "spec": felix,
         }
     ]
-    if cluster.pod_cidr:
-        version = ipaddress.ip_network(cluster.pod_cidr).version
+    pod_cidr = cluster.pod_cidr or (default_pod_cidr if cluster.ipv6 else None)
+    if pod_cidr:
+        version = ipaddress.ip_network(pod_cidr).version
         out.append(
             {
                 "apiVersion": "projectcalico.org/v3",
                 "kind": "IPPool",
                 "metadata": {"name": POOL_NAME[version]},
                 "spec": {
-                    "cidr": cluster.pod_cidr,
+                    "cidr": pod_cidr,
                     "blockSize": 26 if version == 4 else 122,
                     "ipipMode": c.ipip_mode,
                     "vxlanMode": c.vxlan_mode,
-                    "natOutgoing": True,  # CALICO_IPV4POOL_NAT_OUTGOING default
+                    # CALICO_IPV4POOL_NAT_OUTGOING's default; CALICO_IPV6POOL_NAT_OUTGOING's is off
+                    "natOutgoing": version == 4,
                     "nodeSelector": "all()",
                 },
             }

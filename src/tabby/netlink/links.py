@@ -18,6 +18,7 @@ RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255  # in a delete: match a route of any scope (what `ip route del` sends)
 RTNH_F_ONLINK = 4
 IFF_NOARP = 0x80
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
 ENOENT, EEXIST, ENODEV = 2, 17, 19
 
 

@@ -122,6 +122,32 @@ class FragValue(ctypes.Structure):
     _fields_ = [("sport", _be16), ("dport", _be16)]
 
 
+class Ct6Key(ctypes.Structure):
+    """struct tby_ct6_key: an IPv6 NodePort flow's tuple as it arrives (one per direction)."""
+
+    _fields_ = [
+        ("src", ctypes.c_uint8 * 16),
+        ("dst", ctypes.c_uint8 * 16),
+        ("sport", _be16),
+        ("dport", _be16),
+        ("proto", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Ct6Value(ctypes.Structure):
+    """struct tby_ct6_val: the tuple that packet is rewritten to."""
+
+    _fields_ = [
+        ("src", ctypes.c_uint8 * 16),
+        ("dst", ctypes.c_uint8 * 16),
+        ("sport", _be16),
+        ("dport", _be16),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+CONNTRACK6_SPEC = MapSpec("tby_ct6", BPF_MAP_TYPE_LRU_HASH, Ct6Key, Ct6Value, 65536)
 CONNTRACK_SPEC = MapSpec("tby_ct", BPF_MAP_TYPE_LRU_HASH, CtKey, CtValue, 512000)
 FRAGS_SPEC = MapSpec("tby_frags", BPF_MAP_TYPE_LRU_HASH, FragKey, FragValue, 16384)
 

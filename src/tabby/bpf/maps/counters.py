@@ -65,6 +65,8 @@ class Reason(enum.IntEnum):
     MAGLEV_MISS = 43
     EXT_MOVED = 44
     EXT_REFUSED = 45
+    NAT6_NEW = 46
+    NAT6 = 47
 
     @property
     def c_name(self) -> str:

@@ -45,6 +45,33 @@ class CtlbSockValue(ctypes.Structure):
         return f"{_str(self.addr)}:{self.port}"
 
 
+class CtlbSock6Key(ctypes.Structure):
+    """struct tby_ctlb_sk6_key."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", _be16),
+        ("_pad", ctypes.c_uint16),
+        ("_pad2", ctypes.c_uint32),
+    ]
+
+    def describe(self) -> str:
+        return f"socket {self.cookie} -> [{ipaddress.IPv6Address(bytes(self.addr))}]:{self.port}"
+
+
+class CtlbSock6Value(ctypes.Structure):
+    """struct tby_ctlb_sk6_val."""
+
+    _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", _be16), ("_pad", ctypes.c_uint16)]
+
+    def describe(self) -> str:
+        return f"[{ipaddress.IPv6Address(bytes(self.addr))}]:{self.port}"
+
+
+CTLB_SOCKETS6_SPEC = MapSpec(
+    "tby_ctlb_sk6", BPF_MAP_TYPE_LRU_HASH, CtlbSock6Key, CtlbSock6Value, 65536
+)
 CTLB_SOCKETS_SPEC = MapSpec(
     "tby_ctlb_sk", BPF_MAP_TYPE_LRU_HASH, CtlbSockKey, CtlbSockValue, 262144
 )

@@ -121,6 +121,44 @@ class SourceRangeKey(ctypes.Structure):
         return cls(prefixlen=32 + net.prefixlen, id=set_id, addr=int(net.network_address))
 
 
+class Frontend6Key(ctypes.Structure):
+    """struct tby_nat_fe6_key: an IPv6 ClusterIP frontend."""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", _be16),
+        ("proto", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8),
+    ]
+
+    @classmethod
+    def make(cls, addr: str, port: int, protocol: str) -> Frontend6Key:
+        key = cls(port=port, proto=PROTOCOLS[protocol])
+        key.addr[:] = ipaddress.IPv6Address(addr).packed
+        return key
+
+    def describe(self) -> str:
+        ip = ipaddress.IPv6Address(bytes(self.addr))
+        return f"[{ip}]:{self.port}/{PROTOCOL_NAMES.get(self.proto, self.proto)}"
+
+
+class Backend6Value(ctypes.Structure):
+    """struct tby_nat_be6_val."""
+
+    _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", _be16), ("_pad", ctypes.c_uint16)]
+
+    @classmethod
+    def make(cls, addr: str, port: int) -> Backend6Value:
+        value = cls(port=port)
+        value.addr[:] = ipaddress.IPv6Address(addr).packed
+        return value
+
+    def describe(self) -> str:
+        return f"[{ipaddress.IPv6Address(bytes(self.addr))}]:{self.port}"
+
+
+FRONTENDS6_SPEC = MapSpec("tby_nat_fe6", BPF_MAP_TYPE_HASH, Frontend6Key, FrontendValue, 16384)
+BACKENDS6_SPEC = MapSpec("tby_nat_be6", BPF_MAP_TYPE_HASH, BackendKey, Backend6Value, 65536)
 FRONTENDS_SPEC = MapSpec("tby_nat_fe", BPF_MAP_TYPE_HASH, FrontendKey, FrontendValue, 131072)
 BACKENDS_SPEC = MapSpec("tby_nat_be", BPF_MAP_TYPE_HASH, BackendKey, BackendValue, 524288)
 AFFINITY_SPEC = MapSpec("tby_nat_aff", BPF_MAP_TYPE_LRU_HASH, AffinityKey, AffinityValue, 65536)
