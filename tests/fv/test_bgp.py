@@ -242,7 +242,7 @@ def test_a_large_transfer_across_the_router_and_the_figures(lab, pods, capsys):
         assert not any(dropped.values()), f"{n}: tabby dropped packets: {dropped}"
     same = _download(pods["p1"], pods["q1"])
     in_subnet = _download(pods["p1"], pods["p3"])
-    rates = {k: _conn_rate(pods["p1"], pods[k]) for k in ("q1", "p3", "p2")}
+    rates = {k: traffic.conn_rate(pods["p1"]["netns"], pods[k]["ip"]) for k in ("q1", "p3", "p2")}
     with capsys.disabled():
         print(
             f"\nNever+BGP, 20 MB download: same node {same:.0f} Mbit/s, other node in the subnet "
@@ -387,23 +387,6 @@ def _download(client: dict[str, Any], server: dict[str, Any]) -> float:
     took = time.monotonic() - start
     assert got == BIG
     return BIG * 8 / took / 1e6
-
-
-def _conn_rate(client: dict[str, Any], server: dict[str, Any], seconds: float = 2.0) -> float:
-    """New TCP connections/s (connect, GET /hostname, read to EOF, close), one at a time."""
-    import socket
-
-    def go() -> float:
-        done, start = 0, time.monotonic()
-        while time.monotonic() - start < seconds:
-            with socket.create_connection((server["ip"], 8080), timeout=3) as s:
-                s.sendall(b"GET /hostname HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                while s.recv(65536):
-                    pass
-            done += 1
-        return done / (time.monotonic() - start)
-
-    return traffic.in_netns(client["netns"], go)
 
 
 def test_switching_the_pool_live_hands_routes_between_bird_and_tabby(lab, pods):

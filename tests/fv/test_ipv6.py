@@ -216,7 +216,7 @@ def test_a_large_ipv6_transfer_across_the_router_and_the_figures(lab, pods, caps
     across4 = _download(pods["p1"], pods["p2"], "ip")
     same6 = _download(pods["p1"], pods["q1"], "ip6")
     subnet6 = _download(pods["p1"], pods["p3"], "ip6")
-    rates = {k: _conn_rate(pods["p1"], pods[k]) for k in ("q1", "p3", "p2")}
+    rates = {k: traffic.conn_rate(pods["p1"]["netns"], pods[k]["ip6"]) for k in ("q1", "p3", "p2")}
     with capsys.disabled():
         print(
             f"\nIPv6 20 MB download: same node {same6:.0f} Mbit/s, other node in the subnet "
@@ -226,23 +226,6 @@ def test_a_large_ipv6_transfer_across_the_router_and_the_figures(lab, pods, caps
             f"subnet {rates['p3']:.0f} ({rates['p3'] / rates['q1']:.2f}x), across the router "
             f"{rates['p2']:.0f} ({rates['p2'] / rates['q1']:.2f}x)"
         )
-
-
-def _conn_rate(client: dict[str, Any], server: dict[str, Any], seconds: float = 1.5) -> float:
-    """New TCP connections/s over IPv6 (connect, GET /hostname, read to EOF, close)."""
-    import socket
-
-    def go() -> float:
-        done, start = 0, time.monotonic()
-        while time.monotonic() - start < seconds:
-            with socket.create_connection((server["ip6"], 8080), timeout=3) as s:
-                s.sendall(b"GET /hostname HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                while s.recv(65536):
-                    pass
-            done += 1
-        return done / (time.monotonic() - start)
-
-    return traffic.in_netns(client["netns"], go)
 
 
 def _download(client: dict[str, Any], server: dict[str, Any], family: str) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -137,3 +138,21 @@ def reachable(fn: Callable[[], object]) -> tuple[bool, str]:
         return True, str(fn())
     except OSError as e:
         return False, str(e) or type(e).__name__
+
+
+def conn_rate(netns: str, ip: str, port: int = 8080, seconds: float = 2.0) -> float:
+    """New TCP connections/s from inside ``netns``, one at a time (connect, GET /hostname, read
+    to EOF, close) for ``seconds``: a figure for tests to print, not a load generator (that is
+    bench/connload.c)."""
+
+    def go() -> float:
+        done, start = 0, time.monotonic()
+        while time.monotonic() - start < seconds:
+            with socket.create_connection((ip, port), timeout=3) as s:
+                s.sendall(b"GET /hostname HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                while s.recv(65536):
+                    pass
+            done += 1
+        return done / (time.monotonic() - start)
+
+    return in_netns(netns, go)
