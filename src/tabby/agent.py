@@ -53,7 +53,11 @@ KINDS = (
     "BGPConfiguration",
     "BGPPeer",
 )
+SERVICE_KINDS = ("Service", "EndpointSlice")  # calc.services' inputs; compute() reads the rest
 RETRY_S = 1.0
+# Every manager re-checks what it programmed this often even if its input did not change
+# (Felix's routeRefreshInterval is 90 s): repairs what something else changed under us.
+RESYNC_S = 90.0
 DATASTORE_BACKOFF_S = (0.5, 10.0)  # first and longest wait between datastore attempts
 WATCH_HEALTH_S = 1.0  # how often a quiet watch is asked whether its stream is up
 BGP_SYNC_S = 1.0  # learnt routes -> the route map (a withdrawal shows within this)
@@ -248,6 +252,8 @@ class DataplaneWorker(threading.Thread):
         self.dataplane: NodeDataplane | None = None
         self.next_sweep = 0.0  # time.monotonic() of the next periodic conntrack sweep
         self.swept_after: object = None  # the NAT apply result the last sweep followed
+        self.applied: tuple[NodeState, int] | None = None  # the last state applied without error
+        self.next_resync = 0.0  # time.monotonic() of the next full re-check (RESYNC_S)
 
     def submit(self, state: NodeState, revision: int) -> None:
         self.inbox.put((state, revision))
@@ -274,15 +280,19 @@ class DataplaneWorker(threading.Thread):
         while not self.stopping.is_set():
             timeout = RETRY_S if pending else self._until_sweep()
             try:
-                pending = self.inbox.get(timeout=timeout)
+                pending = _newer(pending, self.inbox.get(timeout=timeout))
                 while True:  # coalesce a burst into its newest state
-                    pending = self.inbox.get_nowait()
+                    pending = _newer(pending, self.inbox.get_nowait())
             except queue.Empty:
                 pass
             if pending is not None:
                 state, revision = pending
                 if self._apply(state, revision):
                     pending = None
+                    self.applied = (state, revision)
+            elif self.applied is not None and time.monotonic() >= self.next_resync:
+                if not self._apply(*self.applied, full=True):
+                    pending = self.applied  # what it found broken is retried every RETRY_S
             self._sync_bgp()
             self._sweep_conntrack()
 
@@ -292,6 +302,8 @@ class DataplaneWorker(threading.Thread):
         if self.dataplane is None:
             return None
         due = self.next_sweep
+        if self.applied is not None:
+            due = min(due, self.next_resync)
         if self.bird_dir:
             due = min(due, self.next_bgp_sync)
         return max(0.0, due - time.monotonic())
@@ -310,13 +322,14 @@ class DataplaneWorker(threading.Thread):
             log.warning("BGP route sync: %s", "; ".join(errors))
 
     def _sweep_conntrack(self) -> None:
-        """Every CT_SWEEP_S, and at once after an apply that took backends out of a service
-        (its UDP flows must move on). On this thread only: never in the middle of an apply."""
+        """Every CT_SWEEP_S, and at once after an apply that took backends out of a service's
+        UDP port (its UDP flows must move on; TCP flows to a removed backend finish). On this
+        thread only: never in the middle of an apply."""
         dp = self.dataplane
         if dp is None:
             return
         nat = dp.last_nat
-        after_removal = nat.backends_removed and nat is not self.swept_after
+        after_removal = nat.udp_backends_removed and nat is not self.swept_after
         if not after_removal and time.monotonic() < self.next_sweep:
             return
         self.swept_after = nat
@@ -333,8 +346,11 @@ class DataplaneWorker(threading.Thread):
                 stats.kept, stats.expired, stats.stale_udp, stats.wall_s * 1e3,
             )  # fmt: skip
 
-    def _apply(self, state: NodeState, revision: int) -> bool:
+    def _apply(self, state: NodeState, revision: int, full: bool = False) -> bool:
+        """``full``: every manager re-checks its part even if its input did not change."""
         started = time.monotonic()
+        if full:
+            self.next_resync = started + RESYNC_S
         try:
             if self.dataplane is None:
                 with links.rtnl() as ipr:
@@ -343,7 +359,8 @@ class DataplaneWorker(threading.Thread):
                     self.pin_root, iface, state, self.cgroup, self.bird_dir
                 )
                 self.metrics.read_packets = self.dataplane.counters.read
-            result = self.dataplane.apply(state)
+                self.next_resync = started + RESYNC_S
+            result = self.dataplane.apply(state, full=full)
             errors, warnings = result.errors, result.warnings
             nat = self.dataplane.last_nat
             self.metrics.observe_nat(
@@ -355,9 +372,12 @@ class DataplaneWorker(threading.Thread):
             log.exception("apply failed")
             errors, warnings = [f"apply: {e}"], []
         self.metrics.apply_s.observe(time.monotonic() - started)
-        for w in warnings:
-            log.warning("%s", w)
         with self.status.lock:
+            # logged when they change, not on every apply (they stay on /readyz)
+            seen = set(self.status.warnings)
+            for w in warnings:
+                if w not in seen:
+                    log.warning("%s", w)
             self.status.errors, self.status.warnings = errors, warnings
             if not errors:
                 self.status.synced = True
@@ -419,6 +439,8 @@ class Agent:
         self.stop = threading.Event()
         self.resources: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
         self.services = ServiceIndex(node)  # incremental: one change recomputes one service
+        # compute()'s last result: reused while only Services and EndpointSlices change
+        self.base: NodeState | None = None
 
     def run(self) -> None:
         preflight.require()
@@ -485,6 +507,7 @@ class Agent:
         gc.collect()
         gc.freeze()
         self.services = ServiceIndex(self.node)
+        self.base = None
         for kind, on in (
             ("Service", self.services.on_service),
             ("EndpointSlice", self.services.on_slice),
@@ -540,17 +563,32 @@ class Agent:
             self.services.on_service(key, current)
         elif ev.kind == "EndpointSlice":
             self.services.on_slice(key, current)
+        else:
+            self.base = None  # compute() reads every other kind
 
     def _publish(self, revision: int) -> None:
         with self.status.lock:
             self.status.seen_revision = revision
-        state = compute(self.resources, self.node, bgp=self.bgp)
-        if self.bgp:
-            state.bird = bird.render(self.resources, self.node)
-            if state.bird is not None:
-                state.warnings.extend(state.bird.warnings)
-        self.services.set_node_ip(state.node_ip)
-        self.worker.submit(with_services(state, self.services.results()), revision)
+        base = self.base
+        if base is None:
+            base = compute(self.resources, self.node, bgp=self.bgp)
+            if self.bgp:
+                base.bird = bird.render(self.resources, self.node)
+                if base.bird is not None:
+                    base.warnings.extend(base.bird.warnings)
+            self.base = base
+        self.services.set_node_ip(base.node_ip)
+        self.worker.submit(with_services(base, self.services), revision)
+
+
+def _newer(
+    pending: tuple[NodeState, int] | None, new: tuple[NodeState, int]
+) -> tuple[NodeState, int]:
+    """``new`` replaces a pending state (coalescing); its changed services then cover both."""
+    if pending is not None:
+        old, changed = pending[0].services_changed, new[0].services_changed
+        new[0].services_changed = None if old is None or changed is None else old | changed
+    return new
 
 
 def process_age_s() -> float:

@@ -222,6 +222,10 @@ class ServiceIndex:
         self._slice_owner: dict[Key, Key] = {}  # slice key -> service key
         self._results: dict[str, ServiceNAT] = {}
         self._dirty: set[Key] = set()
+        # what with_services needs of every result, kept here so a change does not walk them all
+        self.health_checks: dict[str, tuple[int, int]] = {}  # name -> (node port, local eps)
+        self.warnings: dict[str, tuple[str, ...]] = {}  # name -> warnings, services with some
+        self.changed: frozenset[str] = frozenset()  # names the last results() recomputed
 
     def set_node_ip(self, node_ip: str | None) -> None:
         if node_ip != self.node_ip:
@@ -251,14 +255,27 @@ class ServiceIndex:
         self._dirty.add(owner)
 
     def results(self) -> dict[str, ServiceNAT]:
-        """A fresh dict (safe to hand to another thread) sharing unchanged ServiceNAT objects."""
+        """A fresh dict (safe to hand to another thread) sharing unchanged ServiceNAT objects.
+
+        ``changed`` then names the services recomputed or removed by this call (a superset of
+        those whose ServiceNAT differs from the previous call's)."""
+        changed = []
         for key in self._dirty:
             name = f"{key[0]}/{key[1]}"
+            changed.append(name)
             svc = self._services.get(key)
+            self.health_checks.pop(name, None)
+            self.warnings.pop(name, None)
             if svc is None or not proxied(svc):
                 self._results.pop(name, None)
                 continue
             slices = list(self._slices.get(key, {}).values())
-            self._results[name] = service_nat(svc, slices, self.node, self.node_ip)
+            nat = service_nat(svc, slices, self.node, self.node_ip)
+            self._results[name] = nat
+            if nat.health_check_port:
+                self.health_checks[name] = (nat.health_check_port, nat.local_endpoints)
+            if nat.warnings:
+                self.warnings[name] = nat.warnings
         self._dirty.clear()
+        self.changed = frozenset(changed)
         return dict(self._results)

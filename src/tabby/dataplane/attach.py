@@ -65,7 +65,8 @@ class AttachManager:
     def __init__(self, pin_root: str) -> None:
         self.links = _PinDir(os.path.join(pin_root, "links"))
         self.tc = _PinDir(os.path.join(pin_root, "tc"))
-        self.programmed: dict[tuple[str, str, str], int] = {}  # (type, ifname, dir) -> prog id
+        # (type, ifname, dir) -> (prog id, ifindex): a veth made again under its old name is new
+        self.programmed: dict[tuple[str, str, str], tuple[int, int]] = {}
 
     def apply(
         self, desired: list[Attachment], prog_fds: dict[str, int], attach_type: AttachType = "TCX"
@@ -95,7 +96,7 @@ class AttachManager:
         ifindex = socket.if_nametoindex(a.ifname)  # this thread's netns: the node's
         prog_id = libbpf.prog_info(prog_fd)[0]
         key = ("TCX", a.ifname, a.direction)
-        if self.programmed.get(key) == prog_id:
+        if self.programmed.get(key) == (prog_id, ifindex):
             return
         pin = self.links.pin(a.ifname, a.direction)
         if os.path.exists(pin):
@@ -105,7 +106,7 @@ class AttachManager:
                 if linked_ifindex == ifindex:
                     if linked_prog != prog_id:
                         libbpf.link_update(fd, prog_fd)  # adopt: swap the program, no gap
-                    self.programmed[key] = prog_id
+                    self.programmed[key] = (prog_id, ifindex)
                     return
             finally:
                 os.close(fd)
@@ -115,7 +116,7 @@ class AttachManager:
             libbpf.obj_pin(fd, pin)
         finally:
             os.close(fd)
-        self.programmed[key] = prog_id
+        self.programmed[key] = (prog_id, ifindex)
         log.info("attached %s to %s %s (tcx)", a.program, a.ifname, a.direction)
 
     def _ensure_tc(self, a: Attachment, prog_fd: int) -> None:
@@ -124,7 +125,7 @@ class AttachManager:
         key = ("TC", a.ifname, a.direction)
         ingress = a.direction == "in"
         if (
-            self.programmed.get(key) == prog_id
+            self.programmed.get(key) == (prog_id, ifindex)
             and libbpf.tc_query(ifindex, ingress, TC_HANDLE, TC_PRIORITY) == prog_id
         ):
             return
@@ -132,7 +133,7 @@ class AttachManager:
         pin = self.tc.pin(a.ifname, a.direction)
         self.tc.remove(a.ifname, a.direction)
         libbpf.obj_pin(prog_fd, pin)
-        self.programmed[key] = prog_id
+        self.programmed[key] = (prog_id, ifindex)
         log.info("attached %s to %s %s (clsact)", a.program, a.ifname, a.direction)
 
     def _detach_tc(self, ifname: str, direction: str) -> None:

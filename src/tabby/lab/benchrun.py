@@ -47,9 +47,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, BackendKey, FrontendKey
 from tabby.lab import baselines, processes, state, traffic
 from tabby.lab.baselines import Baselines
-from tabby.lab.cluster import HEALTH_PORT, Lab
+from tabby.lab.cluster import HEALTH_PORT, Lab, pin_root
 from tabby.lab.kubeproxy_rules import KubeServicePort
 from tabby.netlink.netns import enter_netns
 
@@ -340,8 +341,42 @@ def wait_programmed(netns: str, revision: int, timeout_s: float = 30.0) -> None:
 # ---------------------------------------------------------------------- synthetic services
 
 
+class NatView:
+    """A node's pinned tby_nat_fe / tby_nat_be, read from this process (no agent involved)."""
+
+    def __init__(self, pin_root: str) -> None:
+        self.fe = FRONTENDS_SPEC.open_pinned(pin_root)
+        self.be = BACKENDS_SPEC.open_pinned(pin_root)
+
+    def __enter__(self) -> NatView:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.fe.close()
+        self.be.close()
+
+    def backends(self, vip: str, port: int) -> set[str]:
+        fe = self.fe.lookup(FrontendKey.make(vip, port, "TCP"))
+        if fe is None:
+            return set()
+        found = (self.be.lookup(BackendKey(id=fe.id, ordinal=o)) for o in range(fe.count))
+        return {b.describe() for b in found if b is not None}
+
+    def wait_backend(self, vip: str, port: int, backend: str, timeout_s: float = 30.0) -> None:
+        """Until ``backend`` ("ip:port") is one of ``vip:port``'s; polled every ~0.2 ms."""
+        deadline = time.monotonic() + timeout_s
+        while backend not in self.backends(vip, port):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{vip}:{port} never got backend {backend}")
+            time.sleep(0.0002)
+
+
+def syn_vip(i: int) -> str:
+    return str(ipaddress.IPv4Address(SYN_VIP_BASE + i))
+
+
 def syn_service(i: int) -> dict[str, Any]:
-    vip = str(ipaddress.IPv4Address(SYN_VIP_BASE + i))
+    vip = syn_vip(i)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -482,22 +517,30 @@ class TabbySide:
         self.lab.wait_ready(timeout_s=600)
         return agent_metric(node.netns, "tabby_nat_sync_from_insync_seconds")
 
-    def change_latency_ms(self, changes: int, generation0: int) -> list[float]:
-        """A synthetic slice (or web's own when alone) changes one endpoint; datastore write ->
-        node1 programmed that revision, ms."""
+    def change_latency_ms(self, changes: int, generation0: int) -> dict[str, list[float]]:
+        """A synthetic slice (or web's own when alone) changes one endpoint, ms from the
+        datastore write: ``tabby`` until node1's ``tby_nat_be`` holds the new backend under the
+        service's frontend (what a new connection reads; polled from this process, which
+        perturbs the agent less than HTTP polls), ``tabby-readyz`` until node1's /readyz
+        reports that revision (the whole apply done)."""
         node = self.lab.plan.node("node1")
-        out = []
+        out: dict[str, list[float]] = {"tabby": [], "tabby-readyz": []}
         self.split_before = self._split_metrics()
-        for k in range(changes):
-            i = max(0, (self.stored - 1) // 2)
-            gen = generation0 + k + 1
-            objs = [syn_slice(i, gen)]
-            if self.stored <= 1:
-                objs = [syn_service(i), *objs]  # N=1: the changed service is not the measured one
-            started = time.monotonic()
-            revision = self.lab.datastore().apply(objs)
-            wait_programmed(node.netns, revision)
-            out.append((time.monotonic() - started) * 1000)
+        with NatView(pin_root(self.lab.name, "node1")) as nat:
+            for k in range(changes):
+                i = max(0, (self.stored - 1) // 2)
+                gen = generation0 + k + 1
+                objs = [syn_slice(i, gen)]
+                if self.stored <= 1:
+                    objs = [syn_service(i), *objs]  # N=1: not the measured service
+                new = objs[-1]["endpoints"][0]["addresses"][0]
+                vip = syn_vip(i)
+                started = time.monotonic()
+                revision = self.lab.datastore().apply(objs)
+                nat.wait_backend(vip, 80, f"{new}:8080")
+                out["tabby"].append((time.monotonic() - started) * 1000)
+                wait_programmed(node.netns, revision)
+                out["tabby-readyz"].append((time.monotonic() - started) * 1000)
         return out
 
     def _split_metrics(self) -> dict[str, float]:
@@ -784,7 +827,7 @@ class Runner:
     def _once_per_size(self, size: SizeResult, iperf: bool) -> None:
         cfg = self.cfg
         if self.tabby is not None:
-            size.change_ms["tabby"] = self.tabby.change_latency_ms(cfg.changes, self.generation)
+            size.change_ms.update(self.tabby.change_latency_ms(cfg.changes, self.generation))
             size.change_split_ms = self.tabby.change_split_ms()
             self.generation += cfg.changes
             size.agent_rss_mb = self.tabby.agent_rss_mb()
