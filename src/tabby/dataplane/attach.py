@@ -4,7 +4,8 @@ Two attach types, as Calico's ``bpfAttachType``:
 - ``TCX`` (default, kernel >= 6.6): a tcx link pinned at ``<pin root>/links/<ifname>@<in|eg>``.
   The pin is how we recognise the attachment as ours after a restart: the new agent opens it and
   swaps its program in with BPF_LINK_UPDATE, so traffic never runs unprotected between two
-  agents. Removing the pin (we hold no other fd) detaches the program.
+  agents. Detaching is BPF_LINK_DETACH then removing the pin: the program is off the hook when
+  the call returns (the kernel may free an unpinned link later, and a packet meet it meanwhile).
 - ``TC`` (older kernels): clsact + a cls_bpf filter with tabby's handle/priority. The attached
   program is also pinned at ``<pin root>/tc/<ifname>@<in|eg>`` as the record that the filter is
   ours; re-attaching replaces the filter in place.
@@ -60,6 +61,10 @@ class _PinDir:
         except FileNotFoundError:
             pass
 
+    def detach_link(self, ifname: str, direction: str) -> None:
+        """The pinned link's program off its hook before this returns, then the pin removed."""
+        libbpf.unpin_link(self.pin(ifname, direction))
+
 
 class AttachManager:
     def __init__(self, pin_root: str) -> None:
@@ -84,7 +89,7 @@ class AttachManager:
                 errors.append(f"attach {a.program} to {a.ifname} {a.direction}: {e}")
         for ifname, direction in self.links.entries():
             if attach_type != "TCX" or (ifname, direction) not in wanted:
-                self.links.remove(ifname, direction)
+                self.links.detach_link(ifname, direction)
                 self.programmed.pop(("TCX", ifname, direction), None)
                 log.info("detached tcx %s %s", ifname, direction)
         for ifname, direction in self.tc.entries():
