@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +35,14 @@ from tabby.cni.ipam import BlockIPAM, IPAMError
 from tabby.dataplane.conntrack import GcStats
 from tabby.dataplane.node import NodeDataplane
 from tabby.datastore import open_datastore
-from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event, WatchHealth
+from tabby.datastore.api import (
+    Compacted,
+    Datastore,
+    DatastoreError,
+    Event,
+    StreamingList,
+    WatchHealth,
+)
 from tabby.datastore.typha import consistent
 from tabby.netlink import links
 from tabby.netlink.netns import setns_path
@@ -494,26 +502,27 @@ class Agent:
 
     def _relist(self, ds: Datastore) -> int:
         fresh: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+        services = ServiceIndex(self.node)
         revision = ds.revision()
         for kind in KINDS:
+            if kind in SERVICE_KINDS:  # held by the index only, packed: streamed when possible
+                on = services.on_service if kind == "Service" else services.on_slice
+                stream = ds.iter_list(kind) if isinstance(ds, StreamingList) else ds.list(kind)[0]
+                for obj in stream:
+                    on(_key(obj), obj)
+                continue
             items, _ = ds.list(kind)
             for obj in items:
                 fresh[kind][_key(obj)] = obj
         self.resources = fresh
+        self.services = services
+        self.base = None
         # The cluster's objects live as long as the agent: move them out of the cyclic GC's
         # sight before calc allocates, or every collection walks them (a third of the time to
         # program 20,000 services, measured by bench/services_scale.py).
         gc.unfreeze()  # what an earlier relist froze may be garbage now
         gc.collect()
         gc.freeze()
-        self.services = ServiceIndex(self.node)
-        self.base = None
-        for kind, on in (
-            ("Service", self.services.on_service),
-            ("EndpointSlice", self.services.on_slice),
-        ):
-            for key, obj in fresh[kind].items():
-                on(key, obj)
         self.metrics.mark_in_sync()
         self._publish(revision)
         gc.freeze()  # and the calc results too
@@ -555,16 +564,17 @@ class Agent:
             return
         key = _key(ev.obj)
         current = None if ev.type == "DELETED" else ev.obj
+        if ev.kind == "Service":  # the index holds them: compute() reads neither
+            self.services.on_service(key, current)
+            return
+        if ev.kind == "EndpointSlice":
+            self.services.on_slice(key, current)
+            return
         if current is None:
             self.resources[ev.kind].pop(key, None)
         else:
             self.resources[ev.kind][key] = current
-        if ev.kind == "Service":
-            self.services.on_service(key, current)
-        elif ev.kind == "EndpointSlice":
-            self.services.on_slice(key, current)
-        else:
-            self.base = None  # compute() reads every other kind
+        self.base = None  # compute() reads every other kind
 
     def _publish(self, revision: int) -> None:
         with self.status.lock:
@@ -601,4 +611,5 @@ def process_age_s() -> float:
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata", {})
-    return meta.get("namespace", "") or "", meta["name"]
+    # one string per namespace, not one per object: these keys live as long as the objects
+    return sys.intern(meta.get("namespace", "") or ""), meta["name"]

@@ -98,8 +98,9 @@ class NodeState:
     ext_mode: Literal["Tunnel", "DSR"] = "Tunnel"  # bpfExternalServiceMode
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
-    # the services whose NAT may differ from the previous state's; None: any (compare them all)
-    services_changed: frozenset[str] | None = None
+    # the services whose NAT may differ from the previous state's; None: any (compare them all).
+    # A hint for the dataplane, not part of the state: left out of comparisons.
+    services_changed: frozenset[str] | None = field(default=None, compare=False)
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
     kube_proxy_cleanup: bool = True  # bpfKubeProxyIptablesCleanupEnabled (Calico's default)
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50

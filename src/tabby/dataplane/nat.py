@@ -42,7 +42,7 @@ FeKey = tuple[str, int, str]  # (addr, port, protocol)
 SrcKey = tuple[int, str]  # (set id, cidr)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Set:
     id: int
     backends: tuple[Backend, ...]
