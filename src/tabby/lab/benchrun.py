@@ -18,10 +18,13 @@ time: connect + first response byte, p01/p50/p90/p99); then one-change latency, 
 the first and last N, iperf3. CPU per connection is whole-machine busy time from /proc/stat over
 the cell, minus the load generator's and the server's own process time.
 
-NodePort rows (external client -> NodePort -> remote backend; Tunnel and DSR) belong to the
-external-traffic work: add their paths to ``EXTERNAL_PATHS`` with a ``Target`` resolver and a
-denominator (external client -> backend by plain routing); the loop, the report and the plots
-take any path listed in ``PATH_FAMILY``.
+- external (the same lab, from its external client 203.0.113.x behind the fabric's router):
+  ``nodeport-plain`` (the client reaches the nginx pod's own address, routed by the fabric
+  router to node2: no NAT, the denominator), ``nodeport-tunnel`` and ``nodeport-dsr`` (node1's
+  address and Service ``web``'s NodePort, ``bpfExternalServiceMode`` Tunnel / DSR, switched
+  live before the path's cells). Each path has its own client source address, so no flow of
+  one path ever reuses the tuple of another's closed flow (the backend's node keeps ext-tunnel
+  conntrack entries keyed by the client's tuple). Ratios are to ``nodeport-plain``.
 
 Invariant: everything the run creates (the lab, the baseline namespaces, iperf3 servers) is
 removed in ``run``'s ``finally``, also on Ctrl-C and SIGTERM; a leftover of an interrupted run
@@ -56,13 +59,22 @@ from tabby.netlink.netns import enter_netns
 
 KERNEL_PATHS = ("plain", "iptables-legacy", "iptables-nft", "nftables")
 TABBY_PATHS = ("tabby-direct", "tabby-nat", "tabby-ctlb")
-EXTERNAL_PATHS: tuple[str, ...] = ()  # NodePort rows: the external-traffic issue adds them
+EXTERNAL_PATHS = ("nodeport-plain", "nodeport-tunnel", "nodeport-dsr")
 ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + EXTERNAL_PATHS
 PATH_FAMILY = {
     **{p: "kernel" for p in KERNEL_PATHS},
     **{p: "tabby" for p in TABBY_PATHS},
+    **{p: "external" for p in EXTERNAL_PATHS},
 }
-DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct"}
+DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct", "external": "nodeport-plain"}
+EXT_MODES = {"nodeport-tunnel": "Tunnel", "nodeport-dsr": "DSR"}
+# one client address per external path (added to the external namespace's link)
+EXT_SOURCES = {
+    "nodeport-plain": "203.0.113.21",
+    "nodeport-tunnel": "203.0.113.22",
+    "nodeport-dsr": "203.0.113.23",
+}
+WEB_NODEPORT, IPERF_NODEPORT = 30080, 30201
 FULL_SIZES = (1, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (1, 1000)
 ENDPOINTS = 3
@@ -91,7 +103,7 @@ class BenchConfig:
     iperf_seconds: float = 5.0
     inflight: int = 32
     changes: int = 10  # one-change latency samples per N
-    paths: tuple[str, ...] = KERNEL_PATHS + TABBY_PATHS
+    paths: tuple[str, ...] = ALL_PATHS
     name: str = "tbench"
     connload: str = ""
 
@@ -219,11 +231,13 @@ def run_connload(
     seconds: float,
     inflight: int,
     cgroup: str | None = None,
+    source: str | None = None,
 ) -> dict[str, float]:
-    """connload inside ``netns`` on CPU 0 (in ``cgroup`` when given: connect-time LB sees it)."""
+    """connload inside ``netns`` on CPU 0 (in ``cgroup`` when given: connect-time LB sees it;
+    from ``source`` when given)."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", binary]
     argv += ["-a", target, "-p", str(port), "-c", str(inflight), "-t", str(seconds)]
-    argv += ["-n", "2000000"]
+    argv += ["-n", "2000000", *(["-b", source] if source else [])]
 
     done = _run_client(argv, seconds, cgroup)
     if done.returncode != 0:
@@ -251,10 +265,20 @@ def _run_client(
     )
 
 
-def run_iperf(netns: str, target: str, seconds: float, cgroup: str | None = None) -> float:
-    """One iperf3 stream from ``netns`` (CPU 0) to ``target``; received Gbit/s."""
+def run_iperf(
+    netns: str,
+    target: str,
+    seconds: float,
+    cgroup: str | None = None,
+    port: int = IPERF_PORT,
+    source: str | None = None,
+    reverse: bool = False,
+) -> float:
+    """One iperf3 stream from ``netns`` (CPU 0) to ``target`` (``reverse``: the server sends);
+    received Gbit/s."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", "iperf3", "-J"]
-    argv += ["-c", target, "-p", str(IPERF_PORT), "-t", str(seconds)]
+    argv += ["-c", target, "-p", str(port), "-t", str(seconds), *(["-B", source] if source else [])]
+    argv += ["-R"] if reverse else []
 
     done = _run_client(argv, seconds, cgroup)
     try:
@@ -420,17 +444,34 @@ def syn_slice(i: int, generation: int = 0) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the tabby side
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a path's client runs and what it connects to."""
+
+    netns: str
+    ip: str
+    port: int
+    cgroup: str | None = None  # the client runs in it (connect-time LB)
+    source: str | None = None  # the client binds to it
+    iperf_port: int = IPERF_PORT
+    # iperf3 -R: the server sends. External paths measure downloads, the direction DSR changes
+    # (a NodePort's client mostly receives); their denominator is measured the same way.
+    iperf_reverse: bool = False
+
+
 class TabbySide:
-    """The two-node lab: client pods on node1, nginx (+ iperf3) on node2, Service ``web``."""
+    """The two-node lab: client pods on node1, nginx (+ iperf3) on node2, Service ``web``
+    (NodePort), and the lab's external client for the NodePort paths."""
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.stored = 1  # services in the datastore: web
         self.split_before: dict[str, float] = {}
         self.extra_procs: list[dict[str, Any]] = []
+        self.ext_mode = "Tunnel"  # the lab's bpfExternalServiceMode
 
     @classmethod
-    def up(cls, name: str, progress: Progress) -> TabbySide:
+    def up(cls, name: str, progress: Progress, external: bool = False) -> TabbySide:
         lab = Lab.up(name, nodes=2, progress=lambda m: progress(f"lab: {m}"))
         self = cls(lab)
         for pod in CLIENT_PODS.values():
@@ -441,15 +482,23 @@ class TabbySide:
             "kind": "Service",
             "metadata": {"name": "web", "namespace": "default"},
             "spec": {
+                "type": "NodePort",
                 "clusterIP": WEB_VIP,
                 "selector": {"app": "web"},
                 "ports": [
-                    {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"},
+                    {
+                        "name": "http",
+                        "port": 80,
+                        "targetPort": 80,
+                        "protocol": "TCP",
+                        "nodePort": WEB_NODEPORT,
+                    },
                     {
                         "name": "iperf",
                         "port": IPERF_PORT,
                         "targetPort": IPERF_PORT,
                         "protocol": "TCP",
+                        "nodePort": IPERF_NODEPORT,
                     },
                 ],
             },
@@ -466,7 +515,36 @@ class TabbySide:
         log = os.path.join(state.lab_dir(name), "iperf3-web.log")
         argv = ["taskset", "-c", "1", "iperf3", "-s", "-p", str(IPERF_PORT)]
         self.extra_procs.append(processes.spawn(argv, "bench iperf3", log, netns=web_pod["netns"]))
+        if external:
+            self._external_client(web_pod["ip"])
         return self
+
+    def _external_client(self, web_ip: str) -> None:
+        """The external namespace gets one address per NodePort path and the client sysctls;
+        the fabric's router a route to the nginx pod through node2 (nodeport-plain). All of it
+        inside the lab's namespaces, removed with them."""
+        plan = self.lab.plan
+        for src in EXT_SOURCES.values():
+            subprocess.run(
+                ["ip", "-n", plan.external_netns, "addr", "add", f"{src}/24", "dev", "eth0"],
+                check=True,
+            )
+        sysctls_in(plan.external_netns, CLIENT_SYSCTLS)
+        node2 = plan.node("node2").ip
+        subprocess.run(
+            ["ip", "-n", plan.fabric_netns, "route", "replace", f"{web_ip}/32", "via", node2],
+            check=True,
+        )
+
+    def set_ext_mode(self, mode: str) -> None:
+        """bpfExternalServiceMode, live (both agents reload their programs), if it differs."""
+        if mode == self.ext_mode:
+            return
+        self.lab.datastore().patch(
+            "FelixConfiguration", "default", None, {"spec": {"bpfExternalServiceMode": mode}}
+        )
+        self.lab.wait_ready(timeout_s=120)
+        self.ext_mode = mode
 
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -482,14 +560,20 @@ class TabbySide:
             time.sleep(0.1)
         raise BenchError("Service web: the lab's controller wrote no endpoint")
 
-    def target(self, path: str) -> tuple[str, str, int, str | None]:
-        """(client netns, address, port, cgroup) of a tabby path."""
+    def target(self, path: str) -> Target:
+        """Where a tabby or external path's client runs and what it connects to."""
+        if PATH_FAMILY[path] == "external":
+            ext, src = self.lab.plan.external_netns, EXT_SOURCES[path]
+            if path == "nodeport-plain":
+                return Target(ext, self.lab.pod("web")["ip"], 80, source=src, iperf_reverse=True)
+            node1 = self.lab.plan.node("node1").ip
+            return Target(ext, node1, WEB_NODEPORT, None, src, IPERF_NODEPORT, iperf_reverse=True)
         client = self.lab.pod(CLIENT_PODS[path])
         if path == "tabby-direct":
-            return client["netns"], self.lab.pod("web")["ip"], 80, None
+            return Target(client["netns"], self.lab.pod("web")["ip"], 80)
         if path == "tabby-nat":
-            return client["netns"], WEB_VIP, 80, None
-        return client["netns"], WEB_VIP, 80, client["cgroup"]
+            return Target(client["netns"], WEB_VIP, 80)
+        return Target(client["netns"], WEB_VIP, 80, cgroup=client["cgroup"])
 
     def server_pids(self) -> list[int]:
         pids = []
@@ -656,8 +740,9 @@ class Runner:
                     self.progress(f"baselines: {', '.join(kernel_paths)} ({prefix}-*)")
                     self.kernel = Baselines.up(prefix, kernel_paths)
                     self._start_kernel_iperf()
-                if any(PATH_FAMILY[p] == "tabby" for p in cfg.paths):
-                    self.tabby = TabbySide.up(cfg.name, self.progress)
+                if any(PATH_FAMILY[p] != "kernel" for p in cfg.paths):
+                    external = any(PATH_FAMILY[p] == "external" for p in cfg.paths)
+                    self.tabby = TabbySide.up(cfg.name, self.progress, external)
                 for n in cfg.sizes:
                     size = self._program(n)
                     self._smoke(n)
@@ -741,12 +826,12 @@ class Runner:
             self.progress(f"N={n:,} tabby: programmed in {took} s (agent restart)")
         return size
 
-    def _target(self, path: str) -> tuple[str, str, int, str | None]:
+    def _target(self, path: str) -> Target:
         if PATH_FAMILY[path] == "kernel":
             assert self.kernel is not None
             measured = self.kube_services[:-1]  # the http port list
             ip, port = self.kernel.target(path, measured)
-            return self.kernel.plans[path].client_netns, ip, port, None
+            return Target(self.kernel.plans[path].client_netns, ip, port)
         assert self.tabby is not None
         return self.tabby.target(path)
 
@@ -754,6 +839,9 @@ class Runner:
         if PATH_FAMILY[path] == "kernel":
             assert self.kernel is not None
             self.kernel.prepare_run(path)
+        elif path in EXT_MODES:
+            assert self.tabby is not None
+            self.tabby.set_ext_mode(EXT_MODES[path])
 
     def _server_pids(self, path: str) -> list[int]:
         if PATH_FAMILY[path] == "kernel":
@@ -766,10 +854,10 @@ class Runner:
         """Every path answers before anything is measured (a broken path stops the run)."""
         for path in self.paths:
             self._prepare(path)
-            netns, ip, port, cg = self._target(path)
-            out = run_connload(self.cfg.connload, netns, ip, port, 0.3, 1, cg)
+            t = self._target(path)
+            out = run_connload(self.cfg.connload, t.netns, t.ip, t.port, 0.3, 1, t.cgroup, t.source)
             if out["conns"] < 1 or any(v for k, v in out.items() if k.startswith("err_")):
-                raise BenchError(f"N={n}: {path} does not answer at {ip}:{port}: {out}")
+                raise BenchError(f"N={n}: {path} does not answer at {t.ip}:{t.port}: {out}")
 
     def _repetition(self, n: int, rep: int) -> list[Cell]:
         paths = self.paths
@@ -791,13 +879,15 @@ class Runner:
     def _cell(self, n: int, rep: int, path: str, kind: str) -> Cell:
         cfg = self.cfg
         self._prepare(path)
-        netns, ip, port, cg = self._target(path)
+        t = self._target(path)
         seconds, inflight = (
             (cfg.seconds, cfg.inflight) if kind == "rate" else (cfg.latency_seconds, 1)
         )
         servers = self._server_pids(path)
         srv0, gen0, cpu0 = proc_cpu_s(servers), children_cpu_s(), cpu_times()
-        out = run_connload(cfg.connload, netns, ip, port, seconds, inflight, cg)
+        out = run_connload(
+            cfg.connload, t.netns, t.ip, t.port, seconds, inflight, t.cgroup, t.source
+        )
         cpu1, gen1, srv1 = cpu_times(), children_cpu_s(), proc_cpu_s(servers)
         hz = os.sysconf("SC_CLK_TCK")
         busy_s = sum(b1 - b0 for (b0, _), (b1, _) in zip(cpu0, cpu1, strict=True)) / hz
@@ -842,10 +932,17 @@ class Runner:
         if iperf:
             for path in self.paths:
                 self._prepare(path)
-                netns, ip, _port, cg = self._target(path)
-                if path == "plain":
-                    ip = self.kube_services[-1].endpoints[0][0]
-                size.iperf_gbps[path] = run_iperf(netns, ip, cfg.iperf_seconds, cg)
+                t = self._target(path)
+                ip = self.kube_services[-1].endpoints[0][0] if path == "plain" else t.ip
+                size.iperf_gbps[path] = run_iperf(
+                    t.netns,
+                    ip,
+                    cfg.iperf_seconds,
+                    t.cgroup,
+                    t.iperf_port,
+                    t.source,
+                    t.iperf_reverse,
+                )
                 gbps = size.iperf_gbps[path]
                 self.progress(f"N={size.services:,} {path}: iperf3 {gbps:.1f} Gbit/s")
 
