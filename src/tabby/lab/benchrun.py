@@ -546,8 +546,9 @@ class TabbySide:
         )
         self.lab.wait_ready(timeout_s=120)
         self.ext_mode = mode
-        # both agents just reloaded their programs (the verifier, the first applies): the first
-        # cell after a switch measured 0.4x in a run without this pause
+        # both agents just reloaded their programs (the verifier, the first applies): let that
+        # work finish before a cell measures (two NodePort cells gave 0.4x in a run without it;
+        # not shown to be the cause)
         time.sleep(EXT_SETTLE_S)
 
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
