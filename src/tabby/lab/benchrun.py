@@ -75,7 +75,6 @@ EXT_SOURCES = {
     "nodeport-dsr": "203.0.113.23",
 }
 WEB_NODEPORT, IPERF_NODEPORT = 30080, 30201
-EXT_SETTLE_S = 2.0  # after a bpfExternalServiceMode switch, before the next cell
 FULL_SIZES = (1, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (1, 1000)
 ENDPOINTS = 3
@@ -107,6 +106,7 @@ class BenchConfig:
     paths: tuple[str, ...] = ALL_PATHS
     name: str = "tbench"
     connload: str = ""
+    ext_settle_s: float = 2.0  # after a bpfExternalServiceMode switch, before the next cell
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchConfig:
@@ -117,6 +117,7 @@ class BenchConfig:
             "latency_seconds": 1.0,
             "iperf_seconds": 1.0,
             "changes": 3,
+            "ext_settle_s": 0.0,  # a smoke test: no figure is read
         }
         base.update(kw)
         return cls(**base)
@@ -537,7 +538,7 @@ class TabbySide:
             check=True,
         )
 
-    def set_ext_mode(self, mode: str) -> None:
+    def set_ext_mode(self, mode: str, settle_s: float) -> None:
         """bpfExternalServiceMode, live (both agents reload their programs), if it differs."""
         if mode == self.ext_mode:
             return
@@ -549,7 +550,7 @@ class TabbySide:
         # both agents just reloaded their programs (the verifier, the first applies): let that
         # work finish before a cell measures (two NodePort cells gave 0.4x in a run without it;
         # not shown to be the cause)
-        time.sleep(EXT_SETTLE_S)
+        time.sleep(settle_s)
 
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -846,7 +847,7 @@ class Runner:
             self.kernel.prepare_run(path)
         elif path in EXT_MODES:
             assert self.tabby is not None
-            self.tabby.set_ext_mode(EXT_MODES[path])
+            self.tabby.set_ext_mode(EXT_MODES[path], self.cfg.ext_settle_s)
 
     def _server_pids(self, path: str) -> list[int]:
         if PATH_FAMILY[path] == "kernel":
