@@ -240,6 +240,7 @@ class LabResult:
     change_nat_apply_s: float = 0.0  # mean NatManager.apply per change (agent metric)
     change_s: dict[str, float] = field(default_factory=dict)  # write -> /readyz revision
     change_map_s: dict[str, float] = field(default_factory=dict)  # write -> backend in tby_nat_be
+    change_write_s: dict[str, float] = field(default_factory=dict)  # the datastore write alone
     agent_rss_mb: float = 0.0  # node1's agent VmRSS after the restart
 
 
@@ -296,7 +297,7 @@ def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
         assert result.frontends >= n, f"agent reports {result.frontends} frontends, expected {n}"
         result.agent_rss_mb = agent_rss_mb(int(lab.agent_proc(NODE)["pid"]))
 
-        latencies, to_map = [], []
+        latencies, to_map, writes = [], [], []
         i = n // 2
         before = benchlib.agent_metrics(node.netns)
         maps = [s.open_pinned(pin_root(lab_name, NODE)) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
@@ -307,6 +308,7 @@ def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
                 sl = benchlib.endpoint_slice(i, addrs, node=NODE)
                 t0 = time.monotonic()
                 rev = ds.apply([sl])
+                writes.append(time.monotonic() - t0)
                 # what a new connection reads, polled from here (no HTTP poll loading the agent)
                 deadline = t0 + 30
                 while not backend_seen(maps, benchlib.vip(i), f"{new}:{benchlib.TARGET_PORT}"):
@@ -328,6 +330,13 @@ def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
             setattr(result, attr, total / runs if runs else float("nan"))
         result.change_s = benchlib.spread(latencies)
         result.change_map_s = benchlib.spread(to_map)
+        result.change_write_s = benchlib.spread(writes)
+        slow = [
+            (round(t * 1e3, 1), round(w * 1e3, 1))
+            for t, w in zip(to_map, writes, strict=True)
+            if t > 0.01
+        ]
+        console.print(f"  changes over 10 ms (to tby_nat_be, of which the write), ms: {slow}")
     finally:
         Lab.down(lab_name, progress=lambda m: console.print(f"  {m}"))
 
