@@ -104,6 +104,7 @@ def spread(values: Sequence[float]) -> dict[str, float]:
         "min": ordered[0],
         "p10": ordered[max(0, int(n * 0.1) - 1)] if n >= 10 else ordered[0],
         "p90": ordered[min(n - 1, int(n * 0.9))] if n >= 10 else ordered[-1],
+        "p99": ordered[min(n - 1, int(n * 0.99))] if n >= 100 else ordered[-1],
         "max": ordered[-1],
         "n": float(n),
     }

@@ -11,7 +11,10 @@
  * Prints one line of key=value pairs: conns, seconds, rate (conn/s), p01/p50/p90/p99 of
  * connect + first response byte in microseconds, and every failure by kind (all should be 0).
  *
- * Usage: connload -a ADDR [-p PORT] [-c INFLIGHT] [-t SECONDS] [-n MAXCONNS]
+ * `-b SRC` binds every connection to that source address (the port is still picked at connect
+ * time: IP_BIND_ADDRESS_NO_PORT), so clients of one namespace can keep their flows apart.
+ *
+ * Usage: connload -a ADDR [-p PORT] [-c INFLIGHT] [-t SECONDS] [-n MAXCONNS] [-b SRC]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -42,6 +45,7 @@ struct conn {
 };
 
 static struct sockaddr_in target;
+static struct sockaddr_in source; /* sin_family 0: no -b */
 static const char *request;
 static size_t request_len;
 static uint32_t *lat_us;
@@ -100,6 +104,17 @@ static int start(int ep, struct conn *c)
 	c->fd = fd;
 	c->started_ns = now_ns();
 	c->got_byte = 0;
+	if (source.sin_family) {
+		int one = 1;
+
+		if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0 ||
+		    bind(fd, (struct sockaddr *)&source, sizeof(source)) < 0) {
+			count_error(errno);
+			close(fd);
+			c->fd = -1;
+			return -1;
+		}
+	}
 	if (connect(fd, (struct sockaddr *)&target, sizeof(target)) < 0 &&
 	    errno != EINPROGRESS) {
 		count_error(errno);
@@ -175,8 +190,13 @@ int main(int argc, char **argv)
 	int64_t t0, deadline, last_scan;
 	char req[256];
 
-	while ((opt = getopt(argc, argv, "a:p:c:t:n:")) != -1) {
+	while ((opt = getopt(argc, argv, "a:p:c:t:n:b:")) != -1) {
 		switch (opt) {
+		case 'b':
+			source.sin_family = AF_INET;
+			if (inet_pton(AF_INET, optarg, &source.sin_addr) != 1)
+				goto usage;
+			break;
 		case 'a':
 			addr = optarg;
 			break;
@@ -272,7 +292,7 @@ int main(int argc, char **argv)
 	return 0;
 usage:
 	fprintf(stderr, "usage: connload -a ADDR [-p PORT] [-c INFLIGHT(1-%d)] [-t SECONDS(<=600)] "
-			"[-n MAXCONNS(<=%ld)]\n",
+			"[-n MAXCONNS(<=%ld)] [-b SRC]\n",
 		MAX_INFLIGHT, MAX_CONNS);
 	return 2;
 }

@@ -238,12 +238,30 @@ class LabResult:
     frontends: float
     change_dataplane_apply_s: float = 0.0  # mean NodeDataplane.apply per change (agent metric)
     change_nat_apply_s: float = 0.0  # mean NatManager.apply per change (agent metric)
-    change_s: dict[str, float] = field(default_factory=dict)
+    change_s: dict[str, float] = field(default_factory=dict)  # write -> /readyz revision
+    change_map_s: dict[str, float] = field(default_factory=dict)  # write -> backend in tby_nat_be
+    change_write_s: dict[str, float] = field(default_factory=dict)  # the datastore write alone
+    agent_rss_mb: float = 0.0  # node1's agent VmRSS after the restart
 
 
-def part_b(n: int, lab_name: str) -> LabResult:
+def backend_seen(maps: list[Any], vip: str, backend: str) -> bool:
+    """Does ``vip``'s frontend (read from the node's pinned maps, no agent involved) have
+    ``backend`` ("ip:port") among its backends: what a new connection would pick from."""
+    fe = maps[0].lookup(FrontendKey.make(vip, benchlib.SERVICE_PORT, "TCP"))
+    if fe is None:
+        return False
+    found = (maps[1].lookup(BackendKey(id=fe.id, ordinal=o)) for o in range(fe.count))
+    return any(b is not None and b.describe() == backend for b in found)
+
+
+def agent_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:"))
+
+
+def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
     from tabby.lab import processes
-    from tabby.lab.cluster import Lab
+    from tabby.lab.cluster import Lab, pin_root
 
     Lab.down(lab_name, progress=lambda _m: None)  # a leftover of an interrupted run
     lab = Lab.up(lab_name, nodes=1, progress=lambda m: console.print(f"  lab: {m}"))
@@ -277,19 +295,31 @@ def part_b(n: int, lab_name: str) -> LabResult:
             metrics.get("tabby_services", float("nan")),
         )
         assert result.frontends >= n, f"agent reports {result.frontends} frontends, expected {n}"
+        result.agent_rss_mb = agent_rss_mb(int(lab.agent_proc(NODE)["pid"]))
 
-        latencies = []
+        latencies, to_map, writes = [], [], []
         i = n // 2
         before = benchlib.agent_metrics(node.netns)
-        for rep in range(LAB_CHANGE_REPS):
-            addrs = [benchlib.backend_ip(n + 1000 + rep, 0)] + [
-                benchlib.backend_ip(i, j) for j in (1, 2)
-            ]
-            sl = benchlib.endpoint_slice(i, addrs, node=NODE)
-            t0 = time.monotonic()
-            rev = ds.apply([sl])
-            benchlib.wait_programmed(node.netns, rev, timeout_s=30)
-            latencies.append(time.monotonic() - t0)
+        maps = [s.open_pinned(pin_root(lab_name, NODE)) for s in (FRONTENDS_SPEC, BACKENDS_SPEC)]
+        try:
+            for rep in range(changes):
+                new = benchlib.backend_ip(n + 1000 + rep, 0)
+                addrs = [new] + [benchlib.backend_ip(i, j) for j in (1, 2)]
+                sl = benchlib.endpoint_slice(i, addrs, node=NODE)
+                t0 = time.monotonic()
+                rev = ds.apply([sl])
+                writes.append(time.monotonic() - t0)
+                # what a new connection reads, polled from here (no HTTP poll loading the agent)
+                deadline = t0 + 30
+                while not backend_seen(maps, benchlib.vip(i), f"{new}:{benchlib.TARGET_PORT}"):
+                    assert time.monotonic() < deadline, f"{new} never reached tby_nat_be"
+                    time.sleep(0.0002)
+                to_map.append(time.monotonic() - t0)
+                benchlib.wait_programmed(node.netns, rev, timeout_s=30)
+                latencies.append(time.monotonic() - t0)
+        finally:
+            for m in maps:
+                m.close()
         after = benchlib.agent_metrics(node.netns)
         for name, attr in (
             ("tabby_dataplane_apply_seconds", "change_dataplane_apply_s"),
@@ -299,6 +329,14 @@ def part_b(n: int, lab_name: str) -> LabResult:
             total = after[f"{name}_sum"] - before[f"{name}_sum"]
             setattr(result, attr, total / runs if runs else float("nan"))
         result.change_s = benchlib.spread(latencies)
+        result.change_map_s = benchlib.spread(to_map)
+        result.change_write_s = benchlib.spread(writes)
+        slow = [
+            (round(t * 1e3, 1), round(w * 1e3, 1))
+            for t, w in zip(to_map, writes, strict=True)
+            if t > 0.01
+        ]
+        console.print(f"  changes over 10 ms (to tby_nat_be, of which the write), ms: {slow}")
     finally:
         Lab.down(lab_name, progress=lambda m: console.print(f"  {m}"))
 
@@ -309,17 +347,22 @@ def part_b(n: int, lab_name: str) -> LabResult:
         "in-sync->last map write s",
         "NAT apply s",
         "frontends",
-        "1 change apply->programmed ms (p10-p90)",
+        "agent RSS MB",
+        "1 change apply->tby_nat_be ms (p10-p90, max)",
+        "1 change apply->/readyz ms (p10-p90)",
         "of which dataplane / NAT apply ms",
     ):
         table.add_column(col, justify="right")
-    c = result.change_s
+    c, m = result.change_s, result.change_map_s
     table.add_row(
         f"{result.store_s:.1f}",
         f"{result.restart_to_ready_s:.2f}",
         f"{result.nat_sync_from_insync_s:.3f}",
         f"{result.first_nat_apply_s:.3f}",
         f"{result.frontends:,.0f}",
+        f"{result.agent_rss_mb:.0f}",
+        f"{m['median'] * 1e3:.1f} ({m['p10'] * 1e3:.1f}-{m['p90'] * 1e3:.1f}, "
+        f"{m['max'] * 1e3:.1f})",
         f"{c['median'] * 1e3:.1f} ({c['p10'] * 1e3:.1f}-{c['p90'] * 1e3:.1f})",
         f"{result.change_dataplane_apply_s * 1e3:.1f} / {result.change_nat_apply_s * 1e3:.2f}",
     )
@@ -335,6 +378,7 @@ def main() -> int:
     parser.add_argument("--no-inprocess", action="store_true", help="part B only")
     parser.add_argument("--profile", action="store_true", help="cProfile the largest N of part A")
     parser.add_argument("--lab-name", default="bench")
+    parser.add_argument("--changes", type=int, default=LAB_CHANGE_REPS, help="part B changes")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("services_scale: needs root (BPF maps, the lab)", file=sys.stderr)
@@ -345,7 +389,7 @@ def main() -> int:
     if not args.no_inprocess:
         out["in_process"] = [asdict(r) for r in part_a(args.services, args.profile)]
     if not args.no_lab:
-        out["lab"] = asdict(part_b(args.lab_services, args.lab_name))
+        out["lab"] = asdict(part_b(args.lab_services, args.lab_name, args.changes))
     out["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     for section, data in out.items():
         benchlib.write_json(RESULTS, section, data)

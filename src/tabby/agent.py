@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +35,14 @@ from tabby.cni.ipam import BlockIPAM, IPAMError
 from tabby.dataplane.conntrack import GcStats
 from tabby.dataplane.node import NodeDataplane
 from tabby.datastore import open_datastore
-from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event, WatchHealth
+from tabby.datastore.api import (
+    Compacted,
+    Datastore,
+    DatastoreError,
+    Event,
+    StreamingList,
+    WatchHealth,
+)
 from tabby.datastore.typha import consistent
 from tabby.netlink import links
 from tabby.netlink.netns import setns_path
@@ -53,7 +61,11 @@ KINDS = (
     "BGPConfiguration",
     "BGPPeer",
 )
+SERVICE_KINDS = ("Service", "EndpointSlice")  # calc.services' inputs; compute() reads the rest
 RETRY_S = 1.0
+# Every manager re-checks what it programmed this often even if its input did not change
+# (Felix's routeRefreshInterval is 90 s): repairs what something else changed under us.
+RESYNC_S = 90.0
 DATASTORE_BACKOFF_S = (0.5, 10.0)  # first and longest wait between datastore attempts
 WATCH_HEALTH_S = 1.0  # how often a quiet watch is asked whether its stream is up
 BGP_SYNC_S = 1.0  # learnt routes -> the route map (a withdrawal shows within this)
@@ -248,6 +260,8 @@ class DataplaneWorker(threading.Thread):
         self.dataplane: NodeDataplane | None = None
         self.next_sweep = 0.0  # time.monotonic() of the next periodic conntrack sweep
         self.swept_after: object = None  # the NAT apply result the last sweep followed
+        self.applied: tuple[NodeState, int] | None = None  # the last state applied without error
+        self.next_resync = 0.0  # time.monotonic() of the next full re-check (RESYNC_S)
 
     def submit(self, state: NodeState, revision: int) -> None:
         self.inbox.put((state, revision))
@@ -274,15 +288,19 @@ class DataplaneWorker(threading.Thread):
         while not self.stopping.is_set():
             timeout = RETRY_S if pending else self._until_sweep()
             try:
-                pending = self.inbox.get(timeout=timeout)
+                pending = _newer(pending, self.inbox.get(timeout=timeout))
                 while True:  # coalesce a burst into its newest state
-                    pending = self.inbox.get_nowait()
+                    pending = _newer(pending, self.inbox.get_nowait())
             except queue.Empty:
                 pass
             if pending is not None:
                 state, revision = pending
                 if self._apply(state, revision):
                     pending = None
+                    self.applied = (state, revision)
+            elif self.applied is not None and time.monotonic() >= self.next_resync:
+                if not self._apply(*self.applied, full=True):
+                    pending = self.applied  # what it found broken is retried every RETRY_S
             self._sync_bgp()
             self._sweep_conntrack()
 
@@ -292,6 +310,8 @@ class DataplaneWorker(threading.Thread):
         if self.dataplane is None:
             return None
         due = self.next_sweep
+        if self.applied is not None:
+            due = min(due, self.next_resync)
         if self.bird_dir:
             due = min(due, self.next_bgp_sync)
         return max(0.0, due - time.monotonic())
@@ -310,13 +330,14 @@ class DataplaneWorker(threading.Thread):
             log.warning("BGP route sync: %s", "; ".join(errors))
 
     def _sweep_conntrack(self) -> None:
-        """Every CT_SWEEP_S, and at once after an apply that took backends out of a service
-        (its UDP flows must move on). On this thread only: never in the middle of an apply."""
+        """Every CT_SWEEP_S, and at once after an apply that took backends out of a service's
+        UDP port (its UDP flows must move on; TCP flows to a removed backend finish). On this
+        thread only: never in the middle of an apply."""
         dp = self.dataplane
         if dp is None:
             return
         nat = dp.last_nat
-        after_removal = nat.backends_removed and nat is not self.swept_after
+        after_removal = nat.udp_backends_removed and nat is not self.swept_after
         if not after_removal and time.monotonic() < self.next_sweep:
             return
         self.swept_after = nat
@@ -333,8 +354,11 @@ class DataplaneWorker(threading.Thread):
                 stats.kept, stats.expired, stats.stale_udp, stats.wall_s * 1e3,
             )  # fmt: skip
 
-    def _apply(self, state: NodeState, revision: int) -> bool:
+    def _apply(self, state: NodeState, revision: int, full: bool = False) -> bool:
+        """``full``: every manager re-checks its part even if its input did not change."""
         started = time.monotonic()
+        if full:
+            self.next_resync = started + RESYNC_S
         try:
             if self.dataplane is None:
                 with links.rtnl() as ipr:
@@ -343,7 +367,8 @@ class DataplaneWorker(threading.Thread):
                     self.pin_root, iface, state, self.cgroup, self.bird_dir
                 )
                 self.metrics.read_packets = self.dataplane.counters.read
-            result = self.dataplane.apply(state)
+                self.next_resync = started + RESYNC_S
+            result = self.dataplane.apply(state, full=full)
             errors, warnings = result.errors, result.warnings
             nat = self.dataplane.last_nat
             self.metrics.observe_nat(
@@ -355,9 +380,12 @@ class DataplaneWorker(threading.Thread):
             log.exception("apply failed")
             errors, warnings = [f"apply: {e}"], []
         self.metrics.apply_s.observe(time.monotonic() - started)
-        for w in warnings:
-            log.warning("%s", w)
         with self.status.lock:
+            # logged when they change, not on every apply (they stay on /readyz)
+            seen = set(self.status.warnings)
+            for w in warnings:
+                if w not in seen:
+                    log.warning("%s", w)
             self.status.errors, self.status.warnings = errors, warnings
             if not errors:
                 self.status.synced = True
@@ -419,6 +447,8 @@ class Agent:
         self.stop = threading.Event()
         self.resources: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
         self.services = ServiceIndex(node)  # incremental: one change recomputes one service
+        # compute()'s last result: reused while only Services and EndpointSlices change
+        self.base: NodeState | None = None
 
     def run(self) -> None:
         preflight.require()
@@ -472,25 +502,27 @@ class Agent:
 
     def _relist(self, ds: Datastore) -> int:
         fresh: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+        services = ServiceIndex(self.node)
         revision = ds.revision()
         for kind in KINDS:
+            if kind in SERVICE_KINDS:  # held by the index only, packed: streamed when possible
+                on = services.on_service if kind == "Service" else services.on_slice
+                stream = ds.iter_list(kind) if isinstance(ds, StreamingList) else ds.list(kind)[0]
+                for obj in stream:
+                    on(_key(obj), obj)
+                continue
             items, _ = ds.list(kind)
             for obj in items:
                 fresh[kind][_key(obj)] = obj
         self.resources = fresh
+        self.services = services
+        self.base = None
         # The cluster's objects live as long as the agent: move them out of the cyclic GC's
         # sight before calc allocates, or every collection walks them (a third of the time to
         # program 20,000 services, measured by bench/services_scale.py).
         gc.unfreeze()  # what an earlier relist froze may be garbage now
         gc.collect()
         gc.freeze()
-        self.services = ServiceIndex(self.node)
-        for kind, on in (
-            ("Service", self.services.on_service),
-            ("EndpointSlice", self.services.on_slice),
-        ):
-            for key, obj in fresh[kind].items():
-                on(key, obj)
         self.metrics.mark_in_sync()
         self._publish(revision)
         gc.freeze()  # and the calc results too
@@ -532,25 +564,41 @@ class Agent:
             return
         key = _key(ev.obj)
         current = None if ev.type == "DELETED" else ev.obj
+        if ev.kind == "Service":  # the index holds them: compute() reads neither
+            self.services.on_service(key, current)
+            return
+        if ev.kind == "EndpointSlice":
+            self.services.on_slice(key, current)
+            return
         if current is None:
             self.resources[ev.kind].pop(key, None)
         else:
             self.resources[ev.kind][key] = current
-        if ev.kind == "Service":
-            self.services.on_service(key, current)
-        elif ev.kind == "EndpointSlice":
-            self.services.on_slice(key, current)
+        self.base = None  # compute() reads every other kind
 
     def _publish(self, revision: int) -> None:
         with self.status.lock:
             self.status.seen_revision = revision
-        state = compute(self.resources, self.node, bgp=self.bgp)
-        if self.bgp:
-            state.bird = bird.render(self.resources, self.node)
-            if state.bird is not None:
-                state.warnings.extend(state.bird.warnings)
-        self.services.set_node_ip(state.node_ip, state.node_ip6)
-        self.worker.submit(with_services(state, self.services.results()), revision)
+        base = self.base
+        if base is None:
+            base = compute(self.resources, self.node, bgp=self.bgp)
+            if self.bgp:
+                base.bird = bird.render(self.resources, self.node)
+                if base.bird is not None:
+                    base.warnings.extend(base.bird.warnings)
+            self.base = base
+        self.services.set_node_ip(base.node_ip, base.node_ip6)
+        self.worker.submit(with_services(base, self.services), revision)
+
+
+def _newer(
+    pending: tuple[NodeState, int] | None, new: tuple[NodeState, int]
+) -> tuple[NodeState, int]:
+    """``new`` replaces a pending state (coalescing); its changed services then cover both."""
+    if pending is not None:
+        old, changed = pending[0].services_changed, new[0].services_changed
+        new[0].services_changed = None if old is None or changed is None else old | changed
+    return new
 
 
 def process_age_s() -> float:
@@ -563,4 +611,5 @@ def process_age_s() -> float:
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata", {})
-    return meta.get("namespace", "") or "", meta["name"]
+    # one string per namespace, not one per object: these keys live as long as the objects
+    return sys.intern(meta.get("namespace", "") or ""), meta["name"]

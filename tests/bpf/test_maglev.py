@@ -264,11 +264,11 @@ def test_over_the_cap_the_later_service_is_refused_with_a_warning(
         n = make_node(stack, bpf_dir, pin_root)
         cap = MaglevConfig(max_services=1)
         first = lb_service()
-        assert n.nat.apply(_desired(first), cap).warnings == []
+        assert n.nat.apply(_desired(first), maglev=cap).warnings == []
         second = service("zweb", externalIPs=["198.51.100.8"])
         second["metadata"]["annotations"] = {MAGLEV_ANNOTATION: "maglev"}  # type: ignore[index]
         second["spec"]["clusterIP"] = "100.64.0.11"  # type: ignore[index]
-        result = n.nat.apply(_desired(first, second), cap)
+        result = n.nat.apply(_desired(first, second), maglev=cap)
         assert not result.errors
         assert result.warnings == [
             f"default/zweb: over bpfMaglevMaxServices (1 Maglev tables of {M} slots): its "
@@ -278,7 +278,9 @@ def test_over_the_cap_the_later_service_is_refused_with_a_warning(
         flags = {k.describe(): v.flags for k, v in n.dp.map(FRONTENDS_SPEC).lookup_batch()}
         assert flags[f"{LB_IP}:80/TCP"] & NAT_MAGLEV
         assert not flags["198.51.100.8:80/TCP"] & NAT_MAGLEV
-        result = n.nat.apply(_desired(second), cap)  # the first goes: the second gets its place
+        result = n.nat.apply(
+            _desired(second), maglev=cap
+        )  # the first goes: the second gets its place
         assert result.warnings == [] and len(_table_in_map(n)) == M
         flags = {k.describe(): v.flags for k, v in n.dp.map(FRONTENDS_SPEC).lookup_batch()}
         assert flags["198.51.100.8:80/TCP"] & NAT_MAGLEV

@@ -17,7 +17,7 @@ from tabby.dataplane.conntrack import GcStats
 
 @dataclass
 class _Nat:
-    backends_removed: bool = False
+    udp_backends_removed: bool = False
 
 
 @dataclass
@@ -50,7 +50,7 @@ def test_sweeps_on_period_and_after_backend_removal(monkeypatch: Any) -> None:
     w._sweep_conntrack()
     assert dp.sweeps == 1
     assert w._until_sweep() == agent.CT_SWEEP_S / 2
-    dp.last_nat = _Nat(backends_removed=True)  # an apply took backends out
+    dp.last_nat = _Nat(udp_backends_removed=True)  # an apply took backends out of a UDP port
     w._sweep_conntrack()
     w._sweep_conntrack()  # the same apply result does not trigger twice
     assert dp.sweeps == 2

@@ -277,6 +277,7 @@ _proto("bpf_tc_detach", _int, ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts))
 _proto("bpf_tc_query", _int, ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts))
 _proto("bpf_link_create", _int, _int, _int, _int, ctypes.POINTER(_LinkCreateOpts))
 _proto("bpf_link_update", _int, _int, _int, ctypes.POINTER(_LinkUpdateOpts))
+_proto("bpf_link_detach", _int, _int)
 _proto("bpf_prog_test_run_opts", _int, _int, ctypes.POINTER(_TestRunOpts))
 _proto("libbpf_num_possible_cpus", _int)
 
@@ -688,6 +689,32 @@ def link_update(link_fd: int, new_prog_fd: int) -> None:
     """Atomically swap the program behind a link: no window without a program."""
     opts = _LinkUpdateOpts(ctypes.sizeof(_LinkUpdateOpts), 0, 0)
     _check(_lib.bpf_link_update(link_fd, new_prog_fd, ctypes.byref(opts)), "bpf_link_update")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link's program from its hook now (BPF_LINK_DETACH); the link stays, defunct.
+
+    Dropping a link's last reference (its pin) detaches too, but the kernel may release it
+    after the unlink returned: a packet right after could still meet the program."""
+    _check(_lib.bpf_link_detach(link_fd), "bpf_link_detach")
+
+
+def unpin_link(path: str) -> None:
+    """Detach the link pinned at ``path`` synchronously, then remove the pin (gone: nothing)."""
+    try:
+        fd = obj_get(path)
+    except FileNotFoundError:
+        return
+    try:
+        link_detach(fd)
+    except OSError:
+        pass  # not a link, or already defunct: removing the pin is all there is to do
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _tc_hook(ifindex: int, ingress: bool) -> _TcHook:

@@ -8,6 +8,7 @@ kernel routes the node needs for traffic its own stack originates or forwards.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tabby.calc import maglev, names, policy
 from tabby.calc.mtu import Encap
-from tabby.calc.services import ServiceNAT
+from tabby.calc.services import ServiceIndex, ServiceNAT
 
 if TYPE_CHECKING:
     from tabby.calc.bird import BirdConfig
@@ -103,6 +104,9 @@ class NodeState:
     maglev_max_endpoints: int = maglev.DEFAULT_MAX_ENDPOINTS
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
+    # the services whose NAT may differ from the previous state's; None: any (compare them all).
+    # A hint for the dataplane, not part of the state: left out of comparisons.
+    services_changed: frozenset[str] | None = field(default=None, compare=False)
     kube_proxy_healthz_port: int = 10256  # bpfKubeProxyHealthzPort; 0 = off
     kube_proxy_cleanup: bool = True  # bpfKubeProxyIptablesCleanupEnabled (Calico's default)
     vxlan_mtu: int = 0  # FelixConfiguration vxlanMTU; 0: the data interface's minus 50
@@ -304,14 +308,26 @@ def _ipv6_policy_warnings(
     return out
 
 
-def with_services(state: NodeState, services: dict[str, ServiceNAT]) -> NodeState:
-    """Adds the services' NAT (from calc.services.ServiceIndex) and the health checks they imply."""
-    state.services = services
-    for svc in services.values():
-        state.warnings.extend(svc.warnings)
-        if svc.health_check_port:
-            state.health_checks[svc.health_check_port] = HealthCheck(svc.key, svc.local_endpoints)
-    return state
+def with_services(base: NodeState, index: ServiceIndex) -> NodeState:
+    """A new state: ``base`` plus the index's NAT results and the health checks they imply.
+
+    ``base`` is left as it is: while only Services and EndpointSlices change, the agent reuses
+    it (and so the very same route, endpoint and policy dicts) and the dataplane skips every
+    manager but NAT. The work here is O(changed services): the index keeps the health checks
+    and warnings of the services that have some.
+    """
+    services = index.results()
+    warnings = list(base.warnings)
+    for name in sorted(index.warnings):
+        warnings.extend(index.warnings[name])
+    checks = {port: HealthCheck(name, local) for name, (port, local) in index.health_checks.items()}
+    return dataclasses.replace(
+        base,
+        services=services,
+        services_changed=index.changed,
+        warnings=warnings,
+        health_checks=checks,
+    )
 
 
 def _tunnel_address(block_spec: Obj, node: str) -> str | None:

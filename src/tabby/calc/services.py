@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tabby.calc.packed import pack, unpack
+
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
 
@@ -53,7 +55,7 @@ MAGLEV_ANNOTATION = "lb.projectcalico.org/external-traffic-strategy"
 Backend = tuple[str, int]  # (address, port)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 20,000 of each live in the agent
 class Frontend:
     addr: str
     port: int
@@ -65,7 +67,7 @@ class Frontend:
     kind: str = "ClusterIP"  # ClusterIP | NodePort | LoadBalancer | ExternalIP (for dumps)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceNAT:
     key: str  # "namespace/name"
     frontends: tuple[Frontend, ...]
@@ -305,17 +307,26 @@ class ServiceIndex:
 
     Every ``on_*`` call only records the object and marks its service dirty; ``results()``
     recomputes the dirty ones. Changing the node's address marks everything dirty (NodePorts).
+    Objects are kept packed (calc.packed: a tenth of the memory of decoded ones) and unpacked
+    only when their service is recomputed, so a streamed list never holds them all decoded.
     """
 
     def __init__(self, node: str) -> None:
         self.node = node
         self.node_ip: str | None = None
         self.node_ip6: str | None = None
-        self._services: dict[Key, Obj] = {}
-        self._slices: dict[Key, dict[str, Obj]] = {}  # service key -> slice name -> slice
+        self._services: dict[Key, bytes] = {}  # packed
+        self._slices: dict[Key, dict[str, bytes]] = {}  # service key -> slice name -> packed
         self._slice_owner: dict[Key, Key] = {}  # slice key -> service key
         self._results: dict[str, ServiceNAT] = {}
         self._dirty: set[Key] = set()
+        # what with_services needs of every result, kept here so a change does not walk them all
+        self.health_checks: dict[str, tuple[int, int]] = {}  # name -> (node port, local eps)
+        self.warnings: dict[str, tuple[str, ...]] = {}  # name -> warnings, services with some
+        # names the last results() recomputed or removed; None from a new index's first call: it
+        # cannot name what an earlier index had and it lacks (deleted while relisting)
+        self.changed: frozenset[str] | None = None
+        self._fresh = True
 
     def set_node_ip(self, node_ip: str | None, node_ip6: str | None = None) -> None:
         if (node_ip, node_ip6) != (self.node_ip, self.node_ip6):
@@ -326,7 +337,7 @@ class ServiceIndex:
         if obj is None:
             self._services.pop(key, None)
         else:
-            self._services[key] = obj
+            self._services[key] = pack(obj)
         self._dirty.add(key)
 
     def on_slice(self, key: Key, obj: Obj | None) -> None:
@@ -341,18 +352,34 @@ class ServiceIndex:
             return
         owner = (key[0], svc)
         self._slice_owner[key] = owner
-        self._slices.setdefault(owner, {})[key[1]] = obj
+        self._slices.setdefault(owner, {})[key[1]] = pack(obj)
         self._dirty.add(owner)
 
     def results(self) -> dict[str, ServiceNAT]:
-        """A fresh dict (safe to hand to another thread) sharing unchanged ServiceNAT objects."""
+        """A fresh dict (safe to hand to another thread) sharing unchanged ServiceNAT objects.
+
+        ``changed`` then names the services recomputed or removed by this call (a superset of
+        those whose ServiceNAT differs from the previous call's), or is None on a new index's
+        first call (compare everything: services deleted during a relist are in no index)."""
+        changed = []
         for key in self._dirty:
             name = f"{key[0]}/{key[1]}"
-            svc = self._services.get(key)
+            changed.append(name)
+            packed = self._services.get(key)
+            svc = unpack(packed) if packed is not None else None
+            self.health_checks.pop(name, None)
+            self.warnings.pop(name, None)
             if svc is None or not proxied(svc):
                 self._results.pop(name, None)
                 continue
-            slices = list(self._slices.get(key, {}).values())
-            self._results[name] = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
+            slices = [unpack(sl) for sl in self._slices.get(key, {}).values()]
+            nat = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
+            self._results[name] = nat
+            if nat.health_check_port:
+                self.health_checks[name] = (nat.health_check_port, nat.local_endpoints)
+            if nat.warnings:
+                self.warnings[name] = nat.warnings
         self._dirty.clear()
+        self.changed = None if self._fresh else frozenset(changed)
+        self._fresh = False
         return dict(self._results)

@@ -4,7 +4,8 @@ Two attach types, as Calico's ``bpfAttachType``:
 - ``TCX`` (default, kernel >= 6.6): a tcx link pinned at ``<pin root>/links/<ifname>@<in|eg>``.
   The pin is how we recognise the attachment as ours after a restart: the new agent opens it and
   swaps its program in with BPF_LINK_UPDATE, so traffic never runs unprotected between two
-  agents. Removing the pin (we hold no other fd) detaches the program.
+  agents. Detaching is BPF_LINK_DETACH then removing the pin: the program is off the hook when
+  the call returns (the kernel may free an unpinned link later, and a packet meet it meanwhile).
 - ``TC`` (older kernels): clsact + a cls_bpf filter with tabby's handle/priority. The attached
   program is also pinned at ``<pin root>/tc/<ifname>@<in|eg>`` as the record that the filter is
   ours; re-attaching replaces the filter in place.
@@ -60,12 +61,17 @@ class _PinDir:
         except FileNotFoundError:
             pass
 
+    def detach_link(self, ifname: str, direction: str) -> None:
+        """The pinned link's program off its hook before this returns, then the pin removed."""
+        libbpf.unpin_link(self.pin(ifname, direction))
+
 
 class AttachManager:
     def __init__(self, pin_root: str) -> None:
         self.links = _PinDir(os.path.join(pin_root, "links"))
         self.tc = _PinDir(os.path.join(pin_root, "tc"))
-        self.programmed: dict[tuple[str, str, str], int] = {}  # (type, ifname, dir) -> prog id
+        # (type, ifname, dir) -> (prog id, ifindex): a veth made again under its old name is new
+        self.programmed: dict[tuple[str, str, str], tuple[int, int]] = {}
 
     def apply(
         self, desired: list[Attachment], prog_fds: dict[str, int], attach_type: AttachType = "TCX"
@@ -83,7 +89,7 @@ class AttachManager:
                 errors.append(f"attach {a.program} to {a.ifname} {a.direction}: {e}")
         for ifname, direction in self.links.entries():
             if attach_type != "TCX" or (ifname, direction) not in wanted:
-                self.links.remove(ifname, direction)
+                self.links.detach_link(ifname, direction)
                 self.programmed.pop(("TCX", ifname, direction), None)
                 log.info("detached tcx %s %s", ifname, direction)
         for ifname, direction in self.tc.entries():
@@ -95,7 +101,7 @@ class AttachManager:
         ifindex = socket.if_nametoindex(a.ifname)  # this thread's netns: the node's
         prog_id = libbpf.prog_info(prog_fd)[0]
         key = ("TCX", a.ifname, a.direction)
-        if self.programmed.get(key) == prog_id:
+        if self.programmed.get(key) == (prog_id, ifindex):
             return
         pin = self.links.pin(a.ifname, a.direction)
         if os.path.exists(pin):
@@ -105,7 +111,7 @@ class AttachManager:
                 if linked_ifindex == ifindex:
                     if linked_prog != prog_id:
                         libbpf.link_update(fd, prog_fd)  # adopt: swap the program, no gap
-                    self.programmed[key] = prog_id
+                    self.programmed[key] = (prog_id, ifindex)
                     return
             finally:
                 os.close(fd)
@@ -115,7 +121,7 @@ class AttachManager:
             libbpf.obj_pin(fd, pin)
         finally:
             os.close(fd)
-        self.programmed[key] = prog_id
+        self.programmed[key] = (prog_id, ifindex)
         log.info("attached %s to %s %s (tcx)", a.program, a.ifname, a.direction)
 
     def _ensure_tc(self, a: Attachment, prog_fd: int) -> None:
@@ -124,7 +130,7 @@ class AttachManager:
         key = ("TC", a.ifname, a.direction)
         ingress = a.direction == "in"
         if (
-            self.programmed.get(key) == prog_id
+            self.programmed.get(key) == (prog_id, ifindex)
             and libbpf.tc_query(ifindex, ingress, TC_HANDLE, TC_PRIORITY) == prog_id
         ):
             return
@@ -132,7 +138,7 @@ class AttachManager:
         pin = self.tc.pin(a.ifname, a.direction)
         self.tc.remove(a.ifname, a.direction)
         libbpf.obj_pin(prog_fd, pin)
-        self.programmed[key] = prog_id
+        self.programmed[key] = (prog_id, ifindex)
         log.info("attached %s to %s %s (clsact)", a.program, a.ifname, a.direction)
 
     def _detach_tc(self, ifname: str, direction: str) -> None:

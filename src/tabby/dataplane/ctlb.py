@@ -13,7 +13,7 @@ Invariants:
   never on a hierarchy's root group (libbpf.cgroup_attach refuses it);
 - each hook is a cgroup bpf_link pinned at ``<pin root>/ctlb/<hook>`` (not under ``links/``, which
   AttachManager sweeps). After a restart the pin is adopted and its program swapped in with
-  BPF_LINK_UPDATE: sockets are never left untranslated between two agents. Removing the pin
+  BPF_LINK_UPDATE: sockets are never left untranslated between two agents. BPF_LINK_DETACH + unpin
   detaches; a pin whose group is gone (defunct link) or is another group is replaced;
 - a UDP socket connected through connect4 to a backend that has since left its frontend is
   destroyed (the application gets ECONNABORTED and reconnects onto a live backend): whenever a
@@ -124,7 +124,7 @@ class CtlbManager:
         log.info("ctlb: attached %s to %s (%s)", HOOKS[hook][0], cgroup_path, hook)
 
     def _detach(self, hook: str) -> None:
-        _unlink(self._pin(hook))  # we hold no other fd: the link goes, the program detaches
+        libbpf.unpin_link(self._pin(hook))  # detached now, not when the kernel frees the link
         self.programmed.pop(hook, None)
         log.info("ctlb: detached %s", hook)
 

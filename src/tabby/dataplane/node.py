@@ -4,6 +4,13 @@
 namespace. Order matters (Felix's sequencer, simplified): the tunnel device exists before
 programs attach to it and before kernel routes point at it; BPF routes exist before the
 programs that read them see traffic for a new endpoint.
+
+Incremental: each manager's inputs (the parts of the state it reads, plus the kernel facts it
+depends on: interface indexes, the data interface's MTU, the loaded objects) are remembered
+after it applied them without error, and a manager whose inputs are equal is skipped; NAT is
+handed the services that changed. So one endpoint change costs the NAT writes of one service,
+not a re-check of links, routes and hooks. A manager that left errors runs again on the next
+apply; ``full=True`` (the agent's periodic resync) runs them all.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tabby import preflight
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
@@ -30,6 +40,7 @@ from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
 from tabby.calc.bird import BirdConfig
 from tabby.calc.nodestate import RT_REMOTE_WL, NodeState, Route
+from tabby.calc.services import ServiceNAT
 from tabby.dataplane.attach import AttachManager, Attachment
 from tabby.dataplane.bird import BirdError, BirdManager
 from tabby.dataplane.conntrack import ConntrackGC, GcStats
@@ -100,6 +111,7 @@ class NodeDataplane:
         self.kube_proxy_cleaned = False  # once per start (and again if the setting comes back)
         self.wireguard: tuple[bool, str] | None = None  # preflight.wireguard_support(), cached
         self.tcx_supported = preflight.kernel_version() >= preflight.TCX_KERNEL
+        self.inputs: dict[str, Any] = {}  # manager -> the inputs it last applied without error
         for knob, value in _node_sysctls(data_iface).items():
             links.write_sysctl(knob, value)
 
@@ -114,34 +126,56 @@ class NodeDataplane:
         self.objects = _load(self.pin_root, key)
         self.loaded_for = key
         self.attach.programmed.clear()
+        self.inputs.clear()  # new programs: every hook is attached again
         old.close()
 
-    def apply(self, state: NodeState) -> ApplyResult:
+    def _run(self, manager: str, inputs: Hashable | object, full: bool) -> bool:
+        """Is ``manager`` to run: its inputs differ from the last ones it applied cleanly?"""
+        if full or self.inputs.get(manager, _NEVER) != inputs:
+            self.inputs.pop(manager, None)
+            return True
+        return False
+
+    def _ran(self, manager: str, inputs: object, errors: list[str]) -> list[str]:
+        if not errors:
+            self.inputs[manager] = inputs
+        return errors
+
+    def apply(self, state: NodeState, full: bool = False) -> ApplyResult:
+        """Everything ``state`` asks for; managers whose inputs did not change are skipped
+        unless ``full``."""
         warnings = list(state.warnings)
         self._reload_if_needed(state)
-        errors = self.tunnel.apply(
-            state.needs_vxlan, state.vni, state.vxlan_port, state.tunnel_ip, state.vxlan_mtu
-        )
+        errors: list[str] = []
+        load = self.loaded_for
+        vxlan = (state.needs_vxlan, state.vni, state.vxlan_port, state.tunnel_ip, state.vxlan_mtu)
+        tunnel = (vxlan, load.data_mtu, load.data_ifindex)
+        tunnel_ran = self._run("tunnel", tunnel, full)
+        if tunnel_ran:
+            errors += self._ran("tunnel", tunnel, self.tunnel.apply(*vxlan))
         if state.wireguard:
             warnings.append(self._wireguard_refusal())
         if self.bird is not None:
             self.bird_config = state.bird
             errors += self.bird.apply(state.bird)
-        self.desired_routes = dict(state.routes)
-        errors += self.sync_learned_routes()
+        self.desired_routes = state.routes
+        errors += self.sync_learned_routes(full)
         # services before the programs that read them are attached to new interfaces
-        self.last_nat = self.nat.apply(state.services, _maglev_config(state))
+        hint = None if full else state.services_changed
+        self.last_nat = self.nat.apply(state.services, hint, _maglev_config(state))
         errors += self.last_nat.errors
         warnings += self.last_nat.warnings
-        services6 = {k: svc.ipv6 for k, svc in state.services.items() if svc.ipv6 is not None}
-        errors += self.nat6.apply(services6).errors
+        errors += self._apply_nat6(state.services, hint)
         # policies before the programs see a new endpoint (Felix's order)
-        self.last_policy = self.policy.apply(state.policies)
-        errors += self.last_policy.errors
+        if self._run("policy", state.policies, full):
+            self.last_policy = self.policy.apply(state.policies)
+            errors += self._ran("policy", state.policies, self.last_policy.errors)
+        else:
+            self.last_policy = PolicyApplyResult()
         # IPv6: the pods' own addresses before the programs judge their packets
-        errors += self.workloads6.apply(
-            {ep.ip6: ifname for ifname, ep in state.endpoints.items() if ep.ip6}
-        )
+        wl6 = {ep.ip6: ifname for ifname, ep in state.endpoints.items() if ep.ip6}
+        if self._run("workloads6", wl6, full):
+            errors += self._ran("workloads6", wl6, self.workloads6.apply(wl6))
         if state.node_ip6 and not self.ipv6_forwarding:  # as Felix with IPv6 support
             links.write_sysctl("net/ipv6/conf/all/forwarding", "1")
             self.ipv6_forwarding = True
@@ -152,9 +186,18 @@ class NodeDataplane:
         if attach_type == "TCX" and not self.tcx_supported:
             attach_type = "TC"
             warnings.append("bpfAttachType TCX needs kernel >= 6.6: using TC (clsact) instead")
-        errors += self.attach.apply(self._attachments(state), self.objects.prog_fds(), attach_type)
-        errors += self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip, state.ipip_mtu)
-        errors += self._apply_ctlb(state, warnings)
+        wanted = self._attachments(state)
+        # interface indexes: a pod's veth made again under the same name needs its programs
+        hooks = (tuple(wanted), attach_type, tuple(_ifindex(a.ifname) for a in wanted))
+        if self._run("attach", hooks, full):
+            found = self.attach.apply(wanted, self.objects.prog_fds(), attach_type)
+            errors += self._ran("attach", hooks, found)
+        # the tunnel device made again takes its routes with it
+        kroutes = (state.kernel_routes, state.tunnel_ip, state.ipip_mtu, load.data_mtu)
+        if self._run("kernel_routes", kroutes, full or tunnel_ran):
+            found = self.kernel_routes.apply(state.kernel_routes, state.tunnel_ip, state.ipip_mtu)
+            errors += self._ran("kernel_routes", kroutes, found)
+        errors += self._apply_ctlb(state, warnings, full)
         if not errors:  # tabby serves every service now: kube-proxy's leftovers can go
             warnings += self._clean_kube_proxy(state)
         # Last, so /healthz says whether everything above is programmed. A port we cannot bind
@@ -189,7 +232,7 @@ class NodeDataplane:
         self.kube_proxy_cleaned = True
         return []
 
-    def sync_learned_routes(self) -> list[str]:
+    def sync_learned_routes(self, full: bool = False) -> list[str]:
         """The route map: the state's routes plus what BGP learnt (called after each apply and
         periodically, as BGP changes without a datastore event)."""
         routes = dict(self.desired_routes)
@@ -207,7 +250,26 @@ class NodeDataplane:
             for cidr, next_hop in self.learned.items():
                 if cidr not in routes:
                     routes[cidr] = Route(cidr, RT_REMOTE_WL, next_hop=next_hop)
-        return errors + self.routes.apply(routes)
+        # a local workload's entry carries its veth's index: a veth made again changes it
+        inputs = (routes, tuple(_ifindex(r.ifname) for r in routes.values() if r.ifname))
+        if self._run("routes", inputs, full):
+            errors += self._ran("routes", inputs, self.routes.apply(routes))
+        return errors
+
+    def _apply_nat6(
+        self, services: Mapping[str, ServiceNAT], hint: frozenset[str] | None
+    ) -> list[str]:
+        """IPv6 ClusterIPs: looked at only when a changed service has (or had) an IPv6 part, so
+        an IPv4-only change stays O(changed)."""
+        nat6 = self.nat6
+        if (
+            hint is not None
+            and not nat6.needs_rescan
+            and not any(k in nat6.services or getattr(services.get(k), "ipv6", None) for k in hint)
+        ):
+            return []
+        services6 = {k: svc.ipv6 for k, svc in services.items() if svc.ipv6 is not None}
+        return nat6.apply(services6, hint).errors
 
     def _wireguard_refusal(self) -> str:
         """One line for /readyz: wireguardEnabled is not honoured (probed once, for real)."""
@@ -220,15 +282,20 @@ class NodeDataplane:
             why = f"WireGuard is not available on this node ({detail})"
         return f"wireguardEnabled: {why}: pod traffic is NOT encrypted"
 
-    def _apply_ctlb(self, state: NodeState, warnings: list[str]) -> list[str]:
+    def _apply_ctlb(self, state: NodeState, warnings: list[str], full: bool) -> list[str]:
         """Connect-time LB hooks per bpfConnectTimeLoadBalancing, then (the NAT maps being
         programmed by now) destroy connected UDP sockets whose backend left."""
         mode = state.ctlb_mode if state.bpf_enabled else "Disabled"
         if self.cgroup is None and mode != "Disabled":
             warnings.append("no --cgroup given: connect-time load balancing is off")
-        errors = self.ctlb.apply(self.cgroup, mode, self.objects.prog_fds())
+        errors: list[str] = []
+        hooks = (self.cgroup, mode)  # a reload of the objects clears every input
+        if self._run("ctlb", hooks, full):
+            errors += self._ran(
+                "ctlb", hooks, self.ctlb.apply(self.cgroup, mode, self.objects.prog_fds())
+            )
         errors += self.ctlb.reap_stale_udp(
-            self.cgroup, self.objects.prog_fd(REAPER), self.last_nat.backends_removed
+            self.cgroup, self.objects.prog_fd(REAPER), self.last_nat.udp_backends_removed
         )
         return errors
 
@@ -267,6 +334,15 @@ class NodeDataplane:
 
 
 LOG_LEVELS = {"Off": 0, "Info": 1, "Debug": 2}
+_NEVER = object()  # no input applied yet
+
+
+def _ifindex(ifname: str) -> int:
+    """The interface's index in this thread's netns (one syscall, no netlink dump); 0: absent."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return 0
 
 
 def _node_sysctls(data_iface: str) -> dict[str, str]:
@@ -304,9 +380,9 @@ def _maglev_config(state: NodeState) -> MaglevConfig:
 
 
 def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
-    with links.rtnl() as ipr:
-        index = links.ifindex(ipr, data_iface) or 0
-        mtu = links.link_mtu(ipr, data_iface) or 1500
+    # on every apply: two ioctl-sized calls, not a netlink dump of every link
+    index = _ifindex(data_iface)
+    mtu = (links.mtu_of(data_iface) if index else None) or 1500
     return _LoadKey(
         state.node_ip,
         state.vni,

@@ -94,6 +94,17 @@ class Datastore(Protocol):
 
 
 @runtime_checkable
+class StreamingList(Protocol):
+    """A datastore that hands a kind's objects over one at a time, decoded as they are read: a
+    reader that keeps a compact form of each (the agent's service index) never holds the whole
+    decoded list (20,000 Services and slices decoded at once are ~150 MB)."""
+
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        """Every object of ``kind`` in one consistent read, in list() order."""
+        ...
+
+
+@runtime_checkable
 class WatchHealth(Protocol):
     """A datastore whose watch retries a lost connection by itself (etcd, Kubernetes API) says
     while it does: the agent reports not-ready then, long before the watch gives up."""

@@ -256,6 +256,18 @@ class EmbeddedDatastore:
             rows = db.execute(query + " ORDER BY namespace, name", args).fetchall()
             return [json.loads(r[0]) for r in rows], self._revision()
 
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        """list(kind) one object at a time (StreamingList): rows are fetched in batches and
+        decoded as they are handed over, within one read transaction."""
+        k = lookup(kind)
+        with self._read() as db:
+            cursor = db.execute(
+                "SELECT body FROM objects WHERE kind=? ORDER BY namespace, name", (k.name,)
+            )
+            while rows := cursor.fetchmany(WATCH_BATCH):
+                for (body,) in rows:
+                    yield json.loads(body)
+
     def get(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
         with self._read() as db:
             return _Txn(db).get(_key(lookup(kind), name, namespace))

@@ -23,6 +23,8 @@ TARGET_P99 = 1.1  # connect+first-byte p99 <= 1.1x plain routing's
 TARGET_PROGRAM_S = 1.0  # 20,000 services x 3 endpoints from scratch
 TARGET_CHANGE_MS = 10.0  # one endpoint change, p99
 TARGET_RSS_MB = 150.0
+TARGET_NODEPORT_RATIO = 0.9  # NodePort (DSR) conn/s >= 0.9x the external client's plain routing
+TARGET_NODEPORT_GBPS = 0.95  # ... and throughput >= 0.95x
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
@@ -145,7 +147,24 @@ def targets(rows: list[dict[str, Any]], per_size: list[dict[str, Any]]) -> list[
                 f"<= {TARGET_P99}x",
                 p99 <= TARGET_P99,
             )
+    r = row(big, "nodeport-dsr")
+    ratio = r["ratio"]["median"] if r and r["ratio"] else None
+    add(
+        f"nodeport-dsr conn/s vs nodeport-plain at N={big:,}",
+        ratio,
+        f">= {TARGET_NODEPORT_RATIO}x",
+        None if ratio is None else ratio >= TARGET_NODEPORT_RATIO,
+    )
     last = next((s for s in per_size if s["services"] == big), None)
+    gbps = (last or {}).get("iperf_gbps") or {}
+    dsr, plain = gbps.get("nodeport-dsr"), gbps.get("nodeport-plain")
+    tput = dsr / plain if dsr is not None and plain else None
+    add(
+        f"nodeport-dsr iperf3 vs nodeport-plain at N={big:,}",
+        tput,
+        f">= {TARGET_NODEPORT_GBPS}x",
+        None if tput is None else tput >= TARGET_NODEPORT_GBPS,
+    )
     if last:
         prog = last["program_s"].get("tabby")
         add(

@@ -18,10 +18,13 @@ time: connect + first response byte, p01/p50/p90/p99); then one-change latency, 
 the first and last N, iperf3. CPU per connection is whole-machine busy time from /proc/stat over
 the cell, minus the load generator's and the server's own process time.
 
-NodePort rows (external client -> NodePort -> remote backend; Tunnel and DSR) belong to the
-external-traffic work: add their paths to ``EXTERNAL_PATHS`` with a ``Target`` resolver and a
-denominator (external client -> backend by plain routing); the loop, the report and the plots
-take any path listed in ``PATH_FAMILY``.
+- external (the same lab, from its external client 203.0.113.x behind the fabric's router):
+  ``nodeport-plain`` (the client reaches the nginx pod's own address, routed by the fabric
+  router to node2: no NAT, the denominator), ``nodeport-tunnel`` and ``nodeport-dsr`` (node1's
+  address and Service ``web``'s NodePort, ``bpfExternalServiceMode`` Tunnel / DSR, switched
+  live before the path's cells). Each path has its own client source address, so no flow of
+  one path ever reuses the tuple of another's closed flow (the backend's node keeps ext-tunnel
+  conntrack entries keyed by the client's tuple). Ratios are to ``nodeport-plain``.
 
 Invariant: everything the run creates (the lab, the baseline namespaces, iperf3 servers) is
 removed in ``run``'s ``finally``, also on Ctrl-C and SIGTERM; a leftover of an interrupted run
@@ -47,21 +50,31 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, BackendKey, FrontendKey
 from tabby.lab import baselines, processes, state, traffic
 from tabby.lab.baselines import Baselines
-from tabby.lab.cluster import HEALTH_PORT, Lab
+from tabby.lab.cluster import HEALTH_PORT, Lab, pin_root
 from tabby.lab.kubeproxy_rules import KubeServicePort
 from tabby.netlink.netns import enter_netns
 
 KERNEL_PATHS = ("plain", "iptables-legacy", "iptables-nft", "nftables")
 TABBY_PATHS = ("tabby-direct", "tabby-nat", "tabby-ctlb")
-EXTERNAL_PATHS: tuple[str, ...] = ()  # NodePort rows: the external-traffic issue adds them
+EXTERNAL_PATHS = ("nodeport-plain", "nodeport-tunnel", "nodeport-dsr")
 ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + EXTERNAL_PATHS
 PATH_FAMILY = {
     **{p: "kernel" for p in KERNEL_PATHS},
     **{p: "tabby" for p in TABBY_PATHS},
+    **{p: "external" for p in EXTERNAL_PATHS},
 }
-DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct"}
+DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct", "external": "nodeport-plain"}
+EXT_MODES = {"nodeport-tunnel": "Tunnel", "nodeport-dsr": "DSR"}
+# one client address per external path (added to the external namespace's link)
+EXT_SOURCES = {
+    "nodeport-plain": "203.0.113.21",
+    "nodeport-tunnel": "203.0.113.22",
+    "nodeport-dsr": "203.0.113.23",
+}
+WEB_NODEPORT, IPERF_NODEPORT = 30080, 30201
 FULL_SIZES = (1, 1000, 5000, 10000, 20000)
 QUICK_SIZES = (1, 1000)
 ENDPOINTS = 3
@@ -90,9 +103,10 @@ class BenchConfig:
     iperf_seconds: float = 5.0
     inflight: int = 32
     changes: int = 10  # one-change latency samples per N
-    paths: tuple[str, ...] = KERNEL_PATHS + TABBY_PATHS
+    paths: tuple[str, ...] = ALL_PATHS
     name: str = "tbench"
     connload: str = ""
+    ext_settle_s: float = 2.0  # after a bpfExternalServiceMode switch, before the next cell
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchConfig:
@@ -103,6 +117,7 @@ class BenchConfig:
             "latency_seconds": 1.0,
             "iperf_seconds": 1.0,
             "changes": 3,
+            "ext_settle_s": 0.0,  # a smoke test: no figure is read
         }
         base.update(kw)
         return cls(**base)
@@ -218,11 +233,13 @@ def run_connload(
     seconds: float,
     inflight: int,
     cgroup: str | None = None,
+    source: str | None = None,
 ) -> dict[str, float]:
-    """connload inside ``netns`` on CPU 0 (in ``cgroup`` when given: connect-time LB sees it)."""
+    """connload inside ``netns`` on CPU 0 (in ``cgroup`` when given: connect-time LB sees it;
+    from ``source`` when given)."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", binary]
     argv += ["-a", target, "-p", str(port), "-c", str(inflight), "-t", str(seconds)]
-    argv += ["-n", "2000000"]
+    argv += ["-n", "2000000", *(["-b", source] if source else [])]
 
     done = _run_client(argv, seconds, cgroup)
     if done.returncode != 0:
@@ -250,10 +267,20 @@ def _run_client(
     )
 
 
-def run_iperf(netns: str, target: str, seconds: float, cgroup: str | None = None) -> float:
-    """One iperf3 stream from ``netns`` (CPU 0) to ``target``; received Gbit/s."""
+def run_iperf(
+    netns: str,
+    target: str,
+    seconds: float,
+    cgroup: str | None = None,
+    port: int = IPERF_PORT,
+    source: str | None = None,
+    reverse: bool = False,
+) -> float:
+    """One iperf3 stream from ``netns`` (CPU 0) to ``target`` (``reverse``: the server sends);
+    received Gbit/s."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", "iperf3", "-J"]
-    argv += ["-c", target, "-p", str(IPERF_PORT), "-t", str(seconds)]
+    argv += ["-c", target, "-p", str(port), "-t", str(seconds), *(["-B", source] if source else [])]
+    argv += ["-R"] if reverse else []
 
     done = _run_client(argv, seconds, cgroup)
     try:
@@ -340,8 +367,42 @@ def wait_programmed(netns: str, revision: int, timeout_s: float = 30.0) -> None:
 # ---------------------------------------------------------------------- synthetic services
 
 
+class NatView:
+    """A node's pinned tby_nat_fe / tby_nat_be, read from this process (no agent involved)."""
+
+    def __init__(self, pin_root: str) -> None:
+        self.fe = FRONTENDS_SPEC.open_pinned(pin_root)
+        self.be = BACKENDS_SPEC.open_pinned(pin_root)
+
+    def __enter__(self) -> NatView:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.fe.close()
+        self.be.close()
+
+    def backends(self, vip: str, port: int) -> set[str]:
+        fe = self.fe.lookup(FrontendKey.make(vip, port, "TCP"))
+        if fe is None:
+            return set()
+        found = (self.be.lookup(BackendKey(id=fe.id, ordinal=o)) for o in range(fe.count))
+        return {b.describe() for b in found if b is not None}
+
+    def wait_backend(self, vip: str, port: int, backend: str, timeout_s: float = 30.0) -> None:
+        """Until ``backend`` ("ip:port") is one of ``vip:port``'s; polled every ~0.2 ms."""
+        deadline = time.monotonic() + timeout_s
+        while backend not in self.backends(vip, port):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{vip}:{port} never got backend {backend}")
+            time.sleep(0.0002)
+
+
+def syn_vip(i: int) -> str:
+    return str(ipaddress.IPv4Address(SYN_VIP_BASE + i))
+
+
 def syn_service(i: int) -> dict[str, Any]:
-    vip = str(ipaddress.IPv4Address(SYN_VIP_BASE + i))
+    vip = syn_vip(i)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -385,17 +446,34 @@ def syn_slice(i: int, generation: int = 0) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the tabby side
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a path's client runs and what it connects to."""
+
+    netns: str
+    ip: str
+    port: int
+    cgroup: str | None = None  # the client runs in it (connect-time LB)
+    source: str | None = None  # the client binds to it
+    iperf_port: int = IPERF_PORT
+    # iperf3 -R: the server sends. External paths measure downloads, the direction DSR changes
+    # (a NodePort's client mostly receives); their denominator is measured the same way.
+    iperf_reverse: bool = False
+
+
 class TabbySide:
-    """The two-node lab: client pods on node1, nginx (+ iperf3) on node2, Service ``web``."""
+    """The two-node lab: client pods on node1, nginx (+ iperf3) on node2, Service ``web``
+    (NodePort), and the lab's external client for the NodePort paths."""
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.stored = 1  # services in the datastore: web
         self.split_before: dict[str, float] = {}
         self.extra_procs: list[dict[str, Any]] = []
+        self.ext_mode = "Tunnel"  # the lab's bpfExternalServiceMode
 
     @classmethod
-    def up(cls, name: str, progress: Progress) -> TabbySide:
+    def up(cls, name: str, progress: Progress, external: bool = False) -> TabbySide:
         lab = Lab.up(name, nodes=2, progress=lambda m: progress(f"lab: {m}"))
         self = cls(lab)
         for pod in CLIENT_PODS.values():
@@ -406,15 +484,23 @@ class TabbySide:
             "kind": "Service",
             "metadata": {"name": "web", "namespace": "default"},
             "spec": {
+                "type": "NodePort",
                 "clusterIP": WEB_VIP,
                 "selector": {"app": "web"},
                 "ports": [
-                    {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"},
+                    {
+                        "name": "http",
+                        "port": 80,
+                        "targetPort": 80,
+                        "protocol": "TCP",
+                        "nodePort": WEB_NODEPORT,
+                    },
                     {
                         "name": "iperf",
                         "port": IPERF_PORT,
                         "targetPort": IPERF_PORT,
                         "protocol": "TCP",
+                        "nodePort": IPERF_NODEPORT,
                     },
                 ],
             },
@@ -431,7 +517,40 @@ class TabbySide:
         log = os.path.join(state.lab_dir(name), "iperf3-web.log")
         argv = ["taskset", "-c", "1", "iperf3", "-s", "-p", str(IPERF_PORT)]
         self.extra_procs.append(processes.spawn(argv, "bench iperf3", log, netns=web_pod["netns"]))
+        if external:
+            self._external_client(web_pod["ip"])
         return self
+
+    def _external_client(self, web_ip: str) -> None:
+        """The external namespace gets one address per NodePort path and the client sysctls;
+        the fabric's router a route to the nginx pod through node2 (nodeport-plain). All of it
+        inside the lab's namespaces, removed with them."""
+        plan = self.lab.plan
+        for src in EXT_SOURCES.values():
+            subprocess.run(
+                ["ip", "-n", plan.external_netns, "addr", "add", f"{src}/24", "dev", "eth0"],
+                check=True,
+            )
+        sysctls_in(plan.external_netns, CLIENT_SYSCTLS)
+        node2 = plan.node("node2").ip
+        subprocess.run(
+            ["ip", "-n", plan.fabric_netns, "route", "replace", f"{web_ip}/32", "via", node2],
+            check=True,
+        )
+
+    def set_ext_mode(self, mode: str, settle_s: float) -> None:
+        """bpfExternalServiceMode, live (both agents reload their programs), if it differs."""
+        if mode == self.ext_mode:
+            return
+        self.lab.datastore().patch(
+            "FelixConfiguration", "default", None, {"spec": {"bpfExternalServiceMode": mode}}
+        )
+        self.lab.wait_ready(timeout_s=120)
+        self.ext_mode = mode
+        # both agents just reloaded their programs (the verifier, the first applies): let that
+        # work finish before a cell measures (two NodePort cells gave 0.4x in a run without it;
+        # not shown to be the cause)
+        time.sleep(settle_s)
 
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -447,14 +566,20 @@ class TabbySide:
             time.sleep(0.1)
         raise BenchError("Service web: the lab's controller wrote no endpoint")
 
-    def target(self, path: str) -> tuple[str, str, int, str | None]:
-        """(client netns, address, port, cgroup) of a tabby path."""
+    def target(self, path: str) -> Target:
+        """Where a tabby or external path's client runs and what it connects to."""
+        if PATH_FAMILY[path] == "external":
+            ext, src = self.lab.plan.external_netns, EXT_SOURCES[path]
+            if path == "nodeport-plain":
+                return Target(ext, self.lab.pod("web")["ip"], 80, source=src, iperf_reverse=True)
+            node1 = self.lab.plan.node("node1").ip
+            return Target(ext, node1, WEB_NODEPORT, None, src, IPERF_NODEPORT, iperf_reverse=True)
         client = self.lab.pod(CLIENT_PODS[path])
         if path == "tabby-direct":
-            return client["netns"], self.lab.pod("web")["ip"], 80, None
+            return Target(client["netns"], self.lab.pod("web")["ip"], 80)
         if path == "tabby-nat":
-            return client["netns"], WEB_VIP, 80, None
-        return client["netns"], WEB_VIP, 80, client["cgroup"]
+            return Target(client["netns"], WEB_VIP, 80)
+        return Target(client["netns"], WEB_VIP, 80, cgroup=client["cgroup"])
 
     def server_pids(self) -> list[int]:
         pids = []
@@ -482,22 +607,30 @@ class TabbySide:
         self.lab.wait_ready(timeout_s=600)
         return agent_metric(node.netns, "tabby_nat_sync_from_insync_seconds")
 
-    def change_latency_ms(self, changes: int, generation0: int) -> list[float]:
-        """A synthetic slice (or web's own when alone) changes one endpoint; datastore write ->
-        node1 programmed that revision, ms."""
+    def change_latency_ms(self, changes: int, generation0: int) -> dict[str, list[float]]:
+        """A synthetic slice (or web's own when alone) changes one endpoint, ms from the
+        datastore write: ``tabby`` until node1's ``tby_nat_be`` holds the new backend under the
+        service's frontend (what a new connection reads; polled from this process, which
+        perturbs the agent less than HTTP polls), ``tabby-readyz`` until node1's /readyz
+        reports that revision (the whole apply done)."""
         node = self.lab.plan.node("node1")
-        out = []
+        out: dict[str, list[float]] = {"tabby": [], "tabby-readyz": []}
         self.split_before = self._split_metrics()
-        for k in range(changes):
-            i = max(0, (self.stored - 1) // 2)
-            gen = generation0 + k + 1
-            objs = [syn_slice(i, gen)]
-            if self.stored <= 1:
-                objs = [syn_service(i), *objs]  # N=1: the changed service is not the measured one
-            started = time.monotonic()
-            revision = self.lab.datastore().apply(objs)
-            wait_programmed(node.netns, revision)
-            out.append((time.monotonic() - started) * 1000)
+        with NatView(pin_root(self.lab.name, "node1")) as nat:
+            for k in range(changes):
+                i = max(0, (self.stored - 1) // 2)
+                gen = generation0 + k + 1
+                objs = [syn_slice(i, gen)]
+                if self.stored <= 1:
+                    objs = [syn_service(i), *objs]  # N=1: not the measured service
+                new = objs[-1]["endpoints"][0]["addresses"][0]
+                vip = syn_vip(i)
+                started = time.monotonic()
+                revision = self.lab.datastore().apply(objs)
+                nat.wait_backend(vip, 80, f"{new}:8080")
+                out["tabby"].append((time.monotonic() - started) * 1000)
+                wait_programmed(node.netns, revision)
+                out["tabby-readyz"].append((time.monotonic() - started) * 1000)
         return out
 
     def _split_metrics(self) -> dict[str, float]:
@@ -613,8 +746,9 @@ class Runner:
                     self.progress(f"baselines: {', '.join(kernel_paths)} ({prefix}-*)")
                     self.kernel = Baselines.up(prefix, kernel_paths)
                     self._start_kernel_iperf()
-                if any(PATH_FAMILY[p] == "tabby" for p in cfg.paths):
-                    self.tabby = TabbySide.up(cfg.name, self.progress)
+                if any(PATH_FAMILY[p] != "kernel" for p in cfg.paths):
+                    external = any(PATH_FAMILY[p] == "external" for p in cfg.paths)
+                    self.tabby = TabbySide.up(cfg.name, self.progress, external)
                 for n in cfg.sizes:
                     size = self._program(n)
                     self._smoke(n)
@@ -698,12 +832,12 @@ class Runner:
             self.progress(f"N={n:,} tabby: programmed in {took} s (agent restart)")
         return size
 
-    def _target(self, path: str) -> tuple[str, str, int, str | None]:
+    def _target(self, path: str) -> Target:
         if PATH_FAMILY[path] == "kernel":
             assert self.kernel is not None
             measured = self.kube_services[:-1]  # the http port list
             ip, port = self.kernel.target(path, measured)
-            return self.kernel.plans[path].client_netns, ip, port, None
+            return Target(self.kernel.plans[path].client_netns, ip, port)
         assert self.tabby is not None
         return self.tabby.target(path)
 
@@ -711,6 +845,9 @@ class Runner:
         if PATH_FAMILY[path] == "kernel":
             assert self.kernel is not None
             self.kernel.prepare_run(path)
+        elif path in EXT_MODES:
+            assert self.tabby is not None
+            self.tabby.set_ext_mode(EXT_MODES[path], self.cfg.ext_settle_s)
 
     def _server_pids(self, path: str) -> list[int]:
         if PATH_FAMILY[path] == "kernel":
@@ -723,10 +860,10 @@ class Runner:
         """Every path answers before anything is measured (a broken path stops the run)."""
         for path in self.paths:
             self._prepare(path)
-            netns, ip, port, cg = self._target(path)
-            out = run_connload(self.cfg.connload, netns, ip, port, 0.3, 1, cg)
+            t = self._target(path)
+            out = run_connload(self.cfg.connload, t.netns, t.ip, t.port, 0.3, 1, t.cgroup, t.source)
             if out["conns"] < 1 or any(v for k, v in out.items() if k.startswith("err_")):
-                raise BenchError(f"N={n}: {path} does not answer at {ip}:{port}: {out}")
+                raise BenchError(f"N={n}: {path} does not answer at {t.ip}:{t.port}: {out}")
 
     def _repetition(self, n: int, rep: int) -> list[Cell]:
         paths = self.paths
@@ -748,13 +885,15 @@ class Runner:
     def _cell(self, n: int, rep: int, path: str, kind: str) -> Cell:
         cfg = self.cfg
         self._prepare(path)
-        netns, ip, port, cg = self._target(path)
+        t = self._target(path)
         seconds, inflight = (
             (cfg.seconds, cfg.inflight) if kind == "rate" else (cfg.latency_seconds, 1)
         )
         servers = self._server_pids(path)
         srv0, gen0, cpu0 = proc_cpu_s(servers), children_cpu_s(), cpu_times()
-        out = run_connload(cfg.connload, netns, ip, port, seconds, inflight, cg)
+        out = run_connload(
+            cfg.connload, t.netns, t.ip, t.port, seconds, inflight, t.cgroup, t.source
+        )
         cpu1, gen1, srv1 = cpu_times(), children_cpu_s(), proc_cpu_s(servers)
         hz = os.sysconf("SC_CLK_TCK")
         busy_s = sum(b1 - b0 for (b0, _), (b1, _) in zip(cpu0, cpu1, strict=True)) / hz
@@ -784,7 +923,7 @@ class Runner:
     def _once_per_size(self, size: SizeResult, iperf: bool) -> None:
         cfg = self.cfg
         if self.tabby is not None:
-            size.change_ms["tabby"] = self.tabby.change_latency_ms(cfg.changes, self.generation)
+            size.change_ms.update(self.tabby.change_latency_ms(cfg.changes, self.generation))
             size.change_split_ms = self.tabby.change_split_ms()
             self.generation += cfg.changes
             size.agent_rss_mb = self.tabby.agent_rss_mb()
@@ -799,10 +938,17 @@ class Runner:
         if iperf:
             for path in self.paths:
                 self._prepare(path)
-                netns, ip, _port, cg = self._target(path)
-                if path == "plain":
-                    ip = self.kube_services[-1].endpoints[0][0]
-                size.iperf_gbps[path] = run_iperf(netns, ip, cfg.iperf_seconds, cg)
+                t = self._target(path)
+                ip = self.kube_services[-1].endpoints[0][0] if path == "plain" else t.ip
+                size.iperf_gbps[path] = run_iperf(
+                    t.netns,
+                    ip,
+                    cfg.iperf_seconds,
+                    t.cgroup,
+                    t.iperf_port,
+                    t.source,
+                    t.iperf_reverse,
+                )
                 gbps = size.iperf_gbps[path]
                 self.progress(f"N={size.services:,} {path}: iperf3 {gbps:.1f} Gbit/s")
 

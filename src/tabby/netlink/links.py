@@ -6,8 +6,10 @@ an IPRoute socket is opened after the switch, never carried across namespaces.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +36,19 @@ def rtnl() -> Iterator[IPRoute]:
 def ifindex(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return int(found[0]) if found else None
+
+
+SIOCGIFMTU = 0x8921  # linux/sockios.h
+
+
+def mtu_of(name: str) -> int | None:
+    """The interface's MTU in the calling thread's netns (one ioctl, no netlink dump)."""
+    req = struct.pack("16si", name.encode()[:15], 0)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int(struct.unpack("16si", fcntl.ioctl(s, SIOCGIFMTU, req))[1])
+    except OSError:
+        return None
 
 
 def link_attr(ipr: IPRoute, index: int, attr: str) -> object:

@@ -1,0 +1,120 @@
+"""The agent's incremental calc: a Service or EndpointSlice event reuses the rest of the state.
+
+compute() (nodes, pods, pools, blocks, policies...) runs again only when one of its kinds
+changed; a service change hands the dataplane the same route/endpoint/policy objects (so its
+managers skip) and names the services that changed (so NAT looks at those only). Coalesced states
+keep the union of their changed services.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabby import agent
+from tabby.calc.nodestate import NodeState
+from tabby.datastore.api import Event
+
+NODE = "node1"
+
+
+def _obj(kind: str, name: str, namespace: str = "", **body: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"kind": kind, "metadata": meta, **body}
+
+
+def _cluster() -> list[dict[str, Any]]:
+    return [
+        _obj(
+            "Node", NODE, status={"addresses": [{"type": "InternalIP", "address": "172.20.32.2"}]}
+        ),
+        _obj(
+            "Node",
+            "node2",
+            status={"addresses": [{"type": "InternalIP", "address": "172.20.64.2"}]},
+        ),
+        _obj("IPPool", "pool", spec={"cidr": "100.96.0.0/11", "vxlanMode": "Always"}),
+        _obj(
+            "IPAMBlock",
+            "b2",
+            spec={"cidr": "100.96.1.0/26", "affinity": "host:node2", "allocations": {}},
+        ),
+        _obj(
+            "Pod",
+            "web",
+            "default",
+            spec={"nodeName": NODE},
+            status={"podIP": "100.96.0.5"},
+            labels={"app": "web"},
+        ),
+    ]
+
+
+def _service(i: int, addrs: list[str]) -> list[dict[str, Any]]:
+    port = {"name": "http", "port": 80, "protocol": "TCP"}
+    svc = _obj(
+        "Service", f"s{i}", "default", spec={"clusterIP": f"100.64.0.{i + 10}", "ports": [port]}
+    )
+    sl = _obj("EndpointSlice", f"s{i}-1", "default", addressType="IPv4")
+    sl["metadata"]["labels"] = {"kubernetes.io/service-name": f"s{i}"}
+    sl["ports"] = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    sl["endpoints"] = [{"addresses": [a]} for a in addrs]
+    return [svc, sl]
+
+
+def _agent() -> tuple[agent.Agent, list[tuple[NodeState, int]]]:
+    """An agent whose worker only records what it is handed (nothing is programmed here)."""
+    a = agent.Agent(NODE, "sqlite:////nonexistent/store.db", None, "/nonexistent")
+    submitted: list[tuple[NodeState, int]] = []
+    a.worker.submit = lambda state, rev: submitted.append((state, rev))  # type: ignore[method-assign]
+    return a, submitted
+
+
+def _feed(a: agent.Agent, objs: list[dict[str, Any]], revision: int, kind: str = "ADDED") -> None:
+    for obj in objs:
+        a._on_event(Event(kind, obj["kind"], obj, revision))  # type: ignore[arg-type]
+    a._publish(revision)
+
+
+def test_a_service_change_reuses_everything_else() -> None:
+    a, got = _agent()
+    _feed(a, _cluster() + _service(1, ["100.96.1.2"]) + _service(2, ["100.96.1.3"]), 1)
+    first, _ = got[-1]
+    assert first.services_changed is None, "a new index: NAT compares every service"
+    assert "100.96.1.0/26" in first.routes and set(first.services) == {"default/s1", "default/s2"}
+
+    _feed(a, _service(1, ["100.96.1.9"])[1:], 2, "MODIFIED")  # one endpoint replaced
+    second, rev = got[-1]
+    assert rev == 2 and second.services_changed == {"default/s1"}
+    for part in ("routes", "endpoints", "kernel_routes", "policies"):
+        assert getattr(second, part) is getattr(first, part), part  # the managers skip
+    assert second.services["default/s2"] is first.services["default/s2"]
+    fe = second.services["default/s1"].backend_sets
+    assert list(fe.values()) == [(("100.96.1.9", 8080),)]
+    assert first.services["default/s1"] is not second.services["default/s1"]
+
+
+def test_any_other_kind_computes_the_state_again() -> None:
+    a, got = _agent()
+    _feed(a, _cluster() + _service(1, ["100.96.1.2"]), 1)
+    first, _ = got[-1]
+    pod = _obj("Pod", "db", "default", spec={"nodeName": NODE}, status={"podIP": "100.96.0.6"})
+    _feed(a, [pod], 2)
+    second, _ = got[-1]
+    assert second.routes is not first.routes and "100.96.0.6/32" in second.routes
+    assert second.services_changed == frozenset()  # no service changed: NAT looks at none
+    assert second.services["default/s1"] is first.services["default/s1"]
+
+
+def test_coalesced_states_keep_every_changed_service() -> None:
+    a, got = _agent()
+    _feed(a, _cluster() + _service(1, ["100.96.1.2"]) + _service(2, ["100.96.1.3"]), 1)
+    _feed(a, _service(1, ["100.96.1.4"])[1:], 2, "MODIFIED")
+    _feed(a, _service(2, ["100.96.1.5"])[1:], 3, "MODIFIED")
+    pending = agent._newer(None, got[1])
+    pending = agent._newer(pending, got[2])
+    assert pending[1] == 3 and pending[0].services_changed == {"default/s1", "default/s2"}
+    unknown = (got[0][0], 1)
+    unknown[0].services_changed = None  # "compare everything" wins over any list
+    assert agent._newer(unknown, got[2])[0].services_changed is None
