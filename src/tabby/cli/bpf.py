@@ -531,6 +531,9 @@ def read_policy(store_url: str, pod: str, lab: str, pin_root: str | None) -> Row
                 PolicyFlags.ISO_OUT if ep.egress.isolated else 0
             )
             ok = value is not None and value.flags == int(want_flags)
+            if ep.ip6:  # a dual-stack pod: its IPv6 address shares the set (tby_pol_ep6)
+                value6 = maps.endpoint(ep.ip6)
+                ok = ok and value6 is not None and value6.set == value.set  # type: ignore[union-attr]
             if value is not None and ok:
                 have: dict[int, set[tuple[Any, ...]]] = {DIR_IN: set(), DIR_OUT: set()}
                 for k in maps.peer_keys():
