@@ -253,3 +253,20 @@ def test_icmpv6_packet_too_big_about_an_admitted_flow_passes(node: Node) -> None
     other = IPv6(src=SERVER, dst=CLIENT) / TCP(sport=8080, dport=40999, flags="A")
     ptb = frame(ROUTER, SERVER, ICMPv6PacketTooBig(mtu=1280) / raw(other))
     assert node.run("tby_to_wl", ptb)[0] == TC_ACT_SHOT, "about no admitted flow"
+
+
+def test_ipv6_endpoint_follows_the_ipv4_one_through_change_restart_and_removal(node: Node) -> None:
+    node.program(SERVER_FROM_CLIENT_8080)
+    first = node.maps.endpoint(SERVER)
+    assert first is not None and first.set == node.maps.endpoint(SERVER4).set
+    # an agent restart adopts the pinned entries: both addresses are rewritten under a new set
+    node.manager = PolicyManager(node.maps)
+    node.program(SERVER_FROM_CLIENT_8080)
+    again = node.maps.endpoint(SERVER)
+    assert again is not None and again.set == node.maps.endpoint(SERVER4).set != first.set
+    assert {k.set // 2 for k in node.maps.peer_keys()} == {again.set}, "old set swept"
+    assert node.run("tby_to_wl", frame(CLIENT, SERVER, syn(40010, 8080)))[0] == TC_ACT_OK
+    node.program()  # no policy any more: not isolated, no entry either family
+    assert node.maps.endpoint(SERVER) is None and node.maps.endpoint(SERVER4) is None
+    assert node.maps.peer_keys() == []
+    assert node.run("tby_to_wl", frame(REMOTE, SERVER, syn(40011, 81)))[0] == TC_ACT_OK
