@@ -52,6 +52,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-ipv6-cluster.
 POOL6 = ipaddress.ip_network("fd7a:b1e:96::/48")
 SERVICE6 = ipaddress.ip_network("fd7a:b1e:64::/108")  # the example's serviceClusterIPRange
 BIG = 20 << 20
+NETPOL_CASES = Path(__file__).parent / "netpol" / "cases.json"
 
 
 @pytest.fixture(scope="module")
@@ -519,3 +520,33 @@ def test_network_policy_over_ipv6_default_deny_allow_ip_block_egress_and_replies
                 ds.delete("NetworkPolicy", name, "default")
         lab.wait_ready()
     assert tcp_ok(p2, p1["ip6"]) and tcp_ok(p1, p2["ip6"]), "open again"
+
+
+MATRIX_CASES6 = (
+    "deny-all-ingress-x",
+    "ingress-from-pod-b-any-ns",
+    "ingress-named-udp",
+    "egress-to-namespace-y",
+    "replies-pass-reverse-denied",
+    "ingress-ipblock-except",
+    "egress-ipblock-one-pod",
+    "update-policy",
+)
+
+
+def test_netpol_matrix_cases_over_ipv6_pod_addresses(lab, pods):
+    """A handful of the 49 reachability cases (tests/fv/netpol/cases.json) probed on the x/y/z
+    pods' IPv6 addresses (the harness's --via pod6; ipBlock templates become IPv6 prefixes)."""
+    from tabby.lab import netpol
+
+    cases = [c for c in netpol.load_cases(str(NETPOL_CASES)) if c["id"] in MATRIX_CASES6]
+    assert len(cases) == len(MATRIX_CASES6)
+    h = netpol.Harness(lab, "pod6", progress=lambda _m: None)
+    h.setup()
+    try:
+        assert all(p["ip6"] for p in h.pods.values()), "dual-stack model pods"
+        results = netpol.run_cases(h, cases, lambda _line: None)
+    finally:
+        h.teardown()
+    failed = [r for r in results if r.status != "passed"]
+    assert not failed, "\n".join(netpol.render(r) for r in failed)
