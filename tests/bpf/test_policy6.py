@@ -42,6 +42,7 @@ pytestmark = pytest.mark.root
 SERVER4, SERVER = "100.96.0.5", "fd00:96::5"  # x/server, local
 CLIENT4, CLIENT = "100.96.0.9", "fd00:96::9"  # x/client, local
 REMOTE4, REMOTE = "100.96.0.70", "fd00:96::46"  # y/remote, another node
+ONLY6 = "fd00:96::20"  # x/only6, local, IPv6-only
 OUTSIDER = "2001:db8::7"  # no pod
 ROUTER = "fd00:20:1::1"
 
@@ -80,10 +81,13 @@ class Node:
         self.ct6 = dp.map(POL_CT6_SPEC)
 
     def program(self, *policies: dict[str, Any]) -> None:
+        only6 = pod("x", "only6", "", ONLY6, "n1", {"app": "only6"})
+        only6["status"] = {"podIP": ONLY6, "podIPs": [{"ip": ONLY6}], "phase": "Running"}
         objs = [
             pod("x", "server", SERVER4, SERVER, "n1", {"app": "server"}),
             pod("x", "client", CLIENT4, CLIENT, "n1", {"app": "client"}),
             pod("y", "remote", REMOTE4, REMOTE, "n2", {"app": "remote"}),
+            only6,
             {"kind": "Namespace", "metadata": {"name": "x", "labels": {"ns": "x"}}},
             {"kind": "Namespace", "metadata": {"name": "y", "labels": {"ns": "y"}}},
             *policies,
@@ -270,3 +274,16 @@ def test_ipv6_endpoint_follows_the_ipv4_one_through_change_restart_and_removal(n
     assert node.maps.endpoint(SERVER) is None and node.maps.endpoint(SERVER4) is None
     assert node.maps.peer_keys() == []
     assert node.run("tby_to_wl", frame(REMOTE, SERVER, syn(40011, 81)))[0] == TC_ACT_OK
+
+
+def test_an_ipv6_only_pod_is_its_own_endpoint_and_survives_a_restart(node: Node) -> None:
+    deny = netpol("deny", podSelector={"matchLabels": {"app": "only6"}})
+    node.program(deny)
+    assert node.maps.endpoint(ONLY6) is not None
+    node.manager = PolicyManager(node.maps)  # agent restart: adopted, rewritten, swept
+    node.program(deny)
+    assert node.maps.endpoint(ONLY6) is not None, "kept: still desired"
+    verdict, delta = node.run("tby_to_wl", frame(CLIENT, ONLY6, syn(40020, 8080)))
+    assert (verdict, delta.get(Reason.DROP_POL6_IN)) == (TC_ACT_SHOT, 1)
+    node.program()
+    assert node.maps.endpoint(ONLY6) is None

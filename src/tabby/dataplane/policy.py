@@ -126,7 +126,8 @@ class PolicyManager:
                 res.errors.append(f"policy of {addr}: {e}")
             res.removed += 1
         if self.adopted6:
-            live6 = {p.ip6 for p in self.programmed.values()}
+            # IPv6 addresses in use: dual-stack pods' ip6, IPv6-only pods' own keys
+            live6 = {p.ip6 for p in self.programmed.values()} | set(self.programmed)
             for addr in sorted(self.adopted6 - live6):
                 self._delete_endpoint(addr)
                 res.writes += 1
