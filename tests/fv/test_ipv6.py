@@ -447,7 +447,8 @@ def test_network_policy_over_ipv6_default_deny_allow_ip_block_egress_and_replies
     out; an ipBlock /128 of p3's IPv6 address lets p3 in over IPv6 only. An egress deny on p1
     leaves the replies of admitted connections alone (stateful) but stops p1's own flows; a
     connection admitted before the allowing policy goes away keeps going, a new one is refused.
-    ND keeps working throughout (p1 answers through its gateway)."""
+    ND keeps working throughout (p1 answers through its gateway); node1's own stack (kubelet)
+    reaches p1 over IPv6 while a pod of node1 cannot."""
     import socket
 
     p1, p2, p3 = pods["p1"], pods["p2"], pods["p3"]
@@ -480,6 +481,9 @@ def test_network_policy_over_ipv6_default_deny_allow_ip_block_egress_and_replies
         lab.wait_ready()
         assert not tcp_ok(p2, p1["ip6"]) and not udp_ok(p2, p1["ip6"])
         assert not tcp_ok(p2, p1["ip"]), "IPv4 denied too"
+        node1 = {"netns": lab.plan.node("node1").netns}  # its own stack: kubelet's probes
+        assert tcp_ok(node1, p1["ip6"]) and udp_ok(node1, p1["ip6"]), "the node reaches its pod"
+        assert not tcp_ok(pods["q1"], p1["ip6"]), "a pod of the same node does not"
         mid = counters(lab, "node1")
         assert counter_delta(before, mid, Reason.DROP_POL6_IN) >= 2
 

@@ -35,6 +35,7 @@
 
 #define POL6_L4_OFF (ETH_HLEN + sizeof(struct ipv6hdr))
 #define POL6_ICMPV6 58
+#define POL6_AF_INET6 10
 
 struct pol6_flow {
 	struct tby_ct6_key key; /* ports 0 when has_ports is 0 */
@@ -177,6 +178,25 @@ static __always_inline int pol6_icmp_related(struct __sk_buff *skb, const struct
 }
 
 /*
+ * Traffic this node's own stack sends to its pods is always admitted (kubelet
+ * probes), as on IPv4. A packet a local socket sent still carries it at the
+ * veth's TC egress; forwarded packets (other pods, other nodes, NodePort
+ * clients) were orphaned when they entered this netns's IPv6 stack
+ * (ipv6_rcv), and leaving a pod's netns scrubs them too.
+ */
+static __always_inline int pol6_from_own_host(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk, *full;
+
+	if (!sk || sk->family != POL6_AF_INET6)
+		return 0;
+	full = bpf_sk_fullsock(sk);
+	/* request / timewait sockets belong to real connections; a full socket
+	 * without a transport protocol is BPF_PROG_TEST_RUN's stand-in */
+	return !full || full->protocol != 0;
+}
+
+/*
  * The policy of the local pod (the source: dir OUT, the destination: dir IN)
  * for an IPv6 packet, cached in tby_pol_ct6 as pol_judge() does in tby_ct.
  */
@@ -223,7 +243,8 @@ static __always_inline enum pol_result pol6_judge(struct __sk_buff *skb, __u32 d
 		}
 	}
 	ok = !(ep->flags & (dir == POL_DIR_OUT ? TBY_POL_ISO_OUT : TBY_POL_ISO_IN)) ||
-	     pol6_allows(ep, dir, &f, peer);
+	     pol6_allows(ep, dir, &f, peer) ||
+	     (dir == POL_DIR_IN && pol6_from_own_host(skb));
 	if (!ok) {
 		if (v)
 			v->pol &= ~self;
