@@ -451,6 +451,10 @@ def test_network_policy_over_ipv6_default_deny_allow_ip_block_egress_and_replies
     reaches p1 over IPv6 while a pod of node1 cannot."""
     import socket
 
+    from typer.testing import CliRunner
+
+    from tabby.cli.main import app as tabbyctl
+
     p1, p2, p3 = pods["p1"], pods["p2"], pods["p3"]
     ds = lab.datastore()
     names = ("p1-deny", "p1-from-p2", "p1-from-p3-v6", "p1-no-egress")
@@ -491,6 +495,10 @@ def test_network_policy_over_ipv6_default_deny_allow_ip_block_egress_and_replies
         lab.wait_ready()
         assert tcp_ok(p2, p1["ip6"]) and udp_ok(p2, p1["ip6"]) and tcp_ok(p2, p1["ip"])
         assert not tcp_ok(p3, p1["ip6"]), "p3 is not selected"
+        run = CliRunner().invoke(tabbyctl, ["bpf", "policy", "dump", "p1", "--lab", lab.name])
+        assert run.exit_code == 0, run.output
+        assert f"({p1['ip']}, {p1['ip6']})" in run.output and ": programmed" in run.output
+        assert f"pod default/p2 ({p2['ip6']})" in run.output, "the IPv6 peer, named"
         # a connection admitted now, held open across the next policy changes
         held = traffic.in_netns(
             p2["netns"], lambda: socket.create_connection((p1["ip6"], 8080), timeout=2.0)

@@ -557,7 +557,8 @@ def read_policy(store_url: str, pod: str, lab: str, pin_root: str | None) -> Row
 def policy_text(row: Row) -> str:
     state = "programmed" if row["programmed"] else "NOT (yet) programmed as computed"
     set_words = f", policy set {row['set']}" if row.get("set") else ""
-    lines = [f"pod {row['pod']} ({row['ip']}) on {row['node']}: {state}{set_words}"]
+    addrs = f"{row['ip']}, {row['ip6']}" if row.get("ip6") else row["ip"]
+    lines = [f"pod {row['pod']} ({addrs}) on {row['node']}: {state}{set_words}"]
     for d, verb in (("ingress", "from"), ("egress", "to")):
         info = row[d]
         if not info["isolated"]:
