@@ -287,3 +287,44 @@ def test_an_ipv6_only_pod_is_its_own_endpoint_and_survives_a_restart(node: Node)
     assert (verdict, delta.get(Reason.DROP_POL6_IN)) == (TC_ACT_SHOT, 1)
     node.program()
     assert node.maps.endpoint(ONLY6) is None
+
+
+def test_an_ipv6_nodeport_to_an_isolated_pod_is_judged_on_the_translated_tuple(
+    node: Node, datapath: DatapathObjects
+) -> None:
+    """from-host DNATs (and, no route here, SNATs to the node) -> to-workload judges the pod's
+    ingress on node -> pod; the pod's reply passes its egress deny (a reply of that flow) before
+    nat6 translates it back to nodePort -> client: the order keeps tby_ct6 working."""
+    from test_nat6 import CLIENT6, NODE_IP6, NODEPORT, service
+
+    from tabby.bpf.maps.nat import BACKENDS6_SPEC, FRONTENDS6_SPEC
+    from tabby.calc.services import service_nat
+    from tabby.dataplane.nat import NatManager
+
+    nat6 = NatManager(datapath.map(FRONTENDS6_SPEC), datapath.map(BACKENDS6_SPEC), None, family=6)
+    svc, slices = service((SERVER,))
+    nat = service_nat(svc, slices, "node1", P.NODE_IP, NODE_IP6)
+    assert nat.ipv6 is not None and not nat6.apply({nat.key: nat.ipv6}).errors
+    from_node = netpol(
+        "server-from-node",
+        podSelector={"matchLabels": {"app": "server"}},
+        policyTypes=["Ingress", "Egress"],
+        ingress=[{"from": [{"ipBlock": {"cidr": f"{NODE_IP6}/128"}}]}],
+    )
+    node.program(from_node)
+    first = frame(CLIENT6, NODE_IP6, TCP(sport=50000, dport=NODEPORT, flags="S"))
+    verdict, out, delta = node.runner.run("tby_from_host", first)
+    assert verdict == TC_ACT_OK and delta.get(Reason.NAT6_NEW) == 1
+    dnat = Ether(out)
+    assert (dnat[IPv6].src, dnat[IPv6].dst) == (NODE_IP6, SERVER)
+    verdict, delta = node.run("tby_to_wl", out)
+    assert (verdict, delta.get(Reason.POL6_NEW)) == (TC_ACT_OK, 1), "the node's /128 admits"
+    reply = frame(SERVER, NODE_IP6, TCP(sport=8080, dport=50000, flags="SA"))
+    verdict, back, delta = node.runner.run("tby_from_wl", reply)
+    assert verdict == TC_ACT_OK and delta.get(Reason.NAT6) == 1, "egress deny: a reply passes"
+    back_pkt = Ether(back)
+    assert (back_pkt[IPv6].src, back_pkt[TCP].sport) == (NODE_IP6, NODEPORT)
+    assert (back_pkt[IPv6].dst, back_pkt[TCP].dport) == (CLIENT6, 50000)
+    # the server opening a flow of its own to the client is still its egress's to judge
+    verdict, delta = node.run("tby_from_wl", frame(SERVER, CLIENT6, syn(8080, 50001)))
+    assert (verdict, delta.get(Reason.DROP_POL6_OUT)) == (TC_ACT_SHOT, 1)
