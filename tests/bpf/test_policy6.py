@@ -328,3 +328,24 @@ def test_an_ipv6_nodeport_to_an_isolated_pod_is_judged_on_the_translated_tuple(
     # the server opening a flow of its own to the client is still its egress's to judge
     verdict, delta = node.run("tby_from_wl", frame(SERVER, CLIENT6, syn(8080, 50001)))
     assert (verdict, delta.get(Reason.DROP_POL6_OUT)) == (TC_ACT_SHOT, 1)
+
+
+def test_an_idle_cached_flow_expires_by_the_conntrack_timeouts(node: Node) -> None:
+    allow_udp = netpol(
+        "server-udp",
+        podSelector={"matchLabels": {"app": "server"}},
+        ingress=[{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}],
+    )
+    node.program(allow_udp)
+    dgram = frame(CLIENT, SERVER, UDP(sport=5000, dport=53))
+    assert node.run("tby_to_wl", dgram)[0] == TC_ACT_OK
+    node.program(netpol("deny", podSelector={}))
+    assert node.run("tby_to_wl", dgram)[0] == TC_ACT_OK, "cached: the flow keeps going"
+    key = Ct6Key(sport=5000, dport=53, proto=17)
+    key.src[:] = ipaddress.IPv6Address(CLIENT).packed
+    key.dst[:] = ipaddress.IPv6Address(SERVER).packed
+    entry = node.ct6.lookup(key)
+    entry.seen_ns = 0  # idle for longer than UDP's 60 s
+    node.ct6.update(key, entry)
+    verdict, delta = node.run("tby_to_wl", dgram)
+    assert (verdict, delta.get(Reason.DROP_POL6_IN)) == (TC_ACT_SHOT, 1), "judged again"
