@@ -48,7 +48,7 @@ import benchlib
 from scapy.all import IP, TCP, Ether, raw
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps.policy import ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC, PolicyMaps
+from tabby.bpf.maps.policy import SPECS, PolicyMaps
 from tabby.bpf.maps.routes import RouteValue
 from tabby.bpf.objects import PIN_BASE, DatapathConfig, DatapathObjects
 from tabby.calc import policy as calc
@@ -259,7 +259,7 @@ def main() -> int:
     with bench_pins("policy") as root:
         dp = DatapathObjects(root, DatapathConfig.build(vni=4096, host_ip="172.20.32.10"))
         with dp:
-            maps = PolicyMaps(*(dp.map(s) for s in (ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC)))
+            maps = PolicyMaps(*(dp.map(s) for s in SPECS))
             mgr = PolicyManager(maps)
             t0 = time.perf_counter()
             applied = mgr.apply(desired)
@@ -281,9 +281,7 @@ def main() -> int:
             assert entries(maps)[0] == len(desired)
 
             t0 = time.perf_counter()
-            again = PolicyManager(
-                PolicyMaps(*(dp.map(s) for s in (ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC)))
-            )
+            again = PolicyManager(PolicyMaps(*(dp.map(s) for s in SPECS)))
             restarted = again.apply(calc.compute(res, NODE))
             restart_s = time.perf_counter() - t0
             assert not restarted.errors and entries(maps)[1] == peers

@@ -3,7 +3,7 @@
  * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
  * sends. parse -> anti-spoofing -> conntrack / service NAT -> egress policy
  * on the translated packet -> let the node's kernel forward. IPv6: anti-spoofing
- * (tby_wl6) and IPv6 NodePort replies (nat6.h) only; no IPv6 policy yet.
+ * (tby_wl6) -> egress policy (policy6.h) -> IPv6 NodePort replies (nat6.h).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -19,6 +19,7 @@
 #include "tabby/nat6.h"
 #include "tabby/parse.h"
 #include "tabby/policy.h"
+#include "tabby/policy6.h"
 
 /* The source must be a local workload route on the very veth it came in. */
 static __always_inline int wl_source_ok(struct __sk_buff *skb, __be32 saddr)
@@ -58,11 +59,14 @@ int tby_from_wl(struct __sk_buff *skb)
 	switch (parse_packet(skb, &pkt)) {
 	case PARSE_IPV4:
 		break;
-	case PARSE_IPV6: /* replies of IPv6 NodePort flows (nat6.h); else untouched */
+	case PARSE_IPV6: /* egress policy, replies of IPv6 NodePort flows (nat6.h) */
 		if (!wl6_source_ok(skb)) {
 			counter_inc(TBY_R_DROP_SPOOF);
 			return TC_ACT_SHOT;
 		}
+		/* before nat6 rewrites a NodePort reply: the tuple the ingress saw */
+		if (pol6_egress(skb) == POL_DROP)
+			return TC_ACT_SHOT;
 		if (nat6_from_workload(skb) == NAT6_DROP)
 			return TC_ACT_SHOT;
 		counter_inc(TBY_R_PASS_NON_IP);

@@ -78,7 +78,7 @@ POLICY_CHILD = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import packets as P
     from tabby.bpf import libbpf
-    from tabby.bpf.maps.policy import PolicyMaps, ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
+    from tabby.bpf.maps.policy import SPECS, PolicyMaps
     from tabby.bpf.objects import DatapathConfig, DatapathObjects
     from tabby.calc import policy
     from tabby.dataplane.policy import PolicyManager
@@ -92,7 +92,7 @@ POLICY_CHILD = textwrap.dedent(
     try:
         cfg = DatapathConfig.build(vni=4242, host_ip=P.NODE_IP, log_level=2)
         with DatapathObjects(pin, cfg, {bpf_dir!r}) as dp:
-            maps = PolicyMaps(*(dp.map(s) for s in (ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC)))
+            maps = PolicyMaps(*(dp.map(s) for s in SPECS))
             mgr = PolicyManager(maps)
             assert not mgr.apply(policy.compute(res, "n1")).errors
             print("set", mgr.sets[P.POD_IP])

@@ -97,9 +97,9 @@ class Node:
 
 
 def _policy_specs() -> tuple[Any, ...]:
-    from tabby.bpf.maps.policy import ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
+    from tabby.bpf.maps.policy import SPECS
 
-    return ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
+    return SPECS
 
 
 @pytest.fixture

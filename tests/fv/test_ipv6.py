@@ -13,7 +13,9 @@ pod over TCP and UDP, balanced at connect() over backends on the other nodes, th
 address kept, the reply's source the ClusterIP; a PreferDualStack Service gets both families;
 an IPv6 NodePort reached from outside the cluster (the fabric's router), translated per packet:
 the local backend sees the client, the remote one the node (SNAT); TCP, UDP, 40 MB through it.
-A pod's forged IPv6 source is dropped (anti-spoofing, tby_wl6).
+A pod's forged IPv6 source is dropped (anti-spoofing, tby_wl6). NetworkPolicy over IPv6
+(policy6.h): default deny, podSelector and /128 ipBlock peers, egress deny with replies passing,
+a held connection surviving a policy change, neighbor discovery through an isolated pod.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-ipv6-cluster.
 POOL6 = ipaddress.ip_network("fd7a:b1e:96::/48")
 SERVICE6 = ipaddress.ip_network("fd7a:b1e:64::/108")  # the example's serviceClusterIPRange
 BIG = 20 << 20
+NETPOL_CASES = Path(__file__).parent / "netpol" / "cases.json"
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +392,156 @@ def test_a_pod_cannot_send_ipv6_from_an_address_not_its_own(lab, pods):
     assert counter_delta(before, after, Reason.DROP_SPOOF) == 6
     exchange6(p1, p2)  # its own address: fine
     assert counter_delta(after, counters(lab, "node1"), Reason.DROP_SPOOF) == 0
+
+
+# --- NetworkPolicy over IPv6 (policy6.h) -------------------------------------------------------
+
+
+def netpol(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def tcp_ok(src: dict[str, Any], ip: str) -> bool:
+    """A new TCP connection from src to ip:8080 gets its HTTP answer (1 s: a drop is a timeout)."""
+    return traffic.reachable(lambda: traffic.http_get(src["netns"], ip, 8080, "/hostname", 1.0))[0]
+
+
+def udp_ok(src: dict[str, Any], ip: str) -> bool:
+    return traffic.reachable(
+        lambda: traffic.udp_request(src["netns"], ip, 8081, b"hostname", timeout_s=0.9)
+    )[0]
+
+
+def keepalive_get(s: Any) -> str:
+    s.sendall(b"GET /hostname HTTP/1.1\r\nHost: p1\r\n\r\n")
+    status, body = traffic.read_http_response(s)
+    assert " 200 " in status
+    return str(body.decode())
+
+
+def test_network_policy_over_ipv6_default_deny_allow_ip_block_egress_and_replies(lab, pods):
+    """p1 (node1) isolated for ingress: IPv6 TCP and UDP from p2 (across the router) and p3 are
+    dropped; allowed from p2 by podSelector, p2 reaches it over IPv6 and IPv4 while p3 stays
+    out; an ipBlock /128 of p3's IPv6 address lets p3 in over IPv6 only. An egress deny on p1
+    leaves the replies of admitted connections alone (stateful) but stops p1's own flows; a
+    connection admitted before the allowing policy goes away keeps going, a new one is refused.
+    ND keeps working throughout (p1 answers through its gateway); node1's own stack (kubelet)
+    reaches p1 over IPv6 while a pod of node1 cannot."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from tabby.cli.main import app as tabbyctl
+
+    p1, p2, p3 = pods["p1"], pods["p2"], pods["p3"]
+    ds = lab.datastore()
+    names = ("p1-deny", "p1-from-p2", "p1-from-p3-v6", "p1-no-egress")
+    deny = netpol("p1-deny", podSelector={"matchLabels": {"app": "p1"}}, policyTypes=["Ingress"])
+    from_p2 = netpol(
+        "p1-from-p2",
+        podSelector={"matchLabels": {"app": "p1"}},
+        ingress=[{"from": [{"podSelector": {"matchLabels": {"app": "p2"}}}]}],
+    )
+    from_p3_v6 = netpol(
+        "p1-from-p3-v6",
+        podSelector={"matchLabels": {"app": "p1"}},
+        ingress=[
+            {
+                "from": [{"ipBlock": {"cidr": f"{p3['ip6']}/128"}}],
+                "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "UDP", "port": 8081}],
+            }
+        ],
+    )
+    no_egress = netpol(
+        "p1-no-egress", podSelector={"matchLabels": {"app": "p1"}}, policyTypes=["Egress"]
+    )
+    assert tcp_ok(p2, p1["ip6"]) and udp_ok(p2, p1["ip6"]), "open before any policy"
+    before = counters(lab, "node1")
+    held = None
+    try:
+        ds.apply([deny])
+        lab.wait_ready()
+        assert not tcp_ok(p2, p1["ip6"]) and not udp_ok(p2, p1["ip6"])
+        assert not tcp_ok(p2, p1["ip"]), "IPv4 denied too"
+        node1 = {"netns": lab.plan.node("node1").netns}  # its own stack: kubelet's probes
+        assert tcp_ok(node1, p1["ip6"]) and udp_ok(node1, p1["ip6"]), "the node reaches its pod"
+        assert not tcp_ok(pods["q1"], p1["ip6"]), "a pod of the same node does not"
+        mid = counters(lab, "node1")
+        assert counter_delta(before, mid, Reason.DROP_POL6_IN) >= 2
+
+        ds.apply([from_p2])
+        lab.wait_ready()
+        assert tcp_ok(p2, p1["ip6"]) and udp_ok(p2, p1["ip6"]) and tcp_ok(p2, p1["ip"])
+        assert not tcp_ok(p3, p1["ip6"]), "p3 is not selected"
+        run = CliRunner().invoke(tabbyctl, ["bpf", "policy", "dump", "p1", "--lab", lab.name])
+        assert run.exit_code == 0, run.output
+        assert f"({p1['ip']}, {p1['ip6']})" in run.output and ": programmed" in run.output
+        assert f"pod default/p2 ({p2['ip6']})" in run.output, "the IPv6 peer, named"
+        # a connection admitted now, held open across the next policy changes
+        held = traffic.in_netns(
+            p2["netns"], lambda: socket.create_connection((p1["ip6"], 8080), timeout=2.0)
+        )
+        assert keepalive_get(held) == "p1"
+
+        ds.apply([from_p3_v6])
+        lab.wait_ready()
+        assert tcp_ok(p3, p1["ip6"]) and udp_ok(p3, p1["ip6"]), "the /128 ipBlock"
+        assert not tcp_ok(p3, p1["ip"]), "an IPv6 block admits no IPv4"
+
+        ds.apply([no_egress])
+        lab.wait_ready()
+        # p1 forgets its gateway: its replies need neighbor discovery through both directions
+        nd = counters(lab, "node1")
+        subprocess.run(["ip", "-n", p1["netns"], "-6", "neigh", "flush", "all"], check=True)
+        assert tcp_ok(p2, p1["ip6"]) and udp_ok(p2, p1["ip6"]), "replies pass an egress deny"
+        assert counter_delta(nd, counters(lab, "node1"), Reason.PASS_ND) >= 2, "NS out, NA in"
+        assert not tcp_ok(p1, p2["ip6"]) and not udp_ok(p1, p2["ip6"]), "p1's own flows"
+        assert counter_delta(mid, counters(lab, "node1"), Reason.DROP_POL6_OUT) >= 2
+
+        ds.delete("NetworkPolicy", "p1-from-p2", "default")
+        lab.wait_ready()
+        assert keepalive_get(held) == "p1", "admitted before the change: keeps going"
+        assert not tcp_ok(p2, p1["ip6"]), "a new connection meets today's policy"
+    finally:
+        if held is not None:
+            held.close()
+        for name in names:
+            if ds.get("NetworkPolicy", name, "default") is not None:
+                ds.delete("NetworkPolicy", name, "default")
+        lab.wait_ready()
+    assert tcp_ok(p2, p1["ip6"]) and tcp_ok(p1, p2["ip6"]), "open again"
+
+
+MATRIX_CASES6 = (
+    "deny-all-ingress-x",
+    "ingress-from-pod-b-any-ns",
+    "ingress-named-udp",
+    "egress-to-namespace-y",
+    "replies-pass-reverse-denied",
+    "ingress-ipblock-except",
+    "egress-ipblock-one-pod",
+    "update-policy",
+)
+
+
+def test_netpol_matrix_cases_over_ipv6_pod_addresses(lab, pods):
+    """A handful of the 49 reachability cases (tests/fv/netpol/cases.json) probed on the x/y/z
+    pods' IPv6 addresses (the harness's --via pod6; ipBlock templates become IPv6 prefixes)."""
+    from tabby.lab import netpol
+
+    cases = [c for c in netpol.load_cases(str(NETPOL_CASES)) if c["id"] in MATRIX_CASES6]
+    assert len(cases) == len(MATRIX_CASES6)
+    h = netpol.Harness(lab, "pod6", progress=lambda _m: None)
+    h.setup()
+    try:
+        assert all(p["ip6"] for p in h.pods.values()), "dual-stack model pods"
+        results = netpol.run_cases(h, cases, lambda _line: None)
+    finally:
+        h.teardown()
+    failed = [r for r in results if r.status != "passed"]
+    assert not failed, "\n".join(netpol.render(r) for r in failed)

@@ -53,6 +53,9 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_pol_ep_val": policy.EndpointValue,
     "tby_pol_peer_key": policy.PeerKey,
     "tby_pol_port_key": policy.PortKey,
+    "tby_pol_ep6_key": policy.Endpoint6Key,
+    "tby_pol_peer6_key": policy.Peer6Key,
+    "tby_pol_ct6_val": policy.PolCt6Value,
 }
 OBJECTS = sorted(ENTRY_OBJECTS)
 TYPES_H = Path(__file__).resolve().parents[2] / "bpf/include/tabby/types.h"

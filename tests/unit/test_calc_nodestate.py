@@ -202,7 +202,7 @@ def test_maglev_options_come_from_felixconfiguration():
     assert (default.maglev_max_services, default.maglev_max_endpoints) == (100, 10)
 
 
-def test_dual_stack_ipv6_blocks_and_addresses_leave_ipv4_state_alone_and_policy_says_so():
+def test_dual_stack_ipv6_blocks_and_addresses_leave_ipv4_state_alone_and_policy_covers_ipv6():
     n1 = node("n1", "172.20.32.11")
     n1["status"]["addresses"].insert(0, {"type": "InternalIP", "address": "fd00:20:1::11"})
     a = pod("a", "n1", "100.96.0.1")
@@ -221,7 +221,6 @@ def test_dual_stack_ipv6_blocks_and_addresses_leave_ipv4_state_alone_and_policy_
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
     }
     state = compute(resources([*objs, deny]), "n1")
-    assert [w for w in state.warnings if "IPv6" in w] == [
-        "pod default/a: NetworkPolicy is not enforced on its IPv6 address fd00:96::1 "
-        "(IPv6 policy is not supported yet: IPv6 traffic passes)"
-    ]
+    assert not [w for w in state.warnings if "IPv6" in w], "IPv6 is enforced: no warning"
+    ep = state.policies["100.96.0.1"]
+    assert ep.ip6 == "fd00:96::1" and ep.ingress.isolated, "one policy for both addresses"

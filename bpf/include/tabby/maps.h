@@ -194,4 +194,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_pol_port SEC(".maps");
 
+/* IPv6 NetworkPolicy: local pod IPv6 address -> its policy set (as tby_pol_ep). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tby_pol_ep6_key);
+	__type(value, struct tby_pol_ep_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_pol_ep6 SEC(".maps");
+
+/* IPv6 NetworkPolicy: (set, direction, IPv6 peer prefix) -> rule classes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct tby_pol_peer6_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_pol_peer6 SEC(".maps");
+
+/* IPv6 flows of isolated pods: tuple -> policy verdicts (an LRU, no sweep). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct tby_ct6_key);
+	__type(value, struct tby_pol_ct6_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_pol_ct6 SEC(".maps");
+
 #endif /* __TABBY_MAPS_H */

@@ -56,6 +56,10 @@ enum tby_reason {
 	TBY_R_EXT_REFUSED, /* backend's node: a colliding forwarded flow refused with ICMP */
 	TBY_R_NAT6_NEW, /* a new IPv6 NodePort flow: backend chosen, pair in tby_ct6 */
 	TBY_R_NAT6, /* a packet of an IPv6 NodePort flow translated (either way) */
+	TBY_R_POL6_NEW, /* a new IPv6 flow of an isolated pod admitted, in tby_pol_ct6 */
+	TBY_R_DROP_POL6_IN, /* a local pod's ingress policy denied a new IPv6 flow */
+	TBY_R_DROP_POL6_OUT, /* a local pod's egress policy denied a new IPv6 flow */
+	TBY_R_PASS_ND, /* ICMPv6 neighbor discovery (133-137): never judged by policy */
 	TBY_REASON_MAX,
 };
 
@@ -70,7 +74,8 @@ enum tby_reason {
 	 (1ULL << TBY_R_DROP_IPIP_SRC) | (1ULL << TBY_R_DROP_IPIP_FRAG) | \
 	 (1ULL << TBY_R_DROP_EXT_SRC) | (1ULL << TBY_R_DROP_EXT_FLOW) |   \
 	 (1ULL << TBY_R_DROP_EXT_TOO_BIG) | (1ULL << TBY_R_DROP_POL_IN) |  \
-	 (1ULL << TBY_R_DROP_POL_OUT))
+	 (1ULL << TBY_R_DROP_POL_OUT) | (1ULL << TBY_R_DROP_POL6_IN) | \
+	 (1ULL << TBY_R_DROP_POL6_OUT))
 
 /*
  * The counter key is a plain __u32 (array maps demand an integer key), so no

@@ -297,4 +297,33 @@ struct tby_pol_port_key {
 	__be16 port;
 };
 
+/*
+ * IPv6 NetworkPolicy (policy6.h): the same policy sets as IPv4. A dual-stack
+ * pod's IPv6 address keys tby_pol_ep6 with the same tby_pol_ep_val as its IPv4
+ * address in tby_pol_ep; its peers' IPv6 prefixes are in tby_pol_peer6 under the
+ * same set and class bits; ports (tby_pol_port) are shared by both families.
+ */
+struct tby_pol_ep6_key {
+	__u8 addr[16];
+};
+
+/* LPM: (set * 2 + direction, IPv6 peer address) -> u64 bitmap of rule classes. */
+struct tby_pol_peer6_key {
+	__u32 prefixlen; /* 32 + the peer prefix length (0..128) */
+	__u32 set;
+	__u8 addr[16];
+};
+
+/*
+ * IPv6 flows of isolated pods (an LRU keyed by the tuple as tby_ct6_key, no
+ * sweep): which ends' policies admitted the flow on this node. A flow idle
+ * past its conntrack timeout (ct_timeouts.h) counts as absent.
+ */
+struct tby_pol_ct6_val {
+	__u64 seen_ns; /* bpf_ktime_get_ns() of its last packet */
+	__u16 pol; /* TBY_CTP_* */
+	__u8 tcp; /* TBY_CT_SYN... seen, either direction */
+	__u8 _pad[5];
+};
+
 #endif /* __TABBY_TYPES_H */

@@ -285,27 +285,7 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
         state.routes[str(cidr)] = Route(str(cidr), flags, next_hop=peer_ip)
         state.kernel_routes[str(cidr)] = KernelRoute(str(cidr), encap, peer_ip)
     state.policies = policy.compute(resources, node)
-    state.warnings.extend(_ipv6_policy_warnings(resources, node, state.policies))
     return state
-
-
-def _ipv6_policy_warnings(
-    resources: Resources, node: str, policies: dict[str, policy.EndpointPolicy]
-) -> list[str]:
-    """NetworkPolicy is judged on IPv4 only: an isolated pod's IPv6 traffic passes tabby's
-    programs unjudged (docs/design/policy.md). Said on /readyz, never silent."""
-    out = []
-    for (ns, name), pod in sorted(resources.get("Pod", {}).items()):
-        status = pod.get("status", {})
-        if pod.get("spec", {}).get("nodeName") != node or status.get("podIP") not in policies:
-            continue
-        for entry in status.get("podIPs") or []:
-            if ":" in str(entry.get("ip")):
-                out.append(
-                    f"pod {ns}/{name}: NetworkPolicy is not enforced on its IPv6 address "
-                    f"{entry['ip']} (IPv6 policy is not supported yet: IPv6 traffic passes)"
-                )
-    return out
 
 
 def with_services(base: NodeState, index: ServiceIndex) -> NodeState:

@@ -6,6 +6,9 @@ into at most ``MAX_CLASSES`` *rule classes* (peer set x port set), and ``compile
 those into the prefix -> class-bitmap entries of the datapath's LPM tries
 (docs/design/policy.md). The semantics are the API's (networking.k8s.io/v1), including
 policyTypes defaults, named ports resolved on the destination pod, endPort and ipBlock except.
+Both families: a selected pod is its /32 and (dual-stack) its /128, ipBlocks may be IPv6, and a
+pod's policy is keyed by its IPv4 address (an IPv6-only pod: its IPv6 address) with ``ip6``
+naming the IPv6 address that shares it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MAX_CLASSES = 64  # bits of a class bitmap (u64 in the maps)
 NS_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 ALL_PORTS = (0, 65535)
+V6_ORDER = 1 << 128  # IPv6 prefixes sort after every IPv4 one
 
 
 @dataclass(frozen=True, order=True)
@@ -52,6 +56,9 @@ class Block:
 
     cidr: str
     excepts: tuple[str, ...] = ()
+
+
+EVERYWHERE = (Block("0.0.0.0/0"), Block("::/0"))  # no peers listed: every address, both families
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class EndpointPolicy:
     ingress: DirectionPolicy = DirectionPolicy()
     egress: DirectionPolicy = DirectionPolicy()
     errors: tuple[str, ...] = ()  # not programmable (too many classes): the old state stays
+    ip6: str = ""  # a dual-stack pod's IPv6 address: the same policy (tby_pol_ep6)
 
     def direction(self, d: Direction) -> DirectionPolicy:
         return self.ingress if d == "ingress" else self.egress
@@ -102,19 +110,40 @@ class _Pod:
     labels: dict[str, str]
     node: str
     ports: dict[tuple[str, str], int] = field(default_factory=dict)  # (name, proto) -> number
+    ip6: str = ""  # a dual-stack pod's IPv6 address ("" for IPv4-only and IPv6-only pods)
+
+    def addrs(self) -> tuple[str, ...]:
+        return (self.ip, self.ip6) if self.ip6 else (self.ip,)
 
 
-def _ipv4(addr: Any) -> bool:
+def _family(addr: Any) -> int:
+    """4, 6, or 0 for what is no address."""
     try:
-        return isinstance(ipaddress.ip_address(str(addr)), ipaddress.IPv4Address)
+        return ipaddress.ip_address(str(addr)).version
     except ValueError:
-        return False
+        return 0
+
+
+def _host(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def _pod_addresses(status: Obj) -> tuple[str, str]:
+    """(IPv4, IPv6) of a pod's status (podIPs, else podIP); "" where it has none."""
+    found = {4: "", 6: ""}
+    entries = [e.get("ip") for e in status.get("podIPs") or []] or [status.get("podIP")]
+    for ip in entries:
+        fam = _family(ip)
+        if fam and not found[fam]:
+            found[fam] = str(ipaddress.ip_address(str(ip)))
+    return found[4], found[6]
 
 
 def _pod_of(pod: Obj) -> _Pod | None:
     spec, status, meta = pod.get("spec", {}), pod.get("status", {}), pod.get("metadata", {})
-    ip = status.get("podIP")
-    if not ip or not _ipv4(ip) or spec.get("hostNetwork"):
+    ip4, ip6 = _pod_addresses(status)
+    ip, ip6 = (ip4, ip6) if ip4 else (ip6, "")
+    if not ip or spec.get("hostNetwork"):
         return None
     if status.get("phase") in ("Succeeded", "Failed"):
         return None
@@ -130,6 +159,7 @@ def _pod_of(pod: Obj) -> _Pod | None:
         dict(meta.get("labels") or {}),
         str(spec.get("nodeName", "")),
         ports,
+        ip6,
     )
 
 
@@ -186,10 +216,12 @@ def _peer_pods(index: _Index, policy_ns: str, peer: Obj) -> tuple[_Pod, ...]:
 
 def _block_of(ip_block: Obj) -> Block | None:
     net = ipaddress.ip_network(ip_block["cidr"], strict=False)
-    if not isinstance(net, ipaddress.IPv4Network):
-        return None  # IPv6: no IPv6 datapath yet
     excepts = sorted(
-        {str(ipaddress.ip_network(e, strict=False)) for e in ip_block.get("except") or []},
+        {
+            str(e)
+            for e in (ipaddress.ip_network(x, strict=False) for x in ip_block.get("except") or [])
+            if e.version == net.version  # another family's except takes nothing out
+        },
         key=_cidr_order,
     )
     return Block(str(net), tuple(excepts))
@@ -197,17 +229,21 @@ def _block_of(ip_block: Obj) -> Block | None:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _cidr_order(cidr: str) -> tuple[int, int]:
-    """Sort key of an address or CIDR (cached: calc sorts the same pod addresses many times)."""
+    """Sort key of an address or CIDR (cached: calc sorts the same pod addresses many times):
+    (value, prefix length), IPv6 values offset by V6_ORDER."""
     addr, _, plen = cidr.partition("/")
+    if ":" in addr:
+        return V6_ORDER + int(ipaddress.IPv6Address(addr)), int(plen or 128)
     a, b, c, d = (int(x) for x in addr.split("."))
     return (a << 24) | (b << 16) | (c << 8) | d, int(plen or 32)
 
 
 def _in_block(ip: str, block: Block) -> bool:
-    addr = ipaddress.IPv4Address(ip)
-    if addr not in ipaddress.IPv4Network(block.cidr):
+    addr = ipaddress.ip_address(ip)
+    net = ipaddress.ip_network(block.cidr)
+    if addr.version != net.version or addr not in net:
         return False
-    return not any(addr in ipaddress.IPv4Network(e) for e in block.excepts)
+    return not any(addr in ipaddress.ip_network(e) for e in block.excepts)
 
 
 @dataclass
@@ -229,7 +265,9 @@ def _peers_of(index: _Index, policy_ns: str, peers: list[Obj] | None) -> tuple[A
     if hit is None:
         pods, blocks, everyone = _resolve_peers(index, policy_ns, peers)
         as_blocks = (
-            (Block("0.0.0.0/0"),) if everyone else tuple(Block(f"{p.ip}/32") for p in pods) + blocks
+            EVERYWHERE
+            if everyone
+            else tuple(Block(_host(a)) for p in pods for a in p.addrs()) + blocks
         )
         hit = index.peers_memo[key] = (pods, blocks, everyone, as_blocks)
     return hit
@@ -329,15 +367,17 @@ def _rule_classes(
             candidates = tuple(
                 q
                 for q in index.all_pods()
-                if rule.everyone or q in rule.pods or any(_in_block(q.ip, b) for b in rule.blocks)
+                if rule.everyone
+                or q in rule.pods
+                or any(_in_block(a, b) for a in q.addrs() for b in rule.blocks)
             )
         by_number: dict[int, list[str]] = defaultdict(list)
         for dst in candidates:
             number = dst.ports.get((name, proto))
             if number is not None:
-                by_number[number].append(dst.ip)
+                by_number[number] += dst.addrs()
         for number, ips in sorted(by_number.items()):
-            blocks = tuple(Block(f"{ip}/32") for ip in sorted(set(ips), key=_cidr_order))
+            blocks = tuple(Block(_host(ip)) for ip in sorted(set(ips), key=_cidr_order))
             out.append(RuleClass((PortRange(proto, number, number),), blocks, (rule.source,)))
     return out
 
@@ -415,7 +455,9 @@ def endpoint_policy(
         for d in ("ingress", "egress")
         if len(result[d].classes) > MAX_CLASSES
     )
-    return EndpointPolicy(me.namespace, me.name, me.ip, result["ingress"], result["egress"], errors)
+    return EndpointPolicy(
+        me.namespace, me.name, me.ip, result["ingress"], result["egress"], errors, me.ip6
+    )
 
 
 def compute(resources: Resources, node: str | None) -> dict[str, EndpointPolicy]:
@@ -439,6 +481,9 @@ def compute(resources: Resources, node: str | None) -> dict[str, EndpointPolicy]
 def _supernets(cidr: str) -> tuple[str, ...]:
     """The CIDR and every shorter prefix containing it, longest first."""
     value, plen = _cidr_order(cidr)
+    if value >= V6_ORDER:
+        net = ipaddress.IPv6Network(cidr)
+        return tuple(str(net.supernet(new_prefix=p)) for p in range(plen, -1, -1))
     out = []
     for p in range(plen, -1, -1):
         v = value & ((0xFFFFFFFF << (32 - p)) & 0xFFFFFFFF)
@@ -520,11 +565,15 @@ def allows(d: DirectionPolicy, peer: str, protocol: str, port: int) -> bool:
     if not d.isolated:
         return True
     c = compile_direction(d)
-    addr = ipaddress.IPv4Address(peer)
+    addr = ipaddress.ip_address(peer)
     best: tuple[int, int] | None = None
     for cidr, bits in c.peers:
-        net = ipaddress.IPv4Network(cidr)
-        if addr in net and (best is None or net.prefixlen > best[0]):
+        net = ipaddress.ip_network(cidr)
+        if (
+            net.version == addr.version
+            and addr in net
+            and (best is None or net.prefixlen > best[0])
+        ):
             best = (net.prefixlen, bits)
     peer_bits = best[1] if best else 0
     proto = PROTOCOLS.get(protocol, -1)
@@ -546,14 +595,16 @@ def describe(ep: EndpointPolicy, pod_names: Mapping[str, str]) -> dict[str, Any]
     "ns/name" so selected pods are shown by name."""
 
     def peer_words(b: Block) -> str:
-        if b.cidr.endswith("/32") and not b.excepts:
-            ip = b.cidr[:-3]
+        ip, _, plen = b.cidr.partition("/")
+        if plen == ("128" if ":" in ip else "32") and not b.excepts:
             return f"pod {pod_names[ip]} ({ip})" if ip in pod_names else ip
-        if b.cidr == "0.0.0.0/0" and not b.excepts:
+        if b.cidr in ("0.0.0.0/0", "::/0") and not b.excepts:
             return "anywhere"
         return b.cidr + (f" except {', '.join(b.excepts)}" if b.excepts else "")
 
     out: dict[str, Any] = {"pod": f"{ep.namespace}/{ep.name}", "ip": ep.ip}
+    if ep.ip6:
+        out["ip6"] = ep.ip6
     for d in ("ingress", "egress"):
         dp = ep.direction(d)
         rules = []
@@ -563,7 +614,7 @@ def describe(ep: EndpointPolicy, pod_names: Mapping[str, str]) -> dict[str, Any]
             )
             rules.append(
                 {
-                    "peers": [peer_words(b) for b in c.peers] or ["nobody"],
+                    "peers": list(dict.fromkeys(peer_words(b) for b in c.peers)) or ["nobody"],
                     "ports": ports,
                     "from_rules": list(c.sources),
                 }
@@ -597,4 +648,4 @@ def describe_unselected(namespace: str, name: str, ip: str) -> dict[str, Any]:
 
 def pod_names(resources: Resources) -> dict[str, str]:
     index = _Index(resources)
-    return {p.ip: f"{p.namespace}/{p.name}" for p in index.all_pods()}
+    return {a: f"{p.namespace}/{p.name}" for p in index.all_pods() for a in p.addrs()}

@@ -531,6 +531,9 @@ def read_policy(store_url: str, pod: str, lab: str, pin_root: str | None) -> Row
                 PolicyFlags.ISO_OUT if ep.egress.isolated else 0
             )
             ok = value is not None and value.flags == int(want_flags)
+            if ep.ip6:  # a dual-stack pod: its IPv6 address shares the set (tby_pol_ep6)
+                value6 = maps.endpoint(ep.ip6)
+                ok = ok and value6 is not None and value6.set == value.set  # type: ignore[union-attr]
             if value is not None and ok:
                 have: dict[int, set[tuple[Any, ...]]] = {DIR_IN: set(), DIR_OUT: set()}
                 for k in maps.peer_keys():
@@ -554,7 +557,8 @@ def read_policy(store_url: str, pod: str, lab: str, pin_root: str | None) -> Row
 def policy_text(row: Row) -> str:
     state = "programmed" if row["programmed"] else "NOT (yet) programmed as computed"
     set_words = f", policy set {row['set']}" if row.get("set") else ""
-    lines = [f"pod {row['pod']} ({row['ip']}) on {row['node']}: {state}{set_words}"]
+    addrs = f"{row['ip']}, {row['ip6']}" if row.get("ip6") else row["ip"]
+    lines = [f"pod {row['pod']} ({addrs}) on {row['node']}: {state}{set_words}"]
     for d, verb in (("ingress", "from"), ("egress", "to")):
         info = row[d]
         if not info["isolated"]:

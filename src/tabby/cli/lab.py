@@ -247,7 +247,9 @@ OnlyOpt = typer.Option([], "--only", help="run only this case id (repeatable)")
 @app.command("netpol-matrix")
 def netpol_matrix(
     cases: str = typer.Option(..., "--cases", help="cases file (tabby-accept-netpol/1, JSON)"),
-    via: str = typer.Option("both", "--via", help="service, pod or both"),
+    via: str = typer.Option(
+        "both", "--via", help="service, pod, both, or pod6 (IPv6 pod addresses, dual-stack lab)"
+    ),
     name: str = typer.Option("demo", "--name", help="lab name (must be up)"),
     only: list[str] = OnlyOpt,
     keep: bool = typer.Option(False, "--keep", help="leave the x/y/z model in the lab"),
@@ -259,8 +261,8 @@ def netpol_matrix(
     expected vs observed 9x9 matrices, a summary line; exit 1 on any failed cell."""
     from tabby.lab import netpol
 
-    if via not in ("service", "pod", "both"):
-        _fail(f"--via must be service, pod or both, not {via!r}")
+    if via not in ("service", "pod", "both", "pod6"):
+        _fail(f"--via must be service, pod, both or pod6, not {via!r}")
     lab = _lab(name)
     try:
         results = netpol.run_file(

@@ -33,7 +33,7 @@ PORTS = (80, 81)
 PROTOCOLS = ("TCP", "UDP")
 SUPPORTED = {"pod-ip-templates"}  # what `requires` may name for a case to run here (no SCTP)
 PROBE_TIMEOUT_S = 1.0
-Via = Literal["service", "pod", "both"]
+Via = Literal["service", "pod", "both", "pod6"]  # pod6: the pods' IPv6 addresses (dual-stack lab)
 Obj = dict[str, Any]
 Progress = Callable[[str], None]
 
@@ -101,14 +101,15 @@ def _probe_sockets(targets: list[tuple[Any, str, int, str]], timeout_s: float) -
     open_socks: list[socket.socket] = []
     try:
         for key, ip, port, proto in targets:
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
             if proto == "TCP":
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s = socket.socket(family, socket.SOCK_STREAM)
                 s.setblocking(False)
                 open_socks.append(s)
                 s.connect_ex((ip, port))
                 sel.register(s, selectors.EVENT_WRITE, (key, proto))
             else:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s = socket.socket(family, socket.SOCK_DGRAM)
                 s.setblocking(False)
                 open_socks.append(s)
                 try:
@@ -200,9 +201,11 @@ class Harness:
         }
         self.ds.apply([svc])
         stored = self.ds.get("Service", service_name(key), ns) or {}
+        rec = self.lab.pod(key)
         self.pods[key] = {
             "ip": ip,
-            "netns": self.lab.pod(key)["netns"],
+            "ip6": str(rec.get("ip6") or ""),
+            "netns": rec["netns"],
             "cluster_ip": str(stored.get("spec", {}).get("clusterIP", "")),
         }
 
@@ -249,21 +252,25 @@ class Harness:
             self.ds.delete("NetworkPolicy", p["metadata"]["name"], p["metadata"]["namespace"])
 
     def _substitute(self, policy: Obj) -> Obj:
+        """Pod-address templates, in the probed family: via pod6, ``${ip:K}/32`` is the pod's
+        IPv6 /128 and ``${net:K/n}`` the /n around its IPv6 address (the cases' n are broad)."""
         text = json.dumps(policy)
+        family = "ip6" if self.via == "pod6" else "ip"
 
         def ip_of(m: re.Match[str]) -> str:
             key = m.group(1)
-            if key not in self.pods:
+            if key not in self.pods or not self.pods[key][family]:
                 raise CaseError(f"template ${{ip:{key}}}: no such pod")
-            return self.pods[key]["ip"]
+            addr = self.pods[key][family]
+            return f"{addr}/128" if m.group(2) and family == "ip6" else addr + m.group(2)
 
         def net_of(m: re.Match[str]) -> str:
             key, bits = m.group(1), int(m.group(2))
-            if key not in self.pods:
+            if key not in self.pods or not self.pods[key][family]:
                 raise CaseError(f"template ${{net:{key}/{bits}}}: no such pod")
-            return str(ipaddress.IPv4Network(f"{self.pods[key]['ip']}/{bits}", strict=False))
+            return str(ipaddress.ip_network(f"{self.pods[key][family]}/{bits}", strict=False))
 
-        text = re.sub(r"\$\{ip:([a-z0-9-]+/[a-z0-9-]+)\}", ip_of, text)
+        text = re.sub(r"\$\{ip:([a-z0-9-]+/[a-z0-9-]+)\}(/32)?", ip_of, text)
         text = re.sub(r"\$\{net:([a-z0-9-]+/[a-z0-9-]+)/(\d+)\}", net_of, text)
         return json.loads(text)  # type: ignore[no-any-return]
 
@@ -340,6 +347,8 @@ class Harness:
         pod = self.pods.get(col)
         if pod is None:
             return None
+        if via == "pod6":
+            return pod.get("ip6") or None
         return pod["cluster_ip"] if via == "service" else pod["ip"]
 
     def probe(

@@ -16,7 +16,14 @@ from tabby.bpf.maps.nat import (
     FRONTENDS_SPEC,
     SOURCE_RANGES_SPEC,
 )
-from tabby.bpf.maps.policy import ENDPOINTS_SPEC, PEERS_SPEC, PORTS_SPEC
+from tabby.bpf.maps.policy import (
+    ENDPOINTS6_SPEC,
+    ENDPOINTS_SPEC,
+    PEERS6_SPEC,
+    PEERS_SPEC,
+    POL_CT6_SPEC,
+    PORTS_SPEC,
+)
 from tabby.bpf.maps.routes import ROUTES_SPEC
 from tabby.bpf.maps.spec import MapSpec
 from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC
@@ -41,6 +48,9 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     ENDPOINTS_SPEC,
     PEERS_SPEC,
     PORTS_SPEC,
+    ENDPOINTS6_SPEC,
+    PEERS6_SPEC,
+    POL_CT6_SPEC,
 )
 
 __all__ = ["ALL_SPECS", "MapSpec"]

@@ -67,6 +67,10 @@ class Reason(enum.IntEnum):
     EXT_REFUSED = 45
     NAT6_NEW = 46
     NAT6 = 47
+    POL6_NEW = 48
+    DROP_POL6_IN = 49
+    DROP_POL6_OUT = 50
+    PASS_ND = 51
 
     @property
     def c_name(self) -> str:
