@@ -33,27 +33,40 @@ enum pol_result {
 	POL_DROP, /* counted already */
 };
 
-/* Is (peer, proto, port) in one rule class of the endpoint's direction? */
-static __always_inline int pol_allows(const struct tby_pol_ep_val *ep, __u32 dir,
-				      const struct flow *f, __be32 peer)
+/*
+ * The rule classes of the endpoint's direction that admit (proto, port): those
+ * with any port, plus those naming this one (a packet without ports, a
+ * non-first fragment, only the former). Shared by IPv4 and IPv6 (policy6.h):
+ * one port trie serves both families.
+ */
+static __always_inline __u64 pol_port_classes(const struct tby_pol_ep_val *ep, __u32 dir,
+					      __u8 proto, __be16 port, __u8 has_ports)
 {
-	__u32 set = ep->set * 2 + dir;
-	struct tby_pol_peer_key pk = { .prefixlen = 64, .set = set, .addr = peer };
 	struct tby_pol_port_key qk = {
-		.prefixlen = 64, .set = set, .proto = f->key.proto, .port = f->key.dport
+		.prefixlen = 64, .set = ep->set * 2 + dir, .proto = proto, .port = port
 	};
-	__u64 *peer_bits, *port_bits, ports;
+	__u64 ports = dir == POL_DIR_IN ? ep->any_in : ep->any_out;
+	__u64 *port_bits;
 
-	peer_bits = bpf_map_lookup_elem(&tby_pol_peer, &pk);
-	if (!peer_bits || !*peer_bits)
-		return 0;
-	ports = dir == POL_DIR_IN ? ep->any_in : ep->any_out;
-	if (f->has_ports) {
+	if (has_ports) {
 		port_bits = bpf_map_lookup_elem(&tby_pol_port, &qk);
 		if (port_bits)
 			ports |= *port_bits;
 	}
-	return (*peer_bits & ports) != 0;
+	return ports;
+}
+
+/* Is (peer, proto, port) in one rule class of the endpoint's direction? */
+static __always_inline int pol_allows(const struct tby_pol_ep_val *ep, __u32 dir,
+				      const struct flow *f, __be32 peer)
+{
+	struct tby_pol_peer_key pk = { .prefixlen = 64, .set = ep->set * 2 + dir, .addr = peer };
+	__u64 *peer_bits = bpf_map_lookup_elem(&tby_pol_peer, &pk);
+
+	if (!peer_bits || !*peer_bits)
+		return 0;
+	return (*peer_bits &
+		pol_port_classes(ep, dir, f->key.proto, f->key.dport, f->has_ports)) != 0;
 }
 
 /* A TCP SYN without ACK: a connection (re)starting on this tuple. */

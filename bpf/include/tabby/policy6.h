@@ -123,24 +123,15 @@ static __always_inline void pol6_reverse(const struct tby_ct6_key *k, struct tby
 static __always_inline int pol6_allows(const struct tby_pol_ep_val *ep, __u32 dir,
 				       const struct pol6_flow *f, const __u8 peer[16])
 {
-	__u32 set = ep->set * 2 + dir;
-	struct tby_pol_peer6_key pk = { .prefixlen = 32 + 128, .set = set };
-	struct tby_pol_port_key qk = {
-		.prefixlen = 64, .set = set, .proto = f->key.proto, .port = f->key.dport
-	};
-	__u64 *peer_bits, *port_bits, ports;
+	struct tby_pol_peer6_key pk = { .prefixlen = 32 + 128, .set = ep->set * 2 + dir };
+	__u64 *peer_bits;
 
 	__builtin_memcpy(pk.addr, peer, 16);
 	peer_bits = bpf_map_lookup_elem(&tby_pol_peer6, &pk);
 	if (!peer_bits || !*peer_bits)
 		return 0;
-	ports = dir == POL_DIR_IN ? ep->any_in : ep->any_out;
-	if (f->has_ports) {
-		port_bits = bpf_map_lookup_elem(&tby_pol_port, &qk);
-		if (port_bits)
-			ports |= *port_bits;
-	}
-	return (*peer_bits & ports) != 0;
+	return (*peer_bits &
+		pol_port_classes(ep, dir, f->key.proto, f->key.dport, f->has_ports)) != 0;
 }
 
 /*
