@@ -2,8 +2,9 @@
 /*
  * from-host: TC ingress of the node's data interface, i.e. packets from the
  * network. parse -> IP-in-IP from a known node: decapsulate, parse the inner
- * packet; the ext tunnel from a known node: decapsulate, record or
- * reverse-translate -> conntrack (replies of SNATed service flows) ->
+ * packet; the ext tunnel from a known node: decapsulate, record (then
+ * straight to the pod, fwd.h) or reverse-translate -> conntrack (replies of
+ * SNATed service flows) ->
  * NodePort / LoadBalancer / externalIP frontends (a remote backend in Tunnel
  * or DSR mode: into the ext tunnel) -> let the node's kernel route.
  */
@@ -16,8 +17,10 @@
 #include "tabby/config.h"
 #include "tabby/counters.h"
 #include "tabby/exttun.h"
+#include "tabby/fwd.h"
 #include "tabby/icmp.h"
 #include "tabby/ipip.h"
+#include "tabby/mark.h"
 #include "tabby/nat.h"
 #include "tabby/nat6.h"
 #include "tabby/parse.h"
@@ -55,15 +58,26 @@ static __always_inline int from_host_refuse(struct __sk_buff *skb, struct parsed
 static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pkt *pkt,
 					 const struct tby_ext_hdr *ext, __be32 from)
 {
+	__u32 wl_ifindex = 0;
+
 	if (parse_packet(skb, pkt) != PARSE_IPV4) {
 		counter_inc(TBY_R_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	if (ext->flags & TBY_EXT_F_REPLY)
-		return nat_handle(skb, pkt, 0, NULL) == NAT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
-	switch (exttun_record(skb, pkt, ext, from)) {
-	case 0:
-		return TC_ACT_OK;
+	if (ext->flags & TBY_EXT_F_REPLY) {
+		switch (nat_handle(skb, pkt, 0, NULL)) {
+		case NAT_DROP:
+			return TC_ACT_SHOT;
+		case NAT_DONE: /* as its frontend, to the client */
+			mark_nat_done(skb);
+			return TC_ACT_OK;
+		default:
+			return TC_ACT_OK;
+		}
+	}
+	switch (exttun_record(skb, pkt, ext, from, &wl_ifindex)) {
+	case 0: /* recorded: straight to the pod (fwd.h) */
+		return fwd_to_workload(skb, wl_ifindex);
 	case TBY_EXT_COLLISION:
 		return from_host_refuse(skb, pkt, ext);
 	default:

@@ -14,7 +14,9 @@
 #include "tabby/config.h"
 #include "tabby/counters.h"
 #include "tabby/fib.h"
+#include "tabby/fwd.h"
 #include "tabby/icmp.h"
+#include "tabby/mark.h"
 #include "tabby/nat.h"
 #include "tabby/nat6.h"
 #include "tabby/parse.h"
@@ -97,8 +99,9 @@ int tby_from_wl(struct __sk_buff *skb)
 	case NAT_EXT_DSR:
 		/* the same in DSR mode: a reply, admitted with its flow by the
 		 * pod's ingress policy; its egress policy has nothing to judge */
+		mark_nat_done(skb);
 		counter_inc(TBY_R_PASS_WL_OUT);
-		return TC_ACT_OK;
+		return fwd_to_data(skb, &pkt);
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	case NAT_DONE:

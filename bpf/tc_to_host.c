@@ -5,6 +5,8 @@
  * (a hostNetwork backend reached through a NodePort) get their frontend back;
  * pods of natOutgoing pools leaving the cluster get the node's address;
  * then packets routed to an IP-in-IP block get their outer header (ipip.h).
+ * Packets a program of this node already handled (mark.h: the ext tunnel's,
+ * DSR replies) skip the NAT part.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -15,6 +17,7 @@
 #include "tabby/config.h"
 #include "tabby/counters.h"
 #include "tabby/ipip.h"
+#include "tabby/mark.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
 
@@ -25,7 +28,7 @@ int tby_to_host(struct __sk_buff *skb)
 
 	if (parse_packet(skb, &pkt) != PARSE_IPV4)
 		return TC_ACT_OK;
-	if (nat_handle(skb, &pkt, NAT_HOOK_MASQ, NULL) == NAT_DROP)
+	if (!mark_is_nat_done(skb) && nat_handle(skb, &pkt, NAT_HOOK_MASQ, NULL) == NAT_DROP)
 		return TC_ACT_SHOT;
 	if (ipip_encap(skb) == IPIP_DROP)
 		return TC_ACT_SHOT;

@@ -19,7 +19,8 @@ from scapy.layers.inet import UDPerror
 from scapy.layers.vxlan import VXLAN
 from test_nat import BACKENDS, NODEPORT, Node, assert_checksums_valid, frame, service, slice_of
 
-from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
+from tabby.bpf import libbpf
+from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT, SkBuffCtx
 from tabby.bpf.maps.conntrack import CtFlags, CtType
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.routes import RouteValue
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.root
 TC_ACT_REDIRECT = 7
 EXT_VNI = 0x7AB1E  # exttun.h TBY_EXT_VNI
 F_DSR, F_REPLY = 1, 2  # TBY_EXT_F_*
+MARK_NAT_DONE = 0x07A00000  # mark.h TBY_MARK_NAT_DONE
 UDP_NODEPORT = 30081
 
 
@@ -153,8 +155,10 @@ def test_the_backends_node_unwraps_records_and_answers_by_the_mode(node: Node) -
         P.REMOTE_NODE_IP, P.NODE_IP, P.REMOTE_NODE_IP, NODEPORT, F_DSR if dsr else 0, inner
     )
     verdict, out, delta = node.run("tby_from_host", wrapped)
-    assert verdict == TC_ACT_OK and delta.get(Reason.EXT_RX) == 1
-    assert raw(out[IP]) == raw(IP(raw(inner))), "the inner packet, as the ingress node sent it"
+    # recorded, then straight to the pod's veth (fwd.h): the node's stack is skipped
+    assert verdict == TC_ACT_REDIRECT
+    assert delta.get(Reason.EXT_RX) == 1 and delta.get(Reason.FWD_BPF) == 1
+    assert raw(out[IP]) == raw(forwarded(inner)), "the inner packet, one router hop on"
     ext = node.ct_entry(P.EXTERNAL_IP, 50000, P.POD_IP, 8080)
     assert ext.type == CtType.EXT and ext.tun_ip == int(ipaddress.IPv4Address(P.REMOTE_NODE_IP))
 
@@ -171,6 +175,38 @@ def test_the_backends_node_unwraps_records_and_answers_by_the_mode(node: Node) -
         fe, fe_port, flags, back = ext_header(out)
         assert (fe, fe_port, flags) == (P.REMOTE_NODE_IP, NODEPORT, F_REPLY)
         assert (back.src, back[TCP].sport, back.dst) == (P.POD_IP, 8080, P.EXTERNAL_IP)
+
+
+def forwarded(inner: IP) -> IP:
+    """The packet as a router passes it on: TTL down by one, header checksum redone."""
+    out = IP(raw(inner))
+    out.ttl -= 1
+    del out.chksum
+    return IP(raw(out))
+
+
+def test_a_recorded_packet_whose_ttl_runs_out_is_left_to_the_stack(node: Node) -> None:
+    """TTL 1: not forwarded by BPF (the stack answers time exceeded); still recorded."""
+    inner = IP(src=P.EXTERNAL_IP, dst=P.POD_IP, ttl=1) / TCP(sport=50003, dport=8080, flags="S")
+    wrapped = tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, P.REMOTE_NODE_IP, NODEPORT, 0, inner)
+    verdict, out, delta = node.run("tby_from_host", wrapped)
+    assert verdict == TC_ACT_OK and delta.get(Reason.EXT_RX) == 1
+    assert Reason.FWD_BPF not in delta and out[IP].ttl == 1
+    assert node.ct_entry(P.EXTERNAL_IP, 50003, P.POD_IP, 8080).type == CtType.EXT
+
+
+def test_to_host_skips_nat_for_a_packet_this_node_already_handled(node: Node) -> None:
+    """mark.h: a packet an earlier program of this node marked (an ext tunnel packet, a DSR
+    reply) is not looked up again on its way out; an unmarked one still is."""
+    syn = frame(P.EXTERNAL_IP, P.NODE_IP, TCP(sport=50004, dport=NODEPORT, flags="S"))
+    backend = ext_header(node.run("tby_from_host", syn)[1])[3].dst
+    reply = frame(backend, P.EXTERNAL_IP, TCP(sport=8080, dport=50004, flags="SA"))
+    marked = SkBuffCtx(mark=MARK_NAT_DONE | 0x4000)  # kube-proxy's bit is kept apart
+    verdict, out, _ = libbpf.test_run(node.runner.dp.prog_fd("tby_to_host"), reply, marked)
+    assert verdict == TC_ACT_OK and out == reply, "untouched"
+    verdict, out, delta = node.run("tby_to_host", reply)
+    assert verdict == TC_ACT_OK and delta.get(Reason.NAT_REV) == 1
+    assert (out[IP].src, out[TCP].sport) == (P.NODE_IP, NODEPORT), "unmarked: translated"
 
 
 def test_the_ingress_node_turns_a_tunnelled_reply_back(node: Node) -> None:
@@ -211,7 +247,7 @@ def test_the_backends_node_refuses_a_colliding_flow_with_port_unreachable(node: 
     other_fe = "172.20.64.13"
     first = IP(src=P.EXTERNAL_IP, dst=P.POD_IP) / TCP(sport=50002, dport=8080, flags="S")
     wrapped = tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, P.REMOTE_NODE_IP, NODEPORT, 0, first)
-    assert node.run("tby_from_host", wrapped)[0] == TC_ACT_OK
+    assert node.run("tby_from_host", wrapped)[0] == TC_ACT_REDIRECT
     second = tunnelled(P.REMOTE_NODE_IP, P.NODE_IP, other_fe, NODEPORT, 0, first)
     verdict, out, delta = node.run("tby_from_host", second)
     assert verdict == TC_ACT_REDIRECT and delta.get(Reason.EXT_REFUSED) == 1

@@ -60,6 +60,7 @@ enum tby_reason {
 	TBY_R_DROP_POL6_IN, /* a local pod's ingress policy denied a new IPv6 flow */
 	TBY_R_DROP_POL6_OUT, /* a local pod's egress policy denied a new IPv6 flow */
 	TBY_R_PASS_ND, /* ICMPv6 neighbor discovery (133-137): never judged by policy */
+	TBY_R_FWD_BPF, /* forwarded by BPF to its device, the node's stack skipped (fwd.h) */
 	TBY_REASON_MAX,
 };
 

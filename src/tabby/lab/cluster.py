@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tabby import preflight
@@ -231,12 +231,14 @@ class Lab:
         fabric_mtu: int = 1500,
         datastore: str = "sqlite",
         backend: str | None = None,
+        placement: Sequence[int] | None = None,
     ) -> Lab:
         """Build lab ``name``; from a kOps ``cluster`` spec (its subnets, node count, pool and
         encapsulation; ``nodes`` is then ignored), with every fabric link at ``fabric_mtu``.
         ``datastore``: ``sqlite`` (the embedded store) or ``etcd`` (a private etcd, see
         ``_start_etcd``). ``backend``: ``bird`` runs BGP (BIRD on every node and on the fabric's
-        router), ``vxlan`` none; default: the spec's (bird for ipip), else vxlan."""
+        router), ``vxlan`` none; default: the spec's (bird for ipip), else vxlan.
+        ``placement``: node i's subnet index (default: alternating; see ``topology.plan``)."""
         if datastore not in DATASTORES:
             raise LabError(f"datastore {datastore!r}: use one of {', '.join(DATASTORES)}")
         config = None
@@ -247,7 +249,7 @@ class Lab:
             for warning in (*spec_plan.warnings, *warnings):
                 progress(f"warning: {warning}")
         else:
-            plan = topology.plan(name, nodes, fabric_mtu=fabric_mtu)
+            plan = topology.plan(name, nodes, fabric_mtu=fabric_mtu, placement=placement)
         if backend is None:
             backend = cluster.calico.backend if cluster is not None else "vxlan"
         if backend not in BACKENDS:

@@ -71,6 +71,7 @@ class Reason(enum.IntEnum):
     DROP_POL6_IN = 49
     DROP_POL6_OUT = 50
     PASS_ND = 51
+    FWD_BPF = 52
 
     @property
     def c_name(self) -> str:
