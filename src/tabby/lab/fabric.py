@@ -76,6 +76,10 @@ def build_fabric(plan: LabPlan) -> None:
         links.write_sysctl("net/ipv4/ip_forward", "1")
         if plan.ipv6:
             links.write_sysctl("net/ipv6/conf/all/forwarding", "1")
+        # The bridges stand for switches, which run no IP hooks: br_netfilter (on by default
+        # in a new netns) would take every bridged frame through the IP prerouting hooks.
+        for table in ("iptables", "ip6tables", "arptables"):
+            links.write_sysctl(f"net/bridge/bridge-nf-call-{table}", "0")
         # LoadBalancer ingress IPs and externalIPs are announced by every node, as a BGP-speaking
         # load balancer would: one ECMP route (hashed per source/destination address pair).
         hops = [{"gateway": node.ip} for node in plan.nodes]
