@@ -298,6 +298,23 @@ def test_icmp_errors_of_admitted_flows_are_related(node: Node) -> None:
     assert (verdict, delta.get(Reason.DROP_POL_OUT)) == (TC_ACT_SHOT, 1)
 
 
+def test_an_icmp_error_about_an_isolated_servers_own_reply_is_related(node: Node) -> None:
+    """PMTU discovery for an isolated server: a router's fragmentation needed quotes the
+    server's reply (server -> client), the reverse of the tuple its ingress admitted; it must
+    reach the server, though the router is no peer its policy allows."""
+    node.program(SERVER_FROM_CLIENT_8080)
+    assert node.run("tby_to_wl", frame(CLIENT, SERVER, syn(42000, 8080)))[0] == TC_ACT_OK
+    reply = IP(src=SERVER, dst=CLIENT, flags="DF") / TCP(sport=8080, dport=42000, flags="A")
+    router = "172.20.64.1"
+    too_big = Ether() / IP(src=router, dst=SERVER) / ICMP(type=3, code=4, nexthopmtu=1400)
+    verdict, _, delta = node.run("tby_to_wl", raw(too_big / raw(reply / (b"x" * 8))))
+    assert verdict == TC_ACT_OK and not delta.get(Reason.DROP_POL_IN)
+    other = IP(src=SERVER, dst=CLIENT) / TCP(sport=8080, dport=42001, flags="A")  # never seen
+    stray = Ether() / IP(src=router, dst=SERVER) / ICMP(type=3, code=4) / raw(other)
+    verdict, _, delta = node.run("tby_to_wl", raw(stray))
+    assert (verdict, delta.get(Reason.DROP_POL_IN)) == (TC_ACT_SHOT, 1)
+
+
 def test_restarted_manager_adopts_then_rewrites_without_a_gap(node: Node) -> None:
     """An agent restart: a new manager finds the pinned sets, keeps them in force until each
     endpoint is rewritten under a fresh id, then sweeps the adopted ids' entries."""

@@ -85,7 +85,7 @@ static __always_inline int pol_icmp_related(struct __sk_buff *skb,
 					    const struct parsed_pkt *pkt)
 {
 	struct nat_icmp_quote q;
-	struct tby_ct_key k = {};
+	struct tby_ct_key k = {}, rk = {};
 	struct tby_ct_val *v;
 	struct icmphdr icmp;
 
@@ -103,6 +103,13 @@ static __always_inline int pol_icmp_related(struct __sk_buff *skb,
 	k.dport = q.dport;
 	k.proto = q.ip.protocol;
 	v = bpf_map_lookup_elem(&tby_ct, &k);
+	if (v && (v->pol & (TBY_CTP_OUT | TBY_CTP_IN)))
+		return 1;
+	/* the quote may be the reply of the admitted flow (a router's
+	 * fragmentation needed about an isolated server's answer): the flow's
+	 * entry is keyed the other way */
+	ct_key_reverse(&k, &rk);
+	v = bpf_map_lookup_elem(&tby_ct, &rk);
 	return v && (v->pol & (TBY_CTP_OUT | TBY_CTP_IN));
 }
 
