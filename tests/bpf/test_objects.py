@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -62,6 +63,52 @@ def test_incompatible_pin_is_refused(bpf_dir: Path, pin_root: str) -> None:
     dp = DatapathObjects(pin_root, DatapathConfig.build(), bpf_dir)
     with pytest.raises(OSError, match="load"):
         dp.load()
+
+
+def _older_counters(pin_root: str, reason: Reason, packets: int) -> None:
+    """tby_counters as a build with one reason fewer left it, ``packets`` counted on CPU 0."""
+    os.makedirs(pin_root, exist_ok=True)
+    fd = libbpf.map_create(
+        COUNTERS_SPEC.map_type, "tby_counters", 4, 8, COUNTERS_SPEC.max_entries - 1
+    )
+    try:
+        old = libbpf.Map(fd, ctypes.c_uint32, COUNTERS_SPEC.value_buffer_type())
+        slots = COUNTERS_SPEC.value_buffer_type()()
+        slots[0] = packets
+        old.update(ctypes.c_uint32(reason), slots)
+        libbpf.obj_pin(fd, f"{pin_root}/tby_counters")
+    finally:
+        os.close(fd)
+
+
+def test_a_resized_pin_is_recreated_with_its_entries(bpf_dir: Path, pin_root: str) -> None:
+    """An upgrade that appended a reason: the agent's load recreates tby_counters at the new
+    size (libbpf alone refuses the pin) and carries the counts over."""
+    _older_counters(pin_root, Reason.ENCAP_VXLAN, 41)
+    with DatapathObjects(pin_root, DatapathConfig.build(), bpf_dir) as dp:
+        fd = dp.objects["tc_to_host.o"].map_fd("tby_counters")
+        assert libbpf.MapDef.of_fd(fd).max_entries == COUNTERS_SPEC.max_entries
+        assert dp.counters().get(Reason.ENCAP_VXLAN) == 41
+        assert len({_map_id(o.map_fd("tby_counters")) for o in dp.objects.values()}) == 1
+
+
+def test_a_failed_load_puts_the_old_pin_back(bpf_dir: Path, pin_root: str, tmp_path: Path) -> None:
+    """The set-aside pin is restored, contents and all, when a later object fails to load."""
+    _older_counters(pin_root, Reason.ENCAP_VXLAN, 7)
+    broken = tmp_path / "bpf"
+    shutil.copytree(bpf_dir, broken)
+    (broken / "ct_gc.o").write_bytes(b"not an ELF object")
+    with pytest.raises(OSError):
+        DatapathObjects(pin_root, DatapathConfig.build(), broken).load()
+    restored = libbpf.Map.from_pin(
+        f"{pin_root}/tby_counters", ctypes.c_uint32, COUNTERS_SPEC.value_buffer_type()
+    )
+    try:
+        assert libbpf.MapDef.of_fd(restored.fd).max_entries == COUNTERS_SPEC.max_entries - 1
+        slots = restored.lookup(ctypes.c_uint32(Reason.ENCAP_VXLAN))
+        assert slots is not None and sum(slots) == 7
+    finally:
+        restored.close()
 
 
 def test_pinned_maps_open_from_their_specs(datapath: DatapathObjects) -> None:

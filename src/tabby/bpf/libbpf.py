@@ -22,6 +22,7 @@ import collections
 import ctypes
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
@@ -35,6 +36,8 @@ BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47  # enum bpf_attach_type, absent from 6.
 BPF_LINK_TYPE_TCX = 11
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
+# enum bpf_map_type: PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
+PERCPU_MAP_TYPES = frozenset({5, 6, 10})
 
 _ENOENT = 2
 _EINVAL = 22
@@ -149,6 +152,20 @@ class _ProgInfo(ctypes.Structure):
         ("created_by_uid", ctypes.c_uint32),
         ("nr_map_ids", ctypes.c_uint32),
         ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    """Leading part of struct bpf_map_info."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
         ("name", ctypes.c_char * 16),
     ]
 
@@ -660,6 +677,36 @@ def prog_info(prog_fd: int) -> tuple[int, str]:
     """(program id, kernel name, truncated to 15 chars) of a program fd."""
     info = _obj_info(prog_fd, _ProgInfo, "prog info")
     return info.id, info.name.decode()
+
+
+@dataclass(frozen=True)
+class MapDef:
+    """What defines a map for reuse: libbpf reuses a pin only if all of it matches."""
+
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    map_flags: int
+
+    @classmethod
+    def of_fd(cls, map_fd: int) -> MapDef:
+        info = _obj_info(map_fd, _MapInfo, "map info")
+        return cls(info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+
+    @classmethod
+    def of_spec(cls, spec: MapSpecInfo) -> MapDef:
+        return cls(spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.map_flags)
+
+    @property
+    def per_cpu(self) -> bool:
+        return self.type in PERCPU_MAP_TYPES
+
+    def value_bytes(self) -> int:
+        """The size of a lookup's value buffer (per-CPU: 8-byte slots, one per possible CPU)."""
+        if self.per_cpu:
+            return (self.value_size + 7) // 8 * 8 * possible_cpus()
+        return self.value_size
 
 
 def link_info(link_fd: int) -> tuple[int, int, int]:

@@ -3,7 +3,8 @@
 Invariants:
 - all objects of a node are loaded with the same pin root, so the maps declared
   LIBBPF_PIN_BY_NAME (tby_routes, tby_counters, ...) exist once per node and survive restarts:
-  loading again on the same pin root reuses them, contents included;
+  loading again on the same pin root reuses them, contents included; a pin this build defines
+  differently (an upgrade) is recreated with its entries carried over (``pins.py``);
 - node-specific values (VNI, host IP, log level) are written into ``.rodata`` before load, so
   one build serves every node and no compiler runs on a node.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tabby.bpf import libbpf
+from tabby.bpf import libbpf, pins
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.maps.spec import MapSpec
@@ -150,18 +151,27 @@ class DatapathObjects:
                 f"BPF objects missing in {self.bpf_dir}: {', '.join(missing)} (run `make bpf`)"
             )
         os.makedirs(self.pin_root, mode=0o700, exist_ok=True)
+        # pins this build defines differently (an upgrade): recreated, entries carried over
+        set_aside: list[pins.SetAside] = []
         try:
             for name, progs in ENTRY_OBJECTS.items():
                 path = self.bpf_dir / name
                 obj = libbpf.Object(str(path), pin_root=self.pin_root)
                 self._loaded.append(_Loaded(path, obj))
                 obj.set_rodata(self.config)
+                moved = pins.set_aside_mismatched(obj.maps())
+                set_aside += moved
                 obj.load()
+                for aside in moved:
+                    pins.carry_over(aside, obj.map_fd(aside.name))
                 for prog in progs:
                     self._prog_owner[prog] = obj
         except BaseException:
             self.close()
+            pins.put_back(set_aside)
             raise
+        finally:
+            pins.release(set_aside)
         return self
 
     def __enter__(self) -> DatapathObjects:

@@ -18,8 +18,6 @@ BPF_MAP_TYPE_LRU_HASH = 9
 
 BPF_F_NO_PREALLOC = 1
 
-_PER_CPU_TYPES = {BPF_MAP_TYPE_PERCPU_ARRAY, 5, 10}  # + PERCPU_HASH, LRU_PERCPU_HASH
-
 
 @dataclass(frozen=True)
 class MapSpec:
@@ -39,7 +37,7 @@ class MapSpec:
 
     @property
     def per_cpu(self) -> bool:
-        return self.map_type in _PER_CPU_TYPES
+        return self.map_type in libbpf.PERCPU_MAP_TYPES
 
     @property
     def key_size(self) -> int:
