@@ -552,7 +552,14 @@ class Agent:
         gc.collect()
         gc.freeze()
         self.metrics.mark_in_sync()
-        self._publish(revision)
+        # Every service is computed now: ~a million objects that all live on, and nothing
+        # cyclic to free (unpacked objects go by reference counting), so collections would
+        # only walk them: 15-20% of the calc's CPU time at 20,000 services.
+        gc.disable()
+        try:
+            self._publish(revision)
+        finally:
+            gc.enable()
         gc.freeze()  # and the calc results too
         return revision
 
