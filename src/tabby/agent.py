@@ -9,6 +9,7 @@ namespace, loads and attaches the BPF programs, applies every desired state and 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -561,6 +562,7 @@ class Agent:
         finally:
             gc.enable()
         gc.freeze()  # and the calc results too
+        _give_back_heap()
         return revision
 
     def _watch(self, ds: Datastore, revision: int) -> None:
@@ -637,6 +639,18 @@ def _newer(
         old, changed = pending[0].services_changed, new[0].services_changed
         new[0].services_changed = None if old is None or changed is None else old | changed
     return new
+
+
+def _give_back_heap() -> None:
+    """Return the heap a relist freed to the kernel (glibc's malloc_trim): the decoded pages of
+    a streamed list are gone, but glibc keeps freed memory mapped (in the main arena and the
+    datastore client's loop thread's) and the agent's resident size would stay at its peak."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+    trim(0)
 
 
 def process_age_s() -> float:
