@@ -272,7 +272,7 @@ def py_spy_wrapper(out_path: str, seconds: int) -> str:
     wrapper = out_path + ".sh"
     with open(wrapper, "w") as f:
         f.write(
-            f"#!/bin/sh\nexec {py_spy} record --format raw --threads --rate 250"
+            f"#!/bin/sh\nexec {py_spy} record --nonblocking --format raw --threads --rate 250"
             f' --duration {seconds} --output {out_path} -- {tabby_bin()} "$@"\n'
         )
     os.chmod(wrapper, 0o755)
@@ -322,7 +322,20 @@ def part_b(
             metrics.get("tabby_services", float("nan")),
         )
         assert result.frontends >= n, f"agent reports {result.frontends} frontends, expected {n}"
-        result.agent_rss_mb = agent_rss_mb(int(lab.agent_proc(NODE)["pid"]))
+        pid = int(lab.agent_proc(NODE)["pid"])
+        if profile_to:  # the recorded process is py-spy: the agent is its child
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                pid = int(f.read().split()[0])
+        result.agent_rss_mb = agent_rss_mb(pid)
+        if profile_to:  # py-spy writes its file when its duration is over
+            deadline = started + PROFILE_S + 30
+            while not os.path.exists(profile_to) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            console.print(f"  agent profile: {profile_to}")
+            # py-spy ends the agent with its recording: the changes run on a plain one
+            processes.stop(lab.agent_proc(NODE), signal.SIGTERM)
+            lab.start_agent(node)
+            lab.wait_ready(revision, timeout_s=300)
 
         latencies, to_map, writes = [], [], []
         i = n // 2
