@@ -33,6 +33,7 @@ import shutil
 import signal
 import sys
 import time
+import unittest.mock
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ DEFAULT_SIZES = (1, 1000, 5000, 10000, 20000)
 CHANGE_REPS = 50
 LAB_CHANGE_REPS = 20
 NODE = "node1"
+PROFILE_S = 12  # --profile-agent: py-spy records the restarted agent this long
 console = Console(width=150)
 
 
@@ -259,8 +261,28 @@ def agent_rss_mb(pid: int) -> float:
         return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:"))
 
 
-def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
-    from tabby.lab import processes
+def py_spy_wrapper(out_path: str, seconds: int) -> str:
+    """An executable that runs the agent under ``py-spy record`` (collapsed stacks, every
+    thread, ``seconds`` long) and writes ``out_path``: the lab starts it in the agent's place."""
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(py_spy):
+        raise SystemExit("--profile-agent needs py-spy (pip install -e '.[dev]')")
+    from tabby.lab.cluster import tabby_bin
+
+    wrapper = out_path + ".sh"
+    with open(wrapper, "w") as f:
+        f.write(
+            f"#!/bin/sh\nexec {py_spy} record --nonblocking --format raw --threads --rate 250"
+            f' --duration {seconds} --output {out_path} -- {tabby_bin()} "$@"\n'
+        )
+    os.chmod(wrapper, 0o755)
+    return wrapper
+
+
+def part_b(
+    n: int, lab_name: str, changes: int = LAB_CHANGE_REPS, profile_to: str | None = None
+) -> LabResult:
+    from tabby.lab import cluster, processes
     from tabby.lab.cluster import Lab, pin_root
 
     Lab.down(lab_name, progress=lambda _m: None)  # a leftover of an interrupted run
@@ -279,8 +301,13 @@ def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
         rec = lab.agent_proc(NODE)
         console.print(f"  restarting agent {NODE} (pid {rec['pid']})")
         processes.stop(rec, signal.SIGTERM)
+        if profile_to:  # the restarted agent runs under py-spy for its first seconds
+            wrapper = py_spy_wrapper(profile_to, PROFILE_S)
+            with unittest.mock.patch.object(cluster, "tabby_bin", lambda: wrapper):
+                lab.start_agent(node)
         started = time.monotonic()
-        lab.start_agent(node)
+        if not profile_to:
+            lab.start_agent(node)
         lab.wait_ready(revision, timeout_s=300)
         ready_s = time.monotonic() - started
         metrics = benchlib.agent_metrics(node.netns)
@@ -295,7 +322,20 @@ def part_b(n: int, lab_name: str, changes: int = LAB_CHANGE_REPS) -> LabResult:
             metrics.get("tabby_services", float("nan")),
         )
         assert result.frontends >= n, f"agent reports {result.frontends} frontends, expected {n}"
-        result.agent_rss_mb = agent_rss_mb(int(lab.agent_proc(NODE)["pid"]))
+        pid = int(lab.agent_proc(NODE)["pid"])
+        if profile_to:  # the recorded process is py-spy: the agent is its child
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                pid = int(f.read().split()[0])
+        result.agent_rss_mb = agent_rss_mb(pid)
+        if profile_to:  # py-spy writes its file when its duration is over
+            deadline = started + PROFILE_S + 30
+            while not os.path.exists(profile_to) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            console.print(f"  agent profile: {profile_to}")
+            # py-spy ends the agent with its recording: the changes run on a plain one
+            processes.stop(lab.agent_proc(NODE), signal.SIGTERM)
+            lab.start_agent(node)
+            lab.wait_ready(revision, timeout_s=300)
 
         latencies, to_map, writes = [], [], []
         i = n // 2
@@ -379,6 +419,12 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the largest N of part A")
     parser.add_argument("--lab-name", default="bench")
     parser.add_argument("--changes", type=int, default=LAB_CHANGE_REPS, help="part B changes")
+    parser.add_argument(
+        "--profile-agent",
+        metavar="FILE",
+        help="part B: run the restarted agent under py-spy (collapsed stacks of every thread "
+        f"for its first {PROFILE_S} s, written to FILE; `py-spy` from the dev extras)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("services_scale: needs root (BPF maps, the lab)", file=sys.stderr)
@@ -389,7 +435,9 @@ def main() -> int:
     if not args.no_inprocess:
         out["in_process"] = [asdict(r) for r in part_a(args.services, args.profile)]
     if not args.no_lab:
-        out["lab"] = asdict(part_b(args.lab_services, args.lab_name, args.changes))
+        out["lab"] = asdict(
+            part_b(args.lab_services, args.lab_name, args.changes, args.profile_agent)
+        )
     out["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     for section, data in out.items():
         benchlib.write_json(RESULTS, section, data)

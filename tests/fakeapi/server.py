@@ -231,6 +231,16 @@ class FakeApiServer:
             if q.get("watch") in ("true", "1") and (plural is None or path.endswith("/" + plural))
         ]
 
+    def list_requests(self, plural: str) -> list[dict[str, str]]:
+        """The LIST requests (pages included) of ``plural``."""
+        return [
+            q
+            for _, method, path, q in self.requests
+            if method == "GET"
+            and q.get("watch") not in ("true", "1")
+            and path.endswith("/" + plural)
+        ]
+
     # --- direct writes (as another client would make them) --------------------------------------
 
     def resource(self, kind: str) -> Resource:
@@ -473,7 +483,7 @@ class FakeApiServer:
                     start = int(state["start"])
                 except (ValueError, KeyError):
                     raise ApiError(status(400, "BadRequest", "invalid continue token")) from None
-                if at <= self.compacted:
+                if at < self.compacted:  # compact(R) keeps R readable, as etcd
                     self.gone_sent += 1
                     raise ApiError(
                         status(

@@ -118,3 +118,47 @@ def test_coalesced_states_keep_every_changed_service() -> None:
     unknown = (got[0][0], 1)
     unknown[0].services_changed = None  # "compare everything" wins over any list
     assert agent._newer(unknown, got[2])[0].services_changed is None
+
+
+def test_the_first_state_loads_the_datapath_while_services_are_computed() -> None:
+    """The worker is asked to load the datapath once, with the base state, before the first
+    state with services is handed over: the load (the verifier) runs beside the calc."""
+    a, _ = _agent()
+    order: list[tuple[str, int]] = []
+    a.worker.prepare = lambda base: order.append(("prepare", len(base.services)))  # type: ignore[method-assign]
+    a.worker.submit = lambda state, rev: order.append(("submit", len(state.services)))  # type: ignore[method-assign]
+    _feed(a, _cluster() + _service(1, ["100.96.1.2"]) + _service(2, ["100.96.1.3"]), 1)
+    _feed(a, [_obj("Pod", "db", "default", spec={"nodeName": NODE})], 2)
+    assert order == [("prepare", 0), ("submit", 2), ("submit", 2)]
+
+
+def test_a_prepared_worker_does_nothing_else_before_its_first_apply(monkeypatch) -> None:
+    a, got = _agent()
+    _feed(a, _cluster(), 1)
+    base, _ = got[-1]
+    w = a.worker
+    opened: list[NodeState] = []
+
+    class Loaded:  # a datapath that no sweep or BGP sync may touch before the first apply
+        bird = None
+
+    def open_dataplane(state: NodeState) -> Any:
+        opened.append(state)
+        w.dataplane = Loaded()  # type: ignore[assignment]
+        return w.dataplane
+
+    monkeypatch.setattr(w, "_open_dataplane", open_dataplane)
+    pending = (base, 7)
+    assert w._take(pending, (base, agent.PREPARE)) is pending  # a pending state stays pending
+    assert w._take(None, (base, agent.PREPARE)) is None
+    assert opened == [base]  # loaded once
+    assert w._until_sweep() is None  # no timed work before a state was applied
+    w._sweep_conntrack()  # neither of them touches the loaded datapath yet
+    w._sync_bgp()
+
+    def broken(state: NodeState) -> Any:
+        raise OSError("no BPF here")
+
+    w.dataplane = None
+    monkeypatch.setattr(w, "_open_dataplane", broken)
+    assert w._take(None, (base, agent.PREPARE)) is None and w.dataplane is None  # apply retries

@@ -35,6 +35,9 @@ class RecordingWorker:
     def start(self) -> None:
         self.started_ok.set()
 
+    def prepare(self, base: NodeState) -> None:
+        pass  # no datapath to load
+
     def submit(self, state: NodeState, revision: int) -> None:
         with self.cv:
             self.latest = (state, revision)

@@ -583,6 +583,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.published: list[tuple[Any, int]] = []
 
+    def prepare(self, base: Any) -> None:
+        pass  # no datapath to load
+
     def submit(self, state: Any, revision: int) -> None:
         self.published.append((state, revision))
 

@@ -119,6 +119,10 @@ def _ipv4(addr: Any) -> bool:
 
 
 def _ipv6(addr: Any) -> bool:
+    # Asked of every clusterIP (20,000 at 20k services): one without a colon is no IPv6
+    # address, and skipping ipaddress there took a quarter off a 20k-service calc.
+    if ":" not in str(addr):
+        return False
     try:
         return isinstance(ipaddress.ip_address(str(addr)), ipaddress.IPv6Address)
     except ValueError:

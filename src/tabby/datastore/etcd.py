@@ -93,6 +93,7 @@ CLUSTER_SCOPED = "_"  # the namespace segment of cluster-scoped kinds
 RPC_TIMEOUT_S = 10.0  # one etcd call
 CALL_TIMEOUT_S = 60.0  # one datastore call, CAS retries included
 LIST_PAGE = 1000  # keys per range request of a list (all pages read at one revision)
+COMPACTED_READ = "required revision has been compacted"  # etcd's error for such a read
 CAS_ATTEMPTS = 64
 STOP_CHECK_S = 0.25  # how often a blocked watcher looks at ``stop``; changes wake it at once
 RECONNECT_TIMEOUT_S = 30.0
@@ -322,6 +323,8 @@ class EtcdDatastore:
         detail = _one_line(err.details() or "")
         if err.code() in _TRANSIENT:
             return Unavailable(f"datastore {self.name}: {err.code().name} ({detail})")
+        if COMPACTED_READ in detail:  # a paged list's revision was compacted under it
+            return Compacted(f"datastore {self.name}: {detail}; relist and watch again")
         if "too many operations" in detail or "request is too large" in detail:
             detail += " (one apply is one etcd transaction: raise etcd's --max-txn-ops"
             detail += " / --max-request-bytes, or apply in parts)"
@@ -374,6 +377,24 @@ class EtcdDatastore:
                 start = resp.kvs[-1].key + b"\0"
 
         return self._call(read())
+
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        """list(kind) one page at a time (StreamingList): range reads of LIST_PAGE keys, all at
+        the first page's revision, decoded as they are handed over. etcd compacting that
+        revision in the middle raises Compacted: the caller has seen part of the list and
+        starts again, as after a compacted watch."""
+        prefix = kind_prefix(lookup(kind))
+        start, end, at = prefix.encode(), prefix_range_end(prefix), 0
+        while True:
+            resp = self._call(
+                self._kv.get(start, end, revision=at, limit=LIST_PAGE, timeout=RPC_TIMEOUT_S)
+            )
+            at = at or int(resp.header.revision)
+            for kv in resp.kvs:
+                yield _decode(kv.value, kv.mod_revision)
+            if not resp.more or not resp.kvs:
+                return
+            start = resp.kvs[-1].key + b"\0"
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
         key = object_key(lookup(kind), name, namespace)
