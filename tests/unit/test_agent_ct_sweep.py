@@ -36,6 +36,7 @@ def _worker(dp: Any) -> agent.DataplaneWorker:
     status = agent.Status(node="n1")
     w = agent.DataplaneWorker("n1", None, "/nonexistent", None, 0, status, agent.Metrics(status))
     w.dataplane = dp
+    w.apply_tried = dp is not None  # a worker sweeps only once it has applied a state
     return w
 
 
@@ -63,6 +64,15 @@ def test_no_sweep_and_no_timeout_before_the_dataplane_exists() -> None:
     w = _worker(None)
     w._sweep_conntrack()
     assert w._until_sweep() is None
+
+
+def test_a_prepared_worker_does_not_sweep_before_its_first_apply() -> None:
+    """The datapath is loaded while the first state is computed: nothing to sweep yet."""
+    dp = _Dataplane()
+    w = _worker(dp)
+    w.apply_tried = False
+    w._sweep_conntrack()
+    assert dp.sweeps == 0
 
 
 def test_sweep_metrics() -> None:
