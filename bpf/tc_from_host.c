@@ -5,7 +5,8 @@
  * packet; the ext tunnel from a known node: decapsulate, record or
  * reverse-translate -> conntrack (replies of SNATed service flows) ->
  * NodePort / LoadBalancer / externalIP frontends (a remote backend in Tunnel
- * or DSR mode: into the ext tunnel) -> let the node's kernel route.
+ * or DSR mode: into the ext tunnel) -> a local pod's packet straight to its
+ * veth (fwd.h, bpfRedirectToPeer), the rest to the node's kernel.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -16,6 +17,7 @@
 #include "tabby/config.h"
 #include "tabby/counters.h"
 #include "tabby/exttun.h"
+#include "tabby/fwd.h"
 #include "tabby/icmp.h"
 #include "tabby/ipip.h"
 #include "tabby/nat.h"
@@ -115,7 +117,9 @@ int tby_from_host(struct __sk_buff *skb)
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	default:
-		return TC_ACT_OK;
+		/* a local pod's packet (IP-in-IP, BGP routes, NodePort to a local
+		 * backend): to its veth (fwd.h); the rest is the stack's */
+		return fwd_local_wl(skb);
 	}
 }
 

@@ -2,7 +2,8 @@
 /*
  * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
  * sends. parse -> anti-spoofing -> conntrack / service NAT -> egress policy
- * on the translated packet -> let the node's kernel forward. IPv6: anti-spoofing
+ * on the translated packet -> forward: straight to the next hop's device
+ * (fwd.h, bpfRedirectToPeer) or through the node's stack. IPv6: anti-spoofing
  * (tby_wl6) -> egress policy (policy6.h) -> IPv6 NodePort replies (nat6.h).
  */
 #include <linux/bpf.h>
@@ -14,6 +15,7 @@
 #include "tabby/config.h"
 #include "tabby/counters.h"
 #include "tabby/fib.h"
+#include "tabby/fwd.h"
 #include "tabby/icmp.h"
 #include "tabby/nat.h"
 #include "tabby/nat6.h"
@@ -110,7 +112,7 @@ int tby_from_wl(struct __sk_buff *skb)
 	if (pol_egress(skb, translated, &pkt) == POL_DROP)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_PASS_WL_OUT);
-	return TC_ACT_OK;
+	return fwd_redirect(skb);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -71,6 +71,9 @@ class Reason(enum.IntEnum):
     DROP_POL6_IN = 49
     DROP_POL6_OUT = 50
     PASS_ND = 51
+    FWD_REDIRECT = 52
+    FWD_STACK = 53
+    FWD_FIB_MISS = 54
 
     @property
     def c_name(self) -> str:

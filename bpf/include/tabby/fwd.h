@@ -1,0 +1,118 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The fast path (FelixConfiguration bpfRedirectToPeer, .rodata cfg_redirect):
+ * once a program has done its work on a packet the node would only forward,
+ * send it straight to the device the kernel's FIB names, with the MACs of its
+ * neighbour table and the TTL a router would leave, skipping the node's IP
+ * stack (ip_rcv, netfilter, ip_forward, neighbour output). It goes to that
+ * device's egress, so its own tc program still runs: to-workload (ingress
+ * policy, replies of NAT flows), the tunnel (VXLAN key), to-host (natOutgoing,
+ * IP-in-IP). Whatever the stack would do differently goes to the stack
+ * (TC_ACT_OK), never dropped: fragments, IP options, TTL <= 1, anything but
+ * TCP and UDP (ICMP errors included), and every FIB answer but success (no
+ * route, a local address, too big for the egress device, neighbour not
+ * resolved yet: the stack resolves it and the next packets take the fast
+ * path).
+ */
+#ifndef __TABBY_FWD_H
+#define __TABBY_FWD_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "config.h"
+#include "counters.h"
+#include "fib.h"
+#include "parse.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/*
+ * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
+ * to its next hop's device, or returns TC_ACT_OK for the stack.
+ */
+static __always_inline int fwd_redirect(struct __sk_buff *skb)
+{
+	struct bpf_fib_lookup fib = {};
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	void *data, *data_end;
+	__u8 ttl;
+
+	if (!cfg_redirect)
+		return TC_ACT_OK;
+	if (parse_pull(skb, TBY_IP_OFF + sizeof(*ip)))
+		goto stack;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = data + TBY_IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		goto stack;
+	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(TBY_IP_MF | TBY_IP_OFFSET)) ||
+	    ip->ttl <= 1 || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+		goto stack;
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	/* tot_len 0: the kernel checks the skb against the egress device's
+	 * MTU itself, GSO-aware (is_skb_forwardable): FRAG_NEEDED if too big */
+	fib.tot_len = 0;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ifindex;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		counter_inc(TBY_R_FWD_FIB_MISS);
+		return TC_ACT_OK;
+	}
+	/* the helper may have moved the data: load the pointers again */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = data + TBY_IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		goto stack;
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	/* as ip_forward: TTL - 1, the checksum by difference (protocol kept) */
+	ttl = ip->ttl;
+	ip->ttl = ttl - 1;
+	bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
+			    bpf_htons((__u16)ttl << 8), bpf_htons((__u16)(ttl - 1) << 8), 2);
+	counter_inc(TBY_R_FWD_REDIRECT);
+	return bpf_redirect(fib.ifindex, 0);
+stack:
+	counter_inc(TBY_R_FWD_STACK);
+	return TC_ACT_OK;
+}
+
+/*
+ * From the network (tunnel, data interface): only packets for a pod of this
+ * node take the fast path; the node's own traffic and transit stay the
+ * stack's without a FIB lookup. The address is read from the packet, which
+ * NAT may have rewritten.
+ */
+static __always_inline int fwd_local_wl(struct __sk_buff *skb)
+{
+	struct tby_route_val *rt;
+	__be32 daddr;
+
+	if (!cfg_redirect)
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
+			       sizeof(daddr)))
+		return TC_ACT_OK;
+	rt = route_lookup(daddr);
+	if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
+		return TC_ACT_OK;
+	return fwd_redirect(skb);
+}
+
+#endif /* __TABBY_FWD_H */
