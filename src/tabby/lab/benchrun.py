@@ -10,6 +10,12 @@ Two families of paths, each measured against its own plain-routing denominator:
   cgroup: per-packet NAT in tc), ``tabby-ctlb`` (inside the cgroup: connect-time LB). Ratios are
   to ``tabby-direct``; ``tabby-direct / plain`` is reported too, but the shapes differ (VXLAN and
   a fabric hop), so it is the cost of the lab's path, not of the NAT.
+- local (the same lab, the kernel paths' shape: a client pod and nginx both on node2, two veth
+  hops through the node): ``tabby-local`` (pod IP), ``tabby-local-nat`` (ClusterIP, per-packet
+  NAT), ``tabby-local-ctlb`` (connect-time LB), ``tabby-local-stack`` (pod IP with
+  ``bpfRedirectToPeer`` Disabled, switched live before its cells: through the node's stack).
+  Ratios are to ``plain``: like for like, what tabby's datapath costs or saves over the kernel's
+  routing. ``BenchConfig.redirect`` sets bpfRedirectToPeer for every other tabby path.
 
 Per N (services x 3 endpoints): programming from scratch, then ``reps`` repetitions in which the
 paths run interleaved (the order rotates), each path a rate cell (connload, ``inflight``
@@ -59,14 +65,25 @@ from tabby.netlink.netns import enter_netns
 
 KERNEL_PATHS = ("plain", "iptables-legacy", "iptables-nft", "nftables")
 TABBY_PATHS = ("tabby-direct", "tabby-nat", "tabby-ctlb")
+# the kernel paths' shape in the lab: client pod and nginx on node2, two veth hops through it
+LOCAL_PATHS = ("tabby-local", "tabby-local-nat", "tabby-local-ctlb", "tabby-local-stack")
 EXTERNAL_PATHS = ("nodeport-plain", "nodeport-tunnel", "nodeport-dsr")
-ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + EXTERNAL_PATHS
+ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + LOCAL_PATHS + EXTERNAL_PATHS
 PATH_FAMILY = {
     **{p: "kernel" for p in KERNEL_PATHS},
     **{p: "tabby" for p in TABBY_PATHS},
+    **{p: "local" for p in LOCAL_PATHS},
     **{p: "external" for p in EXTERNAL_PATHS},
 }
-DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct", "external": "nodeport-plain"}
+DENOMINATOR = {
+    "kernel": "plain",
+    "tabby": "tabby-direct",
+    "local": "plain",  # the same shape: what the node's stack costs, and what skipping it gains
+    "external": "nodeport-plain",
+}
+REDIRECT_MODES = ("Enabled", "Disabled")
+# bpfRedirectToPeer per path: tabby-local through the node's stack, whatever the run's setting
+PATH_REDIRECT = {"tabby-local-stack": "Disabled"}
 EXT_MODES = {"nodeport-tunnel": "Tunnel", "nodeport-dsr": "DSR"}
 # one client address per external path (added to the external namespace's link)
 EXT_SOURCES = {
@@ -85,7 +102,15 @@ CHANGE_IP_BASE = int(ipaddress.IPv4Address("100.120.255.1"))  # inside the backe
 WEB_VIP = "100.64.0.100"
 SYN_VIP_BASE = int(ipaddress.IPv4Address("100.66.0.0"))  # the lab's synthetic services
 SYN_BACKEND_BASE = int(ipaddress.IPv4Address("100.120.0.0"))
-CLIENT_PODS = {"tabby-direct": "bc-direct", "tabby-nat": "bc-nat", "tabby-ctlb": "bc-ctlb"}
+CLIENT_PODS = {
+    "tabby-direct": "bc-direct",
+    "tabby-nat": "bc-nat",
+    "tabby-ctlb": "bc-ctlb",
+    "tabby-local": "bc-local",
+    "tabby-local-nat": "bc-lnat",
+    "tabby-local-ctlb": "bc-lctlb",
+    "tabby-local-stack": "bc-lstack",
+}
 CLIENT_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": "1"}
 Progress = Callable[[str], None]
 
@@ -107,6 +132,7 @@ class BenchConfig:
     name: str = "tbench"
     connload: str = ""
     ext_settle_s: float = 2.0  # after a bpfExternalServiceMode switch, before the next cell
+    redirect: str = "Enabled"  # bpfRedirectToPeer of the tabby paths (tabby-local-stack: Disabled)
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchConfig:
@@ -132,6 +158,8 @@ class BenchConfig:
             raise BenchError(f"reps: {self.reps}: between 1 and 10")
         if not 0 < self.seconds <= 60 or not 0 < self.latency_seconds <= 60:
             raise BenchError("seconds / latency_seconds: in (0, 60]")
+        if self.redirect not in REDIRECT_MODES:
+            raise BenchError(f"redirect: {self.redirect!r}: one of {', '.join(REDIRECT_MODES)}")
         if not 1 <= self.inflight <= 1024:
             raise BenchError(f"inflight: {self.inflight}: between 1 and 1024")
         for p in self.paths:
@@ -471,13 +499,15 @@ class TabbySide:
         self.split_before: dict[str, float] = {}
         self.extra_procs: list[dict[str, Any]] = []
         self.ext_mode = "Tunnel"  # the lab's bpfExternalServiceMode
+        self.redirect = "Enabled"  # the lab's bpfRedirectToPeer (the default)
 
     @classmethod
     def up(cls, name: str, progress: Progress, external: bool = False) -> TabbySide:
         lab = Lab.up(name, nodes=2, progress=lambda m: progress(f"lab: {m}"))
         self = cls(lab)
-        for pod in CLIENT_PODS.values():
-            lab.add_pod(pod, "node1", image="pause", wait=False)
+        for path, pod in CLIENT_PODS.items():
+            node = "node2" if PATH_FAMILY[path] == "local" else "node1"
+            lab.add_pod(pod, node, image="pause", wait=False)
         lab.add_pod("web", "node2", image="nginx", labels={"app": "web"}, wait=False)
         web = {
             "apiVersion": "v1",
@@ -552,6 +582,17 @@ class TabbySide:
         # not shown to be the cause)
         time.sleep(settle_s)
 
+    def set_redirect(self, mode: str, settle_s: float) -> None:
+        """bpfRedirectToPeer, live (every agent reloads its programs), if it differs."""
+        if mode == self.redirect:
+            return
+        self.lab.datastore().patch(
+            "FelixConfiguration", "default", None, {"spec": {"bpfRedirectToPeer": mode}}
+        )
+        self.lab.wait_ready(timeout_s=120)
+        self.redirect = mode
+        time.sleep(settle_s)  # as after an ext mode switch
+
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -575,9 +616,9 @@ class TabbySide:
             node1 = self.lab.plan.node("node1").ip
             return Target(ext, node1, WEB_NODEPORT, None, src, IPERF_NODEPORT, iperf_reverse=True)
         client = self.lab.pod(CLIENT_PODS[path])
-        if path == "tabby-direct":
+        if path in ("tabby-direct", "tabby-local", "tabby-local-stack"):
             return Target(client["netns"], self.lab.pod("web")["ip"], 80)
-        if path == "tabby-nat":
+        if path in ("tabby-nat", "tabby-local-nat"):
             return Target(client["netns"], WEB_VIP, 80)
         return Target(client["netns"], WEB_VIP, 80, cgroup=client["cgroup"])
 
@@ -845,9 +886,12 @@ class Runner:
         if PATH_FAMILY[path] == "kernel":
             assert self.kernel is not None
             self.kernel.prepare_run(path)
-        elif path in EXT_MODES:
+        else:
             assert self.tabby is not None
-            self.tabby.set_ext_mode(EXT_MODES[path], self.cfg.ext_settle_s)
+            mode = PATH_REDIRECT.get(path, self.cfg.redirect)
+            self.tabby.set_redirect(mode, self.cfg.ext_settle_s)
+            if path in EXT_MODES:
+                self.tabby.set_ext_mode(EXT_MODES[path], self.cfg.ext_settle_s)
 
     def _server_pids(self, path: str) -> list[int]:
         if PATH_FAMILY[path] == "kernel":
