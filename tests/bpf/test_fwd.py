@@ -34,6 +34,7 @@ TC_ACT_REDIRECT = 7
 OTHER_POD_MAC = "02:fc:00:00:00:09"
 GATEWAY_MAC = "02:fa:b0:00:00:01"  # the data interface's next hop towards the remote block
 WLB_MTU = 1400
+ROUTE_MTU = 1480
 
 
 @dataclass
@@ -66,9 +67,9 @@ def node() -> Iterator[Node]:
         _ip(name, "addr", "add", f"{P.NODE_IP}/19", "dev", "data")
         _ip(name, "route", "add", f"{P.POD_IP}/32", "dev", "wla", "scope", "link")
         _ip(name, "route", "add", f"{P.OTHER_POD_IP}/32", "dev", "wlb", "scope", "link")
-        _ip(
-            name, "route", "add", "100.96.0.64/26", "via", P.REMOTE_NODE_IP, "dev", "data", "onlink"
-        )
+        # an IP-in-IP route: its MTU leaves room for the outer header on the data device
+        route = ["100.96.0.64/26", "via", P.REMOTE_NODE_IP, "dev", "data", "onlink"]
+        _ip(name, "route", "add", *route, "mtu", str(ROUTE_MTU))
         _ip(name, "route", "add", "100.96.0.32/32", "dev", "wlb", "scope", "link")  # no neigh
         _ip(
             name,
@@ -125,7 +126,7 @@ def _load(bpf_dir: Path, pin_root: str, node: Node, redirect: bool) -> DatapathO
     routes.upsert(f"{P.POD_IP}/32", RouteValue.local_workload(node.ifindex["wla"]))
     routes.upsert(f"{P.OTHER_POD_IP}/32", RouteValue.local_workload(node.ifindex["wlb"]))
     routes.upsert("100.96.0.32/32", RouteValue.local_workload(node.ifindex["wlb"]))
-    routes.upsert("100.96.0.64/26", RouteValue.remote_workload(P.REMOTE_NODE_IP))
+    routes.upsert("100.96.0.64/26", RouteValue.remote_workload(P.REMOTE_NODE_IP, "ipip"))
     routes.upsert(f"{P.NODE_IP}/32", RouteValue.local_host())
     routes.upsert(f"{P.REMOTE_NODE_IP}/32", RouteValue.remote_host(P.REMOTE_NODE_IP))
     return dp
@@ -144,11 +145,13 @@ def slow(bpf_dir: Path, pin_root: str, node: Node) -> Iterator[DatapathObjects]:
 
 
 def _run(
-    dp: DatapathObjects, node: Node, prog: str, frame: bytes, dev: str = "wla"
+    dp: DatapathObjects, node: Node, prog: str, frame: bytes, dev: str = "wla", gso_size: int = 0
 ) -> tuple[int, Ether, dict[Reason, int]]:
     counters = dp.counters()
     before = {r: counters.get(r) for r in Reason}
     ctx = SkBuffCtx(ifindex=node.ifindex[dev], ingress_ifindex=node.ifindex[dev])
+    if gso_size:  # a TSO aggregate as a pod sends it: segments of gso_size payload bytes
+        ctx.gso_size, ctx.gso_segs = gso_size, -(-len(frame) // gso_size)
     with enter_netns(node.netns):
         verdict, out, _ = libbpf.test_run(dp.prog_fd(prog), frame, ctx)
     delta = {r: counters.get(r) - n for r, n in before.items()}
@@ -228,6 +231,11 @@ FALLBACK = [
         Reason.FWD_FIB_MISS,
     ),
     ("neighbour not resolved yet", lambda: _frame("100.96.0.32"), Reason.FWD_FIB_MISS),
+    (
+        "too big for the route's MTU (IP-in-IP), not the device's",
+        lambda: _frame(P.REMOTE_POD_IP, size=ROUTE_MTU - 40 + 1),
+        Reason.FWD_FIB_MISS,
+    ),
     ("the node's own address", lambda: _frame(P.NODE_IP), Reason.FWD_FIB_MISS),
     ("no route", lambda: _frame(P.EXTERNAL_IP), Reason.FWD_FIB_MISS),
 ]
@@ -255,3 +263,26 @@ def test_disabled_leaves_everything_to_the_stack(slow: DatapathObjects, node: No
 def test_spoofed_source_is_dropped_before_the_fast_path(fast: DatapathObjects, node: Node) -> None:
     verdict, _, delta = _run(fast, node, "tby_from_wl", _frame(P.POD_IP, src=P.OTHER_POD_IP))
     assert (verdict, delta) == (libbpf.TC_ACT_SHOT, {Reason.DROP_SPOOF: 1})
+
+
+def test_the_route_mtu_is_a_limit_only_when_exceeded(fast: DatapathObjects, node: Node) -> None:
+    frame = _frame(P.REMOTE_POD_IP, size=ROUTE_MTU - 40)
+    verdict, out, _ = _run(fast, node, "tby_from_wl", frame)
+    assert verdict == TC_ACT_REDIRECT and len(out[IP]) == ROUTE_MTU
+
+
+@pytest.mark.parametrize(("gso_size", "redirected"), [(1000, True), (WLB_MTU - 40 + 1, False)])
+def test_a_gso_aggregate_is_judged_by_its_segments(
+    fast: DatapathObjects, node: Node, gso_size: int, redirected: bool
+) -> None:
+    # 3,000 bytes of TCP payload for wlb (MTU 1,400): segments of 1,000 fit, of 1,361 do not
+    # (test_run takes a page at most: no 64 KB aggregate here)
+    frame = _frame(P.OTHER_POD_IP, size=3000)
+    verdict, out, delta = _run(fast, node, "tby_from_wl", frame, gso_size=gso_size)
+    if redirected:
+        assert verdict == TC_ACT_REDIRECT
+        _redirected_to(out, node.mac["wlb"], OTHER_POD_MAC, 63)
+        assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_REDIRECT: 1}
+    else:
+        assert (verdict, raw(out)) == (TC_ACT_OK, frame)
+        assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_FIB_MISS: 1}

@@ -10,7 +10,7 @@
  * IP-in-IP). Whatever the stack would do differently goes to the stack
  * (TC_ACT_OK), never dropped: fragments, IP options, TTL <= 1, anything but
  * TCP and UDP (ICMP errors included), and every FIB answer but success (no
- * route, a local address, too big for the egress device, neighbour not
+ * route, a local address, too big for the route's MTU, neighbour not
  * resolved yet: the stack resolves it and the next packets take the fast
  * path).
  */
@@ -28,6 +28,7 @@
 #include "config.h"
 #include "counters.h"
 #include "fib.h"
+#include "ipip.h"
 #include "parse.h"
 
 #ifndef AF_INET
@@ -35,20 +36,42 @@
 #endif
 
 /*
- * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
- * to its next hop's device, or returns TC_ACT_OK for the stack.
+ * The length of the largest IP packet this skb will be on the wire: a GSO
+ * aggregate (a pod's TSO segment, up to 64 KB) is cut into gso_size payloads
+ * behind its headers; anything else is its own tot_len. 0: cannot tell.
  */
-static __always_inline int fwd_redirect(struct __sk_buff *skb)
+static __always_inline __u16 fwd_seg_len(struct __sk_buff *skb, const struct iphdr *ip,
+					 void *data_end)
+{
+	const struct tcphdr *tcp = (const void *)(ip + 1);
+
+	if (!skb->gso_size)
+		return bpf_ntohs(ip->tot_len);
+	if (ip->protocol == IPPROTO_UDP)
+		return sizeof(*ip) + sizeof(struct udphdr) + skb->gso_size;
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	return sizeof(*ip) + tcp->doff * 4 + skb->gso_size;
+}
+
+/*
+ * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
+ * to its next hop's device, or returns TC_ACT_OK for the stack. ``room``: the
+ * bytes the egress program will add (IP-in-IP's outer header), which the
+ * packet must leave under the device's MTU.
+ */
+static __always_inline int fwd_send(struct __sk_buff *skb, __u32 room)
 {
 	struct bpf_fib_lookup fib = {};
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	void *data, *data_end;
+	__u32 len;
 	__u8 ttl;
 
-	if (!cfg_redirect)
-		return TC_ACT_OK;
-	if (parse_pull(skb, TBY_IP_OFF + sizeof(*ip)))
+	/* the IP header and a TCP one (a GSO segment's length needs it) */
+	if (parse_pull(skb, TBY_IP_OFF + sizeof(*ip) + sizeof(struct tcphdr)) &&
+	    parse_pull(skb, TBY_IP_OFF + sizeof(*ip)))
 		goto stack;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -62,9 +85,14 @@ static __always_inline int fwd_redirect(struct __sk_buff *skb)
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
 	fib.l4_protocol = ip->protocol;
-	/* tot_len 0: the kernel checks the skb against the egress device's
-	 * MTU itself, GSO-aware (is_skb_forwardable): FRAG_NEEDED if too big */
-	fib.tot_len = 0;
+	/* checked against the egress device's MTU (FRAG_NEEDED if too big).
+	 * Not the route's: bpf_fib_lookup honours a route MTU only when locked,
+	 * where ip_forward always does; so IP-in-IP's room (its routes carry
+	 * data MTU - 20) is added here, and VXLAN's device has its own MTU. */
+	len = fwd_seg_len(skb, ip, data_end);
+	if (!len || len + room > 0xffff)
+		goto stack;
+	fib.tot_len = len + room;
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = skb->ifindex;
@@ -93,6 +121,21 @@ stack:
 	return TC_ACT_OK;
 }
 
+/* From a pod: to anywhere the FIB routes (another pod, another node, out). */
+static __always_inline int fwd_redirect(struct __sk_buff *skb)
+{
+	struct tby_route_val *rt;
+	__be32 daddr;
+
+	if (!cfg_redirect)
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
+			       sizeof(daddr)))
+		return TC_ACT_OK;
+	rt = route_lookup(daddr);
+	return fwd_send(skb, rt && ipip_route_ok(rt) ? TBY_IPIP_HLEN : 0);
+}
+
 /*
  * From the network (tunnel, data interface): only packets for a pod of this
  * node take the fast path; the node's own traffic and transit stay the
@@ -112,7 +155,7 @@ static __always_inline int fwd_local_wl(struct __sk_buff *skb)
 	rt = route_lookup(daddr);
 	if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
 		return TC_ACT_OK;
-	return fwd_redirect(skb);
+	return fwd_send(skb, 0);
 }
 
 #endif /* __TABBY_FWD_H */
