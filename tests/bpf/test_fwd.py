@@ -6,7 +6,9 @@ runs with this thread in a throw-away namespace shaped like a node: the pod's ho
 interface (``data``) with a remote pod block routed through it, each with a permanent neighbour
 entry of a MAC of its own. test_run does not carry the redirect out, so the egress device is
 told by the source MAC the program wrote (each device's own) and the destination MAC (its
-neighbour's).
+neighbour's), and a local pod's delivery (bpf_redirect_peer) by its counters: ``fwd_peer``
+and ``pass_wl_in`` (tby_to_wl's work, done on the way), where a packet for another node is
+``fwd_redirect``.
 """
 
 from __future__ import annotations
@@ -175,10 +177,11 @@ def _redirected_to(out: Ether, smac: str, dmac: str, ttl: int) -> None:
 
 
 def test_pod_to_pod_same_node(fast: DatapathObjects, node: Node) -> None:
+    # into the other pod's netns (bpf_redirect_peer), its to-workload work done on the way
     verdict, out, delta = _run(fast, node, "tby_from_wl", _frame(P.OTHER_POD_IP))
     assert verdict == TC_ACT_REDIRECT
     _redirected_to(out, node.mac["wlb"], OTHER_POD_MAC, 63)
-    assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_REDIRECT: 1}
+    assert delta == {Reason.PASS_WL_OUT: 1, Reason.PASS_WL_IN: 1, Reason.FWD_PEER: 1}
     assert out[TCP].dport == 80 and bytes(out[Raw]) == b"xxxxx"
 
 
@@ -195,7 +198,8 @@ def test_from_network_to_local_pod(fast: DatapathObjects, node: Node) -> None:
     verdict, out, delta = _run(fast, node, "tby_from_host", frame, dev="data")
     assert verdict == TC_ACT_REDIRECT
     _redirected_to(out, node.mac["wlb"], OTHER_POD_MAC, 63)
-    assert delta == {Reason.FWD_REDIRECT: 1}
+    # into the pod: to-workload's work done here (PASS_WL_IN), bpf_redirect_peer
+    assert delta == {Reason.PASS_WL_IN: 1, Reason.FWD_PEER: 1}
 
 
 def test_from_network_not_a_local_pod_is_left_alone(fast: DatapathObjects, node: Node) -> None:
@@ -282,7 +286,7 @@ def test_a_gso_aggregate_is_judged_by_its_segments(
     if redirected:
         assert verdict == TC_ACT_REDIRECT
         _redirected_to(out, node.mac["wlb"], OTHER_POD_MAC, 63)
-        assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_REDIRECT: 1}
+        assert delta == {Reason.PASS_WL_OUT: 1, Reason.PASS_WL_IN: 1, Reason.FWD_PEER: 1}
     else:
         assert (verdict, raw(out)) == (TC_ACT_OK, frame)
         assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_FIB_MISS: 1}

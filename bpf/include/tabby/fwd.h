@@ -29,6 +29,8 @@
 #include "counters.h"
 #include "fib.h"
 #include "ipip.h"
+#include "nat.h"
+#include "policy.h"
 #include "parse.h"
 
 #ifndef AF_INET
@@ -55,13 +57,39 @@ static __always_inline __u16 fwd_seg_len(struct __sk_buff *skb, const struct iph
 }
 
 /*
- * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
- * to its next hop's device, or returns TC_ACT_OK for the stack. ``room``: the
- * bytes the egress program will add (IP-in-IP's outer header), which the
- * packet must leave under the device's MTU.
+ * A local pod's packet goes into the pod's netns (bpf_redirect_peer): its
+ * host veth's egress, and so tby_to_wl, is skipped, so its work is done here,
+ * exactly as tc_to_workload.c does it: ingress policy on the tuple as it
+ * arrives, then conntrack (replies of flows NATed elsewhere).
  */
-static __always_inline int fwd_send(struct __sk_buff *skb, __u32 room)
+static __always_inline int fwd_deliver(struct __sk_buff *skb, __u32 ifindex)
 {
+	struct parsed_pkt pkt = {};
+
+	if (parse_packet(skb, &pkt) != PARSE_IPV4) {
+		counter_inc(TBY_R_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	if (pol_ingress(skb, &pkt) == POL_DROP)
+		return TC_ACT_SHOT;
+	if (nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
+		return TC_ACT_SHOT;
+	counter_inc(TBY_R_PASS_WL_IN);
+	counter_inc(TBY_R_FWD_PEER);
+	return bpf_redirect_peer(ifindex, 0);
+}
+
+/*
+ * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
+ * to its next hop's device, or returns TC_ACT_OK for the stack. ``rt``: the
+ * destination's tby_routes entry, if any: a local pod's packet goes into its
+ * netns (fwd_deliver); IP-in-IP's outer header (added by the egress program)
+ * must fit under the device's MTU.
+ */
+static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_route_val *rt)
+{
+	__u32 room = rt && ipip_route_ok(rt) ? TBY_IPIP_HLEN : 0;
+	__u32 pod_if = rt && (rt->flags & TBY_RT_LOCAL_WL) ? rt->ifindex : 0;
 	struct bpf_fib_lookup fib = {};
 	struct ethhdr *eth;
 	struct iphdr *ip;
@@ -114,6 +142,8 @@ static __always_inline int fwd_send(struct __sk_buff *skb, __u32 room)
 	ip->ttl = ttl - 1;
 	bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
 			    bpf_htons((__u16)ttl << 8), bpf_htons((__u16)(ttl - 1) << 8), 2);
+	if (pod_if && pod_if == fib.ifindex)
+		return fwd_deliver(skb, pod_if);
 	counter_inc(TBY_R_FWD_REDIRECT);
 	return bpf_redirect(fib.ifindex, 0);
 stack:
@@ -133,7 +163,7 @@ static __always_inline int fwd_redirect(struct __sk_buff *skb)
 			       sizeof(daddr)))
 		return TC_ACT_OK;
 	rt = route_lookup(daddr);
-	return fwd_send(skb, rt && ipip_route_ok(rt) ? TBY_IPIP_HLEN : 0);
+	return fwd_send(skb, rt);
 }
 
 /*
@@ -155,7 +185,7 @@ static __always_inline int fwd_local_wl(struct __sk_buff *skb)
 	rt = route_lookup(daddr);
 	if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
 		return TC_ACT_OK;
-	return fwd_send(skb, 0);
+	return fwd_send(skb, rt);
 }
 
 #endif /* __TABBY_FWD_H */

@@ -63,6 +63,7 @@ enum tby_reason {
 	TBY_R_FWD_REDIRECT, /* fast path: sent to the next hop's device, the node's stack skipped */
 	TBY_R_FWD_STACK, /* fast path on, left to the stack: fragment, options, TTL, not TCP/UDP */
 	TBY_R_FWD_FIB_MISS, /* fast path on, the FIB said no (route, local, MTU, neighbour): stack */
+	TBY_R_FWD_PEER, /* fast path: a local pod's packet put into its netns (bpf_redirect_peer) */
 	TBY_REASON_MAX,
 };
 

@@ -74,6 +74,7 @@ class Reason(enum.IntEnum):
     FWD_REDIRECT = 52
     FWD_STACK = 53
     FWD_FIB_MISS = 54
+    FWD_PEER = 55
 
     @property
     def c_name(self) -> str:
