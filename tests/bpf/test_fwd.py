@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import packets as P
 import pytest
@@ -26,8 +27,13 @@ from scapy.all import IP, TCP, UDP, Ether, Raw, raw
 from tabby.bpf import libbpf
 from tabby.bpf.libbpf import TC_ACT_OK, SkBuffCtx
 from tabby.bpf.maps.counters import Reason
+from tabby.bpf.maps.policy import SPECS as POLICY_SPECS
+from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import RouteValue
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
+from tabby.calc import policy as calc_policy
+from tabby.dataplane.policy import PolicyManager
+from tabby.model.validate import validate
 from tabby.netlink.netns import enter_netns
 
 pytestmark = pytest.mark.root
@@ -290,3 +296,66 @@ def test_a_gso_aggregate_is_judged_by_its_segments(
     else:
         assert (verdict, raw(out)) == (TC_ACT_OK, frame)
         assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_FIB_MISS: 1}
+
+
+def _isolate_other_pod(dp: DatapathObjects) -> None:
+    """x/server (OTHER_POD_IP, behind wlb) admits TCP 80 from x/client (POD_IP) only."""
+
+    def pod(name: str, ip: str) -> dict[str, Any]:
+        return {
+            "kind": "Pod",
+            "metadata": {"namespace": "x", "name": name, "labels": {"app": name}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": {"podIP": ip, "phase": "Running"},
+        }
+
+    only_client = validate(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"namespace": "x", "name": "server-from-client"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "server"}},
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                        "ports": [{"port": 80, "protocol": "TCP"}],
+                    }
+                ],
+            },
+        }
+    )
+    objs = [
+        pod("server", P.OTHER_POD_IP),
+        pod("client", P.POD_IP),
+        {"kind": "Namespace", "metadata": {"name": "x"}},
+        only_client,
+    ]
+    res: dict[str, dict[tuple[str, str], Any]] = {}
+    for o in objs:
+        res.setdefault(o["kind"], {})[
+            (o["metadata"].get("namespace", ""), o["metadata"]["name"])
+        ] = o
+    manager = PolicyManager(PolicyMaps(*(dp.map(s) for s in POLICY_SPECS)))
+    assert not manager.apply(calc_policy.compute(res, "n1")).errors
+
+
+def test_the_destination_pods_ingress_policy_is_judged_before_its_netns(
+    fast: DatapathObjects, node: Node
+) -> None:
+    # tby_to_wl is skipped for a packet put into its pod's netns: fwd_deliver judges it
+    _isolate_other_pod(fast)
+    syn = raw(
+        P.eth() / IP(src=P.POD_IP, dst=P.OTHER_POD_IP) / TCP(sport=40001, dport=80, flags="S")
+    )
+    verdict, _, delta = _run(fast, node, "tby_from_wl", syn)
+    assert verdict == TC_ACT_REDIRECT
+    assert delta[Reason.FWD_PEER] == 1 and delta[Reason.POL_NEW] >= 1, delta
+    denied = raw(
+        P.eth() / IP(src=P.POD_IP, dst=P.OTHER_POD_IP) / TCP(sport=40002, dport=81, flags="S")
+    )
+    verdict, _, delta = _run(fast, node, "tby_from_wl", denied)
+    assert (verdict, delta) == (
+        libbpf.TC_ACT_SHOT,
+        {Reason.PASS_WL_OUT: 1, Reason.DROP_POL_IN: 1},
+    )

@@ -4,9 +4,10 @@
  * once a program has done its work on a packet the node would only forward,
  * send it straight to the device the kernel's FIB names, with the MACs of its
  * neighbour table and the TTL a router would leave, skipping the node's IP
- * stack (ip_rcv, netfilter, ip_forward, neighbour output). It goes to that
- * device's egress, so its own tc program still runs: to-workload (ingress
- * policy, replies of NAT flows), the tunnel (VXLAN key), to-host (natOutgoing,
+ * stack (ip_rcv, netfilter, ip_forward, neighbour output). A pod of this
+ * node gets it in its own netns (bpf_redirect_peer), to-workload's work done
+ * on the way (fwd_deliver); anything else goes to the device's egress, so its
+ * own tc program still runs: the tunnel (VXLAN key), to-host (natOutgoing,
  * IP-in-IP). Whatever the stack would do differently goes to the stack
  * (TC_ACT_OK), never dropped: fragments, IP options, TTL <= 1, anything but
  * TCP and UDP (ICMP errors included), and every FIB answer but success (no
