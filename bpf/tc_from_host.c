@@ -6,7 +6,8 @@
  * straight to the pod, fwd.h) or reverse-translate -> conntrack (replies of
  * SNATed service flows) ->
  * NodePort / LoadBalancer / externalIP frontends (a remote backend in Tunnel
- * or DSR mode: into the ext tunnel) -> let the node's kernel route.
+ * or DSR mode: into the ext tunnel) -> a local pod's packet straight to its
+ * veth (fwd.h, bpfRedirectToPeer), the rest to the node's kernel.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -58,8 +59,6 @@ static __always_inline int from_host_refuse(struct __sk_buff *skb, struct parsed
 static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pkt *pkt,
 					 const struct tby_ext_hdr *ext, __be32 from)
 {
-	__u32 wl_ifindex = 0;
-
 	if (parse_packet(skb, pkt) != PARSE_IPV4) {
 		counter_inc(TBY_R_DROP_MALFORMED);
 		return TC_ACT_SHOT;
@@ -75,9 +74,9 @@ static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pk
 			return TC_ACT_OK;
 		}
 	}
-	switch (exttun_record(skb, pkt, ext, from, &wl_ifindex)) {
+	switch (exttun_record(skb, pkt, ext, from)) {
 	case 0: /* recorded: straight to the pod (fwd.h) */
-		return fwd_to_workload(skb, wl_ifindex);
+		return fwd_local_wl(skb);
 	case TBY_EXT_COLLISION:
 		return from_host_refuse(skb, pkt, ext);
 	default:
@@ -129,7 +128,9 @@ int tby_from_host(struct __sk_buff *skb)
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	default:
-		return TC_ACT_OK;
+		/* a local pod's packet (IP-in-IP, BGP routes, NodePort to a local
+		 * backend): to its veth (fwd.h); the rest is the stack's */
+		return fwd_local_wl(skb);
 	}
 }
 

@@ -2,7 +2,8 @@
 /*
  * from-workload: TC ingress of a pod's host-side veth, i.e. packets the pod
  * sends. parse -> anti-spoofing -> conntrack / service NAT -> egress policy
- * on the translated packet -> let the node's kernel forward. IPv6: anti-spoofing
+ * on the translated packet -> forward: straight to the next hop's device
+ * (fwd.h, bpfRedirectToPeer) or through the node's stack. IPv6: anti-spoofing
  * (tby_wl6) -> egress policy (policy6.h) -> IPv6 NodePort replies (nat6.h).
  */
 #include <linux/bpf.h>
@@ -101,7 +102,7 @@ int tby_from_wl(struct __sk_buff *skb)
 		 * pod's ingress policy; its egress policy has nothing to judge */
 		mark_nat_done(skb);
 		counter_inc(TBY_R_PASS_WL_OUT);
-		return fwd_to_data(skb, &pkt);
+		return fwd_redirect(skb);
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	case NAT_DONE:
@@ -113,7 +114,7 @@ int tby_from_wl(struct __sk_buff *skb)
 	if (pol_egress(skb, translated, &pkt) == POL_DROP)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_PASS_WL_OUT);
-	return TC_ACT_OK;
+	return fwd_redirect(skb);
 }
 
 char LICENSE[] SEC("license") = "GPL";

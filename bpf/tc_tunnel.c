@@ -2,8 +2,9 @@
 /*
  * tunnel: TC on the node's single collect-metadata VXLAN device.
  * egress: route the inner destination to the node owning it and set the
- * tunnel key; ingress: accept only our VNI from known nodes, and translate
- * replies of service flows this node NATed.
+ * tunnel key; ingress: accept only our VNI from known nodes, translate
+ * replies of service flows this node NATed, and (fwd.h) send local pods'
+ * packets straight to their veth.
  */
 #include <linux/bpf.h>
 #include <linux/if_packet.h>
@@ -16,6 +17,7 @@
 #include "tabby/counters.h"
 #include "tabby/encap.h"
 #include "tabby/fib.h"
+#include "tabby/fwd.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
 
@@ -102,11 +104,15 @@ int tby_tun_ingress(struct __sk_buff *skb)
 	 */
 	if (skb->pkt_type == PACKET_OTHERHOST)
 		bpf_skb_change_type(skb, PACKET_HOST);
-	if (pkt.eth_proto == bpf_htons(ETH_P_IP) &&
-	    nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
+	if (pkt.eth_proto != bpf_htons(ETH_P_IP)) {
+		counter_inc(TBY_R_DECAP_VXLAN);
+		return TC_ACT_OK;
+	}
+	if (nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_DECAP_VXLAN);
-	return TC_ACT_OK;
+	/* a local pod's packet: to its veth (to-workload runs there) */
+	return fwd_local_wl(skb);
 }
 
 char LICENSE[] SEC("license") = "GPL";

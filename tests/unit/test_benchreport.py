@@ -157,3 +157,38 @@ def test_config_refuses_bad_input_naming_the_field() -> None:
     with pytest.raises(benchrun.BenchError, match="load generator"):
         benchrun.BenchConfig(connload="/nonexistent/connload").check()
     benchrun.BenchConfig.quick(**good).check()
+
+
+def test_local_rows_are_taken_against_plain_and_checked_against_the_stretch_target() -> None:
+    # the same shape as plain: tabby-local 1.3x of its repetition's plain, the stack path 0.9x
+    cells = []
+    for rep, plain in enumerate((10000.0, 20000.0, 15000.0)):
+        for path, rate in (
+            ("plain", plain),
+            ("tabby-local", plain * 1.3),
+            ("tabby-local-nat", plain * 1.1),
+            ("tabby-local-stack", plain * 0.9),
+        ):
+            cells += [cell(1, rep, path, "rate", rate), cell(1, rep, path, "latency", 1000)]
+    summary = benchreport.summarise(run(cells, [size(1)]))
+    rows = {r["path"]: r for r in summary["rows"]}
+    assert rows["tabby-local"]["denominator"] == "plain"
+    assert rows["tabby-local"]["ratio"]["median"] == pytest.approx(1.3)
+    assert rows["tabby-local-stack"]["ratio"]["median"] == pytest.approx(0.9)
+    verdicts = {t["target"]: t["verdict"] for t in summary["targets"]}
+    assert verdicts["tabby-local conn/s vs plain (same shape) at N=1"] == "met"
+    assert verdicts["tabby-local-nat conn/s vs plain (same shape) at N=1"] == "MISSED"
+    assert not any("tabby-local-ctlb" in t for t in verdicts)  # not measured in this run
+    assert benchrun.PATH_REDIRECT["tabby-local-stack"] == "Disabled"
+
+
+def test_bench_config_refuses_an_unknown_redirect_mode(tmp_path: Path) -> None:
+    exe = tmp_path / "connload"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    cfg = benchrun.BenchConfig(connload=str(exe), redirect="L2Only")
+    with pytest.raises(benchrun.BenchError, match="redirect: 'L2Only'"):
+        cfg.check()
+    cfg = benchrun.BenchConfig(connload=str(exe), paths=("tabby-local",))
+    with pytest.raises(benchrun.BenchError, match="tabby-local needs its denominator plain"):
+        cfg.check()

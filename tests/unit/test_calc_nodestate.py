@@ -190,6 +190,20 @@ def test_dsr_warns_when_replies_carry_sources_of_other_subnets():
     assert compute(resources(two_subnets), "n1").ext_mode == "Tunnel"
 
 
+def test_redirect_to_peer_is_enabled_unless_disabled():
+    def felix(mode):
+        return {
+            "kind": "FelixConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"bpfRedirectToPeer": mode},
+        }
+
+    nodes = [node("n1", "172.20.32.10")]
+    assert compute(resources(nodes), "n1").redirect is True
+    assert compute(resources(nodes + [felix("Enabled")]), "n1").redirect is True
+    assert compute(resources(nodes + [felix("Disabled")]), "n1").redirect is False
+
+
 def test_maglev_options_come_from_felixconfiguration():
     fc = {
         "kind": "FelixConfiguration",

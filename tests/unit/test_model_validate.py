@@ -99,6 +99,13 @@ def test_felix_configuration_defaults_and_enums():
     assert spec == {"bpfEnabled": True, "vxlanVNI": 4096, "vxlanPort": 4789}
     bad = {**felix, "spec": {"bpfExternalServiceMode": "Direct"}}
     assert "spec.bpfExternalServiceMode: must be one of Tunnel|DSR" in error_of(bad)
+    bad = {**felix, "spec": {"bpfRedirectToPeer": "L2Only"}}
+    assert "spec.bpfRedirectToPeer: must be one of Enabled|Disabled" in error_of(bad)
+    assert "spec.bpfRedirectToPeer: must be one of" in error_of(
+        {**felix, "spec": {"bpfRedirectToPeer": True}}
+    )
+    ok = validate({**felix, "spec": {"bpfRedirectToPeer": "Disabled"}})
+    assert ok["spec"]["bpfRedirectToPeer"] == "Disabled"
     assert "spec.bpfDataIfacePattern" in error_of({**felix, "spec": {"bpfDataIfacePattern": "("}})
     assert "spec.vxlanVNI" in error_of({**felix, "spec": {"vxlanVNI": 1 << 24}})
 

@@ -26,5 +26,7 @@ const volatile __u32 cfg_data_mtu = 1500; /* its MTU: what an encapsulated packe
 const volatile __u32 cfg_vxlan_port = 4789; /* UDP port of VXLAN, ext tunnel included */
 /* Maglev table size M (a prime; bpfMaglevMaxEndpointsPerService); 0: no table */
 const volatile __u32 cfg_maglev_m = 0;
+/* bpfRedirectToPeer: 1 forwarded packets skip the node's stack (fwd.h) */
+const volatile __u32 cfg_redirect = 0;
 
 #endif /* __TABBY_CONFIG_H */

@@ -196,16 +196,14 @@ static __always_inline enum exttun_result exttun_decap(struct __sk_buff *skb,
 
 /*
  * The backend's node: records (or refreshes) the forwarded flow of an
- * unwrapped packet, which must be for a local pod (else -1, counted; on
- * success *wl_ifindex is the pod's host-side veth). A flow
+ * unwrapped packet, which must be for a local pod (else -1, counted). A flow
  * of the same client port to the same backend through another frontend,
  * still open, is the documented collision: TBY_EXT_COLLISION, not counted,
  * the caller refuses it (the first flow keeps working).
  */
 static __always_inline int exttun_record(struct __sk_buff *skb,
 					 const struct parsed_pkt *pkt,
-					 const struct tby_ext_hdr *ext, __be32 ingress,
-					 __u32 *wl_ifindex)
+					 const struct tby_ext_hdr *ext, __be32 ingress)
 {
 	struct tby_route_val *rt = route_lookup(pkt->daddr);
 	__u32 flags = (ext->flags & TBY_EXT_F_DSR) ? TBY_CTF_DSR : 0;
@@ -217,7 +215,6 @@ static __always_inline int exttun_record(struct __sk_buff *skb,
 		counter_inc(TBY_R_DROP_EXT_FLOW);
 		return -1;
 	}
-	*wl_ifindex = rt->ifindex;
 	v = bpf_map_lookup_elem(&tby_ct, &f.key);
 	if (v && v->type == TBY_CT_EXT && v->nat_addr == ext->fe_addr &&
 	    v->nat_port == ext->fe_port) {

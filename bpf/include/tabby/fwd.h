@@ -1,79 +1,192 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Forwarding in BPF, for packets tabby has handled whole on this node: they
- * go to their device without the node's IP stack (ip_rcv, netfilter, the
- * route lookup, ip_forward, neighbour output), as Calico's FIB fast path
- * does. The TTL goes down by one, as the router the node is. Whatever the
- * fast path cannot take (a TTL about to expire, a route through another
- * device, no neighbour entry yet, too big for the device) gets TC_ACT_OK:
- * the stack handles it as it always did (ICMP errors, ARP, other routes).
+ * The fast path (FelixConfiguration bpfRedirectToPeer, .rodata cfg_redirect):
+ * once a program has done its work on a packet the node would only forward,
+ * send it straight to the device the kernel's FIB names, with the MACs of its
+ * neighbour table and the TTL a router would leave, skipping the node's IP
+ * stack (ip_rcv, netfilter, ip_forward, neighbour output). A pod of this
+ * node gets it in its own netns (bpf_redirect_peer), to-workload's work done
+ * on the way (fwd_deliver); anything else goes to the device's egress, so its
+ * own tc program still runs: the tunnel (VXLAN key), to-host (natOutgoing,
+ * IP-in-IP). Whatever the stack would do differently goes to the stack
+ * (TC_ACT_OK), never dropped: fragments, IP options, TTL <= 1, anything but
+ * TCP and UDP (ICMP errors included), and every FIB answer but success (no
+ * route, a local address, too big for the route's MTU, neighbour not
+ * resolved yet: the stack resolves it and the next packets take the fast
+ * path).
  */
 #ifndef __TABBY_FWD_H
 #define __TABBY_FWD_H
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
-#include <linux/stddef.h>
+#include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "config.h"
 #include "counters.h"
+#include "fib.h"
+#include "ipip.h"
+#include "nat.h"
+#include "policy.h"
 #include "parse.h"
 
-#define TBY_AF_INET 2
+#ifndef AF_INET
+#define AF_INET 2
+#endif
 
-/* The TTL down by one, checksum fixed; -1 (untouched) if it would reach 0. */
-static __always_inline int fwd_ttl_dec(struct __sk_buff *skb)
+/*
+ * The length of the largest IP packet this skb will be on the wire: a GSO
+ * aggregate (a pod's TSO segment, up to 64 KB) is cut into gso_size payloads
+ * behind its headers; anything else is its own tot_len. 0: cannot tell.
+ */
+static __always_inline __u16 fwd_seg_len(struct __sk_buff *skb, const struct iphdr *ip,
+					 void *data_end)
 {
-	__u32 off = TBY_IP_OFF + offsetof(struct iphdr, ttl);
-	__u8 w[2], n[2]; /* TTL and protocol: one 16-bit word of the checksum */
+	const struct tcphdr *tcp = (const void *)(ip + 1);
 
-	if (bpf_skb_load_bytes(skb, off, w, sizeof(w)) || w[0] <= 1)
-		return -1;
-	n[0] = w[0] - 1;
-	n[1] = w[1];
-	if (bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
-				*(__u16 *)w, *(__u16 *)n, sizeof(__u16)) ||
-	    bpf_skb_store_bytes(skb, off, n, 1, 0))
-		return -1;
-	return 0;
+	if (!skb->gso_size)
+		return bpf_ntohs(ip->tot_len);
+	if (ip->protocol == IPPROTO_UDP)
+		return sizeof(*ip) + sizeof(struct udphdr) + skb->gso_size;
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	return sizeof(*ip) + tcp->doff * 4 + skb->gso_size;
 }
 
-/* To a local pod through its host-side veth (ifindex: its TBY_RT_LOCAL_WL
- * route's); the kernel's neighbour entry gives the MAC addresses. */
-static __always_inline int fwd_to_workload(struct __sk_buff *skb, __u32 ifindex)
+/*
+ * A local pod's packet goes into the pod's netns (bpf_redirect_peer): its
+ * host veth's egress, and so tby_to_wl, is skipped, so its work is done here,
+ * exactly as tc_to_workload.c does it: ingress policy on the tuple as it
+ * arrives, then conntrack (replies of flows NATed elsewhere).
+ */
+static __always_inline int fwd_deliver(struct __sk_buff *skb, __u32 ifindex)
 {
-	if (!ifindex || fwd_ttl_dec(skb))
-		return TC_ACT_OK;
-	counter_inc(TBY_R_FWD_BPF);
-	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+	struct parsed_pkt pkt = {};
+
+	if (parse_packet(skb, &pkt) != PARSE_IPV4) {
+		counter_inc(TBY_R_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	if (pol_ingress(skb, &pkt) == POL_DROP)
+		return TC_ACT_SHOT;
+	if (nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
+		return TC_ACT_SHOT;
+	counter_inc(TBY_R_PASS_WL_IN);
+	counter_inc(TBY_R_FWD_PEER);
+	return bpf_redirect_peer(ifindex, 0);
 }
 
-/* Out of the data interface, if the node's routes send it there and its
- * next hop's MAC is known. */
-static __always_inline int fwd_to_data(struct __sk_buff *skb, const struct parsed_pkt *pkt)
+/*
+ * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
+ * to its next hop's device, or returns TC_ACT_OK for the stack. ``rt``: the
+ * destination's tby_routes entry, if any: a local pod's packet goes into its
+ * netns (fwd_deliver); IP-in-IP's outer header (added by the egress program)
+ * must fit under the device's MTU.
+ */
+static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_route_val *rt)
 {
-	struct bpf_fib_lookup p = {
-		.family = TBY_AF_INET,
-		.l4_protocol = pkt->ip_proto,
-		.ipv4_src = pkt->saddr,
-		.ipv4_dst = pkt->daddr,
-		.ifindex = skb->ifindex,
-	};
+	__u32 room = rt && ipip_route_ok(rt) ? TBY_IPIP_HLEN : 0;
+	__u32 pod_if = rt && (rt->flags & TBY_RT_LOCAL_WL) ? rt->ifindex : 0;
+	struct bpf_fib_lookup fib = {};
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	void *data, *data_end;
+	__u32 len;
+	__u8 ttl;
 
-	/* tot_len 0: the kernel checks the skb itself against the MTU (GSO too) */
-	if (!cfg_data_ifindex ||
-	    bpf_fib_lookup(skb, &p, sizeof(p), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
-	    p.ifindex != cfg_data_ifindex)
+	/* the IP header and a TCP one (a GSO segment's length needs it) */
+	if (parse_pull(skb, TBY_IP_OFF + sizeof(*ip) + sizeof(struct tcphdr)) &&
+	    parse_pull(skb, TBY_IP_OFF + sizeof(*ip)))
+		goto stack;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = data + TBY_IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		goto stack;
+	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(TBY_IP_MF | TBY_IP_OFFSET)) ||
+	    ip->ttl <= 1 || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+		goto stack;
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	/* checked against the egress device's MTU (FRAG_NEEDED if too big).
+	 * Not the route's: bpf_fib_lookup honours a route MTU only when locked,
+	 * where ip_forward always does; so IP-in-IP's room (its routes carry
+	 * data MTU - 20) is added here, and VXLAN's device has its own MTU. */
+	len = fwd_seg_len(skb, ip, data_end);
+	if (!len || len + room > 0xffff)
+		goto stack;
+	fib.tot_len = len + room;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ifindex;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		counter_inc(TBY_R_FWD_FIB_MISS);
 		return TC_ACT_OK;
-	/* the stack would rewrite the MAC addresses too: harmless if it takes over */
-	if (bpf_skb_store_bytes(skb, 0, p.dmac, ETH_ALEN, 0) ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, p.smac, ETH_ALEN, 0) || fwd_ttl_dec(skb))
+	}
+	/* the helper may have moved the data: load the pointers again */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = data + TBY_IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		goto stack;
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	/* as ip_forward: TTL - 1, the checksum by difference (protocol kept) */
+	ttl = ip->ttl;
+	ip->ttl = ttl - 1;
+	bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
+			    bpf_htons((__u16)ttl << 8), bpf_htons((__u16)(ttl - 1) << 8), 2);
+	if (pod_if && pod_if == fib.ifindex)
+		return fwd_deliver(skb, pod_if);
+	counter_inc(TBY_R_FWD_REDIRECT);
+	return bpf_redirect(fib.ifindex, 0);
+stack:
+	counter_inc(TBY_R_FWD_STACK);
+	return TC_ACT_OK;
+}
+
+/* From a pod: to anywhere the FIB routes (another pod, another node, out). */
+static __always_inline int fwd_redirect(struct __sk_buff *skb)
+{
+	struct tby_route_val *rt;
+	__be32 daddr;
+
+	if (!cfg_redirect)
 		return TC_ACT_OK;
-	counter_inc(TBY_R_FWD_BPF);
-	return bpf_redirect(p.ifindex, 0);
+	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
+			       sizeof(daddr)))
+		return TC_ACT_OK;
+	rt = route_lookup(daddr);
+	return fwd_send(skb, rt);
+}
+
+/*
+ * From the network (tunnel, data interface): only packets for a pod of this
+ * node take the fast path; the node's own traffic and transit stay the
+ * stack's without a FIB lookup. The address is read from the packet, which
+ * NAT may have rewritten.
+ */
+static __always_inline int fwd_local_wl(struct __sk_buff *skb)
+{
+	struct tby_route_val *rt;
+	__be32 daddr;
+
+	if (!cfg_redirect)
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
+			       sizeof(daddr)))
+		return TC_ACT_OK;
+	rt = route_lookup(daddr);
+	if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
+		return TC_ACT_OK;
+	return fwd_send(skb, rt);
 }
 
 #endif /* __TABBY_FWD_H */

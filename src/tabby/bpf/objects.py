@@ -74,6 +74,7 @@ class DatapathConfig(ctypes.Structure):
         ("cfg_data_mtu", ctypes.c_uint32),
         ("cfg_vxlan_port", ctypes.c_uint32),
         ("cfg_maglev_m", ctypes.c_uint32),
+        ("cfg_redirect", ctypes.c_uint32),
     ]
 
     @classmethod
@@ -89,6 +90,7 @@ class DatapathConfig(ctypes.Structure):
         data_mtu: int = 1500,
         vxlan_port: int = 4789,
         maglev_m: int = 0,
+        redirect: bool = False,
     ) -> DatapathConfig:
         if not 0 < vni < 1 << 24:
             raise ValueError(f"VNI {vni} is outside 1..16777215")
@@ -103,6 +105,7 @@ class DatapathConfig(ctypes.Structure):
             cfg_data_mtu=data_mtu,
             cfg_vxlan_port=vxlan_port,
             cfg_maglev_m=maglev_m,
+            cfg_redirect=int(redirect),
         )
 
 

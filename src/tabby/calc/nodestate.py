@@ -99,6 +99,7 @@ class NodeState:
     warnings: list[str] = field(default_factory=list)
     ctlb_mode: Literal["TCP", "Enabled", "Disabled"] = "TCP"  # bpfConnectTimeLoadBalancing
     ext_mode: Literal["Tunnel", "DSR"] = "Tunnel"  # bpfExternalServiceMode
+    redirect: bool = True  # bpfRedirectToPeer: forwarded packets skip the node's stack
     maglev_max_services: int = maglev.DEFAULT_MAX_SERVICES  # bpfMaglevMaxServices
     # bpfMaglevMaxEndpointsPerService: sizes the tables (calc.maglev.table_size)
     maglev_max_endpoints: int = maglev.DEFAULT_MAX_ENDPOINTS
@@ -221,6 +222,7 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
     state.attach_type = "TC" if cfg.get("bpfAttachType") == "TC" else "TCX"
     state.ctlb_mode = cfg.get("bpfConnectTimeLoadBalancing", "TCP")
     state.ext_mode = "DSR" if cfg.get("bpfExternalServiceMode") == "DSR" else "Tunnel"
+    state.redirect = cfg.get("bpfRedirectToPeer", "Enabled") == "Enabled"
     state.maglev_max_services = int(cfg.get("bpfMaglevMaxServices", maglev.DEFAULT_MAX_SERVICES))
     state.maglev_max_endpoints = int(
         cfg.get("bpfMaglevMaxEndpointsPerService", maglev.DEFAULT_MAX_ENDPOINTS)

@@ -29,9 +29,16 @@ def bench(
     ),
     sizes: str = typer.Option("", help="services per step, e.g. 1,1000,20000 (default: full)"),
     reps: int = typer.Option(0, help="interleaved repetitions (default 3; --quick 1)"),
-    seconds: float = typer.Option(0.0, help="per rate cell (default 5; --quick 2)"),
-    latency_seconds: float = typer.Option(0.0, help="per latency cell (default 2; --quick 1)"),
-    paths: str = typer.Option("", help="comma-separated subset of the paths (default: all)"),
+    seconds: float = typer.Option(0.0, help="per rate cell (default 3; --quick 2)"),
+    latency_seconds: float = typer.Option(0.0, help="per latency cell (default 1; --quick 1)"),
+    paths: str = typer.Option(
+        "", help="comma-separated paths (default: all but tabby-local-stack)"
+    ),
+    redirect_to_peer: str = typer.Option(
+        "Enabled",
+        help="bpfRedirectToPeer for the tabby paths: Enabled or Disabled "
+        "(tabby-local-stack is always Disabled)",
+    ),
     name: str = typer.Option("tbench", help="lab name; baselines use <name>k-*"),
     results: str = typer.Option(
         "", help="results folder (default bench/results/<quick|full> under the current dir)"
@@ -47,7 +54,11 @@ def bench(
         _fail(f"--output must be table or json, not {output!r}")
     if os.geteuid() != 0:
         _fail("tabbyctl bench needs root (namespaces, rules, the lab)")
-    kw: dict[str, object] = {"name": name, "connload": benchrun.default_connload()}
+    kw: dict[str, object] = {
+        "name": name,
+        "connload": benchrun.default_connload(),
+        "redirect": redirect_to_peer,
+    }
     if sizes:
         kw["sizes"] = _ints(sizes, "--sizes")
     if reps:

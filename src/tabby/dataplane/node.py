@@ -373,6 +373,7 @@ class _LoadKey:
     data_mtu: int
     vxlan_port: int
     maglev_m: int
+    redirect: bool
 
 
 def _maglev_config(state: NodeState) -> MaglevConfig:
@@ -393,6 +394,7 @@ def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
         mtu,
         state.vxlan_port,
         _maglev_config(state).m,
+        state.redirect,
     )
 
 
@@ -408,6 +410,7 @@ def _load(pin_root: str, key: _LoadKey) -> DatapathObjects:
         data_mtu=key.data_mtu,
         vxlan_port=key.vxlan_port,
         maglev_m=key.maglev_m,
+        redirect=key.redirect,
     )
     return DatapathObjects(pin_root, config).load()
 

@@ -18,6 +18,7 @@ from tabby.lab.benchrun import DENOMINATOR, PATH_FAMILY
 
 # the issue's targets, at the largest N of a run
 TARGET_RATIO = 1.0  # ClusterIP conn/s >= 1.0x plain routing
+TARGET_LOCAL_RATIO = 1.2  # stretch: the kernel paths' shape, the node's stack skipped
 TARGET_FLAT = 0.05  # ... within 5% from the smallest N to the largest
 TARGET_P99 = 1.1  # connect+first-byte p99 <= 1.1x plain routing's
 TARGET_PROGRAM_S = 1.0  # 20,000 services x 3 endpoints from scratch
@@ -147,6 +148,17 @@ def targets(rows: list[dict[str, Any]], per_size: list[dict[str, Any]]) -> list[
                 f"<= {TARGET_P99}x",
                 p99 <= TARGET_P99,
             )
+    for path in ("tabby-local", "tabby-local-nat", "tabby-local-ctlb"):
+        r = row(big, path)
+        ratio = r["ratio"]["median"] if r and r["ratio"] else None
+        if ratio is None:
+            continue  # a run without the local rows says nothing about them
+        add(
+            f"{path} conn/s vs plain (same shape) at N={big:,}",
+            ratio,
+            f">= {TARGET_LOCAL_RATIO}x",
+            ratio >= TARGET_LOCAL_RATIO,
+        )
     r = row(big, "nodeport-dsr")
     ratio = r["ratio"]["median"] if r and r["ratio"] else None
     add(
@@ -211,7 +223,8 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         "## New TCP connections/s (connect, GET, response, close)",
         "",
         "Ratios are per repetition, to the path's own plain routing (kernel paths: `plain`; "
-        "tabby paths: `tabby-direct`), median (min-max). Latency: connect + first response byte, "
+        "tabby paths: `tabby-direct`; tabby-local paths, the kernel's shape: `plain`), "
+        "median (min-max). Latency: connect + first response byte, "
         "one connection at a time (µs, median over repetitions). CPU: whole machine per "
         "connection, and net of the load generator's and server's own process time.",
         "",

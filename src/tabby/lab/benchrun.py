@@ -10,6 +10,12 @@ Two families of paths, each measured against its own plain-routing denominator:
   cgroup: per-packet NAT in tc), ``tabby-ctlb`` (inside the cgroup: connect-time LB). Ratios are
   to ``tabby-direct``; ``tabby-direct / plain`` is reported too, but the shapes differ (VXLAN and
   a fabric hop), so it is the cost of the lab's path, not of the NAT.
+- local (the same lab, the kernel paths' shape: a client pod and nginx both on node2, two veth
+  hops through the node): ``tabby-local`` (pod IP), ``tabby-local-nat`` (ClusterIP, per-packet
+  NAT), ``tabby-local-ctlb`` (connect-time LB), ``tabby-local-stack`` (pod IP with
+  ``bpfRedirectToPeer`` Disabled, switched live before its cells: through the node's stack).
+  Ratios are to ``plain``: like for like, what tabby's datapath costs or saves over the kernel's
+  routing. ``BenchConfig.redirect`` sets bpfRedirectToPeer for every other tabby path.
 
 Per N (services x 3 endpoints): programming from scratch, then ``reps`` repetitions in which the
 paths run interleaved (the order rotates), each path a rate cell (connload, ``inflight``
@@ -59,14 +65,31 @@ from tabby.netlink.netns import enter_netns
 
 KERNEL_PATHS = ("plain", "iptables-legacy", "iptables-nft", "nftables")
 TABBY_PATHS = ("tabby-direct", "tabby-nat", "tabby-ctlb")
+# the kernel paths' shape in the lab: client pod and nginx on node2, two veth hops through it
+LOCAL_PATHS = ("tabby-local", "tabby-local-nat", "tabby-local-ctlb", "tabby-local-stack")
 EXTERNAL_PATHS = ("nodeport-plain", "nodeport-tunnel", "nodeport-dsr")
-ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + EXTERNAL_PATHS
+ALL_PATHS = KERNEL_PATHS + TABBY_PATHS + LOCAL_PATHS + EXTERNAL_PATHS
+# a run's paths unless --paths says otherwise: tabby-local-stack (the fast path off, switched
+# live before each of its cells) is a diagnostic, asked for by name
+DEFAULT_PATHS = tuple(p for p in ALL_PATHS if p != "tabby-local-stack")
+# families measured at the first and the last N only (as iperf3): the stretch target is read
+# at 20,000, and the lookups these paths make are the tabby family's, measured at every N
+ENDS_ONLY_FAMILIES = frozenset({"local"})
 PATH_FAMILY = {
     **{p: "kernel" for p in KERNEL_PATHS},
     **{p: "tabby" for p in TABBY_PATHS},
+    **{p: "local" for p in LOCAL_PATHS},
     **{p: "external" for p in EXTERNAL_PATHS},
 }
-DENOMINATOR = {"kernel": "plain", "tabby": "tabby-direct", "external": "nodeport-plain"}
+DENOMINATOR = {
+    "kernel": "plain",
+    "tabby": "tabby-direct",
+    "local": "plain",  # the same shape: what the node's stack costs, and what skipping it gains
+    "external": "nodeport-plain",
+}
+REDIRECT_MODES = ("Enabled", "Disabled")
+# bpfRedirectToPeer per path: tabby-local through the node's stack, whatever the run's setting
+PATH_REDIRECT = {"tabby-local-stack": "Disabled"}
 EXT_MODES = {"nodeport-tunnel": "Tunnel", "nodeport-dsr": "DSR"}
 # one client address per external path (added to the external namespace's link)
 EXT_SOURCES = {
@@ -85,7 +108,15 @@ CHANGE_IP_BASE = int(ipaddress.IPv4Address("100.120.255.1"))  # inside the backe
 WEB_VIP = "100.64.0.100"
 SYN_VIP_BASE = int(ipaddress.IPv4Address("100.66.0.0"))  # the lab's synthetic services
 SYN_BACKEND_BASE = int(ipaddress.IPv4Address("100.120.0.0"))
-CLIENT_PODS = {"tabby-direct": "bc-direct", "tabby-nat": "bc-nat", "tabby-ctlb": "bc-ctlb"}
+CLIENT_PODS = {
+    "tabby-direct": "bc-direct",
+    "tabby-nat": "bc-nat",
+    "tabby-ctlb": "bc-ctlb",
+    "tabby-local": "bc-local",
+    "tabby-local-nat": "bc-lnat",
+    "tabby-local-ctlb": "bc-lctlb",
+    "tabby-local-stack": "bc-lstack",
+}
 CLIENT_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": "1"}
 Progress = Callable[[str], None]
 
@@ -98,15 +129,17 @@ class BenchError(Exception):
 class BenchConfig:
     sizes: tuple[int, ...] = FULL_SIZES
     reps: int = 3
-    seconds: float = 5.0  # per rate cell
-    latency_seconds: float = 2.0  # per unloaded latency cell
-    iperf_seconds: float = 5.0
+    # cell lengths: 13 paths x 5 sizes x 3 repetitions fit the issue's 25 minutes at these
+    seconds: float = 3.0  # per rate cell
+    latency_seconds: float = 1.0  # per unloaded latency cell
+    iperf_seconds: float = 3.0
     inflight: int = 32
     changes: int = 10  # one-change latency samples per N
-    paths: tuple[str, ...] = ALL_PATHS
+    paths: tuple[str, ...] = DEFAULT_PATHS
     name: str = "tbench"
     connload: str = ""
-    ext_settle_s: float = 2.0  # after a bpfExternalServiceMode switch, before the next cell
+    ext_settle_s: float = 1.0  # after a bpfExternalServiceMode switch, before the next cell
+    redirect: str = "Enabled"  # bpfRedirectToPeer of the tabby paths (tabby-local-stack: Disabled)
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchConfig:
@@ -132,6 +165,8 @@ class BenchConfig:
             raise BenchError(f"reps: {self.reps}: between 1 and 10")
         if not 0 < self.seconds <= 60 or not 0 < self.latency_seconds <= 60:
             raise BenchError("seconds / latency_seconds: in (0, 60]")
+        if self.redirect not in REDIRECT_MODES:
+            raise BenchError(f"redirect: {self.redirect!r}: one of {', '.join(REDIRECT_MODES)}")
         if not 1 <= self.inflight <= 1024:
             raise BenchError(f"inflight: {self.inflight}: between 1 and 1024")
         for p in self.paths:
@@ -471,6 +506,7 @@ class TabbySide:
         self.split_before: dict[str, float] = {}
         self.extra_procs: list[dict[str, Any]] = []
         self.ext_mode = "Tunnel"  # the lab's bpfExternalServiceMode
+        self.redirect = "Enabled"  # the lab's bpfRedirectToPeer (the default)
 
     @classmethod
     def up(cls, name: str, progress: Progress, external: bool = False) -> TabbySide:
@@ -479,8 +515,9 @@ class TabbySide:
         # every node-to-node path, NodePort's included; bench/encap_modes.py measures that)
         lab = Lab.up(name, nodes=2, progress=lambda m: progress(f"lab: {m}"), placement=(0, 0))
         self = cls(lab)
-        for pod in CLIENT_PODS.values():
-            lab.add_pod(pod, "node1", image="pause", wait=False)
+        for path, pod in CLIENT_PODS.items():
+            node = "node2" if PATH_FAMILY[path] == "local" else "node1"
+            lab.add_pod(pod, node, image="pause", wait=False)
         lab.add_pod("web", "node2", image="nginx", labels={"app": "web"}, wait=False)
         web = {
             "apiVersion": "v1",
@@ -555,6 +592,17 @@ class TabbySide:
         # not shown to be the cause)
         time.sleep(settle_s)
 
+    def set_redirect(self, mode: str, settle_s: float) -> None:
+        """bpfRedirectToPeer, live (every agent reloads its programs), if it differs."""
+        if mode == self.redirect:
+            return
+        self.lab.datastore().patch(
+            "FelixConfiguration", "default", None, {"spec": {"bpfRedirectToPeer": mode}}
+        )
+        self.lab.wait_ready(timeout_s=120)
+        self.redirect = mode
+        time.sleep(settle_s)  # as after an ext mode switch
+
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -578,9 +626,9 @@ class TabbySide:
             node1 = self.lab.plan.node("node1").ip
             return Target(ext, node1, WEB_NODEPORT, None, src, IPERF_NODEPORT, iperf_reverse=True)
         client = self.lab.pod(CLIENT_PODS[path])
-        if path == "tabby-direct":
+        if path in ("tabby-direct", "tabby-local", "tabby-local-stack"):
             return Target(client["netns"], self.lab.pod("web")["ip"], 80)
-        if path == "tabby-nat":
+        if path in ("tabby-nat", "tabby-local-nat"):
             return Target(client["netns"], WEB_VIP, 80)
         return Target(client["netns"], WEB_VIP, 80, cgroup=client["cgroup"])
 
@@ -848,9 +896,12 @@ class Runner:
         if PATH_FAMILY[path] == "kernel":
             assert self.kernel is not None
             self.kernel.prepare_run(path)
-        elif path in EXT_MODES:
+        else:
             assert self.tabby is not None
-            self.tabby.set_ext_mode(EXT_MODES[path], self.cfg.ext_settle_s)
+            mode = PATH_REDIRECT.get(path, self.cfg.redirect)
+            self.tabby.set_redirect(mode, self.cfg.ext_settle_s)
+            if path in EXT_MODES:
+                self.tabby.set_ext_mode(EXT_MODES[path], self.cfg.ext_settle_s)
 
     def _server_pids(self, path: str) -> list[int]:
         if PATH_FAMILY[path] == "kernel":
@@ -859,9 +910,14 @@ class Runner:
         assert self.tabby is not None
         return self.tabby.server_pids()
 
+    def _paths_at(self, n: int) -> list[str]:
+        """The paths measured at N: the ends-only families at the first and the last N."""
+        ends = n in (self.cfg.sizes[0], self.cfg.sizes[-1])
+        return [p for p in self.paths if ends or PATH_FAMILY[p] not in ENDS_ONLY_FAMILIES]
+
     def _smoke(self, n: int) -> None:
         """Every path answers before anything is measured (a broken path stops the run)."""
-        for path in self.paths:
+        for path in self._paths_at(n):
             self._prepare(path)
             t = self._target(path)
             out = run_connload(self.cfg.connload, t.netns, t.ip, t.port, 0.3, 1, t.cgroup, t.source)
@@ -869,7 +925,7 @@ class Runner:
                 raise BenchError(f"N={n}: {path} does not answer at {t.ip}:{t.port}: {out}")
 
     def _repetition(self, n: int, rep: int) -> list[Cell]:
-        paths = self.paths
+        paths = self._paths_at(n)
         k = rep % len(paths)
         order = paths[k:] + paths[:k]
         cells = []

@@ -52,6 +52,7 @@ _felix_spec = Struct(
     {
         "bpfEnabled": boolean,
         "bpfExternalServiceMode": enum("Tunnel", "DSR"),
+        "bpfRedirectToPeer": enum("Enabled", "Disabled"),
         "bpfLogLevel": enum("Off", "Info", "Debug"),
         "bpfDataIfacePattern": _regex,
         "bpfConnectTimeLoadBalancing": enum("TCP", "Enabled", "Disabled"),

@@ -71,7 +71,10 @@ class Reason(enum.IntEnum):
     DROP_POL6_IN = 49
     DROP_POL6_OUT = 50
     PASS_ND = 51
-    FWD_BPF = 52
+    FWD_REDIRECT = 52
+    FWD_STACK = 53
+    FWD_FIB_MISS = 54
+    FWD_PEER = 55
 
     @property
     def c_name(self) -> str:
