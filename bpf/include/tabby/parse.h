@@ -63,6 +63,10 @@ static __always_inline __u16 parse_ip_hdr_csum(const struct iphdr *iph)
 /* Makes the first len bytes linear. Fails if the packet is shorter. */
 static __always_inline int parse_pull(struct __sk_buff *skb, __u32 len)
 {
+	/* keeps clang from sharing &skb->data_end with the caller's code as a
+	 * pointer into the context, which the verifier refuses ("dereference of
+	 * modified ctx ptr"): every caller reads the fields afresh */
+	asm volatile("" : "+r"(skb));
 	if ((void *)(long)skb->data + len <= (void *)(long)skb->data_end)
 		return 0;
 	if (len > skb->len)
