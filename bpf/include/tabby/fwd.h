@@ -152,19 +152,23 @@ stack:
 	return TC_ACT_OK;
 }
 
+/* The route of the packet's destination, as NAT left it; NULL if none. */
+static __always_inline struct tby_route_val *fwd_dst_route(struct __sk_buff *skb)
+{
+	__be32 daddr;
+
+	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
+			       sizeof(daddr)))
+		return NULL;
+	return route_lookup(daddr);
+}
+
 /* From a pod: to anywhere the FIB routes (another pod, another node, out). */
 static __always_inline int fwd_redirect(struct __sk_buff *skb)
 {
-	struct tby_route_val *rt;
-	__be32 daddr;
-
 	if (!cfg_redirect)
 		return TC_ACT_OK;
-	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
-			       sizeof(daddr)))
-		return TC_ACT_OK;
-	rt = route_lookup(daddr);
-	return fwd_send(skb, rt);
+	return fwd_send(skb, fwd_dst_route(skb));
 }
 
 /*
@@ -176,14 +180,10 @@ static __always_inline int fwd_redirect(struct __sk_buff *skb)
 static __always_inline int fwd_local_wl(struct __sk_buff *skb)
 {
 	struct tby_route_val *rt;
-	__be32 daddr;
 
 	if (!cfg_redirect)
 		return TC_ACT_OK;
-	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
-			       sizeof(daddr)))
-		return TC_ACT_OK;
-	rt = route_lookup(daddr);
+	rt = fwd_dst_route(skb);
 	if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
 		return TC_ACT_OK;
 	return fwd_send(skb, rt);

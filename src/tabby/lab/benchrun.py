@@ -579,29 +579,25 @@ class TabbySide:
         )
 
     def set_ext_mode(self, mode: str, settle_s: float) -> None:
-        """bpfExternalServiceMode, live (both agents reload their programs), if it differs."""
-        if mode == self.ext_mode:
-            return
-        self.lab.datastore().patch(
-            "FelixConfiguration", "default", None, {"spec": {"bpfExternalServiceMode": mode}}
-        )
+        """bpfExternalServiceMode, live, if it differs."""
+        if mode != self.ext_mode:
+            self._patch_felix("bpfExternalServiceMode", mode, settle_s)
+            self.ext_mode = mode
+
+    def set_redirect(self, mode: str, settle_s: float) -> None:
+        """bpfRedirectToPeer, live, if it differs."""
+        if mode != self.redirect:
+            self._patch_felix("bpfRedirectToPeer", mode, settle_s)
+            self.redirect = mode
+
+    def _patch_felix(self, field: str, value: str, settle_s: float) -> None:
+        """One FelixConfiguration field; every agent reloads its programs."""
+        self.lab.datastore().patch("FelixConfiguration", "default", None, {"spec": {field: value}})
         self.lab.wait_ready(timeout_s=120)
-        self.ext_mode = mode
-        # both agents just reloaded their programs (the verifier, the first applies): let that
+        # the agents just reloaded their programs (the verifier, the first applies): let that
         # work finish before a cell measures (two NodePort cells gave 0.4x in a run without it;
         # not shown to be the cause)
         time.sleep(settle_s)
-
-    def set_redirect(self, mode: str, settle_s: float) -> None:
-        """bpfRedirectToPeer, live (every agent reloads its programs), if it differs."""
-        if mode == self.redirect:
-            return
-        self.lab.datastore().patch(
-            "FelixConfiguration", "default", None, {"spec": {"bpfRedirectToPeer": mode}}
-        )
-        self.lab.wait_ready(timeout_s=120)
-        self.redirect = mode
-        time.sleep(settle_s)  # as after an ext mode switch
 
     def _wait_web_endpoint(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
