@@ -76,7 +76,7 @@ class _Objects:
 
 
 def _dataplane(calls: _Calls, monkeypatch: Any) -> NodeDataplane:
-    key = _LoadKey("172.20.32.11", 4096, "Off", False, "Tunnel", 2, 1500, 4789, 1009)
+    key = _LoadKey("172.20.32.11", 4096, "Off", False, "Tunnel", 2, 1500, 4789, 1009, True)
     monkeypatch.setattr(node_mod, "_load_key", lambda state, iface: key)
     monkeypatch.setattr(node_mod, "_ifindex", lambda name: 7)
     dp = NodeDataplane.__new__(NodeDataplane)
