@@ -556,7 +556,12 @@ class TabbySide:
             sysctls_in(lab.pod(pod)["netns"], CLIENT_SYSCTLS)
         log = os.path.join(state.lab_dir(name), "iperf3-web.log")
         argv = ["taskset", "-c", "1", "iperf3", "-s", "-p", str(IPERF_PORT)]
-        self.extra_procs.append(processes.spawn(argv, "bench iperf3", log, netns=web_pod["netns"]))
+        rec = processes.spawn(argv, "bench iperf3", log, netns=web_pod["netns"])
+        self.extra_procs.append(rec)
+        # in the lab's record too: `tabbyctl lab down` then stops it even if this run was
+        # killed before its own clean-up (SIGKILL, a test's timeout)
+        with state.editing(name) as st:
+            st["procs"] = [*st.get("procs", []), rec]
         if external:
             self._external_client(web_pod["ip"])
         return self
