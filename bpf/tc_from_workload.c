@@ -55,6 +55,7 @@ static __always_inline int wl6_source_ok(struct __sk_buff *skb)
 SEC("tc")
 int tby_from_wl(struct __sk_buff *skb)
 {
+	struct nat_dst_route dst = {};
 	struct exttun_dst tun = {};
 	struct parsed_pkt pkt = {};
 	int translated = 0;
@@ -89,7 +90,7 @@ int tby_from_wl(struct __sk_buff *skb)
 		counter_inc(TBY_R_DROP_SPOOF);
 		return TC_ACT_SHOT;
 	}
-	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN, &tun)) {
+	switch (nat_handle_dst(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN, &tun, &dst)) {
 	case NAT_REJECT:
 		return icmp_reject(skb, &pkt);
 	case NAT_TOO_BIG:
@@ -102,7 +103,7 @@ int tby_from_wl(struct __sk_buff *skb)
 		 * pod's ingress policy; its egress policy has nothing to judge */
 		mark_nat_done(skb);
 		counter_inc(TBY_R_PASS_WL_OUT);
-		return fwd_redirect(skb);
+		return fwd_redirect(skb, NULL);
 	case NAT_DROP:
 		return TC_ACT_SHOT;
 	case NAT_DONE:
@@ -114,7 +115,7 @@ int tby_from_wl(struct __sk_buff *skb)
 	if (pol_egress(skb, translated, &pkt) == POL_DROP)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_PASS_WL_OUT);
-	return fwd_redirect(skb);
+	return fwd_redirect(skb, &dst);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -111,6 +111,8 @@ def test_tunnel_keeps_the_client_address_and_replies_return_through_the_ingress_
     assert plain_replies(cap, n1) == [], "no reply leaves node2 by itself"
     after1, after2 = counters(lab, "node1"), counters(lab, "node2")
     assert counter_delta(before1, after1, Reason.EXT_FWD) >= 3
+    # node1 sends the wrapped packets by its FIB's next hop (fib.h), not redirect_neigh
+    assert counter_delta(before1, after1, Reason.FWD_REDIRECT) >= 3
     assert counter_delta(before2, after2, Reason.EXT_REPLY_TUN) >= 3
     assert counter_delta(before2, after2, Reason.EXT_REPLY_DSR) == 0
 
@@ -118,7 +120,7 @@ def test_tunnel_keeps_the_client_address_and_replies_return_through_the_ingress_
 def test_dsr_replies_leave_the_backends_node_straight_to_the_client(lab, web):
     set_mode(lab, "DSR")
     n1, n2 = lab.plan.node("node1").ip, lab.plan.node("node2").ip
-    before2 = counters(lab, "node2")
+    before1, before2 = counters(lab, "node1"), counters(lab, "node2")
     with (
         capture.capture(lab.plan.fabric_netns, "node1") as at_ingress,
         capture.capture(lab.plan.fabric_netns, "node2") as at_backend,
@@ -131,8 +133,10 @@ def test_dsr_replies_leave_the_backends_node_straight_to_the_client(lab, web):
     assert plain_replies(at_backend, n1), "node2 answers as node1:NodePort"
     assert plain_replies(at_ingress, n1) == []
     assert ext_tunnel(at_backend, n1, n2) and ext_tunnel(at_backend, n2, n1) == []
-    after2 = counters(lab, "node2")
+    after1, after2 = counters(lab, "node1"), counters(lab, "node2")
     assert counter_delta(before2, after2, Reason.EXT_REPLY_DSR) >= 3
+    # node1 wraps and sends by its FIB's next hop (fib.h), the stack skipped
+    assert counter_delta(before1, after1, Reason.FWD_REDIRECT) >= 3
     # node2's stack is skipped both ways (fwd.h): unwrapped -> into the pod, reply -> the fabric
     assert counter_delta(before2, after2, Reason.FWD_PEER) >= 3
     assert counter_delta(before2, after2, Reason.FWD_REDIRECT) >= 3

@@ -98,7 +98,7 @@ static __always_inline __u16 exttun_room(void)
 
 /*
  * Wraps the (translated) IPv4 packet for dst->remote. The Ethernet header is
- * left as it is: the caller sends the packet with bpf_redirect_neigh(), which
+ * left as it is: the caller sends the packet with fib_send_out(), which
  * routes the outer destination and fills in the MAC addresses. 0 on success.
  */
 static __always_inline int exttun_encap(struct __sk_buff *skb, const struct exttun_dst *dst,
@@ -150,7 +150,7 @@ static __always_inline int exttun_send(struct __sk_buff *skb, const struct exttu
 	}
 	counter_inc(counted);
 	mark_nat_done(skb);
-	return bpf_redirect_neigh(cfg_data_ifindex, NULL, 0, 0);
+	return fib_send_out(skb, cfg_host_ip, dst->remote, cfg_data_ifindex);
 }
 
 /*

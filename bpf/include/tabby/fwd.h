@@ -34,10 +34,6 @@
 #include "policy.h"
 #include "parse.h"
 
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-
 /*
  * The length of the largest IP packet this skb will be on the wire: a GSO
  * aggregate (a pod's TSO segment, up to 64 KB) is cut into gso_size payloads
@@ -59,9 +55,13 @@ static __always_inline __u16 fwd_seg_len(struct __sk_buff *skb, const struct iph
 
 /*
  * A local pod's packet goes into the pod's netns (bpf_redirect_peer): its
- * host veth's egress, and so tby_to_wl, is skipped, so its work is done here,
- * exactly as tc_to_workload.c does it: ingress policy on the tuple as it
- * arrives, then conntrack (replies of flows NATed elsewhere).
+ * host veth's egress, and so tby_to_wl, is skipped, so its work is done here:
+ * the ingress policy on the tuple as it arrives. to-workload's conntrack step
+ * (replies of flows NATed elsewhere) is not repeated: every caller ran
+ * nat_handle() on this very packet just before, with at least its hooks, and
+ * what it left is either untranslated (the same lookups would miss again) or
+ * translated (the new tuple is its pair's own, which passes): the two hash
+ * lookups could only confirm it.
  */
 static __always_inline int fwd_deliver(struct __sk_buff *skb, __u32 ifindex)
 {
@@ -72,8 +72,6 @@ static __always_inline int fwd_deliver(struct __sk_buff *skb, __u32 ifindex)
 		return TC_ACT_SHOT;
 	}
 	if (pol_ingress(skb, &pkt) == POL_DROP)
-		return TC_ACT_SHOT;
-	if (nat_handle(skb, &pkt, 0, NULL) == NAT_DROP)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_PASS_WL_IN);
 	counter_inc(TBY_R_FWD_PEER);
@@ -102,8 +100,7 @@ static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_rout
 	if (parse_pull(skb, TBY_IP_OFF + sizeof(*ip) + sizeof(struct tcphdr)) &&
 	    parse_pull(skb, TBY_IP_OFF + sizeof(*ip)))
 		goto stack;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	parse_bounds(skb, &data, &data_end);
 	eth = data;
 	ip = data + TBY_IP_OFF;
 	if ((void *)(ip + 1) > data_end)
@@ -130,8 +127,7 @@ static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_rout
 		return TC_ACT_OK;
 	}
 	/* the helper may have moved the data: load the pointers again */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	parse_bounds(skb, &data, &data_end);
 	eth = data;
 	ip = data + TBY_IP_OFF;
 	if ((void *)(ip + 1) > data_end)
@@ -163,12 +159,23 @@ static __always_inline struct tby_route_val *fwd_dst_route(struct __sk_buff *skb
 	return route_lookup(daddr);
 }
 
-/* From a pod: to anywhere the FIB routes (another pod, another node, out). */
-static __always_inline int fwd_redirect(struct __sk_buff *skb)
+/*
+ * From a pod: to anywhere the FIB routes (another pod, another node, out).
+ * dst: the destination's route as nat_handle_dst() met it (NULL: none), used
+ * if NAT left that destination in place.
+ */
+static __always_inline int fwd_redirect(struct __sk_buff *skb, const struct nat_dst_route *dst)
 {
+	__be32 daddr;
+
 	if (!cfg_redirect)
 		return TC_ACT_OK;
-	return fwd_send(skb, fwd_dst_route(skb));
+	if (!dst || !dst->known)
+		return fwd_send(skb, fwd_dst_route(skb));
+	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
+			       sizeof(daddr)))
+		return TC_ACT_OK;
+	return fwd_send(skb, daddr == dst->addr ? dst->rt : route_lookup(daddr));
 }
 
 /*

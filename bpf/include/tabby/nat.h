@@ -42,6 +42,17 @@ enum nat_result {
 	NAT_EXT_DSR, /* a forwarded flow's reply, as the frontend: straight to the client */
 };
 
+/*
+ * The route of a packet's destination as nat_handle() met it: a program that
+ * also needs it afterwards (from-workload's fast path) gets it without a
+ * second LPM lookup when NAT left the destination as it was.
+ */
+struct nat_dst_route {
+	struct tby_route_val *rt; /* NULL: no route */
+	__be32 addr; /* the address rt is the route of */
+	__u8 known; /* rt was looked up */
+};
+
 /* The pods' gateway (calc/names.py POD_GATEWAY): hairpin flows come from it. */
 #define TBY_HAIRPIN_IP bpf_htonl(0xa9fe0101) /* 169.254.1.1 */
 #define TBY_SNAT_PORT_MIN 32768
@@ -376,7 +387,8 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 						    const struct parsed_pkt *pkt,
 						    const struct flow *f,
 						    __u32 hooks,
-						    struct exttun_dst *tun)
+						    struct exttun_dst *tun,
+						    struct nat_dst_route *dst)
 {
 	struct tby_nat_fe_key fk = {
 		.addr = f->key.dst,
@@ -390,6 +402,17 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 	__u64 now = bpf_ktime_get_ns();
 	__be32 snat = 0;
 
+	if (dst) {
+		/* frontends are service and node addresses, never a pod's: a
+		 * packet to a pod (most of a pod's traffic) skips the frontend
+		 * map, whose buckets are mostly cold, for the route its caller
+		 * needs anyway */
+		dst->rt = route_lookup(f->key.dst);
+		dst->addr = f->key.dst;
+		dst->known = 1;
+		if (dst->rt && (dst->rt->flags & (TBY_RT_LOCAL_WL | TBY_RT_REMOTE_WL)))
+			return NAT_PASS;
+	}
 	fe = bpf_map_lookup_elem(&tby_nat_fe, &fk);
 	if (!fe)
 		return NAT_PASS;
@@ -644,11 +667,14 @@ static __always_inline enum nat_result nat_masquerade(struct __sk_buff *skb,
  * own tuple (or a FWD hit on the reversed one) is a packet some earlier hook
  * on this node already translated: it passes. tun: where a program that can
  * send into the ext tunnel learns where to (NAT_TUNNEL); NULL elsewhere.
+ * dst: where a caller that needs the destination's route learns it, if the
+ * frontend step looked it up (NULL: not wanted).
  */
-static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
-						  const struct parsed_pkt *pkt,
-						  __u32 hooks,
-						  struct exttun_dst *tun)
+static __always_inline enum nat_result nat_handle_dst(struct __sk_buff *skb,
+						      const struct parsed_pkt *pkt,
+						      __u32 hooks,
+						      struct exttun_dst *tun,
+						      struct nat_dst_route *dst)
 {
 	struct flow f = {};
 	struct tby_ct_key rk = {}; /* padding is part of the key */
@@ -711,7 +737,15 @@ static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
 		return nat_masquerade(skb, pkt, &f);
 	if (!(hooks & NAT_HOOK_FRONTENDS))
 		return NAT_PASS;
-	return nat_new_flow(skb, pkt, &f, hooks, tun);
+	return nat_new_flow(skb, pkt, &f, hooks, tun, dst);
+}
+
+static __always_inline enum nat_result nat_handle(struct __sk_buff *skb,
+						  const struct parsed_pkt *pkt,
+						  __u32 hooks,
+						  struct exttun_dst *tun)
+{
+	return nat_handle_dst(skb, pkt, hooks, tun, NULL);
 }
 
 #endif /* __TABBY_NAT_H */

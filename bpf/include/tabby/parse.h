@@ -74,6 +74,17 @@ static __always_inline int parse_pull(struct __sk_buff *skb, __u32 len)
 	return bpf_skb_pull_data(skb, len);
 }
 
+/*
+ * skb->data and skb->data_end, read afresh at each call: the same barrier as
+ * parse_pull's, so clang cannot keep &skb->data_end from an earlier read.
+ */
+static __always_inline void parse_bounds(struct __sk_buff *skb, void **data, void **data_end)
+{
+	asm volatile("" : "+r"(skb));
+	*data = (void *)(long)skb->data;
+	*data_end = (void *)(long)skb->data_end;
+}
+
 /* Minimum L4 header a packet of this protocol must carry; 0 = not checked. */
 static __always_inline __u32 parse_l4_min(__u8 proto)
 {
@@ -93,9 +104,10 @@ static __always_inline __u32 parse_l4_min(__u8 proto)
 static __always_inline int parse_l4_sane(struct __sk_buff *skb,
 					 struct parsed_pkt *pkt)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	__u32 l4_len = pkt->ip_end - pkt->l4_off;
+	void *data, *data_end;
+
+	parse_bounds(skb, &data, &data_end);
 
 	if (pkt->ip_proto == IPPROTO_TCP) {
 		struct tcphdr *th = data + pkt->l4_off;
@@ -133,8 +145,7 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb,
 
 	if (parse_pull(skb, ETH_HLEN))
 		return PARSE_MALFORMED;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	parse_bounds(skb, &data, &data_end);
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return PARSE_MALFORMED;
@@ -153,8 +164,7 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb,
 
 	if (parse_pull(skb, TBY_IP_OFF + sizeof(*iph)))
 		return PARSE_MALFORMED;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
+	parse_bounds(skb, &data, &data_end);
 	iph = data + TBY_IP_OFF;
 	if ((void *)(iph + 1) > data_end)
 		return PARSE_MALFORMED;

@@ -211,8 +211,15 @@ static __always_inline enum pol_result pol_egress(struct __sk_buff *skb, int tra
 {
 	struct parsed_pkt now = {};
 	struct flow f = {};
+	__be32 src;
 
 	if (translated) {
+		/* most pods have no policy: their source (SNAT may have changed
+		 * it) says so before the packet is parsed again */
+		if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, saddr), &src,
+				       sizeof(src)) ||
+		    !bpf_map_lookup_elem(&tby_pol_ep, &src))
+			return POL_PASS;
 		if (parse_packet(skb, &now) != PARSE_IPV4)
 			return POL_PASS;
 		pkt = &now;

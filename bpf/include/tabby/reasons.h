@@ -60,9 +60,9 @@ enum tby_reason {
 	TBY_R_DROP_POL6_IN, /* a local pod's ingress policy denied a new IPv6 flow */
 	TBY_R_DROP_POL6_OUT, /* a local pod's egress policy denied a new IPv6 flow */
 	TBY_R_PASS_ND, /* ICMPv6 neighbor discovery (133-137): never judged by policy */
-	TBY_R_FWD_REDIRECT, /* fast path: sent to the next hop's device, the node's stack skipped */
+	TBY_R_FWD_REDIRECT, /* to the next hop's device by a FIB lookup (fast path, ext tunnel) */
 	TBY_R_FWD_STACK, /* fast path on, left to the stack: fragment, options, TTL, not TCP/UDP */
-	TBY_R_FWD_FIB_MISS, /* fast path on, the FIB said no (route, local, MTU, neighbour): stack */
+	TBY_R_FWD_FIB_MISS, /* the FIB said no (route, local, MTU, neighbour): stack / redirect_neigh */
 	TBY_R_FWD_PEER, /* fast path: a local pod's packet put into its netns (bpf_redirect_peer) */
 	TBY_REASON_MAX,
 };
