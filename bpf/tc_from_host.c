@@ -59,6 +59,8 @@ static __always_inline int from_host_refuse(struct __sk_buff *skb, struct parsed
 static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pkt *pkt,
 					 const struct tby_ext_hdr *ext, __be32 from)
 {
+	struct tby_route_val *rt;
+
 	if (parse_packet(skb, pkt) != PARSE_IPV4) {
 		counter_inc(TBY_R_DROP_MALFORMED);
 		return TC_ACT_SHOT;
@@ -74,9 +76,10 @@ static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pk
 			return TC_ACT_OK;
 		}
 	}
-	switch (exttun_record(skb, pkt, ext, from)) {
+	rt = route_lookup(pkt->daddr);
+	switch (exttun_record(skb, pkt, ext, from, rt)) {
 	case 0: /* recorded: straight to the pod (fwd.h) */
-		return fwd_local_wl(skb);
+		return fwd_local_wl_route(skb, rt);
 	case TBY_EXT_COLLISION:
 		return from_host_refuse(skb, pkt, ext);
 	default:

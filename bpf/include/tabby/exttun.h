@@ -196,16 +196,17 @@ static __always_inline enum exttun_result exttun_decap(struct __sk_buff *skb,
 
 /*
  * The backend's node: records (or refreshes) the forwarded flow of an
- * unwrapped packet, which must be for a local pod (else -1, counted). A flow
+ * unwrapped packet, which must be for a local pod (rt: the route of its
+ * destination; else -1, counted). A flow
  * of the same client port to the same backend through another frontend,
  * still open, is the documented collision: TBY_EXT_COLLISION, not counted,
  * the caller refuses it (the first flow keeps working).
  */
 static __always_inline int exttun_record(struct __sk_buff *skb,
 					 const struct parsed_pkt *pkt,
-					 const struct tby_ext_hdr *ext, __be32 ingress)
+					 const struct tby_ext_hdr *ext, __be32 ingress,
+					 const struct tby_route_val *rt)
 {
-	struct tby_route_val *rt = route_lookup(pkt->daddr);
 	__u32 flags = (ext->flags & TBY_EXT_F_DSR) ? TBY_CTF_DSR : 0;
 	struct tby_ct_val nv = {}, *v;
 	struct flow f = {};

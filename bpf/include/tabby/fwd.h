@@ -182,18 +182,22 @@ static __always_inline int fwd_redirect(struct __sk_buff *skb, const struct nat_
  * From the network (tunnel, data interface): only packets for a pod of this
  * node take the fast path; the node's own traffic and transit stay the
  * stack's without a FIB lookup. The address is read from the packet, which
- * NAT may have rewritten.
+ * NAT may have rewritten; fwd_local_wl_route() takes the route of the
+ * packet's destination from a caller that has it.
  */
-static __always_inline int fwd_local_wl(struct __sk_buff *skb)
+static __always_inline int fwd_local_wl_route(struct __sk_buff *skb,
+					      const struct tby_route_val *rt)
 {
-	struct tby_route_val *rt;
-
-	if (!cfg_redirect)
-		return TC_ACT_OK;
-	rt = fwd_dst_route(skb);
-	if (!rt || !(rt->flags & TBY_RT_LOCAL_WL))
+	if (!cfg_redirect || !rt || !(rt->flags & TBY_RT_LOCAL_WL))
 		return TC_ACT_OK;
 	return fwd_send(skb, rt);
+}
+
+static __always_inline int fwd_local_wl(struct __sk_buff *skb)
+{
+	if (!cfg_redirect)
+		return TC_ACT_OK;
+	return fwd_local_wl_route(skb, fwd_dst_route(skb));
 }
 
 #endif /* __TABBY_FWD_H */
