@@ -90,7 +90,8 @@ int tby_from_wl(struct __sk_buff *skb)
 		counter_inc(TBY_R_DROP_SPOOF);
 		return TC_ACT_SHOT;
 	}
-	switch (nat_handle_dst(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN, &tun, &dst)) {
+	switch (nat_handle_dst(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_HAIRPIN | NAT_HOOK_PORT_CLASH,
+			       &tun, &dst)) {
 	case NAT_REJECT:
 		return icmp_reject(skb, &pkt);
 	case NAT_TOO_BIG:

@@ -280,3 +280,43 @@ def test_icmp_error_from_a_backend_reaches_the_client_through_the_service(
     before = counters(lab, "node1")
     assert traffic.in_netns(cluster["client"]["netns"], ask) == "refused"
     assert counter_delta(before, counters(lab, "node1"), Reason.NAT_ICMP_ERR) >= 1
+
+
+def test_a_service_flow_on_the_port_of_a_direct_one_gets_another_port(
+    lab: Lab, cluster: dict[str, Any]
+) -> None:
+    """Linux gives one local port to connections with different destinations: the client holds
+    a direct connection to web-a from port P, then reaches web-a through a Service from the
+    same P. Translated, both would be one tuple at web-a (which resets the older connection);
+    as nf_nat does, the service flow takes another source port, and both keep working."""
+    client, web_a = cluster["client"], cluster["web-a"]
+    before = counters(lab, "node1")
+
+    def two_flows() -> tuple[int, str, str, str]:
+        direct = socket.socket()
+        via_service = socket.socket()
+        try:
+            for s in (direct, via_service):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.settimeout(5)
+            direct.bind(("0.0.0.0", 0))
+            port = direct.getsockname()[1]
+            direct.connect((web_a["ip"], 8080))
+            assert _get(direct, "/hostname") == "web-a"
+            via_service.bind(("0.0.0.0", port))
+            via_service.connect((SELF_VIP, 80))  # "self": web-a only
+            seen_by_web_a = _get(via_service, "/clientip")
+            return port, seen_by_web_a, _get(direct, "/clientip"), _get(via_service, "/hostname")
+        finally:
+            direct.close()
+            via_service.close()
+
+    port, via_service_seen, direct_seen, via_service_host = traffic.in_netns(
+        client["netns"], two_flows
+    )
+    assert direct_seen == f"{client['ip']}:{port}", "the direct flow lives on, untouched"
+    address, _, other = via_service_seen.rpartition(":")
+    assert address == client["ip"], "the client's address is kept"
+    assert int(other) != port, "the service flow reached web-a from another port"
+    assert via_service_host == "web-a"
+    assert counter_delta(before, counters(lab, "node1"), Reason.NAT_PORT_CLASH) == 1

@@ -31,6 +31,7 @@
 #define NAT_HOOK_SNAT_REMOTE (1U << 1) /* from outside: SNAT flows to remote backends */
 #define NAT_HOOK_HAIRPIN (1U << 2) /* a pod reaching itself: SNAT to the gateway */
 #define NAT_HOOK_MASQ (1U << 3) /* leaving the node: natOutgoing for local pods */
+#define NAT_HOOK_PORT_CLASH (1U << 4) /* from a local pod: a new flow's port clash resolved */
 
 enum nat_result {
 	NAT_PASS, /* not a service flow, or already translated */
@@ -227,11 +228,21 @@ static __always_inline int nat_claim_rev(const struct tby_ct_key *rk,
 	return bpf_map_update_elem(&tby_ct, rk, rev, BPF_ANY);
 }
 
-/* Creates the NAT pair of a new flow; fills fwd for the caller's rewrite. */
+/* A source port from Linux's ephemeral range, at random. */
+static __always_inline __be16 nat_random_port(void)
+{
+	return bpf_htons(TBY_SNAT_PORT_MIN + bpf_get_prandom_u32() % TBY_SNAT_PORT_SPAN);
+}
+
+/*
+ * Creates the NAT pair of a new flow; fills fwd for the caller's rewrite.
+ * With snat, sport is the first source port tried (the client's own, or
+ * another when it clashes); others are picked at random if it is taken.
+ */
 static __always_inline int nat_create_pair(const struct flow *f,
 					   const struct tby_nat_be_val *be,
-					   __be32 snat, struct tby_ct_val *fwd,
-					   __u64 now)
+					   __be32 snat, __be16 sport,
+					   struct tby_ct_val *fwd, __u64 now)
 {
 	struct tby_ct_key rk = {
 		.dst = be->addr,
@@ -245,7 +256,6 @@ static __always_inline int nat_create_pair(const struct flow *f,
 		.nat_addr = f->key.dst,
 		.nat_port = f->key.dport,
 	};
-	__be16 sport = f->key.sport;
 	int i;
 
 	fwd->created_ns = now;
@@ -265,8 +275,7 @@ static __always_inline int nat_create_pair(const struct flow *f,
 		/* another flow holds the tuple: only SNAT can pick another port */
 		if (!snat)
 			return -1;
-		sport = bpf_htons(TBY_SNAT_PORT_MIN +
-				  bpf_get_prandom_u32() % TBY_SNAT_PORT_SPAN);
+		sport = nat_random_port();
 	}
 	if (i == TBY_SNAT_TRIES)
 		return -1;
@@ -369,6 +378,41 @@ static __always_inline enum nat_result nat_ext_reply(struct __sk_buff *skb,
 }
 
 /*
+ * Is the translated tuple (the pod's address and port -> the backend) one of
+ * the pod's own live sockets, a direct connection to that backend? Linux gives
+ * one local port to connections with different destinations, so a pod may
+ * reach a Service and, directly, one of its backends from the same port. That
+ * direct flow has no tby_ct entry (only NAT and policy flows do), and the new
+ * pair's REV half would take its replies over (the backend would see one
+ * tuple for two connections, and reset the older one). nf_nat resolves such a
+ * clash with another source port, and so does nat_new_flow. The pod's netns
+ * is looked at with the socket lookup helpers, by the id its route carries
+ * (TBY_RT_NETNS); a listener on the port does not count.
+ */
+static __always_inline int nat_port_clash(struct __sk_buff *skb, const struct flow *f,
+					  const struct tby_nat_be_val *be)
+{
+	struct tby_route_val *rt = route_lookup(f->key.src);
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	int clash;
+
+	if (f->key.proto != IPPROTO_TCP || !rt || !(rt->flags & TBY_RT_NETNS))
+		return 0;
+	/* the tuple as a packet from the backend to the pod has it */
+	t.ipv4.saddr = be->addr;
+	t.ipv4.sport = be->port;
+	t.ipv4.daddr = f->key.src;
+	t.ipv4.dport = f->key.sport;
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), rt->netnsid, 0);
+	if (!sk)
+		return 0;
+	clash = sk->state != BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return clash;
+}
+
+/*
  * bpfExternalServiceMode Tunnel / DSR: a new flow to an external frontend
  * whose backend is a pod on another node goes there in the ext tunnel,
  * keeping the client's address, instead of being SNATed to this node.
@@ -399,8 +443,9 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 	struct tby_nat_be_val be;
 	struct tby_nat_fe_val *fe;
 	struct tby_route_val *rt;
-	__u64 now = bpf_ktime_get_ns();
+	__be16 sport = f->key.sport;
 	__be32 snat = 0;
+	__u64 now;
 
 	if (dst) {
 		/* frontends are service and node addresses, never a pod's: a
@@ -431,12 +476,18 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 		counter_inc(TBY_R_DROP_FRAG);
 		return NAT_DROP;
 	}
+	now = bpf_ktime_get_ns();
 	if (nat_pick_backend(fe, &f->key, &be, now)) {
 		counter_inc(TBY_R_DROP_NAT_FAIL);
 		return NAT_DROP;
 	}
 	if ((hooks & NAT_HOOK_HAIRPIN) && be.addr == f->key.src) {
 		snat = TBY_HAIRPIN_IP;
+	} else if ((hooks & NAT_HOOK_PORT_CLASH) && nat_port_clash(skb, f, &be)) {
+		/* the client's address, another port */
+		snat = f->key.src;
+		sport = nat_random_port();
+		counter_inc(TBY_R_NAT_PORT_CLASH);
 	} else if ((hooks & NAT_HOOK_SNAT_REMOTE) && cfg_host_ip) {
 		/* a local pod or this node itself replies through a hook of ours
 		 * (from-workload, to-host); anything else must answer via us */
@@ -458,7 +509,7 @@ static __always_inline enum nat_result nat_new_flow(struct __sk_buff *skb,
 	if ((fe->flags & TBY_NAT_MAGLEV) && f->key.proto == IPPROTO_TCP &&
 	    !(f->tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_RST)))
 		fwd.tcp = TBY_CT_SYNACK;
-	if (nat_create_pair(f, &be, snat, &fwd, now)) {
+	if (nat_create_pair(f, &be, snat, sport, &fwd, now)) {
 		/* the documented collision: refuse the new flow cleanly */
 		counter_inc(TBY_R_DROP_CT_FULL);
 		return NAT_REJECT;
@@ -649,7 +700,7 @@ static __always_inline enum nat_result nat_masquerade(struct __sk_buff *skb,
 	if (f->key.proto == IPPROTO_TCP &&
 	    (f->tcp_flags & (TBY_TCPF_SYN | TBY_TCPF_ACK)) != TBY_TCPF_SYN)
 		return NAT_PASS;
-	if (nat_create_pair(f, &same, cfg_host_ip, &fwd, bpf_ktime_get_ns())) {
+	if (nat_create_pair(f, &same, cfg_host_ip, f->key.sport, &fwd, bpf_ktime_get_ns())) {
 		counter_inc(TBY_R_DROP_CT_FULL);
 		return NAT_DROP;
 	}

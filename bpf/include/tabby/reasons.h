@@ -64,6 +64,7 @@ enum tby_reason {
 	TBY_R_FWD_STACK, /* fast path on, left to the stack: fragment, options, TTL, not TCP/UDP */
 	TBY_R_FWD_FIB_MISS, /* the FIB said no (route, local, MTU, neighbour): stack / redirect_neigh */
 	TBY_R_FWD_PEER, /* fast path: a local pod's packet put into its netns (bpf_redirect_peer) */
+	TBY_R_NAT_PORT_CLASH, /* a pod's new service flow took another port: its own clashed */
 	TBY_REASON_MAX,
 };
 

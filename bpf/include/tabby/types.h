@@ -21,6 +21,7 @@
 #define TBY_RT_ENCAP_IPIP (1U << 5) /* reach it with IP-in-IP */
 #define TBY_RT_TUNNEL_ADDR (1U << 6) /* a node's tunnel-device address */
 #define TBY_RT_NAT_OUT (1U << 7) /* local pod of a natOutgoing pool: SNAT when leaving */
+#define TBY_RT_NETNS (1U << 8) /* local pod whose netns id (netnsid) this node knows */
 
 /* Key of tby_routes; the layout struct bpf_lpm_trie_key requires. */
 struct tby_route_key {
@@ -32,7 +33,7 @@ struct tby_route_val {
 	__u32 flags; /* TBY_RT_* */
 	__u32 ifindex; /* TBY_RT_LOCAL_WL: host-side veth */
 	__be32 next_hop; /* remote routes: the owning node's underlay IP */
-	__u32 _pad;
+	__u32 netnsid; /* TBY_RT_NETNS: the pod's netns, as this node's netns numbers it */
 };
 
 /* tby_nat_fe_val.flags: how a frontend picks and treats its backends. */

@@ -33,6 +33,7 @@ RT_ENCAP_VXLAN = 16
 RT_ENCAP_IPIP = 32
 RT_TUNNEL_ADDR = 64
 RT_NAT_OUT = 128
+RT_NETNS = 256  # set by the dataplane (dataplane/routes.py): the pod's netns id is its to know
 
 _ENCAP_FLAGS: dict[Encap, int] = {"vxlan": RT_ENCAP_VXLAN, "ipip": RT_ENCAP_IPIP, "none": 0}
 

@@ -31,6 +31,7 @@ class RouteMapManager:
     def __init__(self, routes: RoutesMap) -> None:
         self.map = routes
         self.programmed: dict[str, RouteValue] = dict(routes.dump())  # adopt what is pinned
+        self.netnsids: dict[int, int | None] = {}  # host veth ifindex -> its pod's netns id
 
     def apply(self, desired: dict[str, Route]) -> list[str]:
         errors = []
@@ -43,7 +44,13 @@ class RouteMapManager:
                 except OSError:
                     errors.append(f"route {cidr}: interface {route.ifname} not found yet")
                     continue
-            want[cidr] = RouteValue.make(RouteFlags(route.flags), ifindex, route.next_hop)
+            value = RouteValue.make(RouteFlags(route.flags), ifindex, route.next_hop)
+            if ifindex and RouteFlags.LOCAL_WL in RouteFlags(route.flags):
+                # the pod's netns id: nat.h resolves a port clash with the pod's own sockets
+                value = value.with_netnsid(self._netnsid(ifindex))
+            want[cidr] = value
+        live = {value.ifindex for value in want.values()}
+        self.netnsids = {i: nsid for i, nsid in self.netnsids.items() if i in live}
         for cidr, value in want.items():
             if cidr not in self.programmed or bytes(self.programmed[cidr]) != bytes(value):
                 self.map.upsert(cidr, value)
@@ -52,6 +59,13 @@ class RouteMapManager:
             self.map.delete(cidr)
             del self.programmed[cidr]
         return errors
+
+    def _netnsid(self, ifindex: int) -> int | None:
+        """A local pod's netns id, asked once per host veth (one netlink request)."""
+        if ifindex not in self.netnsids:
+            with links.rtnl() as ipr:
+                self.netnsids[ifindex] = links.link_netnsid(ipr, ifindex)
+        return self.netnsids[ifindex]
 
 
 class KernelRouteManager:

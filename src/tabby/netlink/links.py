@@ -55,6 +55,17 @@ def link_attr(ipr: IPRoute, index: int, attr: str) -> object:
     return ipr.link("get", index=index)[0].get(attr)
 
 
+def link_netnsid(ipr: IPRoute, index: int) -> int | None:
+    """The netns id of a veth's peer, as the calling thread's netns numbers it
+    (IFLA_LINK_NETNSID; the kernel assigns one when it first reports the link); None if the
+    link has no peer in another netns, or is gone."""
+    try:
+        value = link_attr(ipr, index, "IFLA_LINK_NETNSID")
+    except NetlinkError:
+        return None
+    return None if value is None else int(str(value))
+
+
 def link_mtu(ipr: IPRoute, name: str) -> int | None:
     idx = ifindex(ipr, name)
     return None if idx is None else int(str(link_attr(ipr, idx, "IFLA_MTU")))

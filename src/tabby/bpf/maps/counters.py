@@ -75,6 +75,7 @@ class Reason(enum.IntEnum):
     FWD_STACK = 53
     FWD_FIB_MISS = 54
     FWD_PEER = 55
+    NAT_PORT_CLASH = 56
 
     @property
     def c_name(self) -> str:

@@ -29,6 +29,7 @@ class RouteFlags(enum.IntFlag):
     ENCAP_IPIP = 1 << 5
     TUNNEL_ADDR = 1 << 6
     NAT_OUT = 1 << 7
+    NETNS = 1 << 8
 
 
 # describe() words, in the order they are printed
@@ -69,7 +70,7 @@ class RouteValue(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("ifindex", ctypes.c_uint32),
         ("next_hop", _be32),
-        ("_pad", ctypes.c_uint32),
+        ("netnsid", ctypes.c_uint32),  # NETNS: the pod's netns id in this node's netns
     ]
 
     @classmethod
@@ -78,9 +79,21 @@ class RouteValue(ctypes.Structure):
         return cls(flags=int(flags), ifindex=ifindex, next_hop=hop)
 
     @classmethod
-    def local_workload(cls, ifindex: int) -> RouteValue:
-        """A pod on this node behind the host-side veth ``ifindex``."""
-        return cls.make(RouteFlags.LOCAL_WL, ifindex=ifindex)
+    def local_workload(cls, ifindex: int, netnsid: int | None = None) -> RouteValue:
+        """A pod on this node behind the host-side veth ``ifindex``; ``netnsid``: its netns as
+        this node's netns numbers it (the veth's IFLA_LINK_NETNSID), if known."""
+        value = cls.make(RouteFlags.LOCAL_WL, ifindex=ifindex)
+        return value.with_netnsid(netnsid)
+
+    def with_netnsid(self, netnsid: int | None) -> RouteValue:
+        """A copy carrying the pod's netns id (NETNS), or without one (None)."""
+        value = RouteValue.from_buffer_copy(bytes(self))
+        value.flags &= ~int(RouteFlags.NETNS)
+        value.netnsid = 0
+        if netnsid is not None:
+            value.flags |= int(RouteFlags.NETNS)
+            value.netnsid = netnsid
+        return value
 
     @classmethod
     def remote_workload(cls, next_hop: str, encap: str | None = "vxlan") -> RouteValue:
@@ -115,6 +128,8 @@ class RouteValue(ctypes.Structure):
         words = [cidr] + [w for f, w in _KIND_WORDS if f in flags]
         if self.ifindex:
             words.append(f"dev #{self.ifindex}")
+        if RouteFlags.NETNS in flags:
+            words.append(f"netnsid {self.netnsid}")
         if self.next_hop:
             words.append(f"via {self.next_hop_ip}")
         words += [w for f, w in _ENCAP_WORDS if f in flags]
