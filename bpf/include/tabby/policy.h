@@ -211,15 +211,16 @@ static __always_inline enum pol_result pol_egress(struct __sk_buff *skb, int tra
 {
 	struct parsed_pkt now = {};
 	struct flow f = {};
-	__be32 src;
+	__be32 src = pkt->saddr;
 
+	/* most pods have no policy: their source (SNAT may have changed it)
+	 * says so before the packet is parsed again or its ports read */
+	if (translated && bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, saddr),
+					     &src, sizeof(src)))
+		return POL_PASS;
+	if (!bpf_map_lookup_elem(&tby_pol_ep, &src))
+		return POL_PASS;
 	if (translated) {
-		/* most pods have no policy: their source (SNAT may have changed
-		 * it) says so before the packet is parsed again */
-		if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, saddr), &src,
-				       sizeof(src)) ||
-		    !bpf_map_lookup_elem(&tby_pol_ep, &src))
-			return POL_PASS;
 		if (parse_packet(skb, &now) != PARSE_IPV4)
 			return POL_PASS;
 		pkt = &now;
@@ -240,6 +241,8 @@ static __always_inline enum pol_result pol_ingress(struct __sk_buff *skb,
 {
 	struct flow f = {};
 
+	if (!bpf_map_lookup_elem(&tby_pol_ep, &pkt->daddr))
+		return POL_PASS; /* selected by no policy: its ports need not be read */
 	if (ct_flow_of(skb, pkt, &f)) {
 		f.key.src = pkt->saddr;
 		f.key.dst = pkt->daddr;
