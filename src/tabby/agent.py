@@ -534,34 +534,47 @@ class Agent:
         services = ServiceIndex(self.node)
         revision = ds.revision()
         for kind in KINDS:
-            if kind in SERVICE_KINDS:  # held by the index only, packed: streamed when possible
-                on = services.on_service if kind == "Service" else services.on_slice
-                stream = ds.iter_list(kind) if isinstance(ds, StreamingList) else ds.list(kind)[0]
-                for obj in stream:
-                    on(_key(obj), obj)
-                continue
-            items, _ = ds.list(kind)
-            for obj in items:
-                fresh[kind][_key(obj)] = obj
+            if kind not in SERVICE_KINDS:
+                items, _ = ds.list(kind)
+                for obj in items:
+                    fresh[kind][_key(obj)] = obj
         self.resources = fresh
         self.services = services
         self.base = None
+        # The base state (everything but services) first: the worker loads the datapath (the
+        # verifier, no GIL) while the services are listed and computed.
+        base = self._base()
+        services.set_node_ip(base.node_ip, base.node_ip6)
         # The cluster's objects live as long as the agent: move them out of the cyclic GC's
         # sight before calc allocates, or every collection walks them (a third of the time to
         # program 20,000 services, measured by bench/services_scale.py).
         gc.unfreeze()  # what an earlier relist froze may be garbage now
         gc.collect()
         gc.freeze()
-        self.metrics.mark_in_sync()
         # Every service is computed now: ~a million objects that all live on, and nothing
         # cyclic to free (unpacked objects go by reference counting), so collections would
         # only walk them: 15-20% of the calc's CPU time at 20,000 services.
         gc.disable()
         try:
+            # Held by the index only, packed, streamed when possible; the slices before the
+            # Services, so each Service is computed as it is listed (its slices are in): the
+            # calc overlaps the list instead of following the in-sync.
+            for kind in ("EndpointSlice", "Service"):
+                stream = ds.iter_list(kind) if isinstance(ds, StreamingList) else ds.list(kind)[0]
+                for obj in stream:
+                    key = _key(obj)
+                    if kind == "EndpointSlice":
+                        services.on_slice(key, obj)
+                    else:
+                        services.on_service(key, obj)
+                        services.compute_listed(key, obj)
+            gc.collect()  # whatever cyclic garbage the list's client left (young objects only)
+            gc.freeze()  # and the services' results out of sight too
+            self.metrics.mark_in_sync()
             self._publish(revision)
         finally:
             gc.enable()
-        gc.freeze()  # and the calc results too
+        gc.freeze()
         _give_back_heap()
         return revision
 
@@ -613,9 +626,9 @@ class Agent:
             self.resources[ev.kind][key] = current
         self.base = None  # compute() reads every other kind
 
-    def _publish(self, revision: int) -> None:
-        with self.status.lock:
-            self.status.seen_revision = revision
+    def _base(self) -> NodeState:
+        """compute()'s state of everything but services (reused while only Services and
+        EndpointSlices change); the first one also has the worker load the datapath."""
         base = self.base
         if base is None:
             base = compute(self.resources, self.node, bgp=self.bgp)
@@ -627,6 +640,12 @@ class Agent:
             if not self.prepared:  # the first state: load while the services compute
                 self.worker.prepare(base)
                 self.prepared = True
+        return base
+
+    def _publish(self, revision: int) -> None:
+        with self.status.lock:
+            self.status.seen_revision = revision
+        base = self._base()
         self.services.set_node_ip(base.node_ip, base.node_ip6)
         self.worker.submit(with_services(base, self.services), revision)
 
