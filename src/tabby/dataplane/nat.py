@@ -115,6 +115,14 @@ class NatManager:
         ):
             by_id.setdefault(set_id, {})[ordinal] = (c.ntop(addr), port)
         self._adopted: dict[int, dict[int, Backend]] = by_id  # id -> ordinal -> backend
+        # each adopted set without a hole, in ordinal order: built here, at start-up while the
+        # agent still lists and computes its services, not in the first apply that claims them
+        self._adopted_sets: dict[int, tuple[Backend, ...]] = {}
+        for set_id, ordinals in by_id.items():
+            try:
+                self._adopted_sets[set_id] = tuple([ordinals[i] for i in range(len(ordinals))])
+            except KeyError:  # a hole: not ours to trust, rewritten under a new id
+                pass
         self._retired_src: list[SourceRangeKey] = list(self.src_map.keys()) if self.src_map else []
         used = set(by_id) | {v[0] for v in self.fes.values()}
         self._next_id = max(used, default=0) + 1
@@ -128,14 +136,10 @@ class NatManager:
             if old is None:
                 return None
             set_id = old[0]
-            ordinals = self._adopted.pop(set_id, None)
-            if ordinals is None:
+            backends = self._adopted_sets.pop(set_id, None)
+            if backends is None:  # none, claimed already, or with a hole (retired)
                 return None
-            try:
-                backends = tuple([ordinals[i] for i in range(len(ordinals))])
-            except KeyError:  # a hole: not ours to trust, rewrite it
-                self._adopted[set_id] = ordinals
-                return None
+            del self._adopted[set_id]
             self._backend_count += len(backends)
             return _Set(set_id, backends)
         return None
@@ -304,7 +308,7 @@ class NatManager:
     ) -> list[FeKey]:
         """Frontends of changed/removed services (and adopted ones) that nobody wants now."""
         candidates: set[FeKey] = set()
-        for name in changed + removed:
+        for name in (changed + removed) if self.services else ():  # none before a first apply
             old = self.services.get(name)
             if old is not None:
                 candidates |= {(f.addr, f.port, f.protocol) for f in old.frontends}
@@ -360,7 +364,7 @@ class NatManager:
         writes += _delete_many(self.fe_map, [c.fe_type.make(*fk) for fk in fe_deletes])
         # sets adopted at start that no wanted frontend claimed: after the frontends moved on
         retired = [BackendKey(i, o) for i, ordinals in self._adopted.items() for o in ordinals]
-        self._adopted = {}
+        self._adopted, self._adopted_sets = {}, {}
         be_keys = [BackendKey(id=i, ordinal=o) for i, o in be_deletes] + retired
         writes += _delete_many(self.be_map, be_keys)
         for set_id, cidr in src_deletes if self.src_map else ():
