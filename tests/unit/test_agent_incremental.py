@@ -206,3 +206,30 @@ def test_a_relist_loads_the_datapath_then_computes_services_as_they_are_listed(
     _feed(b, objs, 7)
     assert relisted.services == fed[-1][0].services
     assert relisted.routes == fed[-1][0].routes
+
+
+def test_garbage_is_collected_when_enough_young_objects_were_made() -> None:
+    """The agent runs without automatic collections; _collect_garbage frees cycles once the
+    young count reaches its threshold, and leaves them (no walk) below it."""
+    import gc
+    import weakref
+
+    class Node:
+        other: Any = None
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: reference counting alone never frees it
+        alive = weakref.ref(a)
+        del a, b
+        agent._collect_garbage(young=10_000)
+        assert alive() is not None, "below the threshold: no collection"
+        keep = [[i] for i in range(10_000)]  # young tracked objects
+        agent._collect_garbage(young=10_000)
+        assert alive() is None and len(keep) == 10_000
+    finally:
+        if was:
+            gc.enable()
