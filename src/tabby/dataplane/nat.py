@@ -109,22 +109,25 @@ class NatManager:
         ):
             self.fes[(c.ntop(addr), port, _proto(proto))] = value
         keys, values, _ = self.be_map.lookup_batch_raw()
-        by_id: dict[int, dict[int, Backend]] = {}
+        by_id: dict[int, list[tuple[int, bytes, int]]] = {}
         for (set_id, ordinal), (addr, port) in zip(
             _BE_KEY.iter_unpack(keys), c.be_val.iter_unpack(values), strict=True
         ):
-            by_id.setdefault(set_id, {})[ordinal] = (c.ntop(addr), port)
-        self._adopted: dict[int, dict[int, Backend]] = by_id  # id -> ordinal -> backend
+            by_id.setdefault(set_id, []).append((ordinal, addr, port))
+        # id -> the ordinals pinned under it (deleted after the first apply unless claimed)
+        self._adopted: dict[int, tuple[int, ...]] = {}
         # each adopted set without a hole, in ordinal order: built here, at start-up while the
         # agent still lists and computes its services, not in the first apply that claims them
         self._adopted_sets: dict[int, tuple[Backend, ...]] = {}
-        for set_id, ordinals in by_id.items():
-            try:
-                self._adopted_sets[set_id] = tuple([ordinals[i] for i in range(len(ordinals))])
-            except KeyError:  # a hole: not ours to trust, rewritten under a new id
-                pass
+        ntop = c.ntop
+        for set_id, entries in by_id.items():
+            entries.sort()
+            ordinals = tuple([e[0] for e in entries])
+            self._adopted[set_id] = ordinals
+            if ordinals[-1] == len(ordinals) - 1:  # sorted and unique: else a hole, not trusted
+                self._adopted_sets[set_id] = tuple([(ntop(e[1]), e[2]) for e in entries])
         self._retired_src: list[SourceRangeKey] = list(self.src_map.keys()) if self.src_map else []
-        used = set(by_id) | {v[0] for v in self.fes.values()}
+        used = set(self._adopted) | {v[0] for v in self.fes.values()}
         self._next_id = max(used, default=0) + 1
 
     def _claim(self, svc: ServiceNAT, set_name: str) -> _Set | None:
@@ -313,8 +316,7 @@ class NatManager:
             if old is not None:
                 candidates |= {(f.addr, f.port, f.protocol) for f in old.frontends}
         if self._first:  # the first apply after start: adopted frontends too
-            candidates |= set(self.fes)
-            candidates -= want.keys()
+            candidates |= self.fes.keys() - want.keys()
             if candidates and len(changed) < len(desired):  # want names only the changed ones
                 candidates -= {
                     (f.addr, f.port, f.protocol) for svc in desired.values() for f in svc.frontends
