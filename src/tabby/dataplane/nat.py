@@ -11,9 +11,12 @@ Invariants:
 - one manager per family: IPv4 (tby_nat_fe / tby_nat_be / tby_nat_src, tby_maglev) and IPv6
   ClusterIPs (tby_nat_fe6 / tby_nat_be6, given each ServiceNAT's ``ipv6`` part; no source ranges,
   no Maglev);
-- backend set ids are allocated here. After a restart the pinned frontends are adopted (so the
-  ones no longer wanted are deleted), the sets are rewritten once under fresh ids and the old
-  ids' backends deleted afterwards: established flows live in conntrack and are not affected.
+- backend set ids are allocated here. After a restart the pinned frontends and sets are
+  adopted: a set its frontend still points at, whole and with the backends calc wants, keeps
+  its id and costs no write; the others are written under fresh ids and the unclaimed ones
+  deleted after the frontends moved on (established flows live in conntrack, unaffected);
+- the batches are packed with ``struct`` into one ctypes array per map (no Python object per
+  entry: 80,000 entries at 20,000 services x 3).
 """
 
 from __future__ import annotations
