@@ -12,9 +12,10 @@ Invariants:
   ClusterIPs (tby_nat_fe6 / tby_nat_be6, given each ServiceNAT's ``ipv6`` part; no source ranges,
   no Maglev);
 - backend set ids are allocated here. After a restart the pinned frontends and sets are
-  adopted: a set its frontend still points at, whole and with the backends calc wants, keeps
-  its id and costs no write; the others are written under fresh ids and the unclaimed ones
-  deleted after the frontends moved on (established flows live in conntrack, unaffected);
+  adopted: a set its (first) frontend still points at, with no hole, keeps its id (unchanged
+  backends cost no write, changed ordinals are written as for any change); a set with a hole
+  or without such a frontend is not trusted: new sets get fresh ids, and the unclaimed old
+  ones are deleted after the frontends moved on (established flows live in conntrack);
 - the batches are packed with ``struct`` into one ctypes array per map (no Python object per
   entry: 80,000 entries at 20,000 services x 3).
 """
