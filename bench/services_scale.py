@@ -244,6 +244,10 @@ class LabResult:
     change_map_s: dict[str, float] = field(default_factory=dict)  # write -> backend in tby_nat_be
     change_write_s: dict[str, float] = field(default_factory=dict)  # the datastore write alone
     agent_rss_mb: float = 0.0  # node1's agent VmRSS after the restart
+    change_agent_s: dict[str, float] = field(default_factory=dict)  # write done -> tby_nat_be
+    # every restart of --starts: (cold|warm, load average, restart -> ready s, in-sync -> NAT s,
+    # start -> in-sync s)
+    restarts: list[tuple[str, float, float, float, float]] = field(default_factory=list)
 
 
 def backend_seen(maps: list[Any], vip: str, backend: str) -> bool:
@@ -279,8 +283,40 @@ def py_spy_wrapper(out_path: str, seconds: int) -> str:
     return wrapper
 
 
+def restart_agent(lab: Any, revision: int, cold: bool) -> tuple[float, dict[str, float]]:
+    """Stop node1's agent by its PID and start it again (``cold``: its pins removed first, a
+    joining node); seconds to /readyz at ``revision``, and its /metrics then."""
+    from tabby.dataplane.node import remove_pins
+    from tabby.lab import processes
+    from tabby.lab.cluster import pin_root
+
+    node = lab.plan.node(NODE)
+    processes.stop(lab.agent_proc(NODE), signal.SIGTERM)
+    if cold:
+        remove_pins(pin_root(lab.name, NODE))
+    started = time.monotonic()
+    lab.start_agent(node)
+    lab.wait_ready(revision, timeout_s=300)
+    took = time.monotonic() - started
+    got = benchlib.agent_metrics(node.netns)
+    got["cpu_s"] = agent_cpu_s(int(lab.agent_proc(NODE)["pid"]))
+    return took, got
+
+
+def agent_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the process has used: a restart's cost that
+    the machine's load does not stretch as it does wall time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def part_b(
-    n: int, lab_name: str, changes: int = LAB_CHANGE_REPS, profile_to: str | None = None
+    n: int,
+    lab_name: str,
+    changes: int = LAB_CHANGE_REPS,
+    profile_to: str | None = None,
+    starts: list[str] | None = None,
 ) -> LabResult:
     from tabby.lab import cluster, processes
     from tabby.lab.cluster import Lab, pin_root
@@ -300,6 +336,7 @@ def part_b(
         node = lab.plan.node(NODE)
         rec = lab.agent_proc(NODE)
         console.print(f"  restarting agent {NODE} (pid {rec['pid']})")
+        load0 = os.getloadavg()[0]
         processes.stop(rec, signal.SIGTERM)
         if profile_to:  # the restarted agent runs under py-spy for its first seconds
             wrapper = py_spy_wrapper(profile_to, PROFILE_S)
@@ -327,6 +364,9 @@ def part_b(
             with open(f"/proc/{pid}/task/{pid}/children") as f:
                 pid = int(f.read().split()[0])
         result.agent_rss_mb = agent_rss_mb(pid)
+        result.restarts.append(
+            ("warm", load0, ready_s, insync, metrics.get("tabby_start_to_insync_seconds", 0.0))
+        )
         if profile_to:  # py-spy writes its file when its duration is over
             deadline = started + PROFILE_S + 30
             while not os.path.exists(profile_to) and time.monotonic() < deadline:
@@ -336,6 +376,23 @@ def part_b(
             processes.stop(lab.agent_proc(NODE), signal.SIGTERM)
             lab.start_agent(node)
             lab.wait_ready(revision, timeout_s=300)
+
+        for start in starts or ():  # more restarts, cold or warm, with the load average
+            load = os.getloadavg()[0]
+            took, got = restart_agent(lab, revision, start == "cold")
+            row = (
+                start,
+                load,
+                took,
+                got.get("tabby_nat_sync_from_insync_seconds", float("nan")),
+                got.get("tabby_start_to_insync_seconds", float("nan")),
+            )
+            console.print(
+                f"  restart {row[0]} at load {load:.1f}: ready {took:.2f} s, "
+                f"in-sync -> NAT {row[3]:.3f} s, start -> in-sync {row[4]:.2f} s, "
+                f"agent CPU until ready {got['cpu_s']:.2f} s"
+            )
+            result.restarts.append(row)
 
         latencies, to_map, writes = [], [], []
         i = n // 2
@@ -371,6 +428,18 @@ def part_b(
         result.change_s = benchlib.spread(latencies)
         result.change_map_s = benchlib.spread(to_map)
         result.change_write_s = benchlib.spread(writes)
+        result.change_agent_s = benchlib.spread(
+            [t - w for t, w in zip(to_map, writes, strict=True)]
+        )
+        for label, sp in (
+            ("write -> tby_nat_be", result.change_map_s),
+            ("the datastore write", result.change_write_s),
+            ("write done -> tby_nat_be", result.change_agent_s),
+        ):
+            console.print(
+                f"  {label}, ms: median {sp['median'] * 1e3:.2f}, p90 {sp['p90'] * 1e3:.2f}, "
+                f"p99 {sp['p99'] * 1e3:.2f}, max {sp['max'] * 1e3:.2f} (n={sp['n']:.0f})"
+            )
         slow = [
             (round(t * 1e3, 1), round(w * 1e3, 1))
             for t, w in zip(to_map, writes, strict=True)
@@ -420,6 +489,12 @@ def main() -> int:
     parser.add_argument("--lab-name", default="bench")
     parser.add_argument("--changes", type=int, default=LAB_CHANGE_REPS, help="part B changes")
     parser.add_argument(
+        "--starts",
+        default="",
+        help="part B: more agent restarts after the first, e.g. cold,warm,cold,warm (cold: "
+        "the node's pins removed first); each printed with the load average",
+    )
+    parser.add_argument(
         "--profile-agent",
         metavar="FILE",
         help="part B: run the restarted agent under py-spy (collapsed stacks of every thread "
@@ -436,7 +511,13 @@ def main() -> int:
         out["in_process"] = [asdict(r) for r in part_a(args.services, args.profile)]
     if not args.no_lab:
         out["lab"] = asdict(
-            part_b(args.lab_services, args.lab_name, args.changes, args.profile_agent)
+            part_b(
+                args.lab_services,
+                args.lab_name,
+                args.changes,
+                args.profile_agent,
+                [s for s in args.starts.split(",") if s],
+            )
         )
     out["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     for section, data in out.items():

@@ -72,6 +72,11 @@ DATASTORE_BACKOFF_S = (0.5, 10.0)  # first and longest wait between datastore at
 WATCH_HEALTH_S = 1.0  # how often a quiet watch is asked whether its stream is up
 BGP_SYNC_S = 1.0  # learnt routes -> the route map (a withdrawal shows within this)
 CT_SWEEP_S = 10.0  # conntrack GC period; also right after backends left a service
+# Python's cyclic GC runs when the watch is quiet, not in a change's path (Agent.run): young
+# objects to collect at the least (the interpreter's own gen0 threshold), and at the most even
+# while events keep coming
+GC_YOUNG = 700
+GC_YOUNG_MAX = 100_000
 DEFAULT_HEALTH_PORT = 9099
 
 
@@ -481,6 +486,10 @@ class Agent:
 
     def run(self) -> None:
         preflight.require()
+        # No automatic collections: at 20,000 services a young collection walks the states'
+        # service dicts (20,000 entries each), 10-30 ms that landed in whichever change
+        # triggered it; the agent collects when its watch is quiet instead (_collect_garbage).
+        gc.disable()
         self.worker.start()
         self.worker.started_ok.wait()
         if self.worker.failed:
@@ -505,6 +514,7 @@ class Agent:
                 log.warning(
                     "datastore: %s (retrying in %.1f s; the dataplane keeps what it has)", e, delay
                 )
+                _collect_garbage()
                 self.stop.wait(delay)
                 wait_s = min(wait_s * 2, DATASTORE_BACKOFF_S[1])
             finally:
@@ -534,34 +544,49 @@ class Agent:
         services = ServiceIndex(self.node)
         revision = ds.revision()
         for kind in KINDS:
-            if kind in SERVICE_KINDS:  # held by the index only, packed: streamed when possible
-                on = services.on_service if kind == "Service" else services.on_slice
-                stream = ds.iter_list(kind) if isinstance(ds, StreamingList) else ds.list(kind)[0]
-                for obj in stream:
-                    on(_key(obj), obj)
-                continue
-            items, _ = ds.list(kind)
-            for obj in items:
-                fresh[kind][_key(obj)] = obj
+            if kind not in SERVICE_KINDS:
+                items, _ = ds.list(kind)
+                for obj in items:
+                    fresh[kind][_key(obj)] = obj
         self.resources = fresh
         self.services = services
         self.base = None
+        # The base state (everything but services) first: the worker loads the datapath (the
+        # verifier, no GIL) while the services are listed and computed.
+        base = self._base()
+        services.set_node_ip(base.node_ip, base.node_ip6)
         # The cluster's objects live as long as the agent: move them out of the cyclic GC's
         # sight before calc allocates, or every collection walks them (a third of the time to
         # program 20,000 services, measured by bench/services_scale.py).
         gc.unfreeze()  # what an earlier relist froze may be garbage now
         gc.collect()
         gc.freeze()
-        self.metrics.mark_in_sync()
         # Every service is computed now: ~a million objects that all live on, and nothing
         # cyclic to free (unpacked objects go by reference counting), so collections would
         # only walk them: 15-20% of the calc's CPU time at 20,000 services.
+        collecting = gc.isenabled()
         gc.disable()
         try:
+            # Held by the index only, packed, streamed when possible; the slices before the
+            # Services, so each Service is computed as it is listed (its slices are in): the
+            # calc overlaps the list instead of following the in-sync.
+            for kind in ("EndpointSlice", "Service"):
+                stream = ds.iter_list(kind) if isinstance(ds, StreamingList) else ds.list(kind)[0]
+                for obj in stream:
+                    key = _key(obj)
+                    if kind == "EndpointSlice":
+                        services.on_slice(key, obj)
+                    else:
+                        services.on_service(key, obj)
+                        services.compute_listed(key, obj)
+            gc.collect()  # whatever cyclic garbage the list's client left (young objects only)
+            gc.freeze()  # and the services' results out of sight too
+            self.metrics.mark_in_sync()
             self._publish(revision)
         finally:
-            gc.enable()
-        gc.freeze()  # and the calc results too
+            if collecting:
+                gc.enable()
+        gc.freeze()
         _give_back_heap()
         return revision
 
@@ -584,6 +609,7 @@ class Agent:
                 # A quiet watch may be a lost one retrying by itself: not ready meanwhile.
                 if health is not None:
                     self._set_datastore_problem(health.watch_problem())
+                _collect_garbage()
                 continue
             if health is not None:
                 self._set_datastore_problem(health.watch_problem())
@@ -595,6 +621,7 @@ class Agent:
                 self._on_event(item)
                 revision = max(revision, item.revision)
             self._publish(revision)
+            _collect_garbage(GC_YOUNG_MAX)  # events without a quiet second: now and then
 
     def _on_event(self, ev: Event) -> None:
         if ev.kind not in KINDS:
@@ -613,9 +640,9 @@ class Agent:
             self.resources[ev.kind][key] = current
         self.base = None  # compute() reads every other kind
 
-    def _publish(self, revision: int) -> None:
-        with self.status.lock:
-            self.status.seen_revision = revision
+    def _base(self) -> NodeState:
+        """compute()'s state of everything but services (reused while only Services and
+        EndpointSlices change); the first one also has the worker load the datapath."""
         base = self.base
         if base is None:
             base = compute(self.resources, self.node, bgp=self.bgp)
@@ -627,6 +654,12 @@ class Agent:
             if not self.prepared:  # the first state: load while the services compute
                 self.worker.prepare(base)
                 self.prepared = True
+        return base
+
+    def _publish(self, revision: int) -> None:
+        with self.status.lock:
+            self.status.seen_revision = revision
+        base = self._base()
         self.services.set_node_ip(base.node_ip, base.node_ip6)
         self.worker.submit(with_services(base, self.services), revision)
 
@@ -639,6 +672,13 @@ def _newer(
         old, changed = pending[0].services_changed, new[0].services_changed
         new[0].services_changed = None if old is None or changed is None else old | changed
     return new
+
+
+def _collect_garbage(young: int = GC_YOUNG) -> None:
+    """A full collection if ``young`` tracked objects were made since the last one (the agent
+    runs with automatic collections off: Agent.run). What the relists froze is not walked."""
+    if gc.get_count()[0] >= young:
+        gc.collect()
 
 
 def _give_back_heap() -> None:

@@ -18,7 +18,7 @@ from scapy.layers.inet import TCPerror, UDPerror
 from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
 from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtKey, CtType
 from tabby.bpf.maps.counters import Reason
-from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
+from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC, BackendKey
 from tabby.bpf.maps.routes import RouteFlags, RouteValue
 from tabby.bpf.objects import DatapathObjects
 from tabby.calc.services import service_nat
@@ -438,6 +438,28 @@ def test_a_restarted_manager_adopts_unchanged_sets_and_cleans_the_rest(node: Nod
     assert result.writes == 2  # gone's frontend and backend deleted: nothing of web rewritten
     _, again, delta = node.run("tby_from_wl", _syn(48000, "A"))
     assert again[IP].dst == out[IP].dst and delta.get(Reason.NAT_FWD) == 1
+
+
+def test_a_restarted_manager_rewrites_an_adopted_set_with_a_hole(node: Node) -> None:
+    """A pinned set missing an ordinal (not a state tabby leaves) is not trusted: the restart
+    writes the service's set again under a new id and deletes every backend of the old one."""
+    web = service()
+    node.program((web, [slice_of()]))
+    fe_map, be_map = node.dp.map(FRONTENDS_SPEC), node.dp.map(BACKENDS_SPEC)
+    (old_key, old_fe), *_ = fe_map.lookup_batch()
+    assert old_fe.count == len(BACKENDS)
+    be_map.delete(BackendKey(id=old_fe.id, ordinal=1))  # the hole
+
+    node.nat = NatManager(
+        *(node.dp.map(s) for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC))
+    )
+    result = node.nat.apply({"default/web": service_nat(web, [slice_of()], NODE, P.NODE_IP)})
+    assert not result.errors
+    fe = fe_map.lookup(old_key)
+    assert fe is not None and fe.id != old_fe.id and fe.count == len(BACKENDS)
+    got = {be.describe() for _, be in be_map.lookup_batch()}
+    assert got == {f"{b}:8080" for b in BACKENDS}  # the new set, whole; the old one gone
+    assert {k.id for k, _ in be_map.lookup_batch()} == {fe.id}
 
 
 def test_nat_outgoing_masquerades_pods_leaving_the_cluster_only(node: Node) -> None:

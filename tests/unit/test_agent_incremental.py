@@ -12,6 +12,7 @@ from typing import Any
 
 from tabby import agent
 from tabby.calc.nodestate import NodeState
+from tabby.calc.services import ServiceIndex
 from tabby.datastore.api import Event
 
 NODE = "node1"
@@ -162,3 +163,73 @@ def test_a_prepared_worker_does_nothing_else_before_its_first_apply(monkeypatch)
     w.dataplane = None
     monkeypatch.setattr(w, "_open_dataplane", broken)
     assert w._take(None, (base, agent.PREPARE)) is None and w.dataplane is None  # apply retries
+
+
+class _ListOnly:
+    """A datastore that only lists (what Agent._relist reads), recording the order."""
+
+    def __init__(self, objs: list[dict[str, Any]], log: list[str]) -> None:
+        self.objs, self.log = objs, log
+
+    def revision(self) -> int:
+        return 7
+
+    def list(self, kind: str) -> tuple[list[dict[str, Any]], int]:
+        self.log.append(f"list {kind}")
+        return [o for o in self.objs if o["kind"] == kind], 7
+
+
+def test_a_relist_loads_the_datapath_then_computes_services_as_they_are_listed(
+    monkeypatch,
+) -> None:
+    """The base state (and the datapath's load) before the services are listed; slices before
+    Services, each Service computed as it is listed: the first state is the same as when every
+    service is computed after the list."""
+    objs = _cluster() + _service(1, ["100.96.1.2"]) + _service(2, ["100.96.1.3"])
+    a, got = _agent()
+    log: list[str] = []
+    a.worker.prepare = lambda base: log.append("prepare")  # type: ignore[method-assign]
+    listed = ServiceIndex.compute_listed
+
+    def compute_listed(index: ServiceIndex, key: tuple[str, str], obj: dict[str, Any]) -> None:
+        log.append(f"computed {key[1]} ({len(index._slices.get(key, {}))} slices in)")
+        listed(index, key, obj)
+
+    monkeypatch.setattr(ServiceIndex, "compute_listed", compute_listed)
+    assert a._relist(_ListOnly(objs, log)) == 7  # type: ignore[arg-type]
+    assert log.index("prepare") < log.index("list EndpointSlice") < log.index("list Service")
+    assert log[-2:] == ["computed s1 (1 slices in)", "computed s2 (1 slices in)"]
+    relisted, rev = got[-1]
+    assert rev == 7 and relisted.services_changed is None
+
+    b, fed = _agent()
+    _feed(b, objs, 7)
+    assert relisted.services == fed[-1][0].services
+    assert relisted.routes == fed[-1][0].routes
+
+
+def test_garbage_is_collected_when_enough_young_objects_were_made() -> None:
+    """The agent runs without automatic collections; _collect_garbage frees cycles once the
+    young count reaches its threshold, and leaves them (no walk) below it."""
+    import gc
+    import weakref
+
+    class Node:
+        other: Any = None
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: reference counting alone never frees it
+        alive = weakref.ref(a)
+        del a, b
+        agent._collect_garbage(young=10_000)
+        assert alive() is not None, "below the threshold: no collection"
+        keep = [[i] for i in range(10_000)]  # young tracked objects
+        agent._collect_garbage(young=10_000)
+        assert alive() is None and len(keep) == 10_000
+    finally:
+        if was:
+            gc.enable()

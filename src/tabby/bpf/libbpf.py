@@ -440,8 +440,8 @@ class Map(Generic[K, V]):
             raise ValueError("keys and values differ in length")
         if not keys:
             return 0
-        karr = (self.key_type * len(keys))(*keys)  # type: ignore[operator]
-        varr = (self.value_type * len(values))(*values)  # type: ignore[operator]
+        karr = self._array(self.key_type, keys)
+        varr = self._array(self.value_type, values)
         count = ctypes.c_uint32(len(keys))
         opts = _MapBatchOpts(ctypes.sizeof(_MapBatchOpts), flags, 0)
         rc = _lib.bpf_map_update_batch(self.fd, karr, varr, ctypes.byref(count), ctypes.byref(opts))
@@ -452,12 +452,21 @@ class Map(Generic[K, V]):
         """BPF_MAP_DELETE_BATCH; ENOENT on the first absent key, those before it are deleted."""
         if not keys:
             return 0
-        karr = (self.key_type * len(keys))(*keys)  # type: ignore[operator]
+        karr = self._array(self.key_type, keys)
         count = ctypes.c_uint32(len(keys))
         opts = _MapBatchOpts(ctypes.sizeof(_MapBatchOpts), 0, 0)
         rc = _lib.bpf_map_delete_batch(self.fd, karr, ctypes.byref(count), ctypes.byref(opts))
         _check(rc, f"delete_batch {self.name}")
         return count.value
+
+    @staticmethod
+    def _array(item_type: Any, items: Sequence[Any]) -> Any:
+        """``items`` as one ctypes array of ``item_type``: used as it is when it already is one
+        (the NAT manager packs 80,000 entries into one; rebuilding it element by element made
+        a ctypes object per entry and was a quarter of a 20,000-service programming)."""
+        if isinstance(items, ctypes.Array) and items._type_ is item_type:
+            return items
+        return (item_type * len(items))(*items)
 
     def lookup_batch_raw(self, chunk: int = 4096) -> tuple[bytes, bytes, int]:
         """The whole map as (keys, values, count): packed bytes, one fixed-size record each.

@@ -324,6 +324,7 @@ class ServiceIndex:
         self._slice_owner: dict[Key, Key] = {}  # slice key -> service key
         self._results: dict[str, ServiceNAT] = {}
         self._dirty: set[Key] = set()
+        self._listed: list[str] = []  # names computed by compute_listed since results()
         # what with_services needs of every result, kept here so a change does not walk them all
         self.health_checks: dict[str, tuple[int, int]] = {}  # name -> (node port, local eps)
         self.warnings: dict[str, tuple[str, ...]] = {}  # name -> warnings, services with some
@@ -359,31 +360,46 @@ class ServiceIndex:
         self._slices.setdefault(owner, {})[key[1]] = pack(obj)
         self._dirty.add(owner)
 
+    def compute_listed(self, key: Key, obj: Obj) -> None:
+        """``key``'s Service, just recorded with ``on_service(key, obj)``, computed at once from
+        ``obj`` (no unpacking) over the slices recorded so far. For a relist that streams the
+        EndpointSlices before the Services: each service is then computed once, while the list
+        is read, and the first ``results()`` has nothing left to do. A slice recorded later
+        marks the service dirty again, as usual."""
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self._listed.append(self._compute(key, obj))
+
+    def _compute(self, key: Key, svc: Obj | None) -> str:
+        """Recompute one service (``svc``: its Service decoded, None if gone); its name."""
+        name = f"{key[0]}/{key[1]}"
+        self.health_checks.pop(name, None)
+        self.warnings.pop(name, None)
+        if svc is None or not proxied(svc):
+            self._results.pop(name, None)
+            return name
+        slices = [unpack(sl) for sl in self._slices.get(key, {}).values()]
+        nat = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
+        self._results[name] = nat
+        if nat.health_check_port:
+            self.health_checks[name] = (nat.health_check_port, nat.local_endpoints)
+        if nat.warnings:
+            self.warnings[name] = nat.warnings
+        return name
+
     def results(self) -> dict[str, ServiceNAT]:
         """A fresh dict (safe to hand to another thread) sharing unchanged ServiceNAT objects.
 
-        ``changed`` then names the services recomputed or removed by this call (a superset of
-        those whose ServiceNAT differs from the previous call's), or is None on a new index's
-        first call (compare everything: services deleted during a relist are in no index)."""
-        changed = []
+        ``changed`` then names the services recomputed or removed since the previous call
+        (a superset of those whose ServiceNAT differs from the previous call's), or is None on
+        a new index's first call (compare everything: services deleted during a relist are in
+        no index)."""
+        changed = self._listed
         for key in self._dirty:
-            name = f"{key[0]}/{key[1]}"
-            changed.append(name)
             packed = self._services.get(key)
-            svc = unpack(packed) if packed is not None else None
-            self.health_checks.pop(name, None)
-            self.warnings.pop(name, None)
-            if svc is None or not proxied(svc):
-                self._results.pop(name, None)
-                continue
-            slices = [unpack(sl) for sl in self._slices.get(key, {}).values()]
-            nat = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
-            self._results[name] = nat
-            if nat.health_check_port:
-                self.health_checks[name] = (nat.health_check_port, nat.local_endpoints)
-            if nat.warnings:
-                self.warnings[name] = nat.warnings
+            changed.append(self._compute(key, unpack(packed) if packed is not None else None))
         self._dirty.clear()
+        self._listed = []
         self.changed = None if self._fresh else frozenset(changed)
         self._fresh = False
         return dict(self._results)
