@@ -61,6 +61,14 @@ class CountingDatastore:
             self.bytes += sum(len(json.dumps(o, separators=(",", ":"))) for o in items)
         return items, rev
 
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        with self._lock:
+            self.lists += 1
+        for obj in self.inner.iter_list(kind):
+            with self._lock:
+                self.bytes += len(json.dumps(obj, separators=(",", ":")))
+            yield obj
+
     def watch(self, since_revision: int, stop: threading.Event | None = None) -> Iterator[Event]:
         with self._lock:
             self.watches += 1
