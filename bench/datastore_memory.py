@@ -23,6 +23,7 @@ Usage (root not needed): .venv/bin/python bench/datastore_memory.py [--services 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -45,6 +46,49 @@ def _rss() -> dict[str, float]:
             if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
                 out[key] = round(int(value.split()[0]) / 1024, 1)
     return out
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _heap_free_mib() -> float:
+    """Free bytes glibc keeps in its heaps (main arena and the threads'), after a trim: what
+    malloc_trim could not return (fragments between live blocks)."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return float("nan")
+    fn.restype = _MallInfo2
+    info = fn()
+    return round(int(info.fordblks) / 2**20, 1)
+
+
+def _pymalloc_free_mib() -> float:
+    """Free space inside pymalloc's arenas (blocks and pools not in use), from
+    sys._debugmallocstats (written to stderr: read through a pipe)."""
+    read, write = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    try:
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(write)
+        os.close(saved)
+    with os.fdopen(read) as f:
+        text = f.read()
+    free = 0  # available blocks, unused pools: pymalloc space no live object uses
+    for line in text.splitlines():
+        if line.startswith("# bytes in available blocks") or "unused pools *" in line:
+            free += int(line.rsplit("=", 1)[1].replace(",", "").strip())
+    return round(free / 2**20, 1)
 
 
 def probe(url: str, trace: bool) -> None:
@@ -80,6 +124,7 @@ def probe(url: str, trace: bool) -> None:
     gc.collect()
     agent._give_back_heap()
     steps.append(("trimmed", _rss()))
+    free = {"glibc_free_mib": _heap_free_mib(), "pymalloc_free_mib": _pymalloc_free_mib()}
     stop = threading.Event()
 
     def watch() -> None:
@@ -89,7 +134,7 @@ def probe(url: str, trace: bool) -> None:
     threading.Thread(target=watch, daemon=True).start()
     time.sleep(2.0)
     steps.append(("watching", _rss()))
-    result: dict[str, Any] = {"steps": steps}
+    result: dict[str, Any] = {"steps": steps, **free}
     if trace:
         snap = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)]
@@ -197,7 +242,8 @@ def main() -> None:
                         f"{step} {m['VmRSS']:.0f} (anon {m['RssAnon']:.0f} file {m['RssFile']:.0f})"
                         for step, m in res["steps"]
                     )
-                    + f" | peak {res['steps'][-1][1]['VmHWM']:.0f} MiB"
+                    + f" | peak {res['steps'][-1][1]['VmHWM']:.0f} MiB; free after the trim:"
+                    + f" glibc {res['glibc_free_mib']} MiB, pymalloc {res['pymalloc_free_mib']} MiB"
                 )
             if args.tracemalloc:
                 res = run_probe(urls[name], True)
