@@ -22,7 +22,8 @@ Reported: process start -> /readyz ready at the store's revision (``start_s``, s
 polled every 50 ms), the agent's own ``tabby_start_to_insync_seconds`` (exec -> first full list
 in: imports, connection, list, decode) and ``tabby_nat_sync_from_insync_seconds`` (first full
 list in -> last NAT map write, loading the BPF objects included), and its
-memory once ready: VmRSS and the peak VmHWM from /proc/<pid>/status.
+memory once ready: VmRSS and the peak VmHWM from /proc/<pid>/status, and VmRSS split into
+RssAnon (the process's own) and RssFile (mapped files: shared libraries' text, clean).
 
 One 1-node lab (``benchag``, or ``--lab NAME``; removed afterwards also on failure or Ctrl-C);
 nothing leaves the lab's namespaces and loopback. Results merged into
@@ -85,6 +86,8 @@ class Run:
     peak_mib: float  # VmHWM once ready
     frontends: float
     server_rss_mib: float = 0.0  # typha only: the fan-out server's VmRSS (one per cluster)
+    anon_mib: float = 0.0  # RssAnon once ready: the process's own memory
+    file_mib: float = 0.0  # RssFile once ready: mapped files (shared libraries' text, clean)
 
 
 def dataset(plan: Any, n_services: int, n_pods: int) -> list[dict[str, Any]]:
@@ -167,13 +170,19 @@ def _wire(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
+    fields = status_mib(pid)
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def status_mib(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of ``pid`` (/proc/PID/status), MiB."""
     fields: dict[str, float] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 fields[key] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
+    return fields
 
 
 class Bench:
@@ -226,20 +235,23 @@ class Bench:
                 remove_pins(pin_root(self.lab.name, NODE))
             start_s, rec = self.start_agent(url, revision)
             time.sleep(1.0)  # let the first conntrack sweep and the metrics settle
-            rss, peak = memory_mib(int(rec["pid"]))
+            mem = status_mib(int(rec["pid"]))
+            rss, peak = mem["VmRSS"], mem["VmHWM"]
             metrics = benchlib.agent_metrics(self.node.netns)
             run = Run(
                 ds_name, n, p, load_s, start, start_s,
                 metrics.get("tabby_start_to_insync_seconds", float("nan")),
                 metrics.get("tabby_nat_sync_from_insync_seconds", float("nan")),
                 rss, peak, metrics.get("tabby_services", float("nan")),
+                anon_mib=mem["RssAnon"], file_mib=mem["RssFile"],
             )  # fmt: skip
             if run.frontends < n:
                 raise RuntimeError(f"{ds_name}: {run.frontends} frontends, expected {n}")
             console.print(
                 f"  {ds_name} {start}: ready in {start_s:.2f} s, start->in-sync "
                 f"{run.start_to_insync_s:.2f} s, in-sync->NAT "
-                f"{run.insync_to_nat_s:.2f} s, RSS {rss:.0f} MiB (peak {peak:.0f})"
+                f"{run.insync_to_nat_s:.2f} s, RSS {rss:.0f} MiB (anon {run.anon_mib:.0f}, "
+                f"file {run.file_mib:.0f}; peak {peak:.0f})"
             )
             runs.append(run)
         return runs

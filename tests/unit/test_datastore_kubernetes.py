@@ -65,6 +65,7 @@ class Watcher:
     def __init__(self, ds: KubernetesDatastore, since: int) -> None:
         self.stop = threading.Event()
         self.q: queue.Queue[Event | BaseException] = queue.Queue()
+        self.seen: list[Event] = []  # every event taken, whole
         self.thread = threading.Thread(target=self._run, args=(ds, since), daemon=True)
         self.thread.start()
 
@@ -83,6 +84,7 @@ class Watcher:
             if isinstance(item, BaseException):
                 raise item
             out.append((item.type, item.obj["metadata"]["name"]))
+            self.seen.append(item)
         return out
 
     def quiet(self, wait_s: float = 0.5) -> bool:
@@ -305,7 +307,7 @@ def test_bookmarks_advance_the_resume_revision(api, ds):
 
 
 def test_relist_after_410_emits_the_delete_missed_while_disconnected(api, ds):
-    ds.apply([pod("a"), pod("b"), pod("c")])
+    ds.apply([pod("a"), pod("b", app="web"), pod("c")])
     ds.list("pods")  # the caller's list: the informer's seed
     since = ds.revision()
     w = Watcher(ds, since)
@@ -323,6 +325,18 @@ def test_relist_after_410_emits_the_delete_missed_while_disconnected(api, ds):
             api.compact()
         got = w.take(3)
         assert sorted(got) == [("ADDED", "d"), ("DELETED", "b"), ("MODIFIED", "a")]
+        # what the informer kept of b (its resourceVersion and labels) makes the tombstone
+        gone = next(e for e in w.seen if e.type == "DELETED")
+        assert gone.obj == {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "b",
+                "namespace": "default",
+                "labels": {"app": "web"},
+                "resourceVersion": str(gone.revision),
+            },
+        }
         assert ds.relists >= 1 and api.gone_sent >= 1  # compaction is global: some kinds relist
         ds.apply([pod("e")])  # and the watch goes on from the relist
         assert w.take(1) == [("ADDED", "e")]

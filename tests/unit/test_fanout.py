@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from tabby import agent
 from tabby.calc import names
 from tabby.cni.ipam import BlockIPAM
 from tabby.datastore import Compacted, DatastoreError, Event, open_datastore
-from tabby.datastore.api import Obj
+from tabby.datastore.api import Obj, StreamingList
 from tabby.datastore.embedded import EmbeddedDatastore
 from tabby.datastore.typha import Replica, TyphaDatastore, consistent, follow, typha_url
 from tabby.datastore.typha_wire import ProtocolError, frame, hello, read_frame
@@ -60,6 +61,14 @@ class CountingDatastore:
             self.lists += 1
             self.bytes += sum(len(json.dumps(o, separators=(",", ":"))) for o in items)
         return items, rev
+
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        with self._lock:
+            self.lists += 1
+        for obj in self.inner.iter_list(kind):
+            with self._lock:
+                self.bytes += len(json.dumps(obj, separators=(",", ":")))
+            yield obj
 
     def watch(self, since_revision: int, stop: threading.Event | None = None) -> Iterator[Event]:
         with self._lock:
@@ -546,6 +555,47 @@ def test_a_watch_from_before_the_history_relists(
             next(ds.watch(start))
         recent = list(_take(ds.watch(final - 10), 10))
         assert [e.revision for e in recent] == list(range(final - 9, final + 1))
+    finally:
+        ds.close()
+
+
+def test_the_client_keeps_its_replica_encoded_and_streams_its_list(
+    store: EmbeddedDatastore, servers: list[ServerThread]
+) -> None:
+    """An agent's relist through the fan-out never holds the list decoded: the replica keeps
+    each object as the bytes its frame carried, and iter_list decodes one at a time (the
+    agent's service index packs each and drops it). Objects handed out are the caller's."""
+    revision = store.apply([pod(f"p{i}", gen=i) for i in range(2000)])
+    srv = serve(servers, store)
+    ds = TyphaDatastore("127.0.0.1", srv.port)
+    try:
+        deadline = time.monotonic() + 15
+        while ds.revision() < revision:
+            assert time.monotonic() < deadline, "the client never caught up"
+            time.sleep(0.02)
+        assert isinstance(ds, StreamingList)
+        held = ds.replica.objects["Pod"]
+        assert len(held) == 2000 and all(isinstance(v, bytes) for v in held.values())
+        listed, _ = ds.list("Pod")
+        assert listed == store.list("Pod")[0]  # same objects, same order
+        names = [o["metadata"]["name"] for o in ds.iter_list("Pod")]
+        assert names == [o["metadata"]["name"] for o in listed]
+        listed[0]["metadata"]["labels"]["gen"] = "mutated"  # the caller's copy, not the replica's
+        assert ds.list("Pod")[0][0]["metadata"]["labels"]["gen"] == "0"
+        del listed
+
+        tracemalloc.start()
+        try:
+            for obj in ds.iter_list("Pod"):  # consumed as the agent does: one at a time
+                assert obj["kind"] == "Pod"
+            streamed_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            whole, _ = ds.list("Pod")
+            list_peak = tracemalloc.get_traced_memory()[1]
+            del whole
+        finally:
+            tracemalloc.stop()
+        assert streamed_peak * 10 < list_peak, (streamed_peak, list_peak)
     finally:
         ds.close()
 

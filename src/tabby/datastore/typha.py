@@ -18,8 +18,13 @@ Invariants:
   revision), so a watch goes on without a relist. Only a snapshot older than the replica (the
   datastore went back in time) breaks the history: watchers raise Compacted and relist.
 - The replica keeps the newest ``history`` events; a watch from before them raises Compacted.
-- Objects handed out are the replica's own: callers must not mutate them (the agent does not;
-  IPAM, which does, reads through ``consistent``).
+- The replica keeps every object encoded, as its frame carried it (the JSON bytes of the
+  object, cut out of the frame undecoded; only kind, name, namespace and resourceVersion are
+  read): 20,000 Services and slices decoded would be ~100 MB in each agent, encoded they are
+  ~20 MB. Reads decode: ``iter_list`` one object at a time (StreamingList: the agent's service
+  index packs each as it comes, so the list is never decoded whole), ``list`` and ``get`` the
+  objects they return, which are the caller's to keep; the recent events (``history``) hold
+  decoded objects.
 - The server is considered dead after DEAD_AFTER_HEARTBEATS heartbeats of silence: the client
   reconnects with jittered backoff; after ``reconnect_timeout_s`` without a server, reads and
   watches raise Unavailable.
@@ -30,20 +35,23 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import copy
 import logging
 import random
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
+from typing import cast
 from urllib.parse import parse_qsl, quote
+
+import msgspec
 
 from tabby.datastore.api import (
     Compacted,
     Datastore,
     DatastoreError,
     Event,
+    EventType,
     Obj,
     Outcome,
     Unavailable,
@@ -52,11 +60,11 @@ from tabby.datastore.typha_wire import (
     DEAD_AFTER_HEARTBEATS,
     HANDSHAKE_TIMEOUT_S,
     VERSIONS,
-    Msg,
     ProtocolError,
     Refused,
     frame,
     hello,
+    read_body,
     read_frame,
 )
 from tabby.model import lookup
@@ -70,12 +78,59 @@ BACKOFF_S = (0.1, 2.0)
 STOP_CHECK_S = 0.25  # how often a blocked watch looks at ``stop``; changes wake it at once
 
 
+class _Meta(msgspec.Struct):
+    name: str
+    namespace: str | None = None
+    resourceVersion: str | None = None  # noqa: N815 - the wire's name
+
+
+class _Head(msgspec.Struct):
+    """What the replica reads of an object: the rest stays encoded."""
+
+    kind: str
+    metadata: _Meta
+
+
+class _WireEvent(msgspec.Struct):
+    type: str
+    kind: str
+    rev: int
+    obj: msgspec.Raw
+
+
+class _Frame(msgspec.Struct):
+    """A frame after the handshake (typha_wire's table); objects are left encoded."""
+
+    t: str
+    rev: int = 0
+    objs: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    events: list[_WireEvent] = msgspec.field(default_factory=list)
+    reason: str = ""
+
+
+_frame_decoder = msgspec.json.Decoder(_Frame)
+_head_decoder = msgspec.json.Decoder(_Head)
+_obj_decoder = msgspec.json.Decoder(dict[str, object])
+
+
+def _head(data: bytes) -> _Head:
+    try:
+        return _head_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise ProtocolError(f"an object without kind or metadata.name: {err}") from None
+
+
+def _decode(data: bytes) -> Obj:
+    return _obj_decoder.decode(data)
+
+
 class Replica:
-    """What one client knows: every served object, the revision it is at, recent events."""
+    """What one client knows: every served object (encoded), the revision it is at, recent
+    events (decoded)."""
 
     def __init__(self, history: int = DEFAULT_HISTORY) -> None:
         self.cond = threading.Condition()
-        self.objects: dict[str, dict[tuple[str, str], Obj]] = defaultdict(dict)
+        self.objects: dict[str, dict[tuple[str, str], bytes]] = defaultdict(dict)
         self.kinds: tuple[str, ...] = ()  # what the server serves (from its welcome)
         self.revision = 0
         self.synced = False  # a first snapshot is in
@@ -88,32 +143,40 @@ class Replica:
         self.failed: DatastoreError | None = None  # refused: retrying will not help
         self.bytes_received = 0
         self.snapshots = 0
-        self._staging: dict[str, dict[tuple[str, str], Obj]] | None = None
+        self._staging: dict[str, dict[tuple[str, str], bytes]] | None = None
 
     # --- applying frames (the connection's task) ---------------------------------------------
 
-    def on_frame(self, msg: Msg) -> None:
-        t = msg["t"]
+    def on_frame(self, body: bytes) -> str:
+        """Apply one frame's body (JSON, undecoded); returns its message type."""
+        try:
+            msg = _frame_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise ProtocolError(f"a frame does not decode: {err}") from None
+        t = msg.t
         if t == "events":
-            self._on_events(msg["events"])
+            self._on_events(msg.events)
         elif t == "bookmark":
             with self.cond:
                 if self.connected:
-                    self.revision = max(self.revision, int(msg["rev"]))
+                    self.revision = max(self.revision, msg.rev)
         elif t == "snapshot":
             staging = self._staging if self._staging is not None else defaultdict(dict)
-            for obj in msg["objs"]:
-                staging[obj["kind"]][_key(obj)] = obj
+            for raw in msg.objs:
+                data = bytes(raw)  # a copy: the frame's buffer is not kept alive
+                head = _head(data)
+                staging[head.kind][head.metadata.namespace or "", head.metadata.name] = data
             self._staging = staging
         elif t == "synced":
-            self._on_synced(int(msg["rev"]), self._staging or defaultdict(dict))
+            self._on_synced(msg.rev, self._staging or defaultdict(dict))
             self._staging = None
         elif t == "bye":
-            log.info("typha closes the connection: %s", msg.get("reason", ""))
+            log.info("typha closes the connection: %s", msg.reason)
         else:
             raise ProtocolError(f"unexpected message {t!r}")
+        return t
 
-    def _on_events(self, events: list[Msg]) -> None:
+    def _on_events(self, events: list[_WireEvent]) -> None:
         # The hot path: every client runs it for every event (locals on purpose).
         if not self.connected:
             raise ProtocolError("events before the snapshot")
@@ -121,19 +184,20 @@ class Replica:
         with self.cond:
             revision = self.revision
             for e in events:
-                type_, kind, obj, rev = e["type"], e["kind"], e["obj"], e["rev"]
-                meta = obj["metadata"]
-                key = (meta.get("namespace") or "", meta["name"])
+                type_, kind, rev = e.type, e.kind, e.rev
+                data = bytes(e.obj)
+                meta = _head(data).metadata
+                key = (meta.namespace or "", meta.name)
                 if type_ == "DELETED":
                     objects[kind].pop(key, None)
                 elif type_ == "ADDED" or type_ == "MODIFIED":
-                    objects[kind][key] = obj
+                    objects[kind][key] = data
                 else:
                     raise ProtocolError(f"unknown event type {type_!r}")
                 if rev > revision:
                     revision = rev
                 if keep:
-                    history.append(Event(type_, kind, obj, rev))
+                    history.append(Event(cast(EventType, type_), kind, _decode(data), rev))
             self.revision = revision
             if keep:
                 self._trim()
@@ -141,7 +205,7 @@ class Replica:
                 self.floor = revision
             self.cond.notify_all()
 
-    def _on_synced(self, rev: int, fresh: dict[str, dict[tuple[str, str], Obj]]) -> None:
+    def _on_synced(self, rev: int, fresh: dict[str, dict[tuple[str, str], bytes]]) -> None:
         with self.cond:
             self.snapshots += 1
             if not self.synced:
@@ -156,15 +220,15 @@ class Replica:
             else:  # a reconnect: bridge the gap with the diff, at the snapshot's revision
                 for kind in set(self.objects) | set(fresh):
                     old, new = self.objects.get(kind, {}), fresh.get(kind, {})
-                    for key, obj in old.items():
+                    for key, data in old.items():
                         if key not in new:
-                            self._remember(Event("DELETED", kind, obj, rev))
-                    for key, obj in new.items():
+                            self._remember(Event("DELETED", kind, _decode(data), rev))
+                    for key, data in new.items():
                         before = old.get(key)
                         if before is None:
-                            self._remember(Event("ADDED", kind, obj, rev))
-                        elif _version(before) != _version(obj):
-                            self._remember(Event("MODIFIED", kind, obj, rev))
+                            self._remember(Event("ADDED", kind, _decode(data), rev))
+                        elif _version(before) != _version(data):
+                            self._remember(Event("MODIFIED", kind, _decode(data), rev))
                 self._trim()
             self.objects = fresh
             self.revision = max(rev, self.revision) if self.synced else rev
@@ -201,9 +265,9 @@ class Replica:
         """(kind, namespace, name) -> resourceVersion of every object: a state to compare."""
         with self.cond:
             return {
-                (kind, *key): _version(obj)
+                (kind, *key): _version(data)
                 for kind, objs in self.objects.items()
-                for key, obj in objs.items()
+                for key, data in objs.items()
             }
 
 
@@ -269,10 +333,9 @@ async def _session(
         dead_after_s = DEAD_AFTER_HEARTBEATS * float(msg.get("heartbeat_s", 5.0))
         while True:
             async with asyncio.timeout(dead_after_s):
-                msg, size = await read_frame(reader)
-            replica.bytes_received += size
-            replica.on_frame(msg)
-            if msg["t"] == "bye":
+                body = await read_body(reader)
+            replica.bytes_received += 4 + len(body)
+            if replica.on_frame(body) == "bye":
                 return
     finally:
         writer.close()
@@ -364,7 +427,9 @@ class TyphaDatastore:
         self._ready()
         return self.replica.revision
 
-    def list(self, kind: str, namespace: str | None = None) -> tuple[builtins.list[Obj], int]:
+    def _encoded(self, kind: str, namespace: str | None) -> tuple[builtins.list[bytes], int]:
+        """The encoded objects of ``kind`` in list order, and the revision: one consistent
+        read (references only: the replica's bytes are never changed in place)."""
         k = lookup(kind)
         self._ready()
         r = self.replica
@@ -380,6 +445,17 @@ class TyphaDatastore:
                 keys = [key for key in keys if key[0] == namespace]
             return [objs[key] for key in keys], r.revision
 
+    def list(self, kind: str, namespace: str | None = None) -> tuple[builtins.list[Obj], int]:
+        encoded, revision = self._encoded(kind, namespace)
+        return [_decode(data) for data in encoded], revision
+
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        """list(kind) one object at a time (StreamingList), decoded as it is handed over: the
+        caller never holds the whole list decoded."""
+        encoded, _ = self._encoded(kind, None)
+        for data in encoded:
+            yield _decode(data)
+
     def get(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
         ds = self.direct()
         if ds is not None:
@@ -388,8 +464,8 @@ class TyphaDatastore:
         self._ready()
         with self.replica.cond:
             ns = (namespace or "default") if k.namespaced else ""
-            obj = self.replica.objects.get(k.name, {}).get((ns, name))
-            return copy.deepcopy(obj) if obj is not None else None
+            data = self.replica.objects.get(k.name, {}).get((ns, name))
+        return _decode(data) if data is not None else None
 
     def watch(self, since_revision: int, stop: threading.Event | None = None) -> Iterator[Event]:
         """Every change above ``since_revision``, in order, from the replica's recent events."""
@@ -481,10 +557,5 @@ def consistent(ds: Datastore) -> Datastore:
     return ds
 
 
-def _key(obj: Obj) -> tuple[str, str]:
-    meta = obj["metadata"]
-    return meta.get("namespace") or "", meta["name"]
-
-
-def _version(obj: Obj) -> str:
-    return str(obj["metadata"].get("resourceVersion", ""))
+def _version(data: bytes) -> str:
+    return _head(data).metadata.resourceVersion or ""

@@ -57,15 +57,22 @@ def raw_frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[Msg, int]:
-    """The next message and its size on the wire. Raises IncompleteReadError at end of stream
-    and ProtocolError on a frame that is not a JSON object with a ``"t"``."""
+async def read_body(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's body, undecoded (a reader that decodes it its own way). Raises
+    IncompleteReadError at end of stream and ProtocolError on an oversized frame."""
     (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
     if size > MAX_FRAME_BYTES:
         raise ProtocolError(
             f"frame of {size} bytes announced (at most {MAX_FRAME_BYTES}): not a {PROTOCOL} peer?"
         )
-    body = await reader.readexactly(size)
+    return await reader.readexactly(size)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Msg, int]:
+    """The next message and its size on the wire. Raises IncompleteReadError at end of stream
+    and ProtocolError on a frame that is not a JSON object with a ``"t"``."""
+    body = await read_body(reader)
+    size = len(body)
     try:
         msg = json.loads(body)
     except ValueError:

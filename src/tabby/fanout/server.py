@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event
+from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event, StreamingList
 from tabby.datastore.typha_wire import (
     HANDSHAKE_TIMEOUT_S,
     ProtocolError,
@@ -183,8 +183,12 @@ class FanoutServer:
             try:
                 revision = self.ds.revision()
                 objects: dict[Key, bytes] = {}
-                for kind in self.kinds:
-                    items, _ = self.ds.list(kind)
+                for kind in self.kinds:  # streamed when the store can: never decoded whole
+                    items = (
+                        self.ds.iter_list(kind)
+                        if isinstance(self.ds, StreamingList)
+                        else self.ds.list(kind)[0]
+                    )
                     for obj in items:
                         objects[_key(obj)] = data = _encode(obj)
                         self.stats.datastore_bytes += len(data)
