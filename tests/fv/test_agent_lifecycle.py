@@ -129,3 +129,16 @@ def test_bpf_attach_type_tc_uses_clsact_and_switches_back_live(lab, pods):
     # y's veth and the tunnel device (in + eg each), and the data interface (in + eg)
     assert len(os.listdir(os.path.join(root, "links"))) == 6
     assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"
+
+
+def test_the_running_agent_carries_no_cli_modules(lab, pods):
+    """`tabby agent` parses its options, then execs tabby.agent_process (same PID): the
+    long-running process does not map pydantic's core (typer's option parsing)."""
+    rec = lab.agent_proc("node1")
+    pid = int(rec["pid"])
+    assert processes.alive(rec), "the recorded PID is the agent itself: exec kept it"
+    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    assert b"tabby.agent_process" in cmdline
+    maps = open(f"/proc/{pid}/maps").read()
+    assert "pydantic_core" not in maps
+    assert lab.readyz(lab.plan.node("node1"))["ready"]

@@ -3,29 +3,19 @@ kube-controller-manager stand-in) and `tabby typha` (the fan-out for large clust
 
 from __future__ import annotations
 
-import logging
+import json
+import os
 import signal
 import sys
 import threading
 
 import typer
 
+from tabby import agent_process
+from tabby.agent_process import exit_on_sigterm, setup_logging
 from tabby.cli.common import DatastoreOpt
 
 app = typer.Typer(add_completion=False, help="tabby node processes")
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _exit(stop: threading.Event) -> None:
-    stop.set()
-    sys.exit(0)
 
 
 @app.command()
@@ -55,27 +45,33 @@ def agent(
     ),
 ) -> None:
     """Program this node's dataplane from the datastore, and keep it programmed."""
-    from tabby.agent import Agent
     from tabby.bpf.objects import node_pin_root
     from tabby.cli.common import fail
     from tabby.datastore.typha import typha_url
-    from tabby.preflight import PreflightError
 
-    _logging(log_level)
     if networking_backend not in ("bird", "vxlan", "none"):
         fail(f"--networking-backend {networking_backend!r}: use bird, vxlan or none")
-    pins = pin_root or node_pin_root(node)
-    url = typha_url(typha, datastore) if typha else datastore
     bird = None
     if networking_backend == "bird":
         bird = bird_dir or f"/run/tabby/bird/{node}"
-    a = Agent(node, url, netns, pins, data_iface, health_port, cgroup, bird_dir=bird)
-    signal.signal(signal.SIGTERM, lambda *_: _exit(a.stop))
+    opts = {
+        "node": node,
+        "datastore": typha_url(typha, datastore) if typha else datastore,
+        "netns": netns,
+        "pin_root": pin_root or node_pin_root(node),
+        "data_iface": data_iface,
+        "health_port": health_port,
+        "cgroup": cgroup,
+        "bird_dir": bird,
+        "log_level": log_level,
+    }
+    # the long-running process without the CLI's modules (agent_process.py); same PID
+    argv = [sys.executable, "-m", "tabby.agent_process", json.dumps(opts)]
     try:
-        a.run()
-    except PreflightError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(1) from e
+        os.execv(sys.executable, argv)
+    except OSError as e:  # no exec: run here, CLI and all
+        typer.secho(f"exec {sys.executable}: {e}; the agent runs in this process", err=True)
+    raise typer.Exit(agent_process.run(opts))
 
 
 @app.command()
@@ -85,9 +81,9 @@ def controller(datastore: str = DatastoreOpt, log_level: str = typer.Option("inf
     from tabby.controller import endpointslices, nodes
     from tabby.datastore import open_datastore
 
-    _logging(log_level)
+    setup_logging(log_level)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: _exit(stop))
+    exit_on_sigterm(stop)
     node_ds = open_datastore(datastore)  # its own client: the two loops run in two threads
     threading.Thread(
         target=nodes.run, args=(node_ds, stop), name="node-controller", daemon=True
@@ -114,7 +110,7 @@ def typha(
     from tabby.datastore import DatastoreError, open_datastore
     from tabby.fanout import FanoutServer, serve
 
-    _logging(log_level)
+    setup_logging(log_level)
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         fail(f"--listen {listen!r}: needs HOST:PORT, as in 127.0.0.1:5473")
