@@ -37,12 +37,17 @@ def _load(pin_root: str, bpf_dir: Path, fields: dict[str, int]) -> mapsizes.Size
     return plan
 
 
-def test_a_changed_size_reaches_the_pinned_map_with_its_entries(
-    bpf_dir: Path, pin_root: str
-) -> None:
+def _node_with_routes(pin_root: str, bpf_dir: Path) -> None:
+    """A node's pins at the build's sizes, with ROUTES in tby_routes."""
     with DatapathObjects(pin_root, DatapathConfig.build(), bpf_dir) as dp:
         for cidr, value in ROUTES.items():
             dp.routes().upsert(cidr, value)
+
+
+def test_a_changed_size_reaches_the_pinned_map_with_its_entries(
+    bpf_dir: Path, pin_root: str
+) -> None:
+    _node_with_routes(pin_root, bpf_dir)
     assert _pinned_max_entries(pin_root, "tby_routes") == 65536
     plan = _load(pin_root, bpf_dir, {"bpfMapSizeRoute": 1024, "bpfMapSizeNATFrontend": 2048})
     assert plan.refused == []
@@ -63,9 +68,7 @@ def test_a_changed_size_reaches_the_pinned_map_with_its_entries(
 def test_a_size_below_the_entries_present_is_refused_naming_its_field(
     bpf_dir: Path, pin_root: str
 ) -> None:
-    with DatapathObjects(pin_root, DatapathConfig.build(), bpf_dir) as dp:
-        for cidr, value in ROUTES.items():
-            dp.routes().upsert(cidr, value)
+    _node_with_routes(pin_root, bpf_dir)
     plan = _load(pin_root, bpf_dir, {"bpfMapSizeRoute": 3, "bpfMapSizeConntrack": 4096})
     assert len(plan.refused) == 1 and plan.refused[0].startswith("bpfMapSizeRoute: 3 is fewer")
     assert "kept at 65,536" in plan.refused[0]

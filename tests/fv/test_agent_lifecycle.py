@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -12,6 +11,7 @@ import time
 
 import pytest
 
+from tabby.bpf import libbpf
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.calc import names
 from tabby.lab import processes, traffic
@@ -134,13 +134,11 @@ def test_bpf_attach_type_tc_uses_clsact_and_switches_back_live(lab, pods):
 
 
 def _max_entries(pins: str, name: str) -> int:
-    out = subprocess.run(
-        ["bpftool", "-j", "map", "show", "pinned", f"{pins}/{name}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(json.loads(out.stdout)["max_entries"])
+    fd = libbpf.obj_get(f"{pins}/{name}")
+    try:
+        return libbpf.MapDef.of_fd(fd).max_entries
+    finally:
+        os.close(fd)
 
 
 def _routes(pins: str) -> dict[str, object]:
