@@ -11,6 +11,7 @@ from typing import Any
 
 import packets as P
 import pytest
+from policy_objs import SERVER_FROM_CLIENT_8080, netpol, pod, rules, syn
 from scapy.all import ICMP, IP, TCP, UDP, Ether, raw
 
 from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
@@ -20,11 +21,9 @@ from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, SOURCE_RANGES_SPEC
 from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import RouteValue
 from tabby.bpf.objects import DatapathObjects
-from tabby.calc import policy as calc
 from tabby.calc.services import service_nat
 from tabby.dataplane.nat import NatManager
 from tabby.dataplane.policy import PolicyManager
-from tabby.model.validate import validate
 
 pytestmark = pytest.mark.root
 
@@ -32,29 +31,6 @@ SERVER = P.POD_IP  # x/server, local
 CLIENT = P.OTHER_POD_IP  # x/client, local
 REMOTE = P.REMOTE_POD_IP  # y/remote, another node
 VIP = "100.64.0.10"
-
-
-def pod(ns: str, name: str, ip: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "kind": "Pod",
-        "metadata": {"namespace": ns, "name": name, "labels": labels},
-        "spec": {
-            "nodeName": node,
-            "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-        "status": {"podIP": ip, "phase": "Running"},
-    }
-
-
-def netpol(name: str, **spec: Any) -> dict[str, Any]:
-    return validate(
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"namespace": "x", "name": name},
-            "spec": spec,
-        }
-    )
 
 
 class Node:
@@ -73,19 +49,12 @@ class Node:
         self.ct = dp.map(CONNTRACK_SPEC)
 
     def program(self, *policies: dict[str, Any]) -> None:
-        objs = [
-            pod("x", "server", SERVER, "n1", {"app": "server"}),
-            pod("x", "client", CLIENT, "n1", {"app": "client"}),
-            pod("y", "remote", REMOTE, "n2", {"app": "remote"}),
-            {"kind": "Namespace", "metadata": {"name": "x", "labels": {"ns": "x"}}},
-            {"kind": "Namespace", "metadata": {"name": "y", "labels": {"ns": "y"}}},
-            *policies,
+        pods = [
+            pod("x", "server", "n1", {"app": "server"}, SERVER),
+            pod("x", "client", "n1", {"app": "client"}, CLIENT),
+            pod("y", "remote", "n2", {"app": "remote"}, REMOTE),
         ]
-        res: dict[str, dict[tuple[str, str], Any]] = {}
-        for o in objs:
-            key = (o["metadata"].get("namespace", ""), o["metadata"]["name"])
-            res.setdefault(o["kind"], {})[key] = o
-        result = self.manager.apply(calc.compute(res, "n1"))
+        result = self.manager.apply(rules(pods, policies))
         assert not result.errors
 
     def run(self, prog: str, frame: bytes) -> tuple[int, Ether, dict[Reason, int]]:
@@ -109,22 +78,6 @@ def node(datapath: DatapathObjects) -> Iterator[Node]:
 
 def frame(src: str, dst: str, l4: Any) -> bytes:
     return raw(Ether(src=P.POD_MAC, dst=P.HOST_MAC) / IP(src=src, dst=dst) / l4 / b"hi")
-
-
-def syn(sport: int, dport: int) -> TCP:
-    return TCP(sport=sport, dport=dport, flags="S")
-
-
-SERVER_FROM_CLIENT_8080 = netpol(
-    "server-from-client",
-    podSelector={"matchLabels": {"app": "server"}},
-    ingress=[
-        {
-            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-            "ports": [{"port": 8080, "protocol": "TCP"}],
-        }
-    ],
-)
 
 
 def test_unselected_pods_pass_without_state(node: Node) -> None:

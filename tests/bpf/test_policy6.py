@@ -14,6 +14,7 @@ from typing import Any
 
 import packets as P
 import pytest
+from policy_objs import SERVER_FROM_CLIENT_8080, netpol, pod, rules, syn
 from scapy.all import (
     TCP,
     UDP,
@@ -33,9 +34,7 @@ from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.policy import POL_CT6_SPEC, SPECS, PolicyMaps
 from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC, Workload6Key, Workload6Value
 from tabby.bpf.objects import DatapathObjects
-from tabby.calc import policy as calc
 from tabby.dataplane.policy import PolicyManager
-from tabby.model.validate import validate
 
 pytestmark = pytest.mark.root
 
@@ -45,29 +44,6 @@ REMOTE4, REMOTE = "100.96.0.70", "fd00:96::46"  # y/remote, another node
 ONLY6 = "fd00:96::20"  # x/only6, local, IPv6-only
 OUTSIDER = "2001:db8::7"  # no pod
 ROUTER = "fd00:20:1::1"
-
-
-def pod(ns: str, name: str, ip4: str, ip6: str, node: str, labels: dict[str, str]) -> Any:
-    return {
-        "kind": "Pod",
-        "metadata": {"namespace": ns, "name": name, "labels": labels},
-        "spec": {
-            "nodeName": node,
-            "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-        "status": {"podIP": ip4, "podIPs": [{"ip": ip4}, {"ip": ip6}], "phase": "Running"},
-    }
-
-
-def netpol(name: str, **spec: Any) -> dict[str, Any]:
-    return validate(
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"namespace": "x", "name": name},
-            "spec": spec,
-        }
-    )
 
 
 class Node:
@@ -81,23 +57,13 @@ class Node:
         self.ct6 = dp.map(POL_CT6_SPEC)
 
     def program(self, *policies: dict[str, Any]) -> None:
-        only6 = pod("x", "only6", "", ONLY6, "n1", {"app": "only6"})
-        only6["status"] = {"podIP": ONLY6, "podIPs": [{"ip": ONLY6}], "phase": "Running"}
-        objs = [
-            pod("x", "server", SERVER4, SERVER, "n1", {"app": "server"}),
-            pod("x", "client", CLIENT4, CLIENT, "n1", {"app": "client"}),
-            pod("y", "remote", REMOTE4, REMOTE, "n2", {"app": "remote"}),
-            only6,
-            {"kind": "Namespace", "metadata": {"name": "x", "labels": {"ns": "x"}}},
-            {"kind": "Namespace", "metadata": {"name": "y", "labels": {"ns": "y"}}},
-            *policies,
+        pods = [
+            pod("x", "server", "n1", {"app": "server"}, SERVER4, SERVER),
+            pod("x", "client", "n1", {"app": "client"}, CLIENT4, CLIENT),
+            pod("y", "remote", "n2", {"app": "remote"}, REMOTE4, REMOTE),
+            pod("x", "only6", "n1", {"app": "only6"}, "", ONLY6),
         ]
-        res: dict[str, dict[tuple[str, str], Any]] = {}
-        for o in objs:
-            res.setdefault(o["kind"], {})[
-                (o["metadata"].get("namespace", ""), o["metadata"]["name"])
-            ] = o
-        result = self.manager.apply(calc.compute(res, "n1"))
+        result = self.manager.apply(rules(pods, policies))
         assert not result.errors
 
     def run(self, prog: str, frame: bytes) -> tuple[int, dict[Reason, int]]:
@@ -118,22 +84,6 @@ def node(datapath: DatapathObjects) -> Iterator[Node]:
 
 def frame(src: str, dst: str, l4: Any) -> bytes:
     return raw(Ether(src=P.POD_MAC, dst=P.HOST_MAC) / IPv6(src=src, dst=dst) / l4 / b"hi")
-
-
-def syn(sport: int, dport: int) -> TCP:
-    return TCP(sport=sport, dport=dport, flags="S")
-
-
-SERVER_FROM_CLIENT_8080 = netpol(
-    "server-from-client",
-    podSelector={"matchLabels": {"app": "server"}},
-    ingress=[
-        {
-            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-            "ports": [{"port": 8080, "protocol": "TCP"}],
-        }
-    ],
-)
 
 
 def test_unselected_pods_pass_without_state(node: Node) -> None:

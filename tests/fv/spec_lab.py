@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,6 +13,9 @@ from tabby.lab.cluster import Lab
 from tabby.model import kops
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kops-demo-cluster.yaml"
+POOL = "default-ipv4-ippool"  # the IPPool a kOps spec renders
+# two pods on node1 (same node), one on each other node
+FOUR_PODS = (("p1", "node1"), ("q1", "node1"), ("p2", "node2"), ("p3", "node3"))
 
 
 def two_subnet_spec(encapsulation: str | None, **calico_fields: str) -> kops.KopsCluster:
@@ -46,3 +50,22 @@ def spec_lab(
         yield Lab.up(name, progress=said.append, cluster=spec, fabric_mtu=fabric_mtu), said
     finally:
         Lab.down(name, progress=lambda _m: None)
+
+
+def set_pool(lab: Lab, ipip: str, vxlan: str = "Never") -> None:
+    """The spec lab's pool switched live to these modes (if it differs); every agent ready."""
+    pool = lab.datastore().get("IPPool", POOL)
+    assert pool is not None
+    if (pool["spec"]["ipipMode"], pool["spec"]["vxlanMode"]) != (ipip, vxlan):
+        lab.datastore().patch(
+            "IPPool", POOL, None, {"spec": {"ipipMode": ipip, "vxlanMode": vxlan}}
+        )
+        lab.wait_ready()
+
+
+def add_pods(lab: Lab, placement: Sequence[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """netexec pods (label ``app: <name>``) on their nodes, every agent ready; their records."""
+    for name, node in placement:
+        lab.add_pod(name, node, labels={"app": name}, wait=False)
+    lab.wait_ready()
+    return {name: lab.pod(name) for name, _ in placement}

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tabby.bpf import libbpf
+from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.calc import names
 from tabby.lab import processes, traffic
 from tabby.lab.cluster import Lab, pin_root
@@ -142,3 +144,53 @@ def test_the_running_agent_carries_no_cli_modules(lab, pods):
     maps = open(f"/proc/{pid}/maps").read()
     assert "pydantic_core" not in maps
     assert lab.readyz(lab.plan.node("node1"))["ready"]
+
+
+def _max_entries(pins: str, name: str) -> int:
+    fd = libbpf.obj_get(f"{pins}/{name}")
+    try:
+        return libbpf.MapDef.of_fd(fd).max_entries
+    finally:
+        os.close(fd)
+
+
+def _routes(pins: str) -> dict[str, object]:
+    m = RoutesMap(ROUTES_SPEC.open_pinned(pins))
+    try:
+        return dict(m.dump())
+    finally:
+        m.map.close()
+
+
+def test_bpf_map_sizes_resize_the_pinned_maps_live_and_refuse_to_drop_entries(lab, pods):
+    """bpfMapSizeRoute changed: every agent reloads, node2's tby_routes is recreated at the new
+    size with its routes, and the agent writes the new map (a pod added after it is routed);
+    too small for the routes held: refused in /readyz naming the field, nothing dropped."""
+    ds = lab.datastore()
+    pins = pin_root(lab.name, "node2")
+    before = _routes(pins)
+    assert _max_entries(pins, "tby_routes") == 65536
+    ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfMapSizeRoute": 2048}})
+    lab.wait_ready()
+    assert _max_entries(pins, "tby_routes") == 2048
+    assert _routes(pins) == before
+    assert traffic.http_get(pods["x"]["netns"], pods["y"]["ip"], 8080, "/hostname") == "y"
+    z = lab.add_pod("z", "node2")  # its route goes into the new map
+    try:
+        assert f"{z}/32" in _routes(pins)
+        assert traffic.http_get(pods["x"]["netns"], z, 8080, "/hostname") == "z"
+        ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfMapSizeRoute": 2}})
+        node2 = lab.plan.node("node2")
+        deadline = time.monotonic() + 30
+        while "bpfMapSizeRoute" not in " ".join(lab.readyz(node2).get("errors", [])):
+            assert time.monotonic() < deadline, lab.readyz(node2)
+            time.sleep(0.1)
+        assert not lab.readyz(node2)["ready"]
+        assert _max_entries(pins, "tby_routes") == 2048  # kept: nothing dropped
+        assert f"{z}/32" in _routes(pins)
+        assert traffic.http_get(pods["x"]["netns"], z, 8080, "/hostname") == "z"
+    finally:
+        lab.del_pod("z", wait=False)
+        ds.patch("FelixConfiguration", "default", None, {"spec": {"bpfMapSizeRoute": None}})
+    lab.wait_ready()
+    assert _max_entries(pins, "tby_routes") == 65536

@@ -56,10 +56,7 @@ def lab(spec_lab: tuple[Lab, list[str]]) -> Lab:
 
 @pytest.fixture(scope="module")
 def pods(lab: Lab) -> dict[str, dict[str, Any]]:
-    for name, node in (("p1", "node1"), ("q1", "node1"), ("p2", "node2"), ("p3", "node3")):
-        lab.add_pod(name, node, wait=False)
-    lab.wait_ready()
-    out = {n: lab.pod(n) for n in ("p1", "q1", "p2", "p3")}
+    out = spec_labs.add_pods(lab, spec_labs.FOUR_PODS)
     for name, node in (("p2", "node2"), ("p3", "node3")):  # learnt over BGP before any test
         wait_until(lambda n=node, p=name: learned(lab, "node1").get(block_of(out[p])) == ip(lab, n))
     return out

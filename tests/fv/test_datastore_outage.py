@@ -26,7 +26,7 @@ import pytest
 from tabby.lab import etcd, processes, state, traffic
 from tabby.lab.cluster import Lab
 
-from .test_services import service, wait_for_backends
+from .test_services import client_and_web, wait_for_backends
 
 pytestmark = [pytest.mark.root, pytest.mark.lab, pytest.mark.etcd]
 
@@ -46,12 +46,7 @@ def lab(root_caps: None, etcd_binary: str) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def cluster(lab: Lab) -> dict[str, Any]:
-    lab.add_pod("client", "node1", wait=False)
-    lab.add_pod("web-a", "node2", labels={"app": "web"}, wait=False)
-    lab.add_pod("web-b", "node2", labels={"app": "web"}, wait=False)
-    lab.datastore().apply([service("web", VIP, {"app": "web"})])
-    wait_for_backends(lab, "web", 2)
-    return {n: lab.pod(n) for n in ("client", "web-a", "web-b")}
+    return client_and_web(lab, VIP)
 
 
 class Load:

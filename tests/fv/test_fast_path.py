@@ -23,9 +23,9 @@ from tabby.lab.cluster import Lab
 
 from . import spec_lab as spec_labs
 from .service_lab import counters, tcp_outcome
+from .spec_lab import set_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
-POOL = "default-ipv4-ippool"
 ROUNDS = 10
 
 
@@ -41,11 +41,9 @@ def lab(spec_lab: tuple[Lab, list[str]]) -> Lab:
 
 @pytest.fixture(scope="module")
 def pods(lab: Lab) -> dict[str, dict[str, Any]]:
-    placement = (("a1", "node1"), ("a2", "node1"), ("b", "node2"), ("c", "node3"))
-    for name, node in placement:
-        lab.add_pod(name, node, labels={"app": name}, wait=False)
-    lab.wait_ready()
-    return {n: lab.pod(n) for n, _ in placement}
+    return spec_labs.add_pods(
+        lab, (("a1", "node1"), ("a2", "node1"), ("b", "node2"), ("c", "node3"))
+    )
 
 
 def set_felix(lab: Lab, redirect: str) -> None:
@@ -54,16 +52,6 @@ def set_felix(lab: Lab, redirect: str) -> None:
     if cur["spec"].get("bpfRedirectToPeer", "Enabled") != redirect:
         lab.datastore().patch(
             "FelixConfiguration", "default", None, {"spec": {"bpfRedirectToPeer": redirect}}
-        )
-        lab.wait_ready()
-
-
-def set_pool(lab: Lab, ipip: str, vxlan: str = "Never") -> None:
-    pool = lab.datastore().get("IPPool", POOL)
-    assert pool is not None
-    if (pool["spec"]["ipipMode"], pool["spec"]["vxlanMode"]) != (ipip, vxlan):
-        lab.datastore().patch(
-            "IPPool", POOL, None, {"spec": {"ipipMode": ipip, "vxlanMode": vxlan}}
         )
         lab.wait_ready()
 

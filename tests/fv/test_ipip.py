@@ -28,9 +28,9 @@ from tabby.lab.topology import EXTERNAL_CLIENT_IP
 
 from . import spec_lab as spec_labs
 from .service_lab import counters, service, wait_for_endpoints
+from .spec_lab import POOL, set_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
-POOL = "default-ipv4-ippool"
 DATA_MTU = 1500
 VIP, NODEPORT = "100.64.0.77", 30077
 BIG = 20 << 20
@@ -63,16 +63,6 @@ def pods(lab: Lab) -> dict[str, dict[str, Any]]:
     )
     wait_for_endpoints(lab, "across", 1)
     return {n: lab.pod(n) for n in ("p1", "p2", "p3")}
-
-
-def set_pool(lab: Lab, ipip: str, vxlan: str = "Never") -> None:
-    pool = lab.datastore().get("IPPool", POOL)
-    assert pool is not None
-    if (pool["spec"]["ipipMode"], pool["spec"]["vxlanMode"]) != (ipip, vxlan):
-        lab.datastore().patch(
-            "IPPool", POOL, None, {"spec": {"ipipMode": ipip, "vxlanMode": vxlan}}
-        )
-        lab.wait_ready()
 
 
 def node_ip(lab: Lab, node: str) -> str:

@@ -69,10 +69,7 @@ def lab(spec_lab: tuple[Lab, list[str]]) -> Lab:
 
 @pytest.fixture(scope="module")
 def pods(lab: Lab) -> dict[str, dict[str, Any]]:
-    for name, node in (("p1", "node1"), ("q1", "node1"), ("p2", "node2"), ("p3", "node3")):
-        lab.add_pod(name, node, wait=False)
-    lab.wait_ready()
-    out = {n: lab.pod(n) for n in ("p1", "q1", "p2", "p3")}
+    out = spec_labs.add_pods(lab, spec_labs.FOUR_PODS)
     n1 = lab.plan.node("node1").netns
     for name in ("p2", "p3"):  # learnt over BGP before any test
         wait_until(lambda p=name: block6_of(out[p]) in kernel_routes6(n1), f"{name}'s block")

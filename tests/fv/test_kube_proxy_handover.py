@@ -29,7 +29,7 @@ from tabby.lab.kubeproxy_rules import (
     synthetic_services,
 )
 
-from .test_services import service, wait_for_backends
+from .test_services import client_and_web
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -70,12 +70,7 @@ def lab(root_caps: None) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def cluster(lab: Lab) -> dict[str, Any]:
-    lab.add_pod("client", "node1", wait=False)
-    lab.add_pod("web-a", "node2", labels={"app": "web"}, wait=False)
-    lab.add_pod("web-b", "node2", labels={"app": "web"}, wait=False)
-    lab.datastore().apply([service("web", VIP, {"app": "web"})])
-    wait_for_backends(lab, "web", 2)
-    return {n: lab.pod(n) for n in ("client", "web-a", "web-b")}
+    return client_and_web(lab, VIP)
 
 
 def _ns(netns: str, *argv: str, stdin: str | None = None) -> str:

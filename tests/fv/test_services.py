@@ -86,6 +86,17 @@ def wait_for_backends(lab: Lab, service_name: str, count: int, timeout_s: float 
     raise AssertionError(f"{service_name}: never got {count} ready endpoints")
 
 
+def client_and_web(lab: Lab, vip: str) -> dict[str, Any]:
+    """Pod client on node1; web-a and web-b (app: web) on node2 behind Service web at ``vip``;
+    every agent has both backends. Their lab records by name."""
+    lab.add_pod("client", "node1", wait=False)
+    lab.add_pod("web-a", "node2", labels={"app": "web"}, wait=False)
+    lab.add_pod("web-b", "node2", labels={"app": "web"}, wait=False)
+    lab.datastore().apply([service("web", vip, {"app": "web"})])
+    wait_for_backends(lab, "web", 2)
+    return {n: lab.pod(n) for n in ("client", "web-a", "web-b")}
+
+
 def test_clusterip_tcp_reaches_every_remote_backend_without_snat(cluster: dict[str, Any]) -> None:
     client = cluster["client"]
     seen = Counter(traffic.http_get(client["netns"], VIP, 80, "/hostname") for _ in range(30))

@@ -192,3 +192,24 @@ def test_bench_config_refuses_an_unknown_redirect_mode(tmp_path: Path) -> None:
     cfg = benchrun.BenchConfig(connload=str(exe), paths=("tabby-local",))
     with pytest.raises(benchrun.BenchError, match="tabby-local needs its denominator plain"):
         cfg.check()
+
+
+def needs(path: str) -> tuple[str | None, str | None]:
+    return benchrun.PATH_REDIRECT.get(path), benchrun.EXT_MODES.get(path)
+
+
+def test_paths_needing_a_live_switch_start_with_the_setting_in_place() -> None:
+    # a switch reloads every agent (~2 s): the NodePort paths keep their slots, the one whose
+    # mode is already set goes first; every other path keeps its rotated place
+    order = ["nodeport-tunnel", "plain", "nodeport-dsr", "tabby-direct", "nodeport-plain"]
+    got = benchrun.fewest_switches(order, needs, ("Enabled", "DSR"))
+    assert got == ["nodeport-dsr", "plain", "nodeport-tunnel", "tabby-direct", "nodeport-plain"]
+    assert benchrun.fewest_switches(order, needs, ("Enabled", "Tunnel")) == order
+    # the stack path (bpfRedirectToPeer Disabled) waits while a NodePort mode fits
+    order = ["tabby-local-stack", "nodeport-dsr", "nodeport-tunnel"]
+    got = benchrun.fewest_switches(order, needs, ("Enabled", "Tunnel"))
+    assert got == ["nodeport-tunnel", "tabby-local-stack", "nodeport-dsr"]
+    assert benchrun.fewest_switches(["plain", "tabby-nat"], needs, ("Enabled", "DSR")) == [
+        "plain",
+        "tabby-nat",
+    ]

@@ -238,3 +238,32 @@ def test_dual_stack_ipv6_blocks_and_addresses_leave_ipv4_state_alone_and_policy_
     assert not [w for w in state.warnings if "IPv6" in w], "IPv6 is enforced: no warning"
     ep = state.policies["100.96.0.1"]
     assert ep.ip6 == "fd00:96::1" and ep.ingress.isolated, "one policy for both addresses"
+
+
+def test_bpf_map_sizes_come_from_felixconfiguration_and_size_their_maps():
+    from tabby.bpf import mapsizes
+    from tabby.model import ValidationError, validate
+
+    fc = validate(
+        {
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "FelixConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"bpfMapSizeNATFrontend": 4096, "bpfMapSizeConntrack": 1000000},
+        }
+    )
+    st = compute(resources(OBJS + [fc]), "n1")
+    assert st.map_sizes == (("bpfMapSizeConntrack", 1000000), ("bpfMapSizeNATFrontend", 4096))
+    sizes = {m: size for m, (_field, size) in mapsizes.wanted(st.map_sizes).items()}
+    # Calico's fields size the IPv4 and IPv6 maps alike; the others keep the build's sizes
+    assert sizes["tby_nat_fe"] == sizes["tby_nat_fe6"] == 4096
+    assert sizes["tby_ct"] == sizes["tby_ct6"] == 1000000
+    assert sizes["tby_nat_be"] == 524288 and sizes["tby_routes"] == 65536
+    assert compute(resources(OBJS), "n1").map_sizes == ()
+    every = {f: 100 + i for i, f in enumerate(mapsizes.FIELDS)}  # each one the model knows
+    fc["spec"] = every
+    st = compute(resources(OBJS + [validate(fc)]), "n1")
+    assert {f for f, _size in mapsizes.wanted(st.map_sizes).values()} == set(every)
+    assert all(size < 110 for _f, size in mapsizes.wanted(st.map_sizes).values())
+    with pytest.raises(ValidationError, match="bpfMapSizeRoute"):
+        validate({**fc, "spec": {"bpfMapSizeRoute": 0}})

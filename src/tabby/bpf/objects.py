@@ -4,7 +4,9 @@ Invariants:
 - all objects of a node are loaded with the same pin root, so the maps declared
   LIBBPF_PIN_BY_NAME (tby_routes, tby_counters, ...) exist once per node and survive restarts:
   loading again on the same pin root reuses them, contents included; a pin this build defines
-  differently (an upgrade) is recreated with its entries carried over (``pins.py``);
+  differently (an upgrade) is recreated with its entries carried over (``pins.py``); so is
+  one given another size by bpfMapSize* (``mapsizes.py``), every entry kept or the old maps
+  put back;
 - node-specific values (VNI, host IP, log level) are written into ``.rodata`` before load, so
   one build serves every node and no compiler runs on a node.
 """
@@ -14,12 +16,13 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tabby.bpf import libbpf, pins
+from tabby.bpf import libbpf, mapsizes, pins
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
 from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
 from tabby.bpf.maps.spec import MapSpec
@@ -138,10 +141,16 @@ class DatapathObjects:
     """
 
     def __init__(
-        self, pin_root: str, config: DatapathConfig, bpf_dir: str | Path | None = None
+        self,
+        pin_root: str,
+        config: DatapathConfig,
+        bpf_dir: str | Path | None = None,
+        map_sizes: Mapping[str, int] | None = None,
     ) -> None:
+        """``map_sizes``: map name -> max_entries, instead of the ELF's (``mapsizes.plan``)."""
         self.pin_root = pin_root
         self.config = config
+        self.map_sizes = dict(map_sizes or {})
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else default_bpf_dir()
         self._loaded: list[_Loaded] = []
         self._prog_owner: dict[str, libbpf.Object] = {}
@@ -162,11 +171,17 @@ class DatapathObjects:
                 obj = libbpf.Object(str(path), pin_root=self.pin_root)
                 self._loaded.append(_Loaded(path, obj))
                 obj.set_rodata(self.config)
+                for spec in obj.maps():  # every object: they all declare the shared maps
+                    if spec.name in self.map_sizes:
+                        obj.set_max_entries(spec.name, self.map_sizes[spec.name])
                 moved = pins.set_aside_mismatched(obj.maps())
                 set_aside += moved
                 obj.load()
                 for aside in moved:
-                    pins.carry_over(aside, obj.map_fd(aside.name))
+                    new_fd = obj.map_fd(aside.name)
+                    pins.carry_over(aside, new_fd)
+                    if aside.name in self.map_sizes:
+                        mapsizes.check_kept(aside.name, self.map_sizes, aside.fd, new_fd)
                 for prog in progs:
                     self._prog_owner[prog] = obj
         except BaseException:

@@ -104,6 +104,8 @@ class NodeState:
     maglev_max_services: int = maglev.DEFAULT_MAX_SERVICES  # bpfMaglevMaxServices
     # bpfMaglevMaxEndpointsPerService: sizes the tables (calc.maglev.table_size)
     maglev_max_endpoints: int = maglev.DEFAULT_MAX_ENDPOINTS
+    # the bpfMapSize* fields set (Calico's name -> entries), applied at the next load
+    map_sizes: tuple[tuple[str, int], ...] = ()
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
     services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     # the services whose NAT may differ from the previous state's; None: any (compare them all).
@@ -227,6 +229,9 @@ def compute(resources: Resources, node: str, bgp: bool = False) -> NodeState:
     state.maglev_max_services = int(cfg.get("bpfMaglevMaxServices", maglev.DEFAULT_MAX_SERVICES))
     state.maglev_max_endpoints = int(
         cfg.get("bpfMaglevMaxEndpointsPerService", maglev.DEFAULT_MAX_ENDPOINTS)
+    )
+    state.map_sizes = tuple(
+        sorted((k, int(v)) for k, v in cfg.items() if k.startswith("bpfMapSize"))
     )
     state.kube_proxy_healthz_port = int(cfg.get("bpfKubeProxyHealthzPort", 10256))
     state.kube_proxy_cleanup = bool(cfg.get("bpfKubeProxyIptablesCleanupEnabled", True))

@@ -30,7 +30,7 @@ def bench(
     sizes: str = typer.Option("", help="services per step, e.g. 1,1000,20000 (default: full)"),
     reps: int = typer.Option(0, help="interleaved repetitions (default 3; --quick 1)"),
     seconds: float = typer.Option(0.0, help="per rate cell (default 3; --quick 2)"),
-    latency_seconds: float = typer.Option(0.0, help="per latency cell (default 1; --quick 1)"),
+    latency_seconds: float = typer.Option(0.0, help="per latency cell (default 1; --quick 0.5)"),
     paths: str = typer.Option(
         "", help="comma-separated paths (default: all but tabby-local-stack)"
     ),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tabby import preflight
+from tabby.bpf import mapsizes
 from tabby.bpf.maps.counters import COUNTERS_SPEC, Counters
 from tabby.bpf.maps.maglev import MAGLEV_SPEC
 from tabby.bpf.maps.nat import (
@@ -65,6 +66,9 @@ class ApplyResult:
 
 
 class NodeDataplane:
+    # bpfMapSize* refused at the last load (too small for the entries held): not ready while any
+    map_size_errors: tuple[str, ...] = ()
+
     def __init__(
         self,
         pin_root: str,
@@ -76,8 +80,10 @@ class NodeDataplane:
         self.pin_root = pin_root
         self.data_iface = data_iface
         self.loaded_for = _load_key(state, data_iface)
-        self.objects = _load(pin_root, self.loaded_for)
-        self.routes = RouteMapManager(RoutesMap(ROUTES_SPEC.open_pinned(pin_root)))
+        self.sizes = mapsizes.plan(pin_root, self.loaded_for.map_sizes)
+        self.map_size_errors = tuple(self.sizes.refused)
+        self.objects = _load(pin_root, self.loaded_for, self.sizes.sizes)
+        self._open_maps()
         self.counters = Counters(COUNTERS_SPEC.open_pinned(pin_root))
         self.attach = AttachManager(pin_root)
         self.cgroup = cgroup  # the node's cgroup v2 group: connect-time LB hooks go there
@@ -89,16 +95,6 @@ class NodeDataplane:
         self.desired_routes: dict[str, Route] = {}  # the last state's, before learnt ones
         self.learned: dict[str, str] = {}  # BGP: prefix -> next hop, as last read from BIRD
         self.bird_config: BirdConfig | None = None
-        # own fds on the pins: they outlive a reload of the objects
-        fe, be, src, mg = (
-            s.open_pinned(pin_root)
-            for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC, MAGLEV_SPEC)
-        )
-        self.nat_maps = [fe, be, src, mg]
-        self.nat = NatManager(fe, be, src, mg)
-        self.nat6_maps = [s.open_pinned(pin_root) for s in (FRONTENDS6_SPEC, BACKENDS6_SPEC)]
-        # IPv6 ClusterIPs (served at connect() only)
-        self.nat6 = NatManager(self.nat6_maps[0], self.nat6_maps[1], None, family=6)
         self.last_nat = NatApplyResult()
         self.wl6_map = WORKLOADS6_SPEC.open_pinned(pin_root)
         self.workloads6 = Workload6Manager(self.wl6_map)
@@ -115,19 +111,48 @@ class NodeDataplane:
         for knob, value in _node_sysctls(data_iface).items():
             links.write_sysctl(knob, value)
 
+    def _open_maps(self) -> None:
+        """Own fds on the pinned maps the managers write (they outlive a reload of the
+        objects); opened again after a resize (bpfMapSize*) recreated some: the managers adopt
+        what is pinned, the entries carried over."""
+        pin_root = self.pin_root
+        self.routes = RouteMapManager(RoutesMap(ROUTES_SPEC.open_pinned(pin_root)))
+        fe, be, src, mg = (
+            s.open_pinned(pin_root)
+            for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC, MAGLEV_SPEC)
+        )
+        self.nat_maps = [fe, be, src, mg]
+        self.nat = NatManager(fe, be, src, mg)
+        self.nat6_maps = [s.open_pinned(pin_root) for s in (FRONTENDS6_SPEC, BACKENDS6_SPEC)]
+        # IPv6 ClusterIPs (served at connect() only)
+        self.nat6 = NatManager(self.nat6_maps[0], self.nat6_maps[1], None, family=6)
+
+    def _close_maps(self) -> None:
+        for m in [*self.nat_maps, *self.nat6_maps, self.routes.map.map]:
+            m.close()
+
     def _reload_if_needed(self, state: NodeState) -> None:
         """Load-time constants (node IP, VNI, log level, external service mode, the data
-        interface's index and MTU) changed: load and swap in new programs. Flows keep the path
-        they started on: the ext tunnel's mode is on their conntrack entries."""
+        interface's index and MTU, the map sizes) changed: load and swap in new programs. Flows
+        keep the path they started on: the ext tunnel's mode is on their conntrack entries.
+        A map size refused (fewer than its entries) is planned again at every apply."""
         key = _load_key(state, self.data_iface)
-        if key == self.loaded_for:
+        if key == self.loaded_for and not self.map_size_errors:
+            return
+        sizes = mapsizes.plan(self.pin_root, key.map_sizes)
+        self.map_size_errors = tuple(sizes.refused)
+        if key == self.loaded_for and sizes.sizes == self.sizes.sizes:
             return
         old = self.objects
-        self.objects = _load(self.pin_root, key)
-        self.loaded_for = key
+        self.objects = _load(self.pin_root, key, sizes.sizes)
+        resized = sizes.sizes != self.sizes.sizes
+        self.loaded_for, self.sizes = key, sizes
         self.attach.programmed.clear()
         self.inputs.clear()  # new programs: every hook is attached again
         old.close()
+        if resized:
+            self._close_maps()
+            self._open_maps()
 
     def _run(self, manager: str, inputs: Hashable | object, full: bool) -> bool:
         """Is ``manager`` to run: its inputs differ from the last ones it applied cleanly?"""
@@ -146,7 +171,7 @@ class NodeDataplane:
         unless ``full``."""
         warnings = list(state.warnings)
         self._reload_if_needed(state)
-        errors: list[str] = []
+        errors: list[str] = list(self.map_size_errors)
         load = self.loaded_for
         vxlan = (state.needs_vxlan, state.vni, state.vxlan_port, state.tunnel_ip, state.vxlan_mtu)
         tunnel = (vxlan, load.data_mtu, load.data_ifindex)
@@ -374,6 +399,7 @@ class _LoadKey:
     vxlan_port: int
     maglev_m: int
     redirect: bool
+    map_sizes: tuple[tuple[str, int], ...] = ()  # the bpfMapSize* fields set
 
 
 def _maglev_config(state: NodeState) -> MaglevConfig:
@@ -395,10 +421,11 @@ def _load_key(state: NodeState, data_iface: str) -> _LoadKey:
         state.vxlan_port,
         _maglev_config(state).m,
         state.redirect,
+        state.map_sizes,
     )
 
 
-def _load(pin_root: str, key: _LoadKey) -> DatapathObjects:
+def _load(pin_root: str, key: _LoadKey, sizes: Mapping[str, int]) -> DatapathObjects:
     config = DatapathConfig.build(
         vni=key.vni,
         host_ip=key.node_ip or "0.0.0.0",
@@ -412,7 +439,7 @@ def _load(pin_root: str, key: _LoadKey) -> DatapathObjects:
         maglev_m=key.maglev_m,
         redirect=key.redirect,
     )
-    return DatapathObjects(pin_root, config).load()
+    return DatapathObjects(pin_root, config, map_sizes=sizes).load()
 
 
 def remove_pins(pin_root: str) -> None:

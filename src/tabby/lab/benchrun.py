@@ -51,6 +51,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -117,6 +118,7 @@ CLIENT_PODS = {
     "tabby-local-ctlb": "bc-lctlb",
     "tabby-local-stack": "bc-lstack",
 }
+SMOKE_CONNS = 3  # connections a path must serve before it is measured at a size
 CLIENT_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": "1"}
 Progress = Callable[[str], None]
 
@@ -147,8 +149,8 @@ class BenchConfig:
             "sizes": QUICK_SIZES,
             "reps": 1,
             "seconds": 2.0,
-            "latency_seconds": 1.0,
-            "iperf_seconds": 1.0,
+            "latency_seconds": 0.5,  # still hundreds of connections: p99 is shown, not read
+            "iperf_seconds": 1.0,  # iperf3's shortest
             "changes": 3,
             "ext_settle_s": 0.0,  # a smoke test: no figure is read
         }
@@ -269,12 +271,13 @@ def run_connload(
     inflight: int,
     cgroup: str | None = None,
     source: str | None = None,
+    max_conns: int = 2000000,
 ) -> dict[str, float]:
     """connload inside ``netns`` on CPU 0 (in ``cgroup`` when given: connect-time LB sees it;
-    from ``source`` when given)."""
+    from ``source`` when given); it stops after ``seconds`` or ``max_conns`` connections."""
     argv = ["nsenter", f"--net=/run/netns/{netns}", "taskset", "-c", "0", binary]
     argv += ["-a", target, "-p", str(port), "-c", str(inflight), "-t", str(seconds)]
-    argv += ["-n", "2000000", *(["-b", source] if source else [])]
+    argv += ["-n", str(max_conns), *(["-b", source] if source else [])]
 
     done = _run_client(argv, seconds, cgroup)
     if done.returncode != 0:
@@ -399,6 +402,33 @@ def wait_programmed(netns: str, revision: int, timeout_s: float = 30.0) -> None:
         raise BenchError(f"the agent in {netns} never programmed revision {revision}")
 
 
+def fewest_switches(
+    order: Sequence[str],
+    needs: Callable[[str], tuple[str | None, ...]],
+    now: tuple[str | None, ...],
+) -> list[str]:
+    """``order`` with the paths that need a live setting (a FelixConfiguration switch: every
+    agent reloads, ~2 s here) refilled into those same slots, each slot taking the first of
+    them whose settings are those already in place, else the next in ``order``: the other
+    paths keep their rotated places, and the paths needing one setting run one after another
+    starting with the one in place. ``needs(path)``: the settings a path's cells switch to
+    (None: not this one), in the order of ``now``, the settings in place."""
+
+    def fits(path: str, state: Sequence[str | None]) -> bool:
+        return all(v is None or v == s for v, s in zip(needs(path), state, strict=True))
+
+    setting = [i for i, p in enumerate(order) if any(v is not None for v in needs(p))]
+    waiting = [order[i] for i in setting]
+    out = list(order)
+    state = list(now)
+    for i in setting:
+        pick = next((p for p in waiting if fits(p, state)), waiting[0])
+        waiting.remove(pick)
+        out[i] = pick
+        state = [s if v is None else v for v, s in zip(needs(pick), state, strict=True)]
+    return out
+
+
 # ---------------------------------------------------------------------- synthetic services
 
 
@@ -509,16 +539,28 @@ class TabbySide:
         self.redirect = "Enabled"  # the lab's bpfRedirectToPeer (the default)
 
     @classmethod
-    def up(cls, name: str, progress: Progress, external: bool = False) -> TabbySide:
+    def up(cls, name: str, progress: Progress, paths: Sequence[str] = ALL_PATHS) -> TabbySide:
+        """The lab, a client pod per tabby path in ``paths``, nginx, Service ``web``; the
+        external client when ``paths`` has a NodePort path."""
         # both nodes on one subnet, as most clusters' nodes are: node1 -> node2 crosses the
         # fabric's bridge only (the lab's default alternates subnets, so that the router sat on
         # every node-to-node path, NodePort's included; bench/encap_modes.py measures that)
         lab = Lab.up(name, nodes=2, progress=lambda m: progress(f"lab: {m}"), placement=(0, 0))
         self = cls(lab)
-        for path, pod in CLIENT_PODS.items():
-            node = "node2" if PATH_FAMILY[path] == "local" else "node1"
-            lab.add_pod(pod, node, image="pause", wait=False)
-        lab.add_pod("web", "node2", image="nginx", labels={"app": "web"}, wait=False)
+        pods: list[tuple[str, str, str, dict[str, str] | None]] = [
+            (pod, "node2" if PATH_FAMILY[path] == "local" else "node1", "pause", None)
+            for path, pod in CLIENT_PODS.items()
+            if path in paths
+        ]
+        pods.append(("web", "node2", "nginx", {"app": "web"}))
+        # at once, as a kubelet would: each is a tabby-cni process (~1 s here, mostly waiting)
+        with ThreadPoolExecutor(max_workers=len(pods)) as pool:
+            added = [
+                pool.submit(lab.add_pod, pod, node, image=image, labels=labels, wait=False)
+                for pod, node, image, labels in pods
+            ]
+            for future in added:
+                future.result()
         web = {
             "apiVersion": "v1",
             "kind": "Service",
@@ -552,7 +594,7 @@ class TabbySide:
             pid = int(rec["pid"])
             for p in (pid, *baselines.children(pid)):
                 subprocess.run(["taskset", "-a", "-p", "-c", "1", str(p)], capture_output=True)
-        for pod in CLIENT_PODS.values():
+        for pod, *_ in pods[:-1]:
             sysctls_in(lab.pod(pod)["netns"], CLIENT_SYSCTLS)
         log = os.path.join(state.lab_dir(name), "iperf3-web.log")
         argv = ["taskset", "-c", "1", "iperf3", "-s", "-p", str(IPERF_PORT)]
@@ -562,7 +604,7 @@ class TabbySide:
         # killed before its own clean-up (SIGKILL, a test's timeout)
         with state.editing(name) as st:
             st["procs"] = [*st.get("procs", []), rec]
-        if external:
+        if any(PATH_FAMILY[p] == "external" for p in paths):
             self._external_client(web_pod["ip"])
         return self
 
@@ -799,14 +841,14 @@ class Runner:
                     self.kernel = Baselines.up(prefix, kernel_paths)
                     self._start_kernel_iperf()
                 if any(PATH_FAMILY[p] != "kernel" for p in cfg.paths):
-                    external = any(PATH_FAMILY[p] == "external" for p in cfg.paths)
-                    self.tabby = TabbySide.up(cfg.name, self.progress, external)
+                    self.tabby = TabbySide.up(cfg.name, self.progress, cfg.paths)
                 for n in cfg.sizes:
                     size = self._program(n)
-                    self._smoke(n)
+                    ends = n in (cfg.sizes[0], cfg.sizes[-1])
                     for rep in range(cfg.reps):
-                        result.cells += self._repetition(n, rep)
-                    self._once_per_size(size, n == cfg.sizes[0] or n == cfg.sizes[-1])
+                        iperf = ends and rep == cfg.reps - 1
+                        result.cells += self._repetition(n, rep, size if iperf else None)
+                    self._once_per_size(size)
                     result.sizes.append(size)
             except (BenchError, baselines.BaselineError, subprocess.TimeoutExpired) as e:
                 result.error = str(e)
@@ -916,21 +958,34 @@ class Runner:
         ends = n in (self.cfg.sizes[0], self.cfg.sizes[-1])
         return [p for p in self.paths if ends or PATH_FAMILY[p] not in ENDS_ONLY_FAMILIES]
 
-    def _smoke(self, n: int) -> None:
-        """Every path answers before anything is measured (a broken path stops the run)."""
-        for path in self._paths_at(n):
-            self._prepare(path)
-            t = self._target(path)
-            out = run_connload(self.cfg.connload, t.netns, t.ip, t.port, 0.3, 1, t.cgroup, t.source)
-            if out["conns"] < 1 or any(v for k, v in out.items() if k.startswith("err_")):
-                raise BenchError(f"N={n}: {path} does not answer at {t.ip}:{t.port}: {out}")
+    def _smoke(self, n: int, path: str) -> None:
+        """The path answers before it is measured at N (a broken path stops the run)."""
+        self._prepare(path)
+        t = self._target(path)
+        out = run_connload(
+            self.cfg.connload, t.netns, t.ip, t.port, 2.0, 1, t.cgroup, t.source, SMOKE_CONNS
+        )
+        if out["conns"] < SMOKE_CONNS or any(v for k, v in out.items() if k.startswith("err_")):
+            raise BenchError(f"N={n}: {path} does not answer at {t.ip}:{t.port}: {out}")
 
-    def _repetition(self, n: int, rep: int) -> list[Cell]:
+    @staticmethod
+    def _needs(path: str) -> tuple[str | None, str | None]:
+        """The live settings a path's cells switch to: (bpfRedirectToPeer,
+        bpfExternalServiceMode); None: the run's own (every other path)."""
+        return PATH_REDIRECT.get(path), EXT_MODES.get(path)
+
+    def _repetition(self, n: int, rep: int, iperf: SizeResult | None = None) -> list[Cell]:
+        """Every path's rate and latency cells, the order rotated by ``rep`` (then arranged
+        for the fewest live switches); the first repetition checks each path answers first;
+        ``iperf``: each path's iperf3 stream right after its cells, into that size."""
         paths = self._paths_at(n)
         k = rep % len(paths)
-        order = paths[k:] + paths[:k]
+        now = (self.tabby.redirect, self.tabby.ext_mode) if self.tabby else (None, None)
+        order = fewest_switches(paths[k:] + paths[:k], self._needs, now)
         cells = []
         for path in order:
+            if rep == 0:
+                self._smoke(n, path)
             for kind in ("rate", "latency"):
                 cells.append(self._cell(n, rep, path, kind))
                 c = cells[-1]
@@ -940,6 +995,8 @@ class Runner:
                     f"cpu {'/'.join(f'{x:.0f}' for x in c.cpu_busy_pct)}% "
                     f"{c.cpu_us_per_conn:.0f} cpu-us/conn"
                 )
+            if iperf is not None:
+                self._iperf(iperf, path)
         return cells
 
     def _cell(self, n: int, rep: int, path: str, kind: str) -> Cell:
@@ -980,7 +1037,7 @@ class Runner:
             net_cpu_us_per_conn=max(0.0, busy_s - own) * 1e6 / conns,
         )
 
-    def _once_per_size(self, size: SizeResult, iperf: bool) -> None:
+    def _once_per_size(self, size: SizeResult) -> None:
         cfg = self.cfg
         if self.tabby is not None:
             size.change_ms.update(self.tabby.change_latency_ms(cfg.changes, self.generation))
@@ -995,22 +1052,16 @@ class Runner:
             )
         if self.kernel is not None:
             self._kube_changes(size, min(cfg.changes, KUBE_CHANGES))
-        if iperf:
-            for path in self.paths:
-                self._prepare(path)
-                t = self._target(path)
-                ip = self.kube_services[-1].endpoints[0][0] if path == "plain" else t.ip
-                size.iperf_gbps[path] = run_iperf(
-                    t.netns,
-                    ip,
-                    cfg.iperf_seconds,
-                    t.cgroup,
-                    t.iperf_port,
-                    t.source,
-                    t.iperf_reverse,
-                )
-                gbps = size.iperf_gbps[path]
-                self.progress(f"N={size.services:,} {path}: iperf3 {gbps:.1f} Gbit/s")
+
+    def _iperf(self, size: SizeResult, path: str) -> None:
+        """One iperf3 stream on ``path`` (its live settings as for its cells)."""
+        self._prepare(path)
+        t = self._target(path)
+        ip = self.kube_services[-1].endpoints[0][0] if path == "plain" else t.ip
+        size.iperf_gbps[path] = run_iperf(
+            t.netns, ip, self.cfg.iperf_seconds, t.cgroup, t.iperf_port, t.source, t.iperf_reverse
+        )
+        self.progress(f"N={size.services:,} {path}: iperf3 {size.iperf_gbps[path]:.1f} Gbit/s")
 
     def _kube_changes(self, size: SizeResult, changes: int) -> None:
         """One endpoint of the middle service replaced, ``changes`` times, through each
