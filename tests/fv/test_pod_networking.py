@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 import threading
 
 import pytest
 
+from tabby.calc import names
 from tabby.lab import capture, traffic
 from tabby.lab.cluster import Lab, LabError, pin_root
 from tabby.lab.pods import run_cni
@@ -105,8 +108,19 @@ def test_bpf_route_map_holds_pods_blocks_and_nodes(lab, pods):
     from tabby.bpf.maps.routes import ROUTES_SPEC, RouteFlags, RoutesMap
 
     routes = RoutesMap(ROUTES_SPEC.open_pinned(pin_root(lab.name, "node1"))).dump()
-    # the lab's pool has natOutgoing (kOps' default): its pods leave the cluster SNATed
-    assert routes[f"{pods['a1']['ip']}/32"].route_flags == RouteFlags.LOCAL_WL | RouteFlags.NAT_OUT
+    # the lab's pool has natOutgoing (kOps' default): its pods leave the cluster SNATed; the
+    # pod's netns id rides along (nat.h: port clashes with the pod's own sockets)
+    pod = routes[f"{pods['a1']['ip']}/32"]
+    want = RouteFlags.LOCAL_WL | RouteFlags.NAT_OUT | RouteFlags.NETNS
+    assert pod.route_flags == want
+    veth = names.host_ifname("default", "a1")
+    link = subprocess.run(
+        ["ip", "-n", lab.plan.node("node1").netns, "-d", "link", "show", "dev", veth],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(rf"link-netnsid {pod.netnsid}\b", link), link
     remote = [c for c, v in routes.items() if RouteFlags.REMOTE_WL in v.route_flags]
     assert any(c.endswith("/26") for c in remote)
     assert f"{lab.plan.node('node2').ip}/32" in routes
