@@ -10,7 +10,6 @@ import threading
 
 import pytest
 
-from tabby.calc import names
 from tabby.lab import capture, traffic
 from tabby.lab.cluster import Lab, LabError, pin_root
 from tabby.lab.pods import run_cni
@@ -113,14 +112,13 @@ def test_bpf_route_map_holds_pods_blocks_and_nodes(lab, pods):
     pod = routes[f"{pods['a1']['ip']}/32"]
     want = RouteFlags.LOCAL_WL | RouteFlags.NAT_OUT | RouteFlags.NETNS
     assert pod.route_flags == want
-    veth = names.host_ifname("default", "a1")
-    link = subprocess.run(
-        ["ip", "-n", lab.plan.node("node1").netns, "-d", "link", "show", "dev", veth],
+    ids = subprocess.run(
+        ["ip", "-n", lab.plan.node("node1").netns, "netns", "list-id"],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
-    assert re.search(rf"link-netnsid {pod.netnsid}\b", link), link
+    ).stdout  # "nsid 1 (iproute2 netns name: <pod netns>)"
+    assert re.search(rf"^nsid {pod.netnsid} .*{pods['a1']['netns']}\)", ids, re.M), ids
     remote = [c for c, v in routes.items() if RouteFlags.REMOTE_WL in v.route_flags]
     assert any(c.endswith("/26") for c in remote)
     assert f"{lab.plan.node('node2').ip}/32" in routes
