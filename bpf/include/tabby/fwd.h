@@ -170,12 +170,12 @@ static __always_inline int fwd_redirect(struct __sk_buff *skb, const struct nat_
 
 	if (!cfg_redirect)
 		return TC_ACT_OK;
-	if (!dst || !dst->known)
-		return fwd_send(skb, fwd_dst_route(skb));
 	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
 			       sizeof(daddr)))
 		return TC_ACT_OK;
-	return fwd_send(skb, daddr == dst->addr ? dst->rt : route_lookup(daddr));
+	if (dst && dst->known && dst->addr == daddr)
+		return fwd_send(skb, dst->rt);
+	return fwd_send(skb, route_lookup(daddr));
 }
 
 /*

@@ -125,29 +125,26 @@ static __always_inline int pol_from_own_host(__be32 saddr)
 }
 
 /*
- * The policy of the local pod `local` (the source: dir OUT, the destination:
- * dir IN) for the flow f, cached on conntrack. `self` is this end's verdict
+ * The policy of a local pod (the source: dir OUT, the destination:
+ * dir IN; ep: its tby_pol_ep entry, looked up by the caller before the flow
+ * was read) for the flow f, cached on conntrack. `self` is this end's verdict
  * flag, `reply` the one that makes a packet a reply of a flow the other
  * direction admitted. The entries' activity (seen_ns, TCP flags) is kept by
  * nat_handle(), which meets them in its conntrack lookups.
  */
 static __always_inline enum pol_result pol_judge(struct __sk_buff *skb,
 						 const struct parsed_pkt *pkt,
-						 struct flow *f, __u32 dir)
+						 struct flow *f, __u32 dir,
+						 const struct tby_pol_ep_val *ep)
 {
 	__u16 self = dir == POL_DIR_OUT ? TBY_CTP_OUT : TBY_CTP_IN;
 	__u16 reply = dir == POL_DIR_OUT ? TBY_CTP_IN : TBY_CTP_OUT;
-	__be32 local = dir == POL_DIR_OUT ? f->key.src : f->key.dst;
 	__be32 peer = dir == POL_DIR_OUT ? f->key.dst : f->key.src;
 	struct tby_ct_key rk = {};
 	struct tby_ct_val *v = NULL, *rv, nv = {};
-	struct tby_pol_ep_val *ep;
 	int syn = pol_pure_syn(f), ok;
 	__u64 now;
 
-	ep = bpf_map_lookup_elem(&tby_pol_ep, &local);
-	if (!ep)
-		return POL_PASS; /* selected by no policy: nothing to remember */
 	if (!f->has_ports && pol_icmp_related(skb, pkt))
 		return POL_PASS;
 	if (f->has_ports) {
@@ -202,6 +199,18 @@ static __always_inline enum pol_result pol_judge(struct __sk_buff *skb,
 	return POL_PASS;
 }
 
+/* The packet's flow; not TCP/UDP (or no ports): judged per packet, untracked. */
+static __always_inline void pol_flow_of(struct __sk_buff *skb, const struct parsed_pkt *pkt,
+					struct flow *f)
+{
+	if (ct_flow_of(skb, pkt, f)) {
+		f->key.src = pkt->saddr;
+		f->key.dst = pkt->daddr;
+		f->key.proto = pkt->ip_proto;
+		f->has_ports = 0;
+	}
+}
+
 /*
  * from-workload, after NAT: the packet as it now is (translated) is judged by
  * its source's egress policy.
@@ -210,6 +219,7 @@ static __always_inline enum pol_result pol_egress(struct __sk_buff *skb, int tra
 						  const struct parsed_pkt *pkt)
 {
 	struct parsed_pkt now = {};
+	struct tby_pol_ep_val *ep;
 	struct flow f = {};
 	__be32 src = pkt->saddr;
 
@@ -218,38 +228,29 @@ static __always_inline enum pol_result pol_egress(struct __sk_buff *skb, int tra
 	if (translated && bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, saddr),
 					     &src, sizeof(src)))
 		return POL_PASS;
-	if (!bpf_map_lookup_elem(&tby_pol_ep, &src))
-		return POL_PASS;
+	ep = bpf_map_lookup_elem(&tby_pol_ep, &src);
+	if (!ep)
+		return POL_PASS; /* selected by no policy: nothing to remember */
 	if (translated) {
 		if (parse_packet(skb, &now) != PARSE_IPV4)
 			return POL_PASS;
 		pkt = &now;
 	}
-	if (ct_flow_of(skb, pkt, &f)) {
-		/* not TCP/UDP (or no ports): judged per packet, untracked */
-		f.key.src = pkt->saddr;
-		f.key.dst = pkt->daddr;
-		f.key.proto = pkt->ip_proto;
-		f.has_ports = 0;
-	}
-	return pol_judge(skb, pkt, &f, POL_DIR_OUT);
+	pol_flow_of(skb, pkt, &f);
+	return pol_judge(skb, pkt, &f, POL_DIR_OUT, ep);
 }
 
 /* to-workload, before the reverse NAT: the destination's ingress policy. */
 static __always_inline enum pol_result pol_ingress(struct __sk_buff *skb,
 						   const struct parsed_pkt *pkt)
 {
+	struct tby_pol_ep_val *ep = bpf_map_lookup_elem(&tby_pol_ep, &pkt->daddr);
 	struct flow f = {};
 
-	if (!bpf_map_lookup_elem(&tby_pol_ep, &pkt->daddr))
+	if (!ep)
 		return POL_PASS; /* selected by no policy: its ports need not be read */
-	if (ct_flow_of(skb, pkt, &f)) {
-		f.key.src = pkt->saddr;
-		f.key.dst = pkt->daddr;
-		f.key.proto = pkt->ip_proto;
-		f.has_ports = 0;
-	}
-	return pol_judge(skb, pkt, &f, POL_DIR_IN);
+	pol_flow_of(skb, pkt, &f);
+	return pol_judge(skb, pkt, &f, POL_DIR_IN, ep);
 }
 
 #endif /* __TABBY_POLICY_H */
