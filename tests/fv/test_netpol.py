@@ -65,12 +65,14 @@ def tcp_ok(h: netpol.Harness, client: str, server: str, port: int = 80) -> bool:
 
 def test_matrix_cases(model: netpol.Harness) -> None:
     lines: list[str] = []
-    results = netpol.run_cases(model, netpol.load_cases(str(CASES)), lines.append)
+    try:
+        results = netpol.run_cases(model, netpol.load_cases(str(CASES)), lines.append)
+    finally:
+        model.reset({})  # a failed case's policies must not leak into the next tests
     failed = [r for r in results if r.status == "failed"]
     assert not failed, "\n".join(netpol.render(r) for r in failed)
     passed = [r.id for r in results if r.status == "passed"]
     assert len(passed) >= 40 and [r.id for r in results if r.status == "not-run"] == ["sctp-port"]
-    model.reset({})
 
 
 def test_policy_dump_in_words(model: netpol.Harness) -> None:

@@ -331,3 +331,116 @@ def test_a_service_flow_on_the_port_of_a_direct_one_gets_another_port(
     assert int(other) != port, "the service flow reached web-a from another port"
     assert via_service_host == "web-a"
     assert counter_delta(before, counters(lab, "node1"), Reason.NAT_PORT_CLASH) == 1
+
+
+def test_a_direct_udp_flow_on_the_port_of_a_finished_service_flow_is_not_translated(
+    lab: Lab, cluster: dict[str, Any]
+) -> None:
+    """The other order: the client asks web-a through a Service from port P and closes the
+    socket; its pair lives on for UDP's 60 s. A new socket on P then asks web-a directly. Its
+    replies carry the pair's REV tuple: translated back to the Service's address, the client's
+    socket (connected to web-a) would drop them. The direct flow wins; and a service flow that
+    then starts on P while the direct socket is open takes another port."""
+    client, web_a = cluster["client"], cluster["web-a"]
+    before = counters(lab, "node1")
+
+    def ask(s: socket.socket, what: bytes) -> str:
+        for _ in range(3):
+            s.send(what)
+            with contextlib.suppress(TimeoutError):
+                return s.recv(100).decode()
+        raise TimeoutError(f"no UDP answer to {what!r}")
+
+    def flows() -> tuple[int, str, str, str]:
+        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        first.settimeout(1)
+        first.connect((SELF_VIP, 53))  # "self": web-a only
+        port = first.getsockname()[1]
+        try:
+            assert ask(first, b"hostname") == "web-a"
+        finally:
+            first.close()
+        direct = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        later = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for s in (direct, later):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.settimeout(1)
+            direct.bind(("0.0.0.0", port))
+            direct.connect((web_a["ip"], 8081))
+            direct_seen = ask(direct, b"clientip")
+            later.bind(("0.0.0.0", port))
+            later.connect((SELF_VIP, 53))
+            later_seen = ask(later, b"clientip")
+            return port, direct_seen, later_seen, ask(direct, b"clientip")
+        finally:
+            direct.close()
+            later.close()
+
+    port, direct_seen, later_seen, direct_again = traffic.in_netns(client["netns"], flows)
+    assert direct_seen == f"{client['ip']}:{port}", "the direct flow is answered, untranslated"
+    address, _, other = later_seen.rpartition(":")
+    assert address == client["ip"] and int(other) != port, "the new service flow moved port"
+    assert direct_again == direct_seen, "and the direct flow still works"
+    assert counter_delta(before, counters(lab, "node1"), Reason.NAT_PORT_CLASH) == 1
+
+
+def test_a_direct_connection_on_the_port_of_an_unanswered_service_flow_is_not_translated(
+    lab: Lab, cluster: dict[str, Any]
+) -> None:
+    """A service flow whose SYN went unanswered (policy dropped it at web-a) leaves a pair that
+    never closed, kept for the SYN timeout. Linux gives its port again once the socket is gone
+    (each destination has its own port sequence, and two sequences cross), here to a direct
+    connection to web-a. Its SYN carries the pair's REV tuple; the client pod no longer has
+    the service flow's socket, so the pair goes and the direct connection is not translated."""
+    client, web_a = cluster["client"], cluster["web-a"]
+    deny = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "web-a-closed", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "web-a"}}, "policyTypes": ["Ingress"]},
+    }
+    ds = lab.datastore()
+
+    def unanswered() -> int:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.settimeout(0.5)
+        try:
+            with pytest.raises(TimeoutError):
+                s.connect((SELF_VIP, 80))  # "self": web-a only
+            return int(s.getsockname()[1])
+        finally:
+            s.close()
+
+    def direct(port: int) -> tuple[str, int]:
+        """What web-a saw, and the SYNs the client had to send again (translated, the first
+        SYN-ACK comes back from the Service's address: the client resets it and retries)."""
+        before = _syn_retransmits()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.settimeout(5)
+        try:
+            s.bind(("0.0.0.0", port))
+            s.connect((web_a["ip"], 8080))
+            return _get(s, "/clientip"), _syn_retransmits() - before
+        finally:
+            s.close()
+
+    ds.apply([deny])
+    try:
+        lab.wait_ready()
+        port = traffic.in_netns(client["netns"], unanswered)
+    finally:
+        ds.delete("NetworkPolicy", "web-a-closed", "default")
+        lab.wait_ready()
+    seen, retransmits = traffic.in_netns(client["netns"], lambda: direct(port))
+    assert seen == f"{client['ip']}:{port}"
+    assert retransmits == 0, "the first SYN-ACK reached the socket"
+
+
+def _syn_retransmits() -> int:
+    """TcpExt TCPSynRetrans of the calling thread's netns."""
+    with open("/proc/thread-self/net/netstat") as f:
+        names, values = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(values[names.index("TCPSynRetrans")])

@@ -378,38 +378,59 @@ static __always_inline enum nat_result nat_ext_reply(struct __sk_buff *skb,
 }
 
 /*
+ * Has a local pod a live socket from its port pod_port to peer:peer_port? Its
+ * netns is looked at with the socket lookup helpers, by the id its route
+ * carries (TBY_RT_NETNS): TCP, a connection (not a listener, nor one in
+ * TIME_WAIT); UDP, a socket connected to that peer. -1: the pod's netns is
+ * not known (a route written before the id was, or not a local pod).
+ */
+static __always_inline int nat_pod_socket(struct __sk_buff *skb, __u8 proto,
+					  __be32 pod, __be16 pod_port,
+					  __be32 peer, __be16 peer_port)
+{
+	struct tby_route_val *rt = route_lookup(pod);
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	int live;
+
+	if (!rt || !(rt->flags & TBY_RT_NETNS))
+		return -1;
+	/* as a packet from the peer to the pod would find it */
+	t.ipv4.saddr = peer;
+	t.ipv4.sport = peer_port;
+	t.ipv4.daddr = pod;
+	t.ipv4.dport = pod_port;
+	if (proto == IPPROTO_TCP) {
+		sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), rt->netnsid, 0);
+		if (!sk)
+			return 0;
+		live = sk->state != BPF_TCP_LISTEN && sk->state != BPF_TCP_TIME_WAIT;
+	} else {
+		sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), rt->netnsid, 0);
+		if (!sk)
+			return 0;
+		live = sk->dst_ip4 == peer && sk->dst_port == peer_port;
+	}
+	bpf_sk_release(sk);
+	return live;
+}
+
+/*
  * Is the translated tuple (the pod's address and port -> the backend) one of
- * the pod's own live sockets, a direct connection to that backend? Linux gives
- * one local port to connections with different destinations, so a pod may
- * reach a Service and, directly, one of its backends from the same port. That
- * direct flow has no tby_ct entry (only NAT and policy flows do), and the new
- * pair's REV half would take its replies over (the backend would see one
- * tuple for two connections, and reset the older one). nf_nat resolves such a
- * clash with another source port, and so does nat_new_flow. The pod's netns
- * is looked at with the socket lookup helpers, by the id its route carries
- * (TBY_RT_NETNS); a listener on the port does not count.
+ * the pod's own live sockets, a direct flow to that backend? Linux gives one
+ * local port to TCP connections with different destinations (and to UDP
+ * sockets with SO_REUSEADDR), so a pod may reach a Service and, directly, one
+ * of its backends from the same port. That direct flow has no tby_ct entry
+ * (only NAT and policy flows do), and the new pair's REV half would take its
+ * replies over (the backend would see one tuple for two connections, and
+ * reset the older one). nf_nat resolves such a clash with another source
+ * port, and so does nat_new_flow.
  */
 static __always_inline int nat_port_clash(struct __sk_buff *skb, const struct flow *f,
 					  const struct tby_nat_be_val *be)
 {
-	struct tby_route_val *rt = route_lookup(f->key.src);
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
-	int clash;
-
-	if (f->key.proto != IPPROTO_TCP || !rt || !(rt->flags & TBY_RT_NETNS))
-		return 0;
-	/* the tuple as a packet from the backend to the pod has it */
-	t.ipv4.saddr = be->addr;
-	t.ipv4.sport = be->port;
-	t.ipv4.daddr = f->key.src;
-	t.ipv4.dport = f->key.sport;
-	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), rt->netnsid, 0);
-	if (!sk)
-		return 0;
-	clash = sk->state != BPF_TCP_LISTEN;
-	bpf_sk_release(sk);
-	return clash;
+	return nat_pod_socket(skb, f->key.proto, f->key.src, f->key.sport, be->addr,
+			      be->port) > 0;
 }
 
 /*
@@ -636,25 +657,44 @@ static __always_inline int nat_pair_reusable(const struct flow *f,
 }
 
 /*
- * A SYN from a client that matches a closed pair's REV half is a direct
- * connection (no service) reusing the tuple of a finished service flow: its
- * replies must not be translated, so the pair goes.
+ * A packet from a client whose own tuple is a pair's REV half is a direct
+ * flow (no service) on the port of a service flow, to its backend: its
+ * replies must not be translated, so the pair goes once that service flow is
+ * over. Linux gives the port of a closed socket again (TCP: the next port of
+ * a destination's sequence, and two sequences cross), while the pair lives on
+ * (a SYN that policy dropped: 20 s; UDP: 60 s).
+ * - TCP: a SYN, and the pair closed, or (from a local pod) the service flow's
+ *   socket gone from the pod. Were it alive, both connections would be one
+ *   tuple at the backend: nf_nat gives the direct one another port, which
+ *   one tby_ct key cannot hold here, so the pair stays (a rare case).
+ * - UDP has no end: a datagram a local pod sends straight to the backend from
+ *   the pair's port means the port has moved on. Were both sockets open
+ *   (SO_REUSEADDR), the service flow's next datagram starts a pair on
+ *   another port (nat_port_clash).
  */
-static __always_inline int nat_rev_closed_by_syn(const struct flow *f,
-						 const struct tby_ct_val *rev,
-						 struct tby_ct_key *fwd_key)
+static __always_inline int nat_rev_taken_over(struct __sk_buff *skb,
+					      const struct flow *f,
+					      const struct tby_ct_val *rev,
+					      __u32 hooks,
+					      struct tby_ct_key *fwd_key)
 {
 	struct tby_ct_val *fwd;
 	__u8 tcp = rev->tcp;
 
+	ct_fwd_key(&f->key, rev, fwd_key);
+	if (f->key.proto == IPPROTO_UDP)
+		return !!(hooks & NAT_HOOK_PORT_CLASH);
 	if (f->key.proto != IPPROTO_TCP || !(f->tcp_flags & TBY_TCPF_SYN) ||
 	    (f->tcp_flags & TBY_TCPF_ACK))
 		return 0;
-	ct_fwd_key(&f->key, rev, fwd_key);
 	fwd = bpf_map_lookup_elem(&tby_ct, fwd_key);
 	if (fwd)
 		tcp |= fwd->tcp;
-	return ct_tcp_closed(tcp);
+	if (ct_tcp_closed(tcp))
+		return 1;
+	return (hooks & NAT_HOOK_PORT_CLASH) &&
+	       !nat_pod_socket(skb, IPPROTO_TCP, fwd_key->src, fwd_key->sport,
+			       fwd_key->dst, fwd_key->dport);
 }
 
 static __always_inline void nat_delete_pair(const struct flow *f,
@@ -743,7 +783,7 @@ static __always_inline enum nat_result nat_handle_dst(struct __sk_buff *skb,
 			v = NULL;
 		}
 		if (v && v->type == TBY_CT_NAT_REV && (hooks & NAT_HOOK_FRONTENDS) &&
-		    nat_rev_closed_by_syn(&f, v, &rk)) {
+		    nat_rev_taken_over(skb, &f, v, hooks, &rk)) {
 			bpf_map_delete_elem(&tby_ct, &rk);
 			bpf_map_delete_elem(&tby_ct, &f.key);
 			v = NULL;
