@@ -55,9 +55,17 @@ def test_quick_bench_measures_every_path_and_cleans_up(tmp_path: Path, root_caps
         assert big["agent_rss_mb"] > 0
         assert set(big["iperf_gbps"]) == set(paths)
         assert all(g > 0 for g in big["iperf_gbps"].values())
+        # the profile cell: the lab's programs found by their pinned links, run-time stats read
+        tabby_paths = [p for p in paths if benchrun.PATH_FAMILY[p] != "kernel"]
+        assert set(big["bpf_ns_per_conn"]) == set(tabby_paths)
+        assert all(ns > 0 for ns in big["bpf_ns_per_conn"].values())
+        for path in ("tabby-direct", "tabby-nat", "tabby-local"):
+            ns_per_run, runs_per_conn = big["bpf_progs"][path]["tby_from_wl"]
+            assert ns_per_run > 0 and runs_per_conn >= 2, (path, big["bpf_progs"][path])
         md = (tmp_path / "results.md").read_text()
         assert md.count("| 1,000 |") >= len(paths)
-        assert len(list(tmp_path.glob("*.png"))) == len(benchreport.FIGURES) + 3
+        assert "## tabby's BPF programs per connection" in md
+        assert len(list(tmp_path.glob("*.png"))) == len(benchreport.FIGURES) + 4
         assert {t["target"] for t in result["summary"]["targets"]}
     finally:
         leftovers = fabric.lab_netns(f"{name}-") + fabric.lab_netns(f"{name}k-")

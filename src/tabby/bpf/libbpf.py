@@ -153,6 +153,38 @@ class _ProgInfo(ctypes.Structure):
         ("nr_map_ids", ctypes.c_uint32),
         ("map_ids", ctypes.c_uint64),
         ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),  # a 1-bit field and its pad
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),  # counted while BPF_ENABLE_STATS is held
+        ("run_cnt", ctypes.c_uint64),
+    ]
+
+
+class _LinkInfo(ctypes.Structure):
+    """Leading part of struct bpf_link_info, common to every link type."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
     ]
 
 
@@ -297,6 +329,8 @@ _proto("bpf_link_update", _int, _int, _int, ctypes.POINTER(_LinkUpdateOpts))
 _proto("bpf_link_detach", _int, _int)
 _proto("bpf_prog_test_run_opts", _int, _int, ctypes.POINTER(_TestRunOpts))
 _proto("libbpf_num_possible_cpus", _int)
+_proto("bpf_enable_stats", _int, _int)
+_proto("bpf_prog_get_fd_by_id", _int, _u32)
 
 # ---------------------------------------------------------------------------- logging
 
@@ -686,6 +720,30 @@ def prog_info(prog_fd: int) -> tuple[int, str]:
     """(program id, kernel name, truncated to 15 chars) of a program fd."""
     info = _obj_info(prog_fd, _ProgInfo, "prog info")
     return info.id, info.name.decode()
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS: every program's run_time_ns / run_cnt count while the returned fd is
+    open (closing it, or the process ending, turns them off again)."""
+    return _check(_lib.bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return _check(_lib.bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id {prog_id}")
+
+
+def prog_run_stats(prog_fd: int) -> tuple[str, int, int]:
+    """(kernel name, run_time_ns, run_cnt) of a program fd."""
+    info = _obj_info(prog_fd, _ProgInfo, "prog info")
+    return info.name.decode(), int(info.run_time_ns), int(info.run_cnt)
+
+
+def link_prog_id(link_fd: int) -> int:
+    """The program id of a bpf_link of any type."""
+    return int(_obj_info(link_fd, _LinkInfo, "link info").prog_id)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,19 @@ def targets(rows: list[dict[str, Any]], per_size: list[dict[str, Any]]) -> list[
         None if ratio is None else ratio >= TARGET_NODEPORT_RATIO,
     )
     last = next((s for s in per_size if s["services"] == big), None)
+    first = next((s for s in per_size if s["services"] == small), None)
+    for path in ("tabby-nat", "tabby-ctlb", "tabby-local-nat"):
+        ns = (last or {}).get("bpf_ns_per_conn", {}).get(path)
+        ns0 = (first or {}).get("bpf_ns_per_conn", {}).get(path)
+        if ns is None or not ns0 or big == small:
+            continue
+        growth = ns / ns0 - 1
+        add(
+            f"{path} BPF time per connection, N={big:,} vs N={small:,} (growth)",
+            growth,
+            f"<= {TARGET_FLAT:.0%}",
+            growth <= TARGET_FLAT,
+        )
     gbps = (last or {}).get("iperf_gbps") or {}
     dsr, plain = gbps.get("nodeport-dsr"), gbps.get("nodeport-plain")
     tput = dsr / plain if dsr is not None and plain else None
@@ -276,6 +289,7 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
                 f"{split.get('nat_apply', 0):.1f} ms per change (mean); the rest is datastore "
                 "write, watch and calc."
             )
+    out += _bpf_section(summary["sizes"])
     notes = sorted(
         {f"{p}: {note}" for s in summary["sizes"] for p, note in s["program_notes"].items()}
         | {
@@ -291,6 +305,33 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
     for t in summary["targets"]:
         out.append(f"| {t['target']} | {_fmt(t['value'], '.3g')} | {t['goal']} | {t['verdict']} |")
     return "\n".join(out) + "\n"
+
+
+def _bpf_section(per_size: list[dict[str, Any]]) -> list[str]:
+    """tabby's programs per connection (the profile cells), and their split at the largest N."""
+    paths = list(dict.fromkeys(p for s in per_size for p in s.get("bpf_ns_per_conn") or {}))
+    if not paths:
+        return []
+    out = [
+        "",
+        "## tabby's BPF programs per connection",
+        "",
+        "Run time of every program of both nodes, per connection, from a profile cell with the "
+        "kernel's BPF run-time stats on (first repetition; not in the compared cells). Flat "
+        "across N is the datapath's own cost not growing with the services programmed.",
+        "",
+        "| N | " + " | ".join(f"{p} ns" for p in paths) + " |",
+        "|---:|" + "---:|" * len(paths),
+    ]
+    for s in per_size:
+        ns = s.get("bpf_ns_per_conn") or {}
+        out.append(f"| {s['services']:,} | " + " | ".join(_fmt(ns.get(p)) for p in paths) + " |")
+    last = per_size[-1]
+    out += ["", f"At N={last['services']:,}, per program: ns per run x runs per connection:", ""]
+    for p, progs in (last.get("bpf_progs") or {}).items():
+        split = ", ".join(f"{name} {v[0]:,.0f} x {v[1]:.1f}" for name, v in progs.items())
+        out.append(f"- {p}: {split}")
+    return out
 
 
 Getter = Callable[[dict[str, Any]], Any]
@@ -368,6 +409,17 @@ def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
     ax.set_yscale("log")
     _legend(ax)
     save(fig, "change_ms")
+    fig, ax = axes("tabby's BPF programs, ns per connection")
+    for p in dict.fromkeys(k for s in per_size for k in s.get("bpf_ns_per_conn") or {}):
+        pts = [
+            (xs[s["services"]], s["bpf_ns_per_conn"][p])
+            for s in per_size
+            if s["services"] in xs and p in (s.get("bpf_ns_per_conn") or {})
+        ]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    ax.set_ylim(bottom=0)
+    _legend(ax)
+    save(fig, "bpf_ns_per_conn")
     fig, ax = axes("agent resident memory, MB")
     pts = [
         (xs[s["services"]], s["agent_rss_mb"])

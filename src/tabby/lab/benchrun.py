@@ -22,7 +22,11 @@ paths run interleaved (the order rotates), each path a rate cell (connload, ``in
 connections, client on CPU0, server on CPU1) and an unloaded latency cell (one connection at a
 time: connect + first response byte, p01/p50/p90/p99); then one-change latency, agent RSS and, at
 the first and last N, iperf3. CPU per connection is whole-machine busy time from /proc/stat over
-the cell, minus the load generator's and the server's own process time.
+the cell, minus the load generator's and the server's own process time. In the first
+repetition, each tabby path also runs a profile cell of its own (``profile_seconds``) with the
+kernel's BPF run-time stats on (``bpf/progstats.py``): tabby's programs' time per connection,
+the figure that shows whether the datapath's cost grows with N (the rate cells are too noisy
+for 5%). The stats cost two clock reads per program run, so no compared cell runs with them.
 
 - external (the same lab, from its external client 203.0.113.x behind the fabric's router):
   ``nodeport-plain`` (the client reaches the nginx pod's own address, routed by the fabric
@@ -57,6 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tabby.bpf import progstats
 from tabby.bpf.maps.nat import BACKENDS_SPEC, FRONTENDS_SPEC, BackendKey, FrontendKey
 from tabby.lab import baselines, processes, state, traffic
 from tabby.lab.baselines import Baselines
@@ -135,6 +140,7 @@ class BenchConfig:
     seconds: float = 3.0  # per rate cell
     latency_seconds: float = 1.0  # per unloaded latency cell
     iperf_seconds: float = 3.0
+    profile_seconds: float = 1.0  # per tabby path, first repetition: BPF run time per connection
     inflight: int = 32
     changes: int = 10  # one-change latency samples per N
     paths: tuple[str, ...] = DEFAULT_PATHS
@@ -151,6 +157,7 @@ class BenchConfig:
             "seconds": 2.0,
             "latency_seconds": 0.5,  # still hundreds of connections: p99 is shown, not read
             "iperf_seconds": 1.0,  # iperf3's shortest
+            "profile_seconds": 0.5,
             "changes": 3,
             "ext_settle_s": 0.0,  # a smoke test: no figure is read
         }
@@ -212,6 +219,10 @@ class SizeResult:
     change_notes: dict[str, str] = field(default_factory=dict)
     agent_rss_mb: float | None = None
     iperf_gbps: dict[str, float] = field(default_factory=dict)
+    # tabby paths' profile cell: BPF run time per connection (ns), all of the lab's programs
+    bpf_ns_per_conn: dict[str, float] = field(default_factory=dict)
+    # ... per program name (both nodes summed): [ns per run, runs per connection]
+    bpf_progs: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -847,7 +858,7 @@ class Runner:
                     ends = n in (cfg.sizes[0], cfg.sizes[-1])
                     for rep in range(cfg.reps):
                         iperf = ends and rep == cfg.reps - 1
-                        result.cells += self._repetition(n, rep, size if iperf else None)
+                        result.cells += self._repetition(n, rep, size, iperf)
                     self._once_per_size(size)
                     result.sizes.append(size)
             except (BenchError, baselines.BaselineError, subprocess.TimeoutExpired) as e:
@@ -974,10 +985,11 @@ class Runner:
         bpfExternalServiceMode); None: the run's own (every other path)."""
         return PATH_REDIRECT.get(path), EXT_MODES.get(path)
 
-    def _repetition(self, n: int, rep: int, iperf: SizeResult | None = None) -> list[Cell]:
+    def _repetition(self, n: int, rep: int, size: SizeResult, iperf: bool) -> list[Cell]:
         """Every path's rate and latency cells, the order rotated by ``rep`` (then arranged
-        for the fewest live switches); the first repetition checks each path answers first;
-        ``iperf``: each path's iperf3 stream right after its cells, into that size."""
+        for the fewest live switches); the first repetition checks each path answers first,
+        and profiles the tabby paths after their cells; ``iperf``: each path's iperf3 stream
+        right after its cells, into ``size``."""
         paths = self._paths_at(n)
         k = rep % len(paths)
         now = (self.tabby.redirect, self.tabby.ext_mode) if self.tabby else (None, None)
@@ -995,8 +1007,10 @@ class Runner:
                     f"cpu {'/'.join(f'{x:.0f}' for x in c.cpu_busy_pct)}% "
                     f"{c.cpu_us_per_conn:.0f} cpu-us/conn"
                 )
-            if iperf is not None:
-                self._iperf(iperf, path)
+            if rep == 0 and PATH_FAMILY[path] != "kernel" and self.cfg.profile_seconds > 0:
+                self._bpf_profile(size, path)
+            if iperf:
+                self._iperf(size, path)
         return cells
 
     def _cell(self, n: int, rep: int, path: str, kind: str) -> Cell:
@@ -1052,6 +1066,37 @@ class Runner:
             )
         if self.kernel is not None:
             self._kube_changes(size, min(cfg.changes, KUBE_CHANGES))
+
+    def _bpf_profile(self, size: SizeResult, path: str) -> None:
+        """A rate cell with BPF run-time stats on: the lab's programs' time per connection."""
+        assert self.tabby is not None
+        self._prepare(path)
+        t = self._target(path)
+        roots = [pin_root(self.cfg.name, node.name) for node in self.tabby.lab.plan.nodes]
+        ids = progstats.pinned_program_ids(roots)
+        with progstats.RunTimeStats():
+            before = progstats.sample(ids)
+            out = run_connload(
+                self.cfg.connload,
+                t.netns,
+                t.ip,
+                t.port,
+                self.cfg.profile_seconds,
+                self.cfg.inflight,
+                t.cgroup,
+                t.source,
+            )
+            after = progstats.sample(ids)
+        conns = max(1.0, out["conns"])
+        runs = progstats.delta_by_name(before, after)
+        size.bpf_ns_per_conn[path] = sum(r.run_time_ns for r in runs.values()) / conns
+        size.bpf_progs[path] = {
+            name: [r.run_time_ns / r.run_cnt, r.run_cnt / conns] for name, r in sorted(runs.items())
+        }
+        self.progress(
+            f"N={size.services:,} {path}: BPF {size.bpf_ns_per_conn[path]:,.0f} ns/conn "
+            + " ".join(f"{k} {v[0]:.0f}ns x{v[1]:.1f}" for k, v in size.bpf_progs[path].items())
+        )
 
     def _iperf(self, size: SizeResult, path: str) -> None:
         """One iperf3 stream on ``path`` (its live settings as for its cells)."""

@@ -17,7 +17,14 @@ from urllib.parse import parse_qs, urlparse
 MAX_BYTES = 64 << 20
 
 
-class _HTTP6Server(ThreadingHTTPServer):
+class _HTTPServer(ThreadingHTTPServer):
+    # agnhost's (Go) listen backlog, not socketserver's 5: the netpol matrix opens 16
+    # connections to one port at once, and a SYN dropped on a full accept queue is sent again
+    # only a second later, when the probe has given up
+    request_queue_size = socket.SOMAXCONN
+
+
+class _HTTP6Server(_HTTPServer):
     address_family = socket.AF_INET6
 
     def server_bind(self) -> None:
@@ -55,7 +62,7 @@ def http_server(port: int, name: str, ipv6: bool = False) -> ThreadingHTTPServer
     server = (
         _HTTP6Server(("::", port), Handler)
         if ipv6
-        else ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        else _HTTPServer(("0.0.0.0", port), Handler)
     )
     server.daemon_threads = True
     return server

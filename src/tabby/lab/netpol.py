@@ -354,13 +354,17 @@ class Harness:
     def probe(
         self, probes: list[Obj], vias: list[str], timeout_s: float = PROBE_TIMEOUT_S
     ) -> dict[tuple[int, str, str], Obj]:
-        """Observed matrices per (port, protocol, via): {row: "..X."}."""
-        jobs: dict[str, list[tuple[Any, str, int, str]]] = {}
+        """Observed matrices per (port, protocol, via): {row: "..X."}. The vias are probed one
+        after the other: a pod that reaches a Service and, at the same time, one of its backends
+        directly may do so from one local port (Linux gives one port to connections with
+        different destinations), a NAT port clash that is not a policy question (nat.h)."""
         shapes: dict[tuple[int, str, str], tuple[list[str], list[str]]] = {}
-        for p in probes:
-            cols = list(p["expected"]["columns"])
-            rows = list(p["expected"]["rows"])
-            for via in vias:
+        results: dict[Any, bool] = {}
+        for via in vias:
+            jobs: dict[str, list[tuple[Any, str, int, str]]] = {}
+            for p in probes:
+                cols = list(p["expected"]["columns"])
+                rows = list(p["expected"]["rows"])
                 shapes[(p["port"], p["protocol"], via)] = (rows, cols)
                 for row in rows:
                     for col in cols:
@@ -369,16 +373,26 @@ class Harness:
                             continue
                         key = (p["port"], p["protocol"], via, row, col)
                         jobs.setdefault(row, []).append((key, ip, p["port"], p["protocol"]))
-        return self._run_probes(jobs, shapes, timeout_s)
+            results.update(self._run_probes(jobs, timeout_s))
+        return {
+            (port, proto, via): {
+                row: "".join(
+                    "." if row == col or results.get((port, proto, via, row, col)) else "X"
+                    for col in cols
+                )
+                for row in rows
+            }
+            for (port, proto, via), (rows, cols) in shapes.items()
+        }
 
     def _run_probes(
-        self,
-        jobs: dict[str, list[tuple[Any, str, int, str]]],
-        shapes: dict[tuple[int, str, str], tuple[list[str], list[str]]],
-        timeout_s: float,
-    ) -> dict[tuple[int, str, str], Obj]:
+        self, jobs: dict[str, list[tuple[Any, str, int, str]]], timeout_s: float
+    ) -> dict[Any, bool]:
+        """Each row's probes at once, in the row's pod netns; True = connected / answered."""
         results: dict[Any, bool] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        if not jobs:
+            return results
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             futures = [
                 pool.submit(
                     traffic.in_netns,
@@ -389,18 +403,7 @@ class Harness:
             ]
             for f in futures:
                 results.update(f.result())
-        out: dict[tuple[int, str, str], Obj] = {}
-        for (port, proto, via), (rows, cols) in shapes.items():
-            out[(port, proto, via)] = {
-                row: "".join(
-                    "."
-                    if row == col
-                    else ("." if results.get((port, proto, via, row, col)) else "X")
-                    for col in cols
-                )
-                for row in rows
-            }
-        return out
+        return results
 
     # ----------------------------------------------------------------- cases
     def run_case(self, case: Obj) -> CaseResult:
