@@ -213,3 +213,28 @@ def test_paths_needing_a_live_switch_start_with_the_setting_in_place() -> None:
         "plain",
         "tabby-nat",
     ]
+
+
+def test_bpf_time_per_connection_is_tabled_plotted_and_judged_for_growth(tmp_path: Path) -> None:
+    cells = []
+    for n in (1, 20000):
+        for path in ("tabby-direct", "tabby-nat"):
+            cells += [cell(n, 0, path, "rate", 1000.0), cell(n, 0, path, "latency", 900.0)]
+    progs = {"tby_from_wl": [1500.0, 6.0], "tby_to_wl": [400.0, 5.0]}
+    sizes = [
+        size(1, bpf_ns_per_conn={"tabby-direct": 9000.0, "tabby-nat": 10000.0}),
+        size(
+            20000,
+            bpf_ns_per_conn={"tabby-direct": 9100.0, "tabby-nat": 11000.0},
+            bpf_progs={"tabby-nat": progs},
+        ),
+    ]
+    summary = benchreport.write(run(cells, sizes), str(tmp_path))
+    verdicts = {t["target"]: (t["verdict"], t["value"]) for t in summary["targets"]}
+    verdict, growth = verdicts["tabby-nat BPF time per connection, N=20,000 vs N=1 (growth)"]
+    assert verdict == "MISSED" and growth == pytest.approx(0.1)
+    md = (tmp_path / "results.md").read_text()
+    assert "| N | tabby-direct ns | tabby-nat ns |" in md
+    assert "| 20,000 | 9,100 | 11,000 |" in md
+    assert "- tabby-nat: tby_from_wl 1,500 x 6.0, tby_to_wl 400 x 5.0" in md
+    assert (tmp_path / "bpf_ns_per_conn.png").stat().st_size > 1000

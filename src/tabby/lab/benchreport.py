@@ -409,17 +409,19 @@ def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
     ax.set_yscale("log")
     _legend(ax)
     save(fig, "change_ms")
-    fig, ax = axes("tabby's BPF programs, ns per connection")
-    for p in dict.fromkeys(k for s in per_size for k in s.get("bpf_ns_per_conn") or {}):
-        pts = [
-            (xs[s["services"]], s["bpf_ns_per_conn"][p])
-            for s in per_size
-            if s["services"] in xs and p in (s.get("bpf_ns_per_conn") or {})
-        ]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-    ax.set_ylim(bottom=0)
-    _legend(ax)
-    save(fig, "bpf_ns_per_conn")
+    profiled = list(dict.fromkeys(k for s in per_size for k in s.get("bpf_ns_per_conn") or {}))
+    if profiled:  # runs without tabby paths (or from before the profile cell) have none
+        fig, ax = axes("tabby's BPF programs, ns per connection")
+        for p in profiled:
+            pts = [
+                (xs[s["services"]], s["bpf_ns_per_conn"][p])
+                for s in per_size
+                if s["services"] in xs and p in (s.get("bpf_ns_per_conn") or {})
+            ]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        ax.set_ylim(bottom=0)
+        _legend(ax)
+        save(fig, "bpf_ns_per_conn")
     fig, ax = axes("agent resident memory, MB")
     pts = [
         (xs[s["services"]], s["agent_rss_mb"])
