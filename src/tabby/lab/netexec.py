@@ -60,9 +60,7 @@ def http_server(port: int, name: str, ipv6: bool = False) -> ThreadingHTTPServer
                 self.send_error(404)
 
     server = (
-        _HTTP6Server(("::", port), Handler)
-        if ipv6
-        else _HTTPServer(("0.0.0.0", port), Handler)
+        _HTTP6Server(("::", port), Handler) if ipv6 else _HTTPServer(("0.0.0.0", port), Handler)
     )
     server.daemon_threads = True
     return server
