@@ -116,6 +116,9 @@ int tby_from_host(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		case EXTTUN_DONE:
 			return from_host_ext(skb, &pkt, &ext, pkt.saddr);
+		case EXTTUN_POD_VXLAN:
+			/* its outer header is never a frontend's, nor a flow's */
+			return TC_ACT_OK;
 		default:
 			break;
 		}

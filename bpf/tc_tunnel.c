@@ -18,6 +18,7 @@
 #include "tabby/encap.h"
 #include "tabby/fib.h"
 #include "tabby/fwd.h"
+#include "tabby/mark.h"
 #include "tabby/nat.h"
 #include "tabby/parse.h"
 
@@ -65,6 +66,9 @@ int tby_tun_egress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	counter_inc(TBY_R_ENCAP_VXLAN);
+	/* once wrapped (same netns: the mark is kept), its outer header leaves
+	 * through to-host, whose lookups could only miss on it */
+	mark_nat_done(skb);
 	return TC_ACT_OK;
 }
 

@@ -20,6 +20,7 @@ from tabby.bpf.objects import DatapathObjects
 POD_MAC = "02:fc:00:00:00:05"
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 
+MARK_NAT_DONE = 0x07A00000  # mark.h TBY_MARK_NAT_DONE: handled on this node
 POD_IP = "100.96.0.5"  # a pod of this node
 OTHER_POD_IP = "100.96.0.9"  # another pod of this node (another veth)
 REMOTE_POD_IP = "100.96.0.70"  # in 100.96.0.64/26, a block of node 172.20.64.12

@@ -8,6 +8,7 @@ local pod is POD_IP and REMOTE_NODE_IP is the ingress node.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from test_nat import BACKENDS, NODEPORT, Node, assert_checksums_valid, frame, se
 
 from tabby.bpf import libbpf
 from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT, SkBuffCtx
-from tabby.bpf.maps.conntrack import CtFlags, CtType
+from tabby.bpf.maps.conntrack import CtFlags, CtKey, CtType, CtValue
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.routes import RouteValue
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
@@ -31,7 +32,6 @@ pytestmark = pytest.mark.root
 TC_ACT_REDIRECT = 7
 EXT_VNI = 0x7AB1E  # exttun.h TBY_EXT_VNI
 F_DSR, F_REPLY = 1, 2  # TBY_EXT_F_*
-MARK_NAT_DONE = 0x07A00000  # mark.h TBY_MARK_NAT_DONE
 UDP_NODEPORT = 30081
 
 
@@ -182,7 +182,7 @@ def test_to_host_skips_nat_for_a_packet_this_node_already_handled(node: Node) ->
     syn = frame(P.EXTERNAL_IP, P.NODE_IP, TCP(sport=50004, dport=NODEPORT, flags="S"))
     backend = ext_header(node.run("tby_from_host", syn)[1])[3].dst
     reply = frame(backend, P.EXTERNAL_IP, TCP(sport=8080, dport=50004, flags="SA"))
-    marked = SkBuffCtx(mark=MARK_NAT_DONE | 0x4000)  # kube-proxy's bit is kept apart
+    marked = SkBuffCtx(mark=P.MARK_NAT_DONE | 0x4000)  # kube-proxy's bit is kept apart
     verdict, out, _ = libbpf.test_run(node.runner.dp.prog_fd("tby_to_host"), reply, marked)
     assert verdict == TC_ACT_OK and out == reply, "untouched"
     verdict, out, delta = node.run("tby_to_host", reply)
@@ -218,6 +218,14 @@ def test_ext_tunnel_from_a_stranger_is_dropped_and_pod_vxlan_passes(node: Node) 
     )
     verdict, out, delta = node.run("tby_from_host", pod_vxlan)
     assert verdict == TC_ACT_OK and raw(out) == pod_vxlan and not delta, "the VXLAN device's"
+    # its outer header is never looked up: not even a conntrack entry of that very tuple (none
+    # exists in life) translates it
+    node.ct.update(
+        CtKey.make(P.REMOTE_NODE_IP, 50000, P.NODE_IP, 4789, socket.IPPROTO_UDP),
+        CtValue(type=CtType.NAT_FWD, nat_addr=int(ipaddress.IPv4Address(P.POD_IP)), nat_port=8080),
+    )
+    verdict, out, delta = node.run("tby_from_host", pod_vxlan)
+    assert verdict == TC_ACT_OK and raw(out) == pod_vxlan and not delta
 
 
 def test_the_backends_node_refuses_a_colliding_flow_with_port_unreachable(node: Node) -> None:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import packets as P
 import pytest
 
-from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT
+from tabby.bpf import libbpf
+from tabby.bpf.libbpf import TC_ACT_OK, TC_ACT_SHOT, SkBuffCtx
 from tabby.bpf.maps.counters import Reason
 from tabby.bpf.maps.routes import RouteFlags, RouteValue
 from tabby.bpf.objects import DatapathObjects
@@ -80,3 +81,17 @@ def test_tunnel_ingress_rejects_packets_without_tunnel_metadata(
     install_routes(runner.dp)
     verdict, _, delta = runner.run("tby_tun_ingress", packet())
     assert (verdict, delta) == (TC_ACT_SHOT, {Reason.DROP_BAD_TUNNEL: 1})
+
+
+def test_a_wrapped_packet_is_marked_so_to_host_skips_its_lookups(runner: P.Runner) -> None:
+    """mark.h: what the VXLAN device sends leaves through to-host as an outer header no flow
+    or frontend owns; the mark tells to-host so (a pod's masqueraded or reverse-translated
+    packets stay unmarked: they never pass this program)."""
+    install_routes(runner.dp)
+    ctx = SkBuffCtx(mark=0x4000)  # kube-proxy's bit is kept
+    verdict, _, _ = libbpf.test_run(runner.dp.prog_fd("tby_tun_egress"), P.tcp(), ctx)
+    assert verdict == TC_ACT_OK
+    assert ctx.mark == P.MARK_NAT_DONE | 0x4000
+    ctx = SkBuffCtx(mark=0x4000)
+    verdict, _, _ = libbpf.test_run(runner.dp.prog_fd("tby_tun_egress"), P.tcp(dst=P.EXTERNAL_IP), ctx)
+    assert verdict == TC_ACT_SHOT and ctx.mark == 0x4000, "dropped: not marked"

@@ -76,6 +76,7 @@ enum exttun_result {
 	EXTTUN_PASS, /* not ext tunnel traffic: untouched */
 	EXTTUN_DONE, /* header removed; the inner packet is at TBY_IP_OFF */
 	EXTTUN_DROP, /* counted already */
+	EXTTUN_POD_VXLAN, /* the pod network's VXLAN (cfg_vni): the VXLAN device's */
 };
 
 /*
@@ -156,8 +157,9 @@ static __always_inline int exttun_send(struct __sk_buff *skb, const struct exttu
 /*
  * from-host: a UDP packet to this node. Ext tunnel packets (our VXLAN port
  * and TBY_EXT_VNI) are accepted from known nodes only and unwrapped; *ext
- * gets their header. Everything else (the VXLAN device's VNI included)
- * passes untouched.
+ * gets their header. The pod network's VXLAN (our port, cfg_vni) is told
+ * apart: nothing translates its outer header, and the VXLAN device's ingress
+ * program judges what it carries. Everything else passes untouched.
  */
 static __always_inline enum exttun_result exttun_decap(struct __sk_buff *skb,
 						       const struct parsed_pkt *pkt,
@@ -174,8 +176,11 @@ static __always_inline enum exttun_result exttun_decap(struct __sk_buff *skb,
 
 	if (pkt->is_frag || bpf_skb_load_bytes(skb, pkt->l4_off, &h, sizeof(h)))
 		return EXTTUN_PASS;
-	if (h.udp.dest != bpf_htons(cfg_vxlan_port) ||
-	    h.vx_vni != bpf_htonl(TBY_EXT_VNI << 8))
+	if (h.udp.dest != bpf_htons(cfg_vxlan_port))
+		return EXTTUN_PASS;
+	if (h.vx_vni == bpf_htonl(cfg_vni << 8))
+		return EXTTUN_POD_VXLAN;
+	if (h.vx_vni != bpf_htonl(TBY_EXT_VNI << 8))
 		return EXTTUN_PASS;
 	rt = route_lookup(pkt->saddr);
 	if (!rt || !(rt->flags & TBY_RT_REMOTE_HOST)) {

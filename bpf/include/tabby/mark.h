@@ -3,8 +3,8 @@
  * skb->mark bits tabby sets on a packet that one of this node's programs has
  * already handled and that leaves through the data interface: to-host's
  * conntrack lookups would only miss on it (an ext tunnel packet's outer
- * tuple, a DSR reply already carrying its frontend), so to-host skips NAT
- * for it. Only the bits of TBY_MARK_MASK are ours (kube-proxy uses 0x4000 /
+ * tuple, a pod VXLAN packet's, a DSR reply already carrying its frontend),
+ * so to-host skips NAT for it. Only the bits of TBY_MARK_MASK are ours (kube-proxy uses 0x4000 /
  * 0x8000, Calico's default iptablesMarkMask is 0xffff0000: choose another
  * value there if both run); the mark never leaves the node's namespace.
  */

@@ -317,8 +317,9 @@ def _bpf_section(per_size: list[dict[str, Any]]) -> list[str]:
         "## tabby's BPF programs per connection",
         "",
         "Run time of every program of both nodes, per connection, from a profile cell with the "
-        "kernel's BPF run-time stats on (first repetition; not in the compared cells). Flat "
-        "across N is the datapath's own cost not growing with the services programmed.",
+        "kernel's BPF run-time stats on (one per repetition, median; not in the compared "
+        "cells). Flat across N is the datapath's own cost not growing with the services "
+        "programmed.",
         "",
         "| N | " + " | ".join(f"{p} ns" for p in paths) + " |",
         "|---:|" + "---:|" * len(paths),

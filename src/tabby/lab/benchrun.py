@@ -22,11 +22,11 @@ paths run interleaved (the order rotates), each path a rate cell (connload, ``in
 connections, client on CPU0, server on CPU1) and an unloaded latency cell (one connection at a
 time: connect + first response byte, p01/p50/p90/p99); then one-change latency, agent RSS and, at
 the first and last N, iperf3. CPU per connection is whole-machine busy time from /proc/stat over
-the cell, minus the load generator's and the server's own process time. In the first
+the cell, minus the load generator's and the server's own process time. In each
 repetition, each tabby path also runs a profile cell of its own (``profile_seconds``) with the
-kernel's BPF run-time stats on (``bpf/progstats.py``): tabby's programs' time per connection,
-the figure that shows whether the datapath's cost grows with N (the rate cells are too noisy
-for 5%). The stats cost two clock reads per program run, so no compared cell runs with them.
+kernel's BPF run-time stats on (``bpf/progstats.py``): tabby's programs' time per connection
+(median over the repetitions), the datapath's own cost against N. The stats cost two clock
+reads per program run, so no compared cell runs with them.
 
 - external (the same lab, from its external client 203.0.113.x behind the fabric's router):
   ``nodeport-plain`` (the client reaches the nginx pod's own address, routed by the fabric
@@ -219,9 +219,12 @@ class SizeResult:
     change_notes: dict[str, str] = field(default_factory=dict)
     agent_rss_mb: float | None = None
     iperf_gbps: dict[str, float] = field(default_factory=dict)
-    # tabby paths' profile cell: BPF run time per connection (ns), all of the lab's programs
+    # tabby paths' profile cells: BPF run time per connection (ns), all of the lab's programs,
+    # median over the repetitions (each repetition's in bpf_ns_reps)
     bpf_ns_per_conn: dict[str, float] = field(default_factory=dict)
-    # ... per program name (both nodes summed): [ns per run, runs per connection]
+    bpf_ns_reps: dict[str, list[float]] = field(default_factory=dict)
+    # ... per program name (both nodes summed), in the median repetition:
+    # [ns per run, runs per connection]
     bpf_progs: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
@@ -987,9 +990,9 @@ class Runner:
 
     def _repetition(self, n: int, rep: int, size: SizeResult, iperf: bool) -> list[Cell]:
         """Every path's rate and latency cells, the order rotated by ``rep`` (then arranged
-        for the fewest live switches); the first repetition checks each path answers first,
-        and profiles the tabby paths after their cells; ``iperf``: each path's iperf3 stream
-        right after its cells, into ``size``."""
+        for the fewest live switches), each tabby path's profile cell after them; the first
+        repetition checks each path answers first; ``iperf``: each path's iperf3 stream right
+        after its cells, into ``size``."""
         paths = self._paths_at(n)
         k = rep % len(paths)
         now = (self.tabby.redirect, self.tabby.ext_mode) if self.tabby else (None, None)
@@ -1007,7 +1010,7 @@ class Runner:
                     f"cpu {'/'.join(f'{x:.0f}' for x in c.cpu_busy_pct)}% "
                     f"{c.cpu_us_per_conn:.0f} cpu-us/conn"
                 )
-            if rep == 0 and PATH_FAMILY[path] != "kernel" and self.cfg.profile_seconds > 0:
+            if PATH_FAMILY[path] != "kernel" and self.cfg.profile_seconds > 0:
                 self._bpf_profile(size, path)
             if iperf:
                 self._iperf(size, path)
@@ -1089,13 +1092,19 @@ class Runner:
             after = progstats.sample(ids)
         conns = max(1.0, out["conns"])
         runs = progstats.delta_by_name(before, after)
-        size.bpf_ns_per_conn[path] = sum(r.run_time_ns for r in runs.values()) / conns
-        size.bpf_progs[path] = {
+        ns = sum(r.run_time_ns for r in runs.values()) / conns
+        progs = {
             name: [r.run_time_ns / r.run_cnt, r.run_cnt / conns] for name, r in sorted(runs.items())
         }
+        reps = size.bpf_ns_reps.setdefault(path, [])
+        reps.append(ns)
+        median = statistics.median(reps)
+        size.bpf_ns_per_conn[path] = median
+        if path not in size.bpf_progs or abs(ns - median) <= min(abs(r - median) for r in reps):
+            size.bpf_progs[path] = progs  # the repetition nearest the median
         self.progress(
-            f"N={size.services:,} {path}: BPF {size.bpf_ns_per_conn[path]:,.0f} ns/conn "
-            + " ".join(f"{k} {v[0]:.0f}ns x{v[1]:.1f}" for k, v in size.bpf_progs[path].items())
+            f"N={size.services:,} {path}: BPF {ns:,.0f} ns/conn "
+            + " ".join(f"{k} {v[0]:.0f}ns x{v[1]:.1f}" for k, v in progs.items())
         )
 
     def _iperf(self, size: SizeResult, path: str) -> None:
