@@ -93,5 +93,7 @@ def test_a_wrapped_packet_is_marked_so_to_host_skips_its_lookups(runner: P.Runne
     assert verdict == TC_ACT_OK
     assert ctx.mark == P.MARK_NAT_DONE | 0x4000
     ctx = SkBuffCtx(mark=0x4000)
-    verdict, _, _ = libbpf.test_run(runner.dp.prog_fd("tby_tun_egress"), P.tcp(dst=P.EXTERNAL_IP), ctx)
+    verdict, _, _ = libbpf.test_run(
+        runner.dp.prog_fd("tby_tun_egress"), P.tcp(dst=P.EXTERNAL_IP), ctx
+    )
     assert verdict == TC_ACT_SHOT and ctx.mark == 0x4000, "dropped: not marked"
