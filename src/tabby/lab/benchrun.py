@@ -140,7 +140,7 @@ class BenchConfig:
     seconds: float = 3.0  # per rate cell
     latency_seconds: float = 1.0  # per unloaded latency cell
     iperf_seconds: float = 3.0
-    profile_seconds: float = 1.0  # per tabby path, first repetition: BPF run time per connection
+    profile_seconds: float = 1.0  # per tabby path and repetition: BPF run time per connection
     inflight: int = 32
     changes: int = 10  # one-change latency samples per N
     paths: tuple[str, ...] = DEFAULT_PATHS
@@ -829,6 +829,8 @@ class Runner:
         self.kube_services: list[KubeServicePort] = []
         self.generation = 0
         self.dropped: dict[str, str] = {}  # kernel path -> why it is no longer measured
+        # (N, path) -> each profile cell's (BPF ns per connection, per program figures)
+        self.profiles: dict[tuple[int, str], list[tuple[float, dict[str, list[float]]]]] = {}
 
     @property
     def paths(self) -> list[str]:
@@ -1096,12 +1098,12 @@ class Runner:
         progs = {
             name: [r.run_time_ns / r.run_cnt, r.run_cnt / conns] for name, r in sorted(runs.items())
         }
-        reps = size.bpf_ns_reps.setdefault(path, [])
-        reps.append(ns)
-        median = statistics.median(reps)
+        reps = self.profiles.setdefault((size.services, path), [])
+        reps.append((ns, progs))
+        size.bpf_ns_reps[path] = [r for r, _ in reps]
+        median = statistics.median(size.bpf_ns_reps[path])
         size.bpf_ns_per_conn[path] = median
-        if path not in size.bpf_progs or abs(ns - median) <= min(abs(r - median) for r in reps):
-            size.bpf_progs[path] = progs  # the repetition nearest the median
+        size.bpf_progs[path] = min(reps, key=lambda r: abs(r[0] - median))[1]
         self.progress(
             f"N={size.services:,} {path}: BPF {ns:,.0f} ns/conn "
             + " ".join(f"{k} {v[0]:.0f}ns x{v[1]:.1f}" for k, v in progs.items())
