@@ -404,36 +404,33 @@ def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
         _legend(ax)
         save(fig, name)
     per_size = summary["sizes"]
+
+    def per_path(
+        ax: Any, by_path: Callable[[dict[str, Any]], dict[str, Any]], sort: bool = True
+    ) -> None:
+        """One line per path of a per-N figure (``by_path``: a size's {path: value}; sorted by
+        name, or in the order met); a missing or zero value is no point."""
+        paths = list(dict.fromkeys(k for s in per_size for k in by_path(s)))
+        for p in sorted(paths) if sort else paths:
+            pts = [(xs[s["services"]], by_path(s).get(p)) for s in per_size if s["services"] in xs]
+            pts = [(x, y) for x, y in pts if y]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+
     fig, ax = axes("programming N services from scratch, s (log)")
-    for p in sorted({k for s in per_size for k in s["program_s"]}):
-        pts = [(xs[s["services"]], s["program_s"].get(p)) for s in per_size if s["services"] in xs]
-        pts = [(x, y) for x, y in pts if y]
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    per_path(ax, lambda s: s["program_s"])
     ax.set_yscale("log")
     _legend(ax)
     save(fig, "program_seconds")
     fig, ax = axes("one endpoint change, ms, median (log)")
-    for p in sorted({k for s in per_size for k in s["change"]}):
-        pts = [
-            (xs[s["services"]], s["change"][p]["median"])
-            for s in per_size
-            if s["services"] in xs and p in s["change"]
-        ]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    per_path(ax, lambda s: {p: c["median"] for p, c in s["change"].items()})
     ax.set_yscale("log")
     _legend(ax)
     save(fig, "change_ms")
-    profiled = list(dict.fromkeys(k for s in per_size for k in s.get("bpf_ns_per_conn") or {}))
-    if profiled:  # runs without tabby paths (or from before the profile cell) have none
+    if any(s.get("bpf_ns_per_conn") for s in per_size):
+        # runs without tabby paths (or from before the profile cell) have none
         fig, ax = axes("tabby's BPF programs, ns per connection")
-        for p in profiled:
-            pts = [
-                (xs[s["services"]], s["bpf_ns_per_conn"][p])
-                for s in per_size
-                if s["services"] in xs and p in (s.get("bpf_ns_per_conn") or {})
-            ]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        per_path(ax, lambda s: s.get("bpf_ns_per_conn") or {}, sort=False)
         ax.set_ylim(bottom=0)
         _legend(ax)
         save(fig, "bpf_ns_per_conn")
