@@ -17,7 +17,7 @@ from tabby.datastore import (
     NotFound,
     open_datastore,
 )
-from tabby.datastore.embedded import EmbeddedDatastore
+from tabby.datastore.embedded import BULK_CHECKPOINT, EmbeddedDatastore
 from tabby.model import ValidationError
 
 POOL = {
@@ -137,6 +137,18 @@ def test_merge_patch_validates(ds):
     rev = ds.revision()
     ds.patch("ippool", "pods", None, {"spec": {"natOutgoing": True}})
     assert ds.revision() == rev  # no change, no write
+
+
+def test_a_bulk_write_checkpoints_what_it_wrote(ds):
+    """A small write stays in the WAL (SQLite copies it later); a bulk one is copied into the
+    database file by its own writer, so the next small write does not pay for it."""
+    before = ds.path.stat().st_size
+    ds.apply([pod("p0")])
+    assert ds.path.stat().st_size == before
+    ds.apply([pod(f"p{i}") for i in range(1, BULK_CHECKPOINT + 1)])
+    assert ds.path.stat().st_size > before + 4096
+    wal, copied = ds.checkpoint()
+    assert wal > 0 and copied == wal
 
 
 def test_watch_from_revision_in_order(ds):
