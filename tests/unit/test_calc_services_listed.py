@@ -150,3 +150,20 @@ def test_listed_services_are_named_as_changed_on_an_index_already_used() -> None
     got = index.results()
     assert index.changed == {"shop/web"}
     assert got["shop/web"].frontends[0].addr == "100.64.0.20"
+
+
+def test_results_is_a_snapshot_taken_without_copying_and_kept_by_later_changes() -> None:
+    """The agent hands results() to the dataplane thread at every change: it is taken in O(1)
+    (the same object while nothing changed, not a copy of every service's entry) and a later
+    change leaves a snapshot already handed over as it was."""
+    index = _relisted([_slice("web-a", "web", ["100.96.1.2"]), _service("web", "100.64.0.10")])
+    before = index.results()
+    assert index.results() is before
+    index.on_slice(("shop", "web-a"), _slice("web-a", "web", ["100.96.1.3"]))
+    index.on_service(("shop", "api"), _service("api", "100.64.0.11"))
+    after = index.results()
+    cluster = "shop/web:http/TCP:cluster"
+    assert before["shop/web"].backend_sets[cluster] == (("100.96.1.2", 8080),)
+    assert "shop/api" not in before
+    assert after["shop/web"].backend_sets[cluster] == (("100.96.1.3", 8080),)
+    assert set(after) == {"shop/web", "shop/api"}

@@ -107,7 +107,7 @@ class NodeState:
     # the bpfMapSize* fields set (Calico's name -> entries), applied at the next load
     map_sizes: tuple[tuple[str, int], ...] = ()
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)  # by node port
-    services: dict[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
+    services: Mapping[str, ServiceNAT] = field(default_factory=dict)  # "ns/name" -> NAT
     # the services whose NAT may differ from the previous state's; None: any (compare them all).
     # A hint for the dataplane, not part of the state: left out of comparisons.
     services_changed: frozenset[str] | None = field(default=None, compare=False)

@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import immutables
+
 from tabby.calc.packed import pack, unpack
 
 Obj = dict[str, Any]
@@ -322,7 +324,9 @@ class ServiceIndex:
         self._services: dict[Key, bytes] = {}  # packed
         self._slices: dict[Key, dict[str, bytes]] = {}  # service key -> slice name -> packed
         self._slice_owner: dict[Key, Key] = {}  # slice key -> service key
-        self._results: dict[str, ServiceNAT] = {}
+        # persistent (a HAMT): results() hands it to the dataplane thread as it is, and a
+        # change costs O(log n) instead of a copy of every service's entry
+        self._results: immutables.Map[str, ServiceNAT] = immutables.Map()
         self._dirty: set[Key] = set()
         self._listed: list[str] = []  # names computed by compute_listed since results()
         # what with_services needs of every result, kept here so a change does not walk them all
@@ -376,19 +380,20 @@ class ServiceIndex:
         self.health_checks.pop(name, None)
         self.warnings.pop(name, None)
         if svc is None or not proxied(svc):
-            self._results.pop(name, None)
+            self._results = self._results.delete(name) if name in self._results else self._results
             return name
         slices = [unpack(sl) for sl in self._slices.get(key, {}).values()]
         nat = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)
-        self._results[name] = nat
+        self._results = self._results.set(name, nat)
         if nat.health_check_port:
             self.health_checks[name] = (nat.health_check_port, nat.local_endpoints)
         if nat.warnings:
             self.warnings[name] = nat.warnings
         return name
 
-    def results(self) -> dict[str, ServiceNAT]:
-        """A fresh dict (safe to hand to another thread) sharing unchanged ServiceNAT objects.
+    def results(self) -> Mapping[str, ServiceNAT]:
+        """An immutable snapshot (safe to hand to another thread, O(1) to take) sharing
+        unchanged ServiceNAT objects.
 
         ``changed`` then names the services recomputed or removed since the previous call
         (a superset of those whose ServiceNAT differs from the previous call's), or is None on
@@ -402,4 +407,4 @@ class ServiceIndex:
         self._listed = []
         self.changed = None if self._fresh else frozenset(changed)
         self._fresh = False
-        return dict(self._results)
+        return self._results
