@@ -8,8 +8,10 @@
  *   sendmsg4     unconnected UDP sendto() a frontend -> a backend, per datagram
  *   recvmsg4     a reply's source backend -> the frontend the socket asked for
  *   getpeername4 the connected backend -> the frontend
- * Each translation records (socket cookie, backend) -> frontend in tby_ctlb_sk;
- * the reverse hooks only undo what is recorded there.
+ * Each translation is recorded: a connected socket's in its own storage
+ * (tby_ctlb_conn, gone with the socket), an unconnected UDP datagram's as
+ * (socket cookie, backend) -> frontend in tby_ctlb_sk (an LRU). The reverse
+ * hooks only undo what is recorded.
  *
  * IPv6 (connect6, sendmsg6, recvmsg6, getpeername6; tby_nat_fe6/be6,
  * tby_ctlb_sk6): IPv6 ClusterIPs exist only here, there is no per-packet IPv6
@@ -133,43 +135,77 @@ static __always_inline int ctlb_choose(const struct tby_nat_fe_val *fe, __be32 c
 	return 0;
 }
 
+/* Record that ctx's socket was sent to be instead of its frontend; 0 if done. */
+static __always_inline int ctlb_record(struct bpf_sock_addr *ctx, const struct tby_nat_be_val *be,
+				       int connected)
+{
+	struct tby_ctlb_sk_key key = {};
+	struct tby_ctlb_sk_val orig = {};
+	struct tby_ctlb_conn *conn;
+
+	if (connected) {
+		conn = bpf_sk_storage_get(&tby_ctlb_conn, ctx->sk, 0,
+					  BPF_SK_STORAGE_GET_F_CREATE);
+		if (!conn)
+			return -1;
+		conn->be_addr = be->addr;
+		conn->be_port = be->port;
+		conn->fe_addr = ctx->user_ip4;
+		conn->fe_port = (__be16)ctx->user_port;
+		return 0;
+	}
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr = be->addr;
+	key.port = be->port;
+	orig.addr = ctx->user_ip4;
+	orig.port = (__be16)ctx->user_port;
+	return bpf_map_update_elem(&tby_ctlb_sk, &key, &orig, BPF_ANY) ? -1 : 0;
+}
+
 /*
  * Translate ctx's destination if it is a frontend of ours; returns 1 if done.
  * The reverse entry is written first: a translation we could not record would
  * show the backend to getpeername()/recvfrom(), so then we do not translate.
+ * ``connected``: connect4's (the record lives in the socket), else sendmsg4's.
  */
-static __always_inline int ctlb_translate(struct bpf_sock_addr *ctx, __be32 client)
+static __always_inline int ctlb_translate(struct bpf_sock_addr *ctx, __be32 client, int connected)
 {
-	struct tby_ctlb_sk_key key = {};
-	struct tby_ctlb_sk_val orig = {};
 	struct tby_nat_fe_val *fe;
 	struct tby_nat_be_val be;
 
 	fe = ctlb_lookup_frontend(ctx->user_ip4, ctx->user_port, ctx->protocol);
-	if (!fe || ctlb_choose(fe, client, &be))
-		return 0;
-	key.cookie = bpf_get_socket_cookie(ctx);
-	key.addr = be.addr;
-	key.port = be.port;
-	orig.addr = ctx->user_ip4;
-	orig.port = (__be16)ctx->user_port;
-	if (bpf_map_update_elem(&tby_ctlb_sk, &key, &orig, BPF_ANY))
+	if (!fe || ctlb_choose(fe, client, &be) || ctlb_record(ctx, &be, connected))
 		return 0;
 	ctx->user_ip4 = be.addr;
 	ctx->user_port = be.port;
 	return 1;
 }
 
-/* recvmsg4/getpeername4: a backend we translated to shows as its frontend. */
+/* getpeername4, and recvmsg4 first: a connected socket's backend shows as its frontend. */
+static __always_inline int ctlb_restore_connected(struct bpf_sock_addr *ctx)
+{
+	struct tby_ctlb_conn *conn = bpf_sk_storage_get(&tby_ctlb_conn, ctx->sk, 0, 0);
+
+	if (!conn || conn->be_addr != ctx->user_ip4 || conn->be_port != (__be16)ctx->user_port)
+		return 0;
+	ctx->user_ip4 = conn->fe_addr;
+	ctx->user_port = conn->fe_port;
+	return 1;
+}
+
+/* recvmsg4: a backend we translated to shows as its frontend. */
 static __always_inline int ctlb_restore_frontend(struct bpf_sock_addr *ctx)
 {
 	struct tby_ctlb_sk_key key = {
-		.cookie = bpf_get_socket_cookie(ctx),
 		.addr = ctx->user_ip4,
 		.port = (__be16)ctx->user_port,
 	};
-	struct tby_ctlb_sk_val *orig = bpf_map_lookup_elem(&tby_ctlb_sk, &key);
+	struct tby_ctlb_sk_val *orig;
 
+	if (ctlb_restore_connected(ctx))
+		return 1;
+	key.cookie = bpf_get_socket_cookie(ctx);
+	orig = bpf_map_lookup_elem(&tby_ctlb_sk, &key);
 	if (!orig)
 		return 0;
 	ctx->user_ip4 = orig->addr;
@@ -196,8 +232,11 @@ int tby_ctlb_conn4(struct bpf_sock_addr *ctx)
 
 	if (proto != IPPROTO_TCP && !(proto == IPPROTO_UDP && ctlb_udp_here(ctx)))
 		return SOCK_ALLOW;
-	if (ctlb_translate(ctx, sk ? sk->src_ip4 : 0))
+	if (ctlb_translate(ctx, sk ? sk->src_ip4 : 0, 1))
 		counter_inc(TBY_R_CTLB_CONNECT);
+	else if (proto == IPPROTO_UDP)
+		/* connected again, elsewhere: the last translation no longer applies */
+		bpf_sk_storage_delete(&tby_ctlb_conn, ctx->sk);
 	return SOCK_ALLOW;
 }
 
@@ -207,7 +246,7 @@ int tby_ctlb_send4(struct bpf_sock_addr *ctx)
 	if (!ctlb_udp_here(ctx))
 		return SOCK_ALLOW;
 	/* msg_src_ip4: the bound address or IP_PKTINFO's, 0 if the route picks */
-	if (ctlb_translate(ctx, ctx->msg_src_ip4))
+	if (ctlb_translate(ctx, ctx->msg_src_ip4, 0))
 		counter_inc(TBY_R_CTLB_SENDMSG);
 	return SOCK_ALLOW;
 }
@@ -223,7 +262,7 @@ int tby_ctlb_recv4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername4")
 int tby_ctlb_peer4(struct bpf_sock_addr *ctx)
 {
-	ctlb_restore_frontend(ctx);
+	ctlb_restore_connected(ctx);
 	return SOCK_ALLOW;
 }
 
@@ -385,24 +424,23 @@ int tby_ctlb_reap(struct bpf_iter__udp *ctx)
 {
 	struct sock *sk = (struct sock *)ctx->udp_sk;
 	struct tby_ctlb_sk_key key = {};
-	struct tby_ctlb_sk_val *orig;
+	struct tby_ctlb_conn *conn;
 	struct tby_nat_fe_val *fe;
 
 	if (!sk || sk->__sk_common.skc_family != TBY_AF_INET ||
 	    sk->__sk_common.skc_state != TBY_SK_ESTABLISHED)
 		return 0;
-	key.cookie = bpf_get_socket_cookie(sk);
 	key.addr = sk->__sk_common.skc_daddr;
 	key.port = sk->__sk_common.skc_dport;
-	orig = bpf_map_lookup_elem(&tby_ctlb_sk, &key);
-	if (!orig)
+	conn = bpf_sk_storage_get(&tby_ctlb_conn, sk, 0, 0);
+	if (!conn || conn->be_addr != key.addr || conn->be_port != key.port)
 		return 0; /* not connected through us */
-	fe = ctlb_lookup_frontend(orig->addr, orig->port, IPPROTO_UDP);
+	fe = ctlb_lookup_frontend(conn->fe_addr, conn->fe_port, IPPROTO_UDP);
 	if (fe && ctlb_is_backend(fe, key.addr, key.port))
 		return 0;
+	key.cookie = bpf_get_socket_cookie(sk);
 	if (bpf_sock_destroy((struct sock_common *)sk))
 		return 0;
-	bpf_map_delete_elem(&tby_ctlb_sk, &key);
 	bpf_seq_write(ctx->meta->seq, &key, sizeof(key));
 	return 0;
 }

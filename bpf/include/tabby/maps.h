@@ -110,7 +110,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_frags SEC(".maps");
 
-/* Connect-time LB: (socket cookie, backend) -> frontend, for replies and getpeername. */
+/*
+ * Connect-time LB of unconnected UDP: (socket cookie, backend) -> frontend, for
+ * the replies. An LRU: a closed socket's entries age out.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
@@ -118,6 +121,19 @@ struct {
 	__type(value, struct tby_ctlb_sk_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_ctlb_sk SEC(".maps");
+
+/*
+ * Connect-time LB of a connected socket (TCP, connected UDP): its translation,
+ * in the socket's own storage. Freed with the socket: nothing to evict, and a
+ * socket we never translated answers getpeername without a hash lookup.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tby_ctlb_conn);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ctlb_conn SEC(".maps");
 
 /* IPv6 service frontends (ClusterIP:port/proto) -> backend set, as tby_nat_fe. */
 struct {

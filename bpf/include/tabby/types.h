@@ -246,6 +246,17 @@ struct tby_ctlb_sk_val {
 	__u16 _pad;
 };
 
+/*
+ * A connected socket's translation (connect4), kept in the socket itself
+ * (tby_ctlb_conn, socket-local storage): it lives and dies with the socket.
+ */
+struct tby_ctlb_conn {
+	__be32 be_addr; /* the backend connect() went to */
+	__be32 fe_addr; /* the frontend the application asked for */
+	__be16 be_port;
+	__be16 fe_port;
+};
+
 /* The same for IPv6 sockets (tby_ctlb_sk6). */
 struct tby_ctlb_sk6_key {
 	__u64 cookie;

@@ -56,11 +56,12 @@ for line in sys.stdin:
                 s.sendto(payload, addr)
                 data, src = s.recvfrom(512)
                 answer(reply=data.decode(), src=list(src))
-        elif op == "udp_connect":
-            if udp is not None:
-                udp.close()
-            udp = socket.socket(fam, socket.SOCK_DGRAM)
-            udp.settimeout(3)
+        elif op == "udp_connect":  # a new socket; "again": the same one, connected elsewhere
+            if udp is None or not cmd.get("again"):
+                if udp is not None:
+                    udp.close()
+                udp = socket.socket(fam, socket.SOCK_DGRAM)
+                udp.settimeout(3)
             udp.connect(addr)
             answer(peer=list(udp.getpeername()))
         elif op in ("udp_send", "udp_recv"):

@@ -1,10 +1,14 @@
-"""Connect-time load balancing's socket map (mirror of types.h): (socket cookie, backend) ->
-the frontend the application asked for.
+"""Connect-time load balancing's socket maps (mirrors of types.h): what the application asked
+for, behind each translation of bpf/cgroup_ctlb.c.
 
-Written by the cgroup hooks of bpf/cgroup_ctlb.c whenever they translate, read back by
-recvmsg4/getpeername4 (the application only ever sees the frontend) and by the stale-UDP reaper
-(a connected socket whose backend left its frontend is destroyed). An LRU: entries of closed
-sockets age out; the agent never writes it.
+- ``tby_ctlb_conn``: a connected socket's (TCP, connected UDP) backend and frontend, in the
+  socket's own storage (freed with it). Read back by getpeername4/recvmsg4 and by the stale-UDP
+  reaper (a connected socket whose backend left its frontend is destroyed). Userspace can only
+  read it through a socket fd.
+- ``tby_ctlb_sk``: unconnected UDP, (socket cookie, backend) -> frontend per datagram's
+  backend, for recvmsg4. An LRU: entries of closed sockets age out.
+
+The agent never writes either.
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 
-from tabby.bpf.maps.spec import BPF_MAP_TYPE_LRU_HASH, MapSpec
+from tabby.bpf.maps.spec import (
+    BPF_F_NO_PREALLOC,
+    BPF_MAP_TYPE_LRU_HASH,
+    BPF_MAP_TYPE_SK_STORAGE,
+    MapSpec,
+)
 
 _be16 = ctypes.c_uint16.__ctype_be__
 _be32 = ctypes.c_uint32.__ctype_be__
@@ -45,6 +54,15 @@ class CtlbSockValue(ctypes.Structure):
         return f"{_str(self.addr)}:{self.port}"
 
 
+class CtlbConn(ctypes.Structure):
+    """struct tby_ctlb_conn: a connected socket's translation."""
+
+    _fields_ = [("be_addr", _be32), ("fe_addr", _be32), ("be_port", _be16), ("fe_port", _be16)]
+
+    def describe(self) -> str:
+        return f"{_str(self.be_addr)}:{self.be_port} is {_str(self.fe_addr)}:{self.fe_port}"
+
+
 class CtlbSock6Key(ctypes.Structure):
     """struct tby_ctlb_sk6_key."""
 
@@ -74,6 +92,9 @@ CTLB_SOCKETS6_SPEC = MapSpec(
 )
 CTLB_SOCKETS_SPEC = MapSpec(
     "tby_ctlb_sk", BPF_MAP_TYPE_LRU_HASH, CtlbSockKey, CtlbSockValue, 262144
+)
+CTLB_CONN_SPEC = MapSpec(
+    "tby_ctlb_conn", BPF_MAP_TYPE_SK_STORAGE, ctypes.c_int, CtlbConn, 0, BPF_F_NO_PREALLOC
 )
 
 
