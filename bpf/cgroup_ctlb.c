@@ -9,12 +9,12 @@
  *   recvmsg4     a reply's source backend -> the frontend the socket asked for
  *   getpeername4 the connected backend -> the frontend
  * Each translation is recorded: a connected socket's in its own storage
- * (tby_ctlb_conn, gone with the socket), an unconnected UDP datagram's as
+ * (tby_ctlb_conns, gone with the socket), an unconnected UDP datagram's as
  * (socket cookie, backend) -> frontend in tby_ctlb_sk (an LRU). The reverse
  * hooks only undo what is recorded.
  *
  * IPv6 (connect6, sendmsg6, recvmsg6, getpeername6; tby_nat_fe6/be6,
- * tby_ctlb_sk6): IPv6 ClusterIPs exist only here, there is no per-packet IPv6
+ * tby_ctlb_conns6, tby_ctlb_sk6): IPv6 ClusterIPs exist only here, there is no per-packet IPv6
  * path, so TCP and UDP are both translated in every mode, a frontend with no
  * backends refuses the connect() (EPERM), and sessionAffinity and source
  * ranges are not honoured (a random backend each time).
@@ -144,7 +144,7 @@ static __always_inline int ctlb_record(struct bpf_sock_addr *ctx, const struct t
 	struct tby_ctlb_conn *conn;
 
 	if (connected) {
-		conn = bpf_sk_storage_get(&tby_ctlb_conn, ctx->sk, 0,
+		conn = bpf_sk_storage_get(&tby_ctlb_conns, ctx->sk, 0,
 					  BPF_SK_STORAGE_GET_F_CREATE);
 		if (!conn)
 			return -1;
@@ -184,7 +184,7 @@ static __always_inline int ctlb_translate(struct bpf_sock_addr *ctx, __be32 clie
 /* getpeername4, and recvmsg4 first: a connected socket's backend shows as its frontend. */
 static __always_inline int ctlb_restore_connected(struct bpf_sock_addr *ctx)
 {
-	struct tby_ctlb_conn *conn = bpf_sk_storage_get(&tby_ctlb_conn, ctx->sk, 0, 0);
+	struct tby_ctlb_conn *conn = bpf_sk_storage_get(&tby_ctlb_conns, ctx->sk, 0, 0);
 
 	if (!conn || conn->be_addr != ctx->user_ip4 || conn->be_port != (__be16)ctx->user_port)
 		return 0;
@@ -236,7 +236,7 @@ int tby_ctlb_conn4(struct bpf_sock_addr *ctx)
 		counter_inc(TBY_R_CTLB_CONNECT);
 	else if (proto == IPPROTO_UDP)
 		/* connected again, elsewhere: the last translation no longer applies */
-		bpf_sk_storage_delete(&tby_ctlb_conn, ctx->sk);
+		bpf_sk_storage_delete(&tby_ctlb_conns, ctx->sk);
 	return SOCK_ALLOW;
 }
 
@@ -288,16 +288,42 @@ static __always_inline void ctlb6_write(struct bpf_sock_addr *ctx, const __u8 ad
 	ctx->user_ip6[3] = w[3];
 }
 
+/* Record an IPv6 translation (as ctlb_record); 0 if done. */
+static __always_inline int ctlb6_record(struct bpf_sock_addr *ctx, const struct tby_nat_fe6_key *fk,
+					const struct tby_nat_be6_val *be, int connected)
+{
+	struct tby_ctlb_sk6_key key = {};
+	struct tby_ctlb_sk6_val orig = {};
+	struct tby_ctlb_conn6 *conn;
+
+	if (connected) {
+		conn = bpf_sk_storage_get(&tby_ctlb_conns6, ctx->sk, 0,
+					  BPF_SK_STORAGE_GET_F_CREATE);
+		if (!conn)
+			return -1;
+		__builtin_memcpy(conn->be_addr, be->addr, 16);
+		conn->be_port = be->port;
+		__builtin_memcpy(conn->fe_addr, fk->addr, 16);
+		conn->fe_port = fk->port;
+		return 0;
+	}
+	key.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(key.addr, be->addr, 16);
+	key.port = be->port;
+	__builtin_memcpy(orig.addr, fk->addr, 16);
+	orig.port = fk->port;
+	return bpf_map_update_elem(&tby_ctlb_sk6, &key, &orig, BPF_ANY) ? -1 : 0;
+}
+
 /*
  * Translate ctx's IPv6 destination if it is a frontend of ours: 1 translated,
- * 0 not ours, -1 ours with nothing to translate to (refuse).
+ * 0 not ours, -1 ours with nothing to translate to (refuse). ``connected`` as
+ * ctlb_translate's.
  */
-static __always_inline int ctlb6_translate(struct bpf_sock_addr *ctx)
+static __always_inline int ctlb6_translate(struct bpf_sock_addr *ctx, int connected)
 {
 	struct tby_nat_fe6_key fk = {};
 	struct tby_nat_be_key bk = {};
-	struct tby_ctlb_sk6_key key = {};
-	struct tby_ctlb_sk6_val orig = {};
 	struct tby_nat_be6_val *be;
 	struct tby_nat_fe_val *fe;
 
@@ -312,17 +338,30 @@ static __always_inline int ctlb6_translate(struct bpf_sock_addr *ctx)
 	bk.id = fe->id;
 	bk.ordinal = bpf_get_prandom_u32() % fe->count;
 	be = bpf_map_lookup_elem(&tby_nat_be6, &bk);
-	if (!be)
-		return -1; /* a set being rewritten */
-	key.cookie = bpf_get_socket_cookie(ctx);
-	__builtin_memcpy(key.addr, be->addr, 16);
-	key.port = be->port;
-	__builtin_memcpy(orig.addr, fk.addr, 16);
-	orig.port = fk.port;
-	if (bpf_map_update_elem(&tby_ctlb_sk6, &key, &orig, BPF_ANY))
-		return -1;
+	if (!be || ctlb6_record(ctx, &fk, be, connected))
+		return -1; /* a set being rewritten, or no room to record */
 	ctlb6_write(ctx, be->addr);
 	ctx->user_port = be->port;
+	return 1;
+}
+
+/* getpeername6, and recvmsg6 first: a connected socket's backend shows as its frontend. */
+static __always_inline int ctlb6_restore_connected(struct bpf_sock_addr *ctx)
+{
+	struct tby_ctlb_conn6 *conn = bpf_sk_storage_get(&tby_ctlb_conns6, ctx->sk, 0, 0);
+	__u32 be[4];
+
+	if (!conn || conn->be_port != (__be16)ctx->user_port)
+		return 0;
+	__builtin_memcpy(be, conn->be_addr, 16);
+	if ((be[0] ^ ctx->user_ip6[0]) | (be[1] ^ ctx->user_ip6[1]) | (be[2] ^ ctx->user_ip6[2]) |
+	    (be[3] ^ ctx->user_ip6[3]))
+		return 0;
+	ctlb6_write(ctx, conn->fe_addr);
+	ctx->user_port = conn->fe_port;
+	/* keeps clang from merging this store with recvmsg6's other one into a
+	 * store through a computed ctx pointer, which the verifier refuses */
+	__asm__ __volatile__("" ::: "memory");
 	return 1;
 }
 
@@ -331,6 +370,8 @@ static __always_inline int ctlb6_restore_frontend(struct bpf_sock_addr *ctx)
 	struct tby_ctlb_sk6_key key = {};
 	struct tby_ctlb_sk6_val *orig;
 
+	if (ctlb6_restore_connected(ctx))
+		return 1;
 	key.cookie = bpf_get_socket_cookie(ctx);
 	ctlb6_read(ctx, key.addr);
 	key.port = (__be16)ctx->user_port;
@@ -350,18 +391,20 @@ int tby_ctlb_conn6(struct bpf_sock_addr *ctx)
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SOCK_ALLOW;
-	done = ctlb6_translate(ctx);
+	done = ctlb6_translate(ctx, 1);
 	if (done < 0)
 		return SOCK_REFUSE;
 	if (done)
 		counter_inc(TBY_R_CTLB_CONNECT);
+	else if (proto == IPPROTO_UDP)
+		bpf_sk_storage_delete(&tby_ctlb_conns6, ctx->sk); /* as connect4's */
 	return SOCK_ALLOW;
 }
 
 SEC("cgroup/sendmsg6")
 int tby_ctlb_send6(struct bpf_sock_addr *ctx)
 {
-	int done = ctlb6_translate(ctx);
+	int done = ctlb6_translate(ctx, 0);
 
 	if (done < 0)
 		return SOCK_REFUSE;
@@ -381,7 +424,7 @@ int tby_ctlb_recv6(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int tby_ctlb_peer6(struct bpf_sock_addr *ctx)
 {
-	ctlb6_restore_frontend(ctx);
+	ctlb6_restore_connected(ctx);
 	return SOCK_ALLOW;
 }
 
@@ -432,7 +475,7 @@ int tby_ctlb_reap(struct bpf_iter__udp *ctx)
 		return 0;
 	key.addr = sk->__sk_common.skc_daddr;
 	key.port = sk->__sk_common.skc_dport;
-	conn = bpf_sk_storage_get(&tby_ctlb_conn, sk, 0, 0);
+	conn = bpf_sk_storage_get(&tby_ctlb_conns, sk, 0, 0);
 	if (!conn || conn->be_addr != key.addr || conn->be_port != key.port)
 		return 0; /* not connected through us */
 	fe = ctlb_lookup_frontend(conn->fe_addr, conn->fe_port, IPPROTO_UDP);

@@ -37,10 +37,11 @@ from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 
 from tabby.bpf.maps.counters import Reason
+from tabby.bpf.maps.ctlb import CTLB_SOCKETS6_SPEC
 from tabby.calc.names import POD_GATEWAY6
 from tabby.dataplane.bird import sessions
 from tabby.lab import capture, traffic
-from tabby.lab.cluster import Lab
+from tabby.lab.cluster import Lab, pin_root
 from tabby.lab.sockclient import SocketClient
 from tabby.model import kops
 
@@ -302,6 +303,13 @@ def test_an_ipv6_cluster_ip_balances_tcp_and_udp_across_nodes_at_connect(lab, po
     after = counters(lab, "node1")
     assert counter_delta(before, after, Reason.CTLB_CONNECT) >= 13
     assert counter_delta(before, after, Reason.CTLB_SENDMSG) >= 12
+    # the connections' translations lived in their sockets (tby_ctlb_conns6): the LRU holds
+    # the unconnected datagrams' only
+    lru = CTLB_SOCKETS6_SPEC.open_pinned(pin_root(lab.name, "node1"))
+    try:
+        assert {v.port for _, v in lru.items()} == {53}
+    finally:
+        lru.close()
 
 
 def test_an_ipv6_cluster_ip_without_endpoints_refuses_and_dual_stack_gets_both(lab, pods, web6):

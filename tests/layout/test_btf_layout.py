@@ -42,6 +42,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_ctlb_sk_key": ctlb.CtlbSockKey,
     "tby_ctlb_sk_val": ctlb.CtlbSockValue,
     "tby_ctlb_conn": ctlb.CtlbConn,
+    "tby_ctlb_conn6": ctlb.CtlbConn6,
     "tby_nat_fe6_key": nat.Frontend6Key,
     "tby_nat_be6_val": nat.Backend6Value,
     "tby_ctlb_sk6_key": ctlb.CtlbSock6Key,

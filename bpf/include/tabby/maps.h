@@ -133,7 +133,7 @@ struct {
 	__type(key, int);
 	__type(value, struct tby_ctlb_conn);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tby_ctlb_conn SEC(".maps");
+} tby_ctlb_conns SEC(".maps");
 
 /* IPv6 service frontends (ClusterIP:port/proto) -> backend set, as tby_nat_fe. */
 struct {
@@ -153,7 +153,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_nat_be6 SEC(".maps");
 
-/* Connect-time LB over IPv6: (socket cookie, backend) -> frontend. */
+/* Connect-time LB of unconnected UDP over IPv6: (socket cookie, backend) -> frontend. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -161,6 +161,15 @@ struct {
 	__type(value, struct tby_ctlb_sk6_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_ctlb_sk6 SEC(".maps");
+
+/* Connect-time LB of a connected IPv6 socket, in its own storage (as tby_ctlb_conns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tby_ctlb_conn6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_ctlb_conns6 SEC(".maps");
 
 /* IPv6 NodePort flows (nat6.h): tuple as it arrives -> tuple to rewrite to. An
  * LRU: no sweep; an idle flow's pair ages out under pressure. */

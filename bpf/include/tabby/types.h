@@ -248,7 +248,7 @@ struct tby_ctlb_sk_val {
 
 /*
  * A connected socket's translation (connect4), kept in the socket itself
- * (tby_ctlb_conn, socket-local storage): it lives and dies with the socket.
+ * (tby_ctlb_conns, socket-local storage): it lives and dies with the socket.
  */
 struct tby_ctlb_conn {
 	__be32 be_addr; /* the backend connect() went to */
@@ -270,6 +270,14 @@ struct tby_ctlb_sk6_val {
 	__u8 addr[16];
 	__be16 port;
 	__u16 _pad;
+};
+
+/* A connected IPv6 socket's translation (tby_ctlb_conns6), as struct tby_ctlb_conn. */
+struct tby_ctlb_conn6 {
+	__u8 be_addr[16];
+	__u8 fe_addr[16];
+	__be16 be_port;
+	__be16 fe_port;
 };
 
 /*

@@ -6,7 +6,12 @@ The mirrors are checked against the compiled objects' BTF by tests/layout.
 from tabby.bpf.maps.conntrack import CONNTRACK6_SPEC, CONNTRACK_SPEC, FRAGS_SPEC
 from tabby.bpf.maps.counters import COUNTERS_SPEC
 from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
-from tabby.bpf.maps.ctlb import CTLB_CONN_SPEC, CTLB_SOCKETS6_SPEC, CTLB_SOCKETS_SPEC
+from tabby.bpf.maps.ctlb import (
+    CTLB_CONNS6_SPEC,
+    CTLB_CONNS_SPEC,
+    CTLB_SOCKETS6_SPEC,
+    CTLB_SOCKETS_SPEC,
+)
 from tabby.bpf.maps.maglev import MAGLEV_SPEC
 from tabby.bpf.maps.nat import (
     AFFINITY_SPEC,
@@ -40,10 +45,11 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     FRAGS_SPEC,
     CT_GC_STATS_SPEC,
     CTLB_SOCKETS_SPEC,
-    CTLB_CONN_SPEC,
+    CTLB_CONNS_SPEC,
     FRONTENDS6_SPEC,
     BACKENDS6_SPEC,
     CTLB_SOCKETS6_SPEC,
+    CTLB_CONNS6_SPEC,
     CONNTRACK6_SPEC,
     WORKLOADS6_SPEC,
     ENDPOINTS_SPEC,

@@ -1,12 +1,12 @@
 """Connect-time load balancing's socket maps (mirrors of types.h): what the application asked
 for, behind each translation of bpf/cgroup_ctlb.c.
 
-- ``tby_ctlb_conn``: a connected socket's (TCP, connected UDP) backend and frontend, in the
-  socket's own storage (freed with it). Read back by getpeername4/recvmsg4 and by the stale-UDP
-  reaper (a connected socket whose backend left its frontend is destroyed). Userspace can only
-  read it through a socket fd.
-- ``tby_ctlb_sk``: unconnected UDP, (socket cookie, backend) -> frontend per datagram's
-  backend, for recvmsg4. An LRU: entries of closed sockets age out.
+- ``tby_ctlb_conns`` (``tby_ctlb_conns6``): a connected socket's (TCP, connected UDP) backend
+  and frontend, in the socket's own storage (freed with it). Read back by getpeername/recvmsg
+  and by the stale-UDP reaper (a connected socket whose backend left its frontend is
+  destroyed). Userspace can only read it through a socket fd.
+- ``tby_ctlb_sk`` (``tby_ctlb_sk6``): unconnected UDP, (socket cookie, backend) -> frontend
+  per datagram's backend, for recvmsg. An LRU: entries of closed sockets age out.
 
 The agent never writes either.
 """
@@ -63,6 +63,17 @@ class CtlbConn(ctypes.Structure):
         return f"{_str(self.be_addr)}:{self.be_port} is {_str(self.fe_addr)}:{self.fe_port}"
 
 
+class CtlbConn6(ctypes.Structure):
+    """struct tby_ctlb_conn6: a connected IPv6 socket's translation."""
+
+    _fields_ = [
+        ("be_addr", ctypes.c_uint8 * 16),
+        ("fe_addr", ctypes.c_uint8 * 16),
+        ("be_port", _be16),
+        ("fe_port", _be16),
+    ]
+
+
 class CtlbSock6Key(ctypes.Structure):
     """struct tby_ctlb_sk6_key."""
 
@@ -93,8 +104,11 @@ CTLB_SOCKETS6_SPEC = MapSpec(
 CTLB_SOCKETS_SPEC = MapSpec(
     "tby_ctlb_sk", BPF_MAP_TYPE_LRU_HASH, CtlbSockKey, CtlbSockValue, 262144
 )
-CTLB_CONN_SPEC = MapSpec(
-    "tby_ctlb_conn", BPF_MAP_TYPE_SK_STORAGE, ctypes.c_int, CtlbConn, 0, BPF_F_NO_PREALLOC
+CTLB_CONNS_SPEC = MapSpec(
+    "tby_ctlb_conns", BPF_MAP_TYPE_SK_STORAGE, ctypes.c_int, CtlbConn, 0, BPF_F_NO_PREALLOC
+)
+CTLB_CONNS6_SPEC = MapSpec(
+    "tby_ctlb_conns6", BPF_MAP_TYPE_SK_STORAGE, ctypes.c_int, CtlbConn6, 0, BPF_F_NO_PREALLOC
 )
 
 
