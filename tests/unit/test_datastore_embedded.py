@@ -15,6 +15,7 @@ from tabby.datastore import (
     Conflict,
     DatastoreError,
     NotFound,
+    Unavailable,
     open_datastore,
 )
 from tabby.datastore.embedded import BULK_CHECKPOINT, EmbeddedDatastore
@@ -149,6 +150,16 @@ def test_a_bulk_write_checkpoints_what_it_wrote(ds):
     assert ds.path.stat().st_size > before + 4096
     wal, copied = ds.checkpoint()
     assert wal > 0 and copied == wal
+
+
+def test_a_bulk_write_stands_when_its_checkpoint_fails(ds, monkeypatch):
+    def broken() -> tuple[int, int]:
+        raise Unavailable("datastore: disk I/O error")
+
+    monkeypatch.setattr(ds, "checkpoint", broken)
+    revision = ds.apply([pod(f"p{i}") for i in range(BULK_CHECKPOINT)])
+    assert revision == BULK_CHECKPOINT
+    assert len(ds.list("Pod")[0]) == BULK_CHECKPOINT
 
 
 def test_watch_from_revision_in_order(ds):

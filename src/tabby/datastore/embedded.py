@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import sqlite3
@@ -236,7 +237,8 @@ class EmbeddedDatastore:
             if txn.revision != start:
                 self._notify()
             if txn.revision - start >= BULK_CHECKPOINT:
-                self.checkpoint()
+                with contextlib.suppress(Unavailable):  # the write stands; SQLite copies later
+                    self.checkpoint()
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the WAL's committed pages into the database file, as far as no reader still

@@ -708,14 +708,16 @@ class TabbySide:
         self.stored = max(self.stored, n)
         self.lab.wait_ready(revision, timeout_s=600)
         ds = self.lab.datastore()
-        if isinstance(ds, EmbeddedDatastore):
-            # the pages the bulk writes could not copy while the agents read them: copied now,
-            # so the one-change samples don't pay for the bulk load (a reader's snapshot still
-            # open holds some back for a moment)
-            deadline = time.monotonic() + SETTLE_S
-            while (p := ds.checkpoint())[1] < p[0] and time.monotonic() < deadline:
-                time.sleep(0.1)
-        ds.close()
+        try:
+            if isinstance(ds, EmbeddedDatastore):
+                # the pages the bulk writes could not copy while the agents read them: copied
+                # now, so the one-change samples don't pay for the bulk load (a reader's
+                # snapshot still open holds some back for a moment)
+                deadline = time.monotonic() + SETTLE_S
+                while (p := ds.checkpoint())[1] < p[0] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        finally:
+            ds.close()
         progress(f"tabby: {self.stored:,} services stored and programmed")
 
     def program_from_scratch(self) -> float | None:
