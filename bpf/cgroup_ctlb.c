@@ -14,10 +14,11 @@
  * hooks only undo what is recorded.
  *
  * IPv6 (connect6, sendmsg6, recvmsg6, getpeername6; tby_nat_fe6/be6,
- * tby_ctlb_conns6, tby_ctlb_sk6): IPv6 ClusterIPs exist only here, there is no per-packet IPv6
- * path, so TCP and UDP are both translated in every mode, a frontend with no
- * backends refuses the connect() (EPERM), and sessionAffinity and source
- * ranges are not honoured (a random backend each time).
+ * tby_ctlb_conns6, tby_ctlb_sk6): IPv6 ClusterIPs exist only here, there is
+ * no per-packet IPv6 path, so TCP and UDP are both translated in every mode,
+ * a frontend with no backends refuses the connect() (EPERM), and
+ * sessionAffinity and source ranges are not honoured (a random backend each
+ * time).
  *
  * A frontend is left to the per-packet path (no translation, no count) when it
  * has no backends (the tc path rejects), when it checks source ranges, or when

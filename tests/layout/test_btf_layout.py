@@ -156,7 +156,7 @@ def test_map_specs_match_btf_map_definitions(btf: dict[str, Types], obj: str) ->
 
         assert uint("type") == spec.map_type, f"{spec.name}: type"
         assert uint("max_entries") == spec.max_entries, f"{spec.name}: max_entries"
-        assert ("map_flags" in members and uint("map_flags")) == spec.map_flags, (
+        assert uint("map_flags") == spec.map_flags, (
             f"{spec.name}: flags"
         )
         assert uint("pinning") == 1, f"{spec.name}: must be LIBBPF_PIN_BY_NAME"

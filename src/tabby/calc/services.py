@@ -380,7 +380,8 @@ class ServiceIndex:
         self.health_checks.pop(name, None)
         self.warnings.pop(name, None)
         if svc is None or not proxied(svc):
-            self._results = self._results.delete(name) if name in self._results else self._results
+            if name in self._results:  # Map.delete raises on a missing key
+                self._results = self._results.delete(name)
             return name
         slices = [unpack(sl) for sl in self._slices.get(key, {}).values()]
         nat = service_nat(svc, slices, self.node, self.node_ip, self.node_ip6)

@@ -59,9 +59,6 @@ class CtlbConn(ctypes.Structure):
 
     _fields_ = [("be_addr", _be32), ("fe_addr", _be32), ("be_port", _be16), ("fe_port", _be16)]
 
-    def describe(self) -> str:
-        return f"{_str(self.be_addr)}:{self.be_port} is {_str(self.fe_addr)}:{self.fe_port}"
-
 
 class CtlbConn6(ctypes.Structure):
     """struct tby_ctlb_conn6: a connected IPv6 socket's translation."""
