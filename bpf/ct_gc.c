@@ -10,7 +10,9 @@
  *
  * Per NAT pair (FWD + REV, each half computes the other's key):
  * - state is the OR of both halves' tcp flags, last activity the later seen_ns;
- * - idle past its state's timeout (ct_timeouts.h) => both halves deleted;
+ * - idle past its state's timeout (ct_timeouts.h) => both halves deleted; a
+ *   DSR ingress node's pair (it never sees a reply) is closing from the
+ *   client's FIN on, as Calico's cleanup judges it;
  * - UDP whose backend is no longer one of its frontend's ordinals, or whose
  *   frontend is gone => both halves deleted, whatever their age (what
  *   kube-proxy does, so that clients re-resolve instead of blackholing);
@@ -69,15 +71,21 @@ static __always_inline int ct_gc_pair_ok(const struct tby_ct_key *fk,
 	return ct_gc_key_eq(&k, fk);
 }
 
-static __always_inline __u64 ct_gc_timeout_ns(__u8 proto, __u8 tcp)
+/*
+ * dsr: the pair is a DSR ingress node's (TBY_CTF_DSR on its FWD half), which
+ * sees the client's packets only: the client's FIN is all of the close it can
+ * see (as Calico's cleanup judges a DSR entry). A half-closed connection
+ * still sending keeps it alive: the client's ACKs refresh it.
+ */
+static __always_inline __u64 ct_gc_timeout_ns(__u8 proto, __u8 tcp, int dsr)
 {
+	__u8 fins = TBY_CT_FIN_FWD | TBY_CT_FIN_REV;
 	__u64 s;
 
 	if (proto == IPPROTO_TCP) {
 		if (tcp & TBY_CT_RST)
 			s = TBY_CT_TIMEOUT_TCP_RST_S;
-		else if ((tcp & (TBY_CT_FIN_FWD | TBY_CT_FIN_REV)) ==
-			 (TBY_CT_FIN_FWD | TBY_CT_FIN_REV))
+		else if ((tcp & fins) == fins || (dsr && (tcp & TBY_CT_FIN_FWD)))
 			s = TBY_CT_TIMEOUT_TCP_FIN_S;
 		else if (tcp & TBY_CT_SYNACK)
 			s = TBY_CT_TIMEOUT_TCP_EST_S;
@@ -116,6 +124,7 @@ static long ct_gc_visit(void *map, struct tby_ct_key *key,
 	__u64 last, idle_ns;
 	__u64 *reason;
 	__u8 tcp;
+	int dsr;
 	int n = 0;
 
 	(void)map;
@@ -150,7 +159,8 @@ static long ct_gc_visit(void *map, struct tby_ct_key *key,
 	}
 	idle_ns = ctx->now_ns > last ? ctx->now_ns - last : 0;
 
-	if (idle_ns > ct_gc_timeout_ns(key->proto, tcp)) {
+	dsr = fwd && fwd->type == TBY_CT_NAT_FWD && (fwd->flags & TBY_CTF_DSR);
+	if (idle_ns > ct_gc_timeout_ns(key->proto, tcp, dsr)) {
 		reason = &ctx->st.expired;
 		/* a policy-only flow (TBY_CT_PLAIN) is single by design */
 		if (!(fwd && rev) && val->type != TBY_CT_PLAIN)

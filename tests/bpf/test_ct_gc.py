@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtKey, CtType, CtValue, TcpFlags
+from tabby.bpf.maps.conntrack import (
+    CONNTRACK_SPEC,
+    CtFlags,
+    CtKey,
+    CtType,
+    CtValue,
+    TcpFlags,
+)
 from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC, TIMEOUTS_S
 from tabby.bpf.maps.nat import (
     BACKENDS_SPEC,
@@ -50,6 +57,7 @@ SNAT = "172.20.32.10"
 ADVANCE_S = 3700  # > every idle time below
 S = TcpFlags.SYN
 EST = TcpFlags.SYN | TcpFlags.SYNACK
+DSR = CtFlags.TUNNEL | CtFlags.DSR
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Flow:
     rev_tcp: int = 0
     snat_port: int = 0  # != 0: the forward packet was SNATed to SNAT:snat_port
     halves: str = "both"  # "both" | "fwd" | "rev"
+    fwd_flags: int = 0  # CtFlags of the FWD half
     proto_num: int = 0  # overrides proto (ICMP, SCTP...)
 
     @property
@@ -89,6 +98,7 @@ class Flow:
             seen_ns=seen(self.idle_s),
             type=CtType.NAT_FWD,
             tcp=self.fwd_tcp,
+            flags=self.fwd_flags,
             nat_addr=_ip(self.backend[0]),
             nat_port=self.backend[1],
             nat_saddr=_ip(SNAT) if self.snat_port else 0,
@@ -169,6 +179,16 @@ CASES = [
          "expired"),
     Case("tcp fin one way, idle 31 s (still established)",
          tcp(40010, idle_s=31, fwd_tcp=S | TcpFlags.FIN_FWD, rev_tcp=EST), "kept"),
+    # a DSR ingress node sees the client's packets only (its SYNACK bit: the client's ACK)
+    Case("dsr ingress, client fin, idle 31 s",
+         tcp(40019, idle_s=31, fwd_tcp=EST | TcpFlags.FIN_FWD, fwd_flags=DSR), "expired"),
+    Case("dsr ingress, client fin, idle 29 s",
+         tcp(40020, idle_s=29, fwd_tcp=EST | TcpFlags.FIN_FWD, fwd_flags=DSR), "kept"),
+    Case("dsr ingress, no fin, idle 31 s (established)",
+         tcp(40021, idle_s=31, fwd_tcp=EST, fwd_flags=DSR), "kept"),
+    Case("tunnel ingress (not dsr), client fin, idle 31 s (replies seen: still established)",
+         tcp(40022, idle_s=31, fwd_tcp=EST | TcpFlags.FIN_FWD, fwd_flags=CtFlags.TUNNEL),
+         "kept"),
     Case("tcp rst, idle 39 s", tcp(40011, idle_s=39, fwd_tcp=S | TcpFlags.RST, rev_tcp=EST),
          "kept"),
     Case("tcp rst, idle 41 s", tcp(40012, idle_s=41, fwd_tcp=S, rev_tcp=EST | TcpFlags.RST),

@@ -25,9 +25,13 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.vxlan import VXLAN
 
+from tabby.bpf import libbpf
 from tabby.bpf.maps.counters import Reason
+from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
+from tabby.bpf.objects import DatapathConfig, default_bpf_dir
+from tabby.dataplane.conntrack import ConntrackGC
 from tabby.lab import capture, fabric, traffic
-from tabby.lab.cluster import Lab
+from tabby.lab.cluster import Lab, pin_root
 from tabby.lab.topology import EXTERNAL_CLIENT_IP
 
 from .service_lab import counter_delta, counters, service, tcp_outcome, wait_for_endpoints
@@ -201,22 +205,71 @@ def test_a_mode_switch_applies_to_new_connections_and_open_ones_finish(lab, web)
     assert _ext_path(lab, port) == f"from ingress {n1} (DSR)"
 
 
-def _ext_path(lab: Lab, client_port: int) -> str:
-    """The path of the forwarded flow from this client port, as node2's conntrack dump says."""
+def _ct_rows(lab: Lab, node: str, kind: str, client_port: int) -> list[dict[str, Any]]:
+    """The external client's conntrack rows of ``kind`` for this client port on ``node``, as
+    `tabbyctl bpf conntrack dump` gives them."""
     out = subprocess.run(
         [
             os.path.join(os.path.dirname(sys.executable), "tabbyctl"),
-            *("bpf", "conntrack", "dump", "--lab", lab.name, "--node", "node2"),
-            *("--type", "EXT", "--port", str(client_port), "-o", "json"),
+            *("bpf", "conntrack", "dump", "--lab", lab.name, "--node", node),
+            *("--type", kind, "--port", str(client_port), "-o", "json"),
         ],
         capture_output=True,
         text=True,
         check=True,
         timeout=30,
     ).stdout
-    rows = [r for r in json.loads(out) if r["src"] == EXTERNAL_CLIENT_IP]
+    return [r for r in json.loads(out) if r["src"] == EXTERNAL_CLIENT_IP]
+
+
+def _ext_path(lab: Lab, client_port: int) -> str:
+    """The path of the forwarded flow from this client port, as node2's conntrack dump says."""
+    rows = _ct_rows(lab, "node2", "EXT", client_port)
     assert len(rows) == 1, rows
     return str(rows[0]["path"])
+
+
+def _sweep(lab: Lab, node: str, advance_s: int) -> None:
+    """One conntrack sweep on the node's pinned maps, judged ``advance_s`` seconds from now
+    (ct_gc.o loaded beside the agent's on the same pins, as the agent runs it)."""
+    obj = libbpf.Object(str(default_bpf_dir() / "ct_gc.o"), pin_root=pin_root(lab.name, node))
+    try:
+        obj.set_rodata(DatapathConfig.build())
+        obj.load()
+        ConntrackGC(obj.prog_fd("tby_ct_gc"), CT_GC_STATS_SPEC.open_in(obj)).sweep(advance_s)
+    finally:
+        obj.close()
+
+
+def test_a_closed_dsr_flow_leaves_the_ingress_node_as_a_closed_one(lab, web):
+    """A DSR ingress node never sees a reply, so its pair never sees the server's FIN: the
+    client's FIN is the close (as Calico's cleanup judges it), and the pair goes after the FIN
+    timeout (30 s) instead of the established one (an hour: at 150 new connections/s the 512k
+    LRU would then be full, evicting live flows). An open connection's pair stays."""
+    set_mode(lab, "DSR")
+    n1 = lab.plan.node("node1").ip
+    request = b"GET /clientip HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def one_closed_and_one_open() -> tuple[int, int]:
+        with socket.create_connection((n1, NODEPORT), timeout=5) as open_s:
+            open_s.sendall(request)
+            assert _read_response(open_s).startswith(EXTERNAL_CLIENT_IP)
+            with socket.create_connection((n1, NODEPORT), timeout=5) as s:
+                s.sendall(request)
+                assert _read_response(s).startswith(EXTERNAL_CLIENT_IP)
+                closed = int(s.getsockname()[1])
+                s.shutdown(socket.SHUT_WR)  # the client's FIN
+                assert s.recv(1) == b""  # the server's, which node1 never sees
+            fwd = _ct_rows(lab, "node1", "FWD", closed)
+            assert len(fwd) == 1 and fwd[0]["path"].endswith("(DSR)"), fwd
+            assert "FIN_FWD" in fwd[0]["tcp_flags"] and "FIN_REV" not in fwd[0]["tcp_flags"]
+            _sweep(lab, "node1", 31)
+            return closed, int(open_s.getsockname()[1])
+
+    closed, still_open = traffic.in_netns(lab.plan.external_netns, one_closed_and_one_open)
+    assert _ct_rows(lab, "node1", "FWD", closed) == [], "the closed flow's pair is gone"
+    assert _ct_rows(lab, "node1", "REV", closed) == []
+    assert len(_ct_rows(lab, "node1", "FWD", still_open)) == 1, "the open one stays"
 
 
 @pytest.mark.parametrize("mode", ["Tunnel", "DSR"])

@@ -12,7 +12,7 @@
 
 #define TBY_CT_TIMEOUT_TCP_SYN_S 20 /* TCPSynSent: SYN seen, no SYN-ACK yet */
 #define TBY_CT_TIMEOUT_TCP_EST_S 3600 /* TCPEstablished */
-#define TBY_CT_TIMEOUT_TCP_FIN_S 30 /* TCPFinsSeen: FIN both ways */
+#define TBY_CT_TIMEOUT_TCP_FIN_S 30 /* TCPFinsSeen: FIN both ways (DSR ingress: the client's) */
 #define TBY_CT_TIMEOUT_TCP_RST_S 40 /* TCPResetSeen */
 #define TBY_CT_TIMEOUT_UDP_S 60 /* UDPTimeout */
 #define TBY_CT_TIMEOUT_OTHER_S 60 /* any other protocol */
