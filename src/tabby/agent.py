@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -64,6 +64,9 @@ KINDS = (
 )
 SERVICE_KINDS = ("Service", "EndpointSlice")  # calc.services' inputs; compute() reads the rest
 RETRY_S = 1.0
+# an apply error that stays the same is logged when it appears, then this often (it is on
+# /readyz all along): a refused bpfMapSize* retried every RETRY_S must not flood the log
+ERROR_LOG_REPEAT_S = 60.0
 PREPARE = -1  # the revision of a dataplane worker's inbox item that only loads the datapath
 # Every manager re-checks what it programmed this often even if its input did not change
 # (Felix's routeRefreshInterval is 90 s): repairs what something else changed under us.
@@ -238,6 +241,42 @@ class _PacketCollector:
         yield fam
 
 
+class ApplyErrorLog:
+    """Logs an apply's errors when they change, then every ``repeat_s`` while they stay, and
+    once when they clear. The worker retries every RETRY_S; its log says so without a line each
+    time."""
+
+    def __init__(
+        self, repeat_s: float = ERROR_LOG_REPEAT_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.repeat_s, self.clock = repeat_s, clock
+        self.errors: tuple[str, ...] = ()
+        self.retries = 0
+        self.logged_at = 0.0
+
+    def failed(self, errors: Sequence[str]) -> None:
+        now = self.clock()
+        if tuple(errors) != self.errors:
+            self.errors, self.retries, self.logged_at = tuple(errors), 0, now
+            log.warning(
+                "apply left %d errors (retrying every %.0f s): %s",
+                len(errors), RETRY_S, "; ".join(errors),
+            )  # fmt: skip
+            return
+        self.retries += 1
+        if now - self.logged_at >= self.repeat_s:
+            self.logged_at = now
+            log.warning(
+                "apply still left %d errors after %d retries: %s",
+                len(errors), self.retries, "; ".join(errors),
+            )  # fmt: skip
+
+    def succeeded(self) -> None:
+        if self.errors:
+            log.info("apply: the errors are gone after %d retries", self.retries)
+        self.errors, self.retries = (), 0
+
+
 class DataplaneWorker(threading.Thread):
     """The one thread inside the node's namespace; it coalesces, applying only the newest state."""
 
@@ -269,6 +308,7 @@ class DataplaneWorker(threading.Thread):
         self.swept_after: object = None  # the NAT apply result the last sweep followed
         self.applied: tuple[NodeState, int] | None = None  # the last state applied without error
         self.next_resync = 0.0  # time.monotonic() of the next full re-check (RESYNC_S)
+        self.error_log = ApplyErrorLog()
         # set by the first apply: a datapath loaded ahead (prepare) gets no route sync or
         # conntrack sweep before a state has been applied to it
         self.apply_tried = False
@@ -425,8 +465,9 @@ class DataplaneWorker(threading.Thread):
                 self.status.programmed_revision = revision
         if errors:
             self.metrics.apply_errors.inc()
-            log.warning("apply left %d errors (retrying): %s", len(errors), "; ".join(errors))
+            self.error_log.failed(errors)
             return False
+        self.error_log.succeeded()
         self.metrics.revision.set(revision)
         return True
 
