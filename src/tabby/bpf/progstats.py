@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 from tabby.bpf import libbpf
 
-LINK_DIRS = ("links", "ctlb")
+# a node's pinned links, under its pin root: the tc/tcx attachments (dataplane/attach.py) and
+# the cgroup hooks of connect-time LB (dataplane/ctlb.py); named once, here
+TC_LINKS_DIR = "links"
+CTLB_LINKS_DIR = "ctlb"
+LINK_DIRS = (TC_LINKS_DIR, CTLB_LINKS_DIR)
 
 
 @dataclass(frozen=True)

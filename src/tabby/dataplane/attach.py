@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tabby.bpf import libbpf
+from tabby.bpf.progstats import TC_LINKS_DIR
 
 log = logging.getLogger(__name__)
 Direction = Literal["in", "eg"]
@@ -68,7 +69,7 @@ class _PinDir:
 
 class AttachManager:
     def __init__(self, pin_root: str) -> None:
-        self.links = _PinDir(os.path.join(pin_root, "links"))
+        self.links = _PinDir(os.path.join(pin_root, TC_LINKS_DIR))
         self.tc = _PinDir(os.path.join(pin_root, "tc"))
         # (type, ifname, dir) -> (prog id, ifindex): a veth made again under its old name is new
         self.programmed: dict[tuple[str, str, str], tuple[int, int]] = {}

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from tabby.bpf import libbpf
 from tabby.bpf.maps.ctlb import CtlbSockKey, parse_reaped
+from tabby.bpf.progstats import CTLB_LINKS_DIR
 from tabby.netlink.netns import setns_fd
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ MODE_HOOKS: dict[str, tuple[str, ...]] = {
 
 class CtlbManager:
     def __init__(self, pin_root: str) -> None:
-        self.pin_dir = os.path.join(pin_root, "ctlb")
+        self.pin_dir = os.path.join(pin_root, CTLB_LINKS_DIR)
         self.programmed: dict[str, tuple[int, int]] = {}  # hook -> (prog id, cgroup id)
         self._first_reap = True  # after a restart a backend may have left while we were down
 
