@@ -30,7 +30,8 @@ nothing leaves the lab's namespaces and loopback. Results merged into
 bench/results/agent_scale.json.
 
 Usage (root): .venv/bin/python bench/agent_scale.py [--services 10000] [--pods 1000]
-                  [--datastores embedded etcd kubernetes typha] [--lab benchag]
+                  [--datastores embedded etcd kubernetes typha] [--object-shape lab|apiserver]
+                  [--lab benchag]
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from fakeapi import FakeApiServer  # noqa: E402
 from tabby.calc import names  # noqa: E402
 from tabby.dataplane.node import remove_pins  # noqa: E402
 from tabby.datastore import DatastoreError, open_datastore  # noqa: E402
-from tabby.lab import cgroups, etcd, processes, state  # noqa: E402
+from tabby.lab import apishapes, cgroups, etcd, processes, state  # noqa: E402
 from tabby.lab.cluster import HEALTH_PORT, Lab, base_resources, pin_root, tabby_bin  # noqa: E402
 
 RESULTS = str(REPO / "bench" / "results" / "agent_scale.json")
@@ -90,7 +91,9 @@ class Run:
     file_mib: float = 0.0  # RssFile once ready: mapped files (shared libraries' text, clean)
 
 
-def dataset(plan: Any, n_services: int, n_pods: int) -> list[dict[str, Any]]:
+def dataset(plan: Any, n_services: int, n_pods: int, shape: str = "lab") -> list[dict[str, Any]]:
+    """``shape``: "lab" (Pods and Nodes with what tabby reads only) or "apiserver" (as a
+    kube-apiserver serves them: managedFields, statuses, a node's images; tabby.lab.apishapes)."""
     objs = base_resources(plan)
     node1 = next(o for o in objs if o["kind"] == "Node")
     subnet = ipaddress.ip_network(
@@ -102,14 +105,17 @@ def dataset(plan: Any, n_services: int, n_pods: int) -> list[dict[str, Any]]:
     for r in range(REMOTE_NODES):
         name = f"remote-{r}"
         ip = str(subnet.network_address + 100 + r)  # addresses of the node subnet nobody uses
+        address = {"projectcalico.org/IPv4Address": f"{ip}/{subnet.prefixlen}"}
         objs.append(
-            {
+            apishapes.node(name, ip, {}, address)
+            if shape == "apiserver"
+            else {
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {
                     "name": name,
                     "labels": {"kubernetes.io/hostname": name},
-                    "annotations": {"projectcalico.org/IPv4Address": f"{ip}/{subnet.prefixlen}"},
+                    "annotations": address,
                 },
                 "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
             }
@@ -134,7 +140,9 @@ def dataset(plan: Any, n_services: int, n_pods: int) -> list[dict[str, Any]]:
             if count == n_pods:
                 break
             objs.append(
-                {
+                apishapes.pod("default", f"pod-{count}", name, ip, {"app": f"a{count % 50}"})
+                if shape == "apiserver"
+                else {
                     "apiVersion": "v1",
                     "kind": "Pod",
                     "metadata": {
@@ -355,10 +363,20 @@ def main() -> None:
         choices=["embedded", "etcd", "kubernetes", "typha"],
     )  # fmt: skip
     ap.add_argument(
+        "--object-shape", choices=["lab", "apiserver"], default="lab",
+        help="Pods and Nodes as the lab writes them (what tabby reads) or as a kube-apiserver "
+        "serves them (~5 KB of JSON per pod: tabby.lab.apishapes; --datastores kubernetes)",
+    )  # fmt: skip
+    ap.add_argument(
         "--lab", default=LAB, help="the lab's name (removed first if it exists: give a name of "
         "your own when someone else may be running this bench on the machine)",
     )  # fmt: skip
     args = ap.parse_args()
+    if args.object_shape == "apiserver" and args.datastores != ["kubernetes"]:
+        # the other stores validate what is written against the lab's model, which knows the
+        # fields tabby reads; the fake API server loads without admission, as etcd behind a
+        # kube-apiserver holds what it served
+        ap.error("--object-shape apiserver goes with --datastores kubernetes only")
     if os.geteuid() != 0:
         sys.exit("run as root (the lab needs network namespaces and bpffs)")
 
@@ -372,7 +390,7 @@ def main() -> None:
     try:
         b = Bench(lab)
         b.stop_agent()  # loading must not race the lab's own agent for the CPUs
-        objs = dataset(lab.plan, args.services, args.pods)
+        objs = dataset(lab.plan, args.services, args.pods, args.object_shape)
         console.print(f"{len(objs)} objects ({args.services} services + slices, {args.pods} pods)")
         for name in args.datastores:
             fn = {
@@ -388,7 +406,7 @@ def main() -> None:
     table(runs)
     benchlib.write_json(
         RESULTS,
-        f"{args.services}x{args.pods}",
+        f"{args.services}x{args.pods}" + ("" if args.object_shape == "lab" else "-apiserver"),
         {"date": time.strftime("%Y-%m-%d"), "runs": [asdict(r) for r in runs]},
     )
 

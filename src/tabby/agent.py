@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from tabby import preflight
 from tabby.calc import bird, names
+from tabby.calc.intake import kept
 from tabby.calc.nodestate import NodeState, compute, with_services
 from tabby.calc.services import ServiceIndex
 from tabby.cni.ipam import BlockIPAM, IPAMError
@@ -588,7 +589,7 @@ class Agent:
             if kind not in SERVICE_KINDS:
                 items, _ = ds.list(kind)
                 for obj in items:
-                    fresh[kind][_key(obj)] = obj
+                    fresh[kind][_key(obj)] = kept(kind, obj)  # Pods, Nodes: what calc reads
         self.resources = fresh
         self.services = services
         self.base = None
@@ -678,7 +679,7 @@ class Agent:
         if current is None:
             self.resources[ev.kind].pop(key, None)
         else:
-            self.resources[ev.kind][key] = current
+            self.resources[ev.kind][key] = kept(ev.kind, current)
         self.base = None  # compute() reads every other kind
 
     def _base(self) -> NodeState:

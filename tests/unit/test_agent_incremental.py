@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from tabby import agent
+from tabby.calc.intake import kept
 from tabby.calc.nodestate import NodeState
 from tabby.calc.services import ServiceIndex
 from tabby.datastore.api import Event
+from tabby.lab import apishapes
 
 NODE = "node1"
 
@@ -233,3 +235,18 @@ def test_garbage_is_collected_when_enough_young_objects_were_made() -> None:
     finally:
         if was:
             gc.enable()
+
+
+def test_watched_pods_and_nodes_are_kept_as_calc_reads_them() -> None:
+    """A pod as the API server serves it (~32 KB decoded) is held as calc/intake.py keeps it,
+    and its endpoint is programmed the same."""
+    a, got = _agent()
+    _feed(a, _cluster(), 1)
+    served = apishapes.pod("default", "api-0", NODE, "100.96.0.7", {"app": "api"})
+    node = apishapes.node("node3", "172.20.32.3", {}, {})
+    _feed(a, [served, node], 2)
+    held = a.resources["Pod"][("default", "api-0")]
+    assert held == kept("Pod", served) and "managedFields" not in held["metadata"]
+    assert "images" not in a.resources["Node"][("", "node3")]["status"]
+    state, _ = got[-1]
+    assert "100.96.0.7/32" in state.routes and state.node_ip == "172.20.32.2"
