@@ -1,4 +1,4 @@
-"""What the agent keeps of Pods and Nodes (calc/intake.py): calc's whole output is the same on
+"""What the agent keeps of Pods, Nodes and IPAM blocks (calc/intake.py): calc's whole output is the same on
 the kept objects as on the objects a kube-apiserver serves, and they are a fraction of the size.
 
 A reader of a Pod or Node field that intake drops makes the comparisons below fail: the cluster
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tabby.calc import bird
+from tabby.calc import bird, names
 from tabby.calc.intake import kept
 from tabby.calc.nodestate import compute
 from tabby.lab import apishapes
@@ -54,6 +54,14 @@ def _pods() -> list[Obj]:
     return pods
 
 
+def _block(cidr: str, node: str, base: int) -> Obj:
+    """A block full of pods, its first address the node's tunnel address (as IPAM leaves it)."""
+    net = cidr.rsplit(".", 1)[0]
+    pods = {f"{net}.{base + i}": f"pod-default-p{base + i}" for i in range(1, 60)}
+    return {"cidr": cidr, "affinity": f"host:{node}",
+            "allocations": {f"{net}.{base}": names.tunnel_handle(node), **pods}}  # fmt: skip
+
+
 def _others() -> list[Obj]:
     def obj(kind: str, name: str, spec: Obj, ns: str = "", **meta: Any) -> Obj:
         md = {"name": name, **({"namespace": ns} if ns else {}), **meta}
@@ -91,9 +99,9 @@ def _others() -> list[Obj]:
             "default",
             {"cidr": "100.96.0.0/16", "blockSize": 26, "vxlanMode": "CrossSubnet"},
         ),  # fmt: skip
-        obj("IPAMBlock", "100-96-0-0-26", {"cidr": "100.96.0.0/26", "affinity": "host:n1"}),
-        obj("IPAMBlock", "100-96-0-64-26", {"cidr": "100.96.0.64/26", "affinity": "host:n2"}),
-        obj("IPAMBlock", "100-96-1-0-26", {"cidr": "100.96.1.0/26", "affinity": "host:n3"}),
+        obj("IPAMBlock", "100-96-0-0-26", _block("100.96.0.0/26", "n1", 0)),
+        obj("IPAMBlock", "100-96-0-64-26", _block("100.96.0.64/26", "n2", 64)),
+        obj("IPAMBlock", "100-96-1-0-26", _block("100.96.1.0/26", "n3", 256)),
         obj("BGPConfiguration", "default", {"nodeToNodeMeshEnabled": False}),
         obj("BGPPeer", "to-rr", {"peerSelector": "route-reflector == 'true'"}),
         obj(
@@ -126,6 +134,7 @@ def test_calc_says_the_same_of_kept_and_whole_objects(node: str) -> None:
         local = {e.name for e in state.endpoints.values()}
         assert local == {"web-0", "dual-0", "client-0", "done-0"}  # not hostnet-0
         assert state.policies and state.warnings  # web-0 isolated; DSR across subnets
+        assert state.tunnel_ip == "100.96.0.0"  # from its block's allocations
     whole_bird, slim_bird = bird.render(whole, node), bird.render(slim, node)
     assert whole_bird is not None and slim_bird is not None
     assert slim_bird.text == whole_bird.text and slim_bird.warnings == whole_bird.warnings
@@ -152,6 +161,8 @@ def test_kept_objects_are_a_fraction_of_the_whole_ones() -> None:
     assert slim * 8 < whole
     nodes = _nodes()
     assert decoded_bytes([kept("Node", n) for n in nodes]) * 8 < decoded_bytes(nodes)
+    blocks = [o for o in _others() if o["kind"] == "IPAMBlock"]
+    assert decoded_bytes([kept("IPAMBlock", b) for b in blocks]) * 8 < decoded_bytes(blocks)
 
 
 def test_kept_leaves_other_kinds_and_the_input_alone() -> None:
@@ -166,3 +177,6 @@ def test_kept_leaves_other_kinds_and_the_input_alone() -> None:
     assert "managedFields" not in slim["metadata"] and "containerStatuses" not in slim["status"]
     ns = _others()[1]
     assert kept("Namespace", ns) is ns
+    block = next(o for o in _others() if o["kind"] == "IPAMBlock")
+    assert kept("IPAMBlock", block)["spec"]["allocations"] == {"100.96.0.0": "vxlan-tunnel-addr-n1"}
+    assert len(block["spec"]["allocations"]) == 60

@@ -13,6 +13,9 @@ compares its whole output on kept and whole objects):
   containers' ports; status phase, podIP, podIPs.
 - Node (calc/nodestate.py: addresses, DSR's subnets; calc/bird.py: peers, AS numbers, route
   reflectors, selectors): metadata name, labels, annotations; status addresses.
+- IPAMBlock (calc/nodestate.py: routes and the node's tunnel address; calc/bird.py: the blocks
+  announced): all but its allocations that are not tunnel addresses (a /26 holds up to 64, one
+  per pod; IPAM itself reads the datastore, never these).
 
 A reader of another field must add it here (the comparison test fails otherwise). Other kinds
 are small and kept whole (Services and EndpointSlices are the service index's, packed).
@@ -21,6 +24,8 @@ are small and kept whole (Services and EndpointSlices are the service index's, p
 from __future__ import annotations
 
 from typing import Any
+
+from tabby.calc.names import TUNNEL_HANDLE_PREFIX
 
 Obj = dict[str, Any]
 
@@ -41,6 +46,8 @@ _PORT_FIELDS = ("name", "protocol", "containerPort")
 
 def kept(kind: str, obj: Obj) -> Obj:
     """``obj`` with only what calc reads of its kind (a new dict; ``obj`` is not changed)."""
+    if kind == "IPAMBlock":
+        return _block(obj)
     sections = _KEPT.get(kind)
     if sections is None:
         return obj
@@ -67,3 +74,16 @@ def _container_ports(container: Any) -> Any:
             {f: p[f] for f in _PORT_FIELDS if f in p} if isinstance(p, dict) else p for p in ports
         ]
     }
+
+
+def _block(obj: Obj) -> Obj:
+    """An IPAM block with its tunnel addresses' allocations only."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("allocations"), dict):
+        return obj
+    tunnels = {
+        ip: handle
+        for ip, handle in spec["allocations"].items()
+        if isinstance(handle, str) and handle.startswith(TUNNEL_HANDLE_PREFIX)
+    }
+    return {**obj, "spec": {**spec, "allocations": tunnels}}

@@ -18,9 +18,12 @@ def host_ifname(namespace: str, pod: str) -> str:
     return HOST_IFACE_PREFIX + digest[:11]
 
 
+TUNNEL_HANDLE_PREFIX = "vxlan-tunnel-addr-"
+
+
 def tunnel_handle(node: str) -> str:
     """IPAM handle of a node's VXLAN tunnel address."""
-    return f"vxlan-tunnel-addr-{node}"
+    return f"{TUNNEL_HANDLE_PREFIX}{node}"
 
 
 def block_name(cidr: str) -> str:
