@@ -1,5 +1,5 @@
-"""What the agent keeps of Pods, Nodes and IPAM blocks (calc/intake.py): calc's whole output is the same on
-the kept objects as on the objects a kube-apiserver serves, and they are a fraction of the size.
+"""What the agent keeps of Pods, Nodes and IPAM blocks (calc/intake.py): calc's whole output is
+the same on the kept objects as on the objects a kube-apiserver serves, a fraction of the size.
 
 A reader of a Pod or Node field that intake drops makes the comparisons below fail: the cluster
 here exercises every reader (this node's endpoints and routes, dual-stack addresses, hostNetwork
