@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ import pytest
 
 from tabby import agent
 from tabby.calc import names
+from tabby.calc.intake import kept
 from tabby.cni.ipam import BlockIPAM
 from tabby.datastore import Compacted, DatastoreError, Event, open_datastore
 from tabby.datastore.api import Obj, StreamingList
@@ -35,6 +37,7 @@ from tabby.datastore.embedded import EmbeddedDatastore
 from tabby.datastore.typha import Replica, TyphaDatastore, consistent, follow, typha_url
 from tabby.datastore.typha_wire import ProtocolError, frame, hello, read_frame
 from tabby.fanout import DEFAULT_KINDS, FanoutServer
+from tabby.lab import apishapes
 
 N_AGENTS = 200
 BURST = 10_000
@@ -82,6 +85,29 @@ class CountingDatastore:
         finally:
             with self._lock:
                 self.open_watches -= 1
+
+
+class ApiShapedPods:
+    """The embedded store, listing one Pod as a kube-apiserver serves it, as the Kubernetes
+    datastore would (the embedded store validates writes against the lab's model, which knows
+    the fields tabby reads only)."""
+
+    def __init__(self, inner: EmbeddedDatastore, pod: Obj) -> None:
+        self.inner, self.pod = inner, pod
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def list(self, kind: str, namespace: str | None = None) -> tuple[list[Obj], int]:
+        if kind == "Pod":
+            return [copy.deepcopy(self.pod)], self.inner.revision()
+        return self.inner.list(kind, namespace)
+
+    def iter_list(self, kind: str) -> Iterator[Obj]:
+        if kind == "Pod":
+            yield copy.deepcopy(self.pod)
+        else:
+            yield from self.inner.iter_list(kind)
 
 
 class ServerThread:
@@ -577,7 +603,8 @@ def test_the_client_keeps_its_replica_encoded_and_streams_its_list(
         held = ds.replica.objects["Pod"]
         assert len(held) == 2000 and all(isinstance(v, bytes) for v in held.values())
         listed, _ = ds.list("Pod")
-        assert listed == store.list("Pod")[0]  # same objects, same order
+        # the same objects as agents read them (calc/intake.py), in the same order
+        assert listed == [kept("Pod", o) for o in store.list("Pod")[0]]
         names = [o["metadata"]["name"] for o in ds.iter_list("Pod")]
         assert names == [o["metadata"]["name"] for o in listed]
         listed[0]["metadata"]["labels"]["gen"] = "mutated"  # the caller's copy, not the replica's
@@ -754,3 +781,25 @@ def test_tabby_typha_command(store: EmbeddedDatastore, tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
     assert "in sync with the datastore" in out
+
+
+def test_pods_as_the_api_server_serves_them_are_served_as_agents_read_them(
+    store: EmbeddedDatastore, servers: list[ServerThread]
+) -> None:
+    """A Pod as a kube-apiserver serves it (~5 KB) reaches agents, in the server's cache and on
+    the wire, as calc/intake.py keeps it: what the agent computes from it, and its version."""
+    big = apishapes.pod("default", "web-0", "n1", "100.96.0.5", {"app": "web"})
+    big["metadata"]["resourceVersion"] = "7"
+    srv = serve(servers, ApiShapedPods(store, big))
+    ds = TyphaDatastore("127.0.0.1", srv.port)
+    try:
+        deadline = time.monotonic() + 15
+        while not ds.list("Pod")[0]:
+            assert time.monotonic() < deadline, "the client never got the pod"
+            time.sleep(0.02)
+        (served,) = ds.list("Pod")[0]
+        assert served == kept("Pod", big) and served["metadata"]["resourceVersion"] == "7"
+        cached = srv.server.objects[("Pod", "default", "web-0")]
+        assert len(cached) * 5 < len(json.dumps(big)), "the cache holds the kept object"
+    finally:
+        ds.close()

@@ -19,6 +19,8 @@ compares its whole output on kept and whole objects):
 
 A reader of another field must add it here (the comparison test fails otherwise). Other kinds
 are small and kept whole (Services and EndpointSlices are the service index's, packed).
+metadata.resourceVersion is kept too: the fan-out (fanout/server.py) serves agents these kept
+objects, and its clients tell versions apart by it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ Obj = dict[str, Any]
 # kind -> section -> the fields kept of it
 _KEPT: dict[str, dict[str, tuple[str, ...]]] = {
     "Pod": {
-        "metadata": ("name", "namespace", "labels"),
+        "metadata": ("name", "namespace", "labels", "resourceVersion"),
         "spec": ("nodeName", "hostNetwork", "containers"),
         "status": ("phase", "podIP", "podIPs"),
     },
     "Node": {
-        "metadata": ("name", "labels", "annotations"),
+        "metadata": ("name", "labels", "annotations", "resourceVersion"),
         "status": ("addresses",),
     },
 }

@@ -8,6 +8,10 @@ Invariants:
   that builds its snapshot, so its snapshot at R plus the frames queued after it is exactly the
   datastore's history after R.
 - Each frame is encoded once; the same bytes go to every client.
+- Pods, Nodes and IPAM blocks are served as agents read them (calc/intake.py, with their
+  resourceVersion), as Calico's Typha serves Felix its syncer's view, not whole objects: a Pod
+  as a kube-apiserver serves it is ~5 KB, ~0.5 KB kept, in the cache, on the wire and in every
+  agent's replica. Writes through a fan-out client go to the datastore itself.
 - A client's queue holds at most ``max_queue_frames`` frames: a client that would exceed it is
   dropped (it reconnects and gets a fresh snapshot). The broadcaster never waits for a client, so
   a slow or stalled client never delays the others.
@@ -29,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from tabby.calc.intake import kept
 from tabby.datastore.api import Compacted, Datastore, DatastoreError, Event, StreamingList
 from tabby.datastore.typha_wire import (
     HANDSHAKE_TIMEOUT_S,
@@ -190,7 +195,7 @@ class FanoutServer:
                         else self.ds.list(kind)[0]
                     )
                     for obj in items:
-                        objects[_key(obj)] = data = _encode(obj)
+                        objects[_key(obj)] = data = _encode(kept(kind, obj))
                         self.stats.datastore_bytes += len(data)
                 self.stats.datastore_lists += 1
                 self._post(_Relist(revision, objects))
@@ -212,7 +217,7 @@ class FanoutServer:
                 backoff_s = min(backoff_s * 2, RELIST_BACKOFF_S[1])
 
     def _change(self, ev: Event) -> _Change:
-        data = _encode(ev.obj)
+        data = _encode(kept(ev.kind, ev.obj))
         self.stats.datastore_bytes += len(data)
         encoded = _event_bytes(ev.type, ev.kind, data, ev.revision)
         return _Change(_key(ev.obj), None if ev.type == "DELETED" else data, encoded, ev.revision)
