@@ -10,8 +10,8 @@ Invariants:
 - Each frame is encoded once; the same bytes go to every client.
 - Pods, Nodes and IPAM blocks are served as agents read them (calc/intake.py, with their
   resourceVersion), as Calico's Typha serves Felix its syncer's view, not whole objects: a Pod
-  as a kube-apiserver serves it is ~4.4 KB of JSON, 0.37 KB kept, in the cache, on the wire and in every
-  agent's replica. Writes through a fan-out client go to the datastore itself.
+  as a kube-apiserver serves it is ~4.4 KB of JSON and 0.37 KB kept, in the cache, on the wire
+  and in every agent's replica. Writes through a fan-out client go to the datastore itself.
 - A client's queue holds at most ``max_queue_frames`` frames: a client that would exceed it is
   dropped (it reconnects and gets a fresh snapshot). The broadcaster never waits for a client, so
   a slow or stalled client never delays the others.
