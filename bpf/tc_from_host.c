@@ -90,6 +90,7 @@ static __always_inline int from_host_ext(struct __sk_buff *skb, struct parsed_pk
 SEC("tc")
 int tby_from_host(struct __sk_buff *skb)
 {
+	struct nat_dst_route dst = {};
 	struct exttun_dst tun = {};
 	struct parsed_pkt pkt = {};
 	struct tby_ext_hdr ext;
@@ -124,7 +125,10 @@ int tby_from_host(struct __sk_buff *skb)
 		}
 	}
 
-	switch (nat_handle(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_SNAT_REMOTE, &tun)) {
+	/* dst: a packet to a pod (most of what arrives here: BGP-routed and
+	 * IP-in-IP pod traffic) skips the frontend map for the route the fast
+	 * path needs anyway (nat_new_flow) */
+	switch (nat_handle_dst(skb, &pkt, NAT_HOOK_FRONTENDS | NAT_HOOK_SNAT_REMOTE, &tun, &dst)) {
 	case NAT_REJECT:
 		return icmp_reject(skb, &pkt);
 	case NAT_TOO_BIG:
@@ -136,7 +140,7 @@ int tby_from_host(struct __sk_buff *skb)
 	default:
 		/* a local pod's packet (IP-in-IP, BGP routes, NodePort to a local
 		 * backend): to its veth (fwd.h); the rest is the stack's */
-		return fwd_local_wl(skb);
+		return fwd_local_wl(skb, &dst);
 	}
 }
 

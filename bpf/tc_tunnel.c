@@ -116,7 +116,7 @@ int tby_tun_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	counter_inc(TBY_R_DECAP_VXLAN);
 	/* a local pod's packet: to its veth (to-workload runs there) */
-	return fwd_local_wl(skb);
+	return fwd_local_wl(skb, NULL);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -27,6 +27,14 @@ from scapy.all import IP, TCP, UDP, Ether, Raw, raw
 from tabby.bpf import libbpf
 from tabby.bpf.libbpf import TC_ACT_OK, SkBuffCtx
 from tabby.bpf.maps.counters import Reason
+from tabby.bpf.maps.nat import (
+    BACKENDS_SPEC,
+    FRONTENDS_SPEC,
+    BackendKey,
+    BackendValue,
+    FrontendKey,
+    FrontendValue,
+)
 from tabby.bpf.maps.policy import SPECS as POLICY_SPECS
 from tabby.bpf.maps.policy import PolicyMaps
 from tabby.bpf.maps.routes import RouteValue
@@ -359,3 +367,25 @@ def test_the_destination_pods_ingress_policy_is_judged_before_its_netns(
         libbpf.TC_ACT_SHOT,
         {Reason.PASS_WL_OUT: 1, Reason.DROP_POL_IN: 1},
     )
+
+
+@pytest.mark.parametrize(
+    ("prog", "src", "dev"),
+    [("tby_from_wl", P.POD_IP, "wla"), ("tby_from_host", P.REMOTE_POD_IP, "data")],
+)
+def test_a_packet_to_a_pod_never_looks_at_the_frontends(
+    fast: DatapathObjects, node: Node, prog: str, src: str, dev: str
+) -> None:
+    """Frontends are service and node addresses, never a pod's: a packet to a pod takes the
+    route it needs anyway instead of a lookup in the frontend map, whose buckets are mostly
+    cold (from-workload, and from-host for BGP-routed and IP-in-IP pod traffic). A frontend
+    written at a pod's own address (no Service can have one) shows which way it went."""
+    set_id = 77
+    fast.map(BACKENDS_SPEC).update(BackendKey(set_id, 0), BackendValue.make(P.REMOTE_POD_IP, 8080))
+    fast.map(FRONTENDS_SPEC).update(
+        FrontendKey.make(P.OTHER_POD_IP, 80, "TCP"), FrontendValue(set_id, 1)
+    )
+    verdict, out, delta = _run(fast, node, prog, _frame(P.OTHER_POD_IP, src=src), dev=dev)
+    assert verdict == TC_ACT_REDIRECT and delta.get(Reason.FWD_PEER) == 1
+    assert (out[IP].dst, out[TCP].dport) == (P.OTHER_POD_IP, 80), "not translated"
+    assert Reason.NAT_NEW not in delta

@@ -148,14 +148,21 @@ stack:
 	return TC_ACT_OK;
 }
 
-/* The route of the packet's destination, as NAT left it; NULL if none. */
-static __always_inline struct tby_route_val *fwd_dst_route(struct __sk_buff *skb)
+/*
+ * The route of the packet's destination, as NAT left it; NULL if none. dst:
+ * the route nat_handle_dst() met (NULL: none), used without a second lookup
+ * if NAT left that destination in place.
+ */
+static __always_inline struct tby_route_val *fwd_dst_route(struct __sk_buff *skb,
+							   const struct nat_dst_route *dst)
 {
 	__be32 daddr;
 
 	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
 			       sizeof(daddr)))
 		return NULL;
+	if (dst && dst->known && dst->addr == daddr)
+		return dst->rt;
 	return route_lookup(daddr);
 }
 
@@ -182,8 +189,9 @@ static __always_inline int fwd_redirect(struct __sk_buff *skb, const struct nat_
  * From the network (tunnel, data interface): only packets for a pod of this
  * node take the fast path; the node's own traffic and transit stay the
  * stack's without a FIB lookup. The address is read from the packet, which
- * NAT may have rewritten; fwd_local_wl_route() takes the route of the
- * packet's destination from a caller that has it.
+ * NAT may have rewritten (dst: the route nat_handle_dst() met, NULL: none);
+ * fwd_local_wl_route() takes the route of the packet's destination from a
+ * caller that has it.
  */
 static __always_inline int fwd_local_wl_route(struct __sk_buff *skb,
 					      const struct tby_route_val *rt)
@@ -193,11 +201,11 @@ static __always_inline int fwd_local_wl_route(struct __sk_buff *skb,
 	return fwd_send(skb, rt);
 }
 
-static __always_inline int fwd_local_wl(struct __sk_buff *skb)
+static __always_inline int fwd_local_wl(struct __sk_buff *skb, const struct nat_dst_route *dst)
 {
 	if (!cfg_redirect)
 		return TC_ACT_OK;
-	return fwd_local_wl_route(skb, fwd_dst_route(skb));
+	return fwd_local_wl_route(skb, fwd_dst_route(skb, dst));
 }
 
 #endif /* __TABBY_FWD_H */
