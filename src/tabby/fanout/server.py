@@ -68,7 +68,7 @@ class Stats:
 
     datastore_lists: int = 0  # full lists of the served kinds (1 + relists)
     datastore_watches: int = 0  # watches opened on the datastore (one at a time)
-    datastore_bytes: int = 0  # JSON bytes read from the datastore: what each agent would read
+    datastore_bytes: int = 0  # JSON bytes taken from the datastore, as served (Pods kept)
     events: int = 0  # datastore events of served kinds
     connections: int = 0
     refused: int = 0
