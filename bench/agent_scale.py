@@ -2,11 +2,11 @@
 """Bench: one agent's memory and start-up time at 10,000 services / 1,000 pods, per datastore.
 
 The cluster (the same objects in every datastore): the lab's own FelixConfiguration, IPPool
-(VXLAN Always), namespaces and Node node1; 10 remote Nodes with two /26 IPAM blocks each; 1,000
-Pods spread over the remote nodes (addresses in their blocks); 10,000 selector-less ClusterIP
-Services, each with one EndpointSlice of 3 ready endpoints (benchlib's synthetic ones). node1's
-agent therefore lists and computes everything, programs 10,000 frontends / 30,000 backends and
-the routes to 20 remote blocks, and has no local pod.
+(VXLAN Always), namespaces and Node node1; 10 remote Nodes with two /26 IPAM blocks each (more
+if the pods need them); 1,000 Pods spread over the remote nodes (addresses in their blocks);
+10,000 selector-less ClusterIP Services, each with one EndpointSlice of 3 ready endpoints
+(benchlib's synthetic ones). node1's agent therefore lists and computes everything, programs
+10,000 frontends / 30,000 backends and the routes to 20 remote blocks, and has no local pod.
 
 Datastores: ``embedded`` (the lab's SQLite store), ``etcd`` (a private etcd started for the run on
 127.0.0.1, its data in the lab's state dir, stopped by PID), ``kubernetes`` (tests/fakeapi, the
@@ -67,7 +67,7 @@ RESULTS = str(REPO / "bench" / "results" / "agent_scale.json")
 LAB = "benchag"
 NODE = "node1"
 REMOTE_NODES = 10
-BLOCKS_PER_NODE = 2
+BLOCKS_PER_NODE = 2  # at least; more when the pods need them (62 pods per /26)
 POD_BLOCK_BASE = ipaddress.IPv4Address("100.110.0.0")  # in the pool, far from IPAM's first blocks
 READY_TIMEOUT_S = 600.0
 console = Console(width=160)
@@ -100,6 +100,7 @@ def dataset(plan: Any, n_services: int, n_pods: int, shape: str = "lab") -> list
         node1["metadata"]["annotations"]["projectcalico.org/IPv4Address"], strict=False
     )
     pods_per_node = -(-n_pods // REMOTE_NODES)
+    blocks_per_node = max(BLOCKS_PER_NODE, -(-pods_per_node // 62))
     block = int(POD_BLOCK_BASE)
     pod_ips: dict[str, list[str]] = {}
     for r in range(REMOTE_NODES):
@@ -121,7 +122,7 @@ def dataset(plan: Any, n_services: int, n_pods: int, shape: str = "lab") -> list
             }
         )
         ips: list[str] = []
-        for _ in range(BLOCKS_PER_NODE):
+        for _ in range(blocks_per_node):
             cidr = f"{ipaddress.IPv4Address(block)}/26"
             block += 64
             objs.append(
