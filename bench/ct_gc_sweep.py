@@ -34,7 +34,6 @@ from typing import Any
 
 from tabby.bpf import libbpf
 from tabby.bpf.maps.conntrack import CONNTRACK_SPEC, CtKey, CtType, CtValue, TcpFlags
-from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
 from tabby.bpf.maps.nat import (
     BACKENDS_SPEC,
     FRONTENDS_SPEC,
@@ -153,7 +152,7 @@ def run(entries: int) -> list[Row]:
         obj.set_max_entries(CONNTRACK_SPEC.name, entries + entries // 8)
         obj.load()
         ct = CONNTRACK_SPEC.open_in(obj)
-        gc = ConntrackGC(obj.prog_fd("tby_ct_gc"), CT_GC_STATS_SPEC.open_in(obj))
+        gc = ConntrackGC.of_object(obj)
         install_services(obj)
         rows: list[Row] = []
 

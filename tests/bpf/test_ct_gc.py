@@ -234,7 +234,7 @@ class Sweeper:
     def __init__(self, obj: libbpf.Object) -> None:
         self.obj = obj
         self.ct = CONNTRACK_SPEC.open_in(obj)
-        self.gc = ConntrackGC(obj.prog_fd("tby_ct_gc"), CT_GC_STATS_SPEC.open_in(obj))
+        self.gc = ConntrackGC.of_object(obj)
         fe, be = FRONTENDS_SPEC.open_in(obj), BACKENDS_SPEC.open_in(obj)
         for set_id, (addr, port), proto, backends in (
             (1, TCP_FE, "TCP", TCP_BACKENDS),

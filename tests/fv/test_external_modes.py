@@ -27,7 +27,6 @@ from scapy.layers.vxlan import VXLAN
 
 from tabby.bpf import libbpf
 from tabby.bpf.maps.counters import Reason
-from tabby.bpf.maps.ctgc import CT_GC_STATS_SPEC
 from tabby.bpf.objects import DatapathConfig, default_bpf_dir
 from tabby.dataplane.conntrack import ConntrackGC
 from tabby.lab import capture, fabric, traffic
@@ -236,7 +235,7 @@ def _sweep(lab: Lab, node: str, advance_s: int) -> None:
     try:
         obj.set_rodata(DatapathConfig.build())
         obj.load()
-        ConntrackGC(obj.prog_fd("tby_ct_gc"), CT_GC_STATS_SPEC.open_in(obj)).sweep(advance_s)
+        ConntrackGC.of_object(obj).sweep(advance_s)
     finally:
         obj.close()
 

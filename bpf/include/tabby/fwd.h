@@ -173,16 +173,9 @@ static __always_inline struct tby_route_val *fwd_dst_route(struct __sk_buff *skb
  */
 static __always_inline int fwd_redirect(struct __sk_buff *skb, const struct nat_dst_route *dst)
 {
-	__be32 daddr;
-
 	if (!cfg_redirect)
 		return TC_ACT_OK;
-	if (bpf_skb_load_bytes(skb, TBY_IP_OFF + offsetof(struct iphdr, daddr), &daddr,
-			       sizeof(daddr)))
-		return TC_ACT_OK;
-	if (dst && dst->known && dst->addr == daddr)
-		return fwd_send(skb, dst->rt);
-	return fwd_send(skb, route_lookup(daddr));
+	return fwd_send(skb, fwd_dst_route(skb, dst));
 }
 
 /*

@@ -63,6 +63,11 @@ class ConntrackGC:
         """The sweeper of loaded datapath objects (their fds: rebuild it after a reload)."""
         return cls(objects.prog_fd(PROGRAM), objects.map(CT_GC_STATS_SPEC))
 
+    @classmethod
+    def of_object(cls, obj: libbpf.Object) -> ConntrackGC:
+        """The sweeper of ct_gc.o loaded alone on a pin root (benches, tests)."""
+        return cls(obj.prog_fd(PROGRAM), CT_GC_STATS_SPEC.open_in(obj))
+
     def sweep(self, advance_s: int = 0) -> GcStats:
         """One full sweep; ``advance_s`` judges entries as that many seconds later (tests)."""
         ctx = libbpf.SkBuffCtx()

@@ -221,8 +221,8 @@ class NatManager:
                     sets[set_name] = current
                 was = current.backends
                 if was == backends:
-                    # one copy, calc's: a set adopted at a warm start held its own (~8 MB at
-                    # 20,000 services x 3 endpoints)
+                    # one copy, calc's: a service computed again with the same backends
+                    # brings a new, equal tuple, and the older one would live on here
                     current.backends = backends
                     continue
                 set_id = current.id
