@@ -13,6 +13,7 @@ and ``pass_wl_in`` (tby_to_wl's work, done on the way), where a packet for anoth
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from tabby.bpf.maps.nat import (
 )
 from tabby.bpf.maps.policy import SPECS as POLICY_SPECS
 from tabby.bpf.maps.policy import PolicyMaps
-from tabby.bpf.maps.routes import RouteValue
+from tabby.bpf.maps.routes import WL_DEVS_SPEC, RouteValue, WlDevValue
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import policy as calc_policy
 from tabby.dataplane.policy import PolicyManager
@@ -389,3 +390,55 @@ def test_a_packet_to_a_pod_never_looks_at_the_frontends(
     assert verdict == TC_ACT_REDIRECT and delta.get(Reason.FWD_PEER) == 1
     assert (out[IP].dst, out[TCP].dport) == (P.OTHER_POD_IP, 80), "not translated"
     assert Reason.NAT_NEW not in delta
+
+
+# what the agent read of wlb's pod (RouteMapManager): its interface's MAC, not the neighbour
+# entry's, so the frame shows which one the program used
+AGENT_POD_MAC = "02:fc:00:00:00:0b"
+
+
+def _known_pod(dp: DatapathObjects, node: Node, mtu: int = WLB_MTU) -> None:
+    value = WlDevValue.make(AGENT_POD_MAC, node.mac["wlb"], mtu)
+    dp.map(WL_DEVS_SPEC).update(ctypes.c_uint32(node.ifindex["wlb"]), value)
+
+
+@pytest.mark.parametrize(
+    ("prog", "src", "dev"),
+    [("tby_from_wl", P.POD_IP, "wla"), ("tby_from_host", P.REMOTE_POD_IP, "data")],
+)
+@pytest.mark.parametrize("dst", [P.OTHER_POD_IP, "100.96.0.32"])  # the second: no neighbour
+def test_a_pod_the_agent_described_is_reached_without_the_fib(
+    fast: DatapathObjects, node: Node, prog: str, src: str, dev: str, dst: str
+) -> None:
+    """tby_wl_devs gives the MACs (and MTU) of a local pod's veth: no FIB lookup, so no
+    neighbour entry is needed either (the FIB's answer for 100.96.0.32 is NO_NEIGH)."""
+    _known_pod(fast, node)
+    verdict, out, delta = _run(fast, node, prog, _frame(dst, src=src), dev=dev)
+    assert verdict == TC_ACT_REDIRECT
+    _redirected_to(out, node.mac["wlb"], AGENT_POD_MAC, 63)
+    assert delta[Reason.FWD_PEER] == 1 and Reason.FWD_FIB_MISS not in delta, delta
+
+
+@pytest.mark.parametrize(
+    ("size", "gso_size", "redirected"),
+    [
+        (WLB_MTU - 40, 0, True),  # exactly the pod's MTU
+        (WLB_MTU - 40 + 1, 0, False),
+        (3000, 1000, True),  # a GSO aggregate, by its segments
+        (3000, WLB_MTU - 40 + 1, False),
+    ],
+)
+def test_over_a_described_pods_mtu_goes_to_the_stack(
+    fast: DatapathObjects, node: Node, size: int, gso_size: int, redirected: bool
+) -> None:
+    """The stack answers a packet over the pod's MTU as ip_forward does (fragmentation needed,
+    or fragments); the map's MTU is the limit, as the FIB's device MTU was."""
+    _known_pod(fast, node, mtu=WLB_MTU)
+    frame = _frame(P.OTHER_POD_IP, size=size)
+    verdict, out, delta = _run(fast, node, "tby_from_wl", frame, gso_size=gso_size)
+    if redirected:
+        assert verdict == TC_ACT_REDIRECT and delta[Reason.FWD_PEER] == 1
+        assert out.dst == AGENT_POD_MAC
+    else:
+        assert (verdict, raw(out)) == (TC_ACT_OK, frame)
+        assert delta == {Reason.PASS_WL_OUT: 1, Reason.FWD_STACK: 1}

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from tabby.bpf.maps.routes import WL_DEVS_SPEC, WlDevValue
 from tabby.lab import traffic
-from tabby.lab.cluster import Lab
+from tabby.lab.cluster import Lab, pin_root
 
 from . import spec_lab as spec_labs
 from .service_lab import counters, tcp_outcome
@@ -175,3 +176,94 @@ def test_a_denied_flow_stays_denied_on_the_fast_path(lab, pods, src):
         ds.delete("NetworkPolicy", "a2-from-c-only", "default")
         lab.wait_ready()
     exchange(pods[src], pods["a2"], 1)
+
+
+def _link(netns: str, dev: str) -> tuple[int, str, int]:
+    """(ifindex, MAC, MTU) of a device, as `ip` reports it."""
+    out = subprocess.run(
+        ["ip", "-n", netns, "-o", "link", "show", "dev", dev],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return int(out[0].rstrip(":")), out[out.index("link/ether") + 1], int(out[out.index("mtu") + 1])
+
+
+def _host_veth(netns: str, ip: str) -> str:
+    """The device of the node's route to a pod: its host-side veth."""
+    out = subprocess.run(
+        ["ip", "-n", netns, "-o", "route", "get", ip], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return out[out.index("dev") + 1]
+
+
+def test_each_local_pod_is_described_for_the_fast_path(lab, pods):
+    """The agent wrote each local pod's veth in tby_wl_devs: the MAC of the pod's interface
+    (read in the pod's netns), the host side's, and the MTU of the pair."""
+    node_ns = lab.plan.node("node1").netns
+    devs = WL_DEVS_SPEC.open_pinned(pin_root(lab.name, "node1"))
+    try:
+        rows = {int(k.value): v.describe(int(k.value)) for k, v in devs.items()}
+    finally:
+        devs.close()
+    for name in ("a1", "a2"):
+        index, host_mac, mtu = _link(node_ns, _host_veth(node_ns, pods[name]["ip"]))
+        _, pod_mac, _ = _link(pods[name]["netns"], "eth0")
+        assert rows.get(index) == WlDevValue.make(pod_mac, host_mac, mtu).describe(index), name
+
+
+def test_a_pods_frames_carry_its_own_mac_whatever_the_node_neighbour_table_says(lab, pods):
+    """Local delivery takes the pod's MACs from tby_wl_devs, not from the FIB and the node's
+    neighbour table: with a wrong permanent entry there for a2, a1's datagrams still reach a2
+    addressed to a2's interface, from its gateway's (the host veth's) MAC."""
+    set_felix(lab, "Enabled")
+    node_ns = lab.plan.node("node1").netns
+    a1, a2 = pods["a1"], pods["a2"]
+    veth = _host_veth(node_ns, a2["ip"])
+    _, host_mac, _ = _link(node_ns, veth)
+    _, pod_mac, _ = _link(a2["netns"], "eth0")
+    neigh, entry = ["ip", "-n", node_ns, "neigh"], [a2["ip"], "dev", veth]
+    wrong = ["lladdr", "02:00:00:00:0b:ad", "nud", "permanent"]
+    subprocess.run([*neigh, "replace", *entry, *wrong], check=True)
+    capture = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            a2["netns"],
+            "timeout",
+            "20",
+            "tcpdump",
+            "-l",
+            "-e",
+            "-nn",
+            "-c",
+            "3",
+            "-i",
+            "eth0",
+            f"udp and src host {a1['ip']}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert capture.stderr is not None
+        capture.stderr.readline()  # "listening on eth0": capturing from here on
+        before = counters(lab, "node1")
+        for _ in range(3):
+            assert traffic.udp_request(a1["netns"], a2["ip"], 8081, b"clientip").startswith(
+                a1["ip"]
+            )
+        out, _ = capture.communicate(timeout=20)
+        after = counters(lab, "node1")
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.wait()
+        subprocess.run([*neigh, "del", *entry], check=False)
+    frames = [line.split()[1:4] for line in out.splitlines()]
+    assert len(frames) == 3, out
+    assert all(f == [host_mac, ">", pod_mac + ","] for f in frames), out
+    assert after["fwd_peer"] - before["fwd_peer"] >= 6, "both ways into the pods' netns"
+    assert after["fwd_fib_miss"] == before["fwd_fib_miss"]

@@ -18,7 +18,7 @@ import pytest
 from tabby.bpf import libbpf
 from tabby.bpf.maps import ALL_SPECS, conntrack, ctgc, ctlb, maglev, nat, policy, workloads6
 from tabby.bpf.maps.counters import C_PREFIX, REASON_MAX, Reason
-from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue
+from tabby.bpf.maps.routes import RouteFlags, RouteKey, RouteValue, WlDevValue
 from tabby.bpf.objects import ENTRY_OBJECTS, DatapathConfig
 
 Types = dict[int, dict[str, Any]]
@@ -27,6 +27,7 @@ Types = dict[int, dict[str, Any]]
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tby_route_key": RouteKey,
     "tby_route_val": RouteValue,
+    "tby_wl_dev_val": WlDevValue,
     "tby_nat_fe_key": nat.FrontendKey,
     "tby_nat_fe_val": nat.FrontendValue,
     "tby_nat_be_key": nat.BackendKey,

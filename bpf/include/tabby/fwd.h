@@ -6,11 +6,13 @@
  * neighbour table and the TTL a router would leave, skipping the node's IP
  * stack (ip_rcv, netfilter, ip_forward, neighbour output). A pod of this
  * node gets it in its own netns (bpf_redirect_peer), to-workload's work done
- * on the way (fwd_deliver); anything else goes to the device's egress, so its
- * own tc program still runs: the tunnel (VXLAN key), to-host (natOutgoing,
- * IP-in-IP). Whatever the stack would do differently goes to the stack
- * (TC_ACT_OK), never dropped: fragments, IP options, TTL <= 1, anything but
- * TCP and UDP (ICMP errors included), and every FIB answer but success (no
+ * on the way (fwd_deliver), with the MACs and MTU the agent wrote in
+ * tby_wl_devs instead of the FIB's when it has them; anything else goes to
+ * the device's egress, so its own tc program still runs: the tunnel (VXLAN
+ * key), to-host (natOutgoing, IP-in-IP). Whatever the stack would do
+ * differently goes to the stack (TC_ACT_OK), never dropped: fragments, IP
+ * options, TTL <= 1, anything but TCP and UDP (ICMP errors included), a
+ * packet over a local pod's MTU, and every FIB answer but success (no
  * route, a local address, too big for the route's MTU, neighbour not
  * resolved yet: the stack resolves it and the next packets take the fast
  * path).
@@ -79,38 +81,66 @@ static __always_inline int fwd_deliver(struct __sk_buff *skb, __u32 ifindex)
 }
 
 /*
+ * The frame's MACs and the TTL a router would leave (the checksum by
+ * difference, as ip_forward does). Pointers loaded again: a helper before
+ * may have moved the data. 0, or -1 if the header cannot be read.
+ */
+static __always_inline int fwd_rewrite_l2(struct __sk_buff *skb, const __u8 *dmac,
+					  const __u8 *smac)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__u8 ttl;
+
+	parse_bounds(skb, &data, &data_end);
+	eth = data;
+	ip = data + TBY_IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	ttl = ip->ttl;
+	ip->ttl = ttl - 1;
+	bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
+			    bpf_htons((__u16)ttl << 8), bpf_htons((__u16)(ttl - 1) << 8), 2);
+	return 0;
+}
+
+/*
  * Redirects an IPv4 packet (headers as parse_packet left them, after any NAT)
  * to its next hop's device, or returns TC_ACT_OK for the stack. ``rt``: the
  * destination's tby_routes entry, if any: a local pod's packet goes into its
  * netns (fwd_deliver); IP-in-IP's outer header (added by the egress program)
  * must fit under the device's MTU.
+ *
+ * A local pod known to tby_wl_devs is reached without the FIB, as Cilium's
+ * endpoint map does: its route is the CNI's /32 on that veth, and the agent
+ * wrote the MACs and MTU the FIB and the neighbour table would give (the
+ * lookup was about a quarter of from-workload's time). A packet over the
+ * pod's MTU goes to the stack, which answers as ip_forward does.
  */
 static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_route_val *rt)
 {
 	__u32 room = rt && ipip_route_ok(rt) ? TBY_IPIP_HLEN : 0;
 	__u32 pod_if = rt && (rt->flags & TBY_RT_LOCAL_WL) ? rt->ifindex : 0;
 	struct bpf_fib_lookup fib = {};
-	struct ethhdr *eth;
+	struct tby_wl_dev_val *wl;
 	struct iphdr *ip;
 	void *data, *data_end;
 	__u32 len;
-	__u8 ttl;
 
 	/* the IP header and a TCP one (a GSO segment's length needs it) */
 	if (parse_pull(skb, TBY_IP_OFF + sizeof(*ip) + sizeof(struct tcphdr)) &&
 	    parse_pull(skb, TBY_IP_OFF + sizeof(*ip)))
 		goto stack;
 	parse_bounds(skb, &data, &data_end);
-	eth = data;
 	ip = data + TBY_IP_OFF;
 	if ((void *)(ip + 1) > data_end)
 		goto stack;
 	if (ip->ihl != 5 || (ip->frag_off & bpf_htons(TBY_IP_MF | TBY_IP_OFFSET)) ||
 	    ip->ttl <= 1 || (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
 		goto stack;
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
 	/* checked against the egress device's MTU (FRAG_NEEDED if too big).
 	 * Not the route's: bpf_fib_lookup honours a route MTU only when locked,
 	 * where ip_forward always does; so IP-in-IP's room (its routes carry
@@ -118,6 +148,17 @@ static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_rout
 	len = fwd_seg_len(skb, ip, data_end);
 	if (!len || len + room > 0xffff)
 		goto stack;
+	if (pod_if) {
+		wl = bpf_map_lookup_elem(&tby_wl_devs, &pod_if);
+		if (wl) {
+			if (len > wl->mtu || fwd_rewrite_l2(skb, wl->mac, wl->host_mac))
+				goto stack;
+			return fwd_deliver(skb, pod_if);
+		}
+	}
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
 	fib.tot_len = len + room;
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
@@ -126,19 +167,8 @@ static __always_inline int fwd_send(struct __sk_buff *skb, const struct tby_rout
 		counter_inc(TBY_R_FWD_FIB_MISS);
 		return TC_ACT_OK;
 	}
-	/* the helper may have moved the data: load the pointers again */
-	parse_bounds(skb, &data, &data_end);
-	eth = data;
-	ip = data + TBY_IP_OFF;
-	if ((void *)(ip + 1) > data_end)
+	if (fwd_rewrite_l2(skb, fib.dmac, fib.smac))
 		goto stack;
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	/* as ip_forward: TTL - 1, the checksum by difference (protocol kept) */
-	ttl = ip->ttl;
-	ip->ttl = ttl - 1;
-	bpf_l3_csum_replace(skb, TBY_IP_OFF + offsetof(struct iphdr, check),
-			    bpf_htons((__u16)ttl << 8), bpf_htons((__u16)(ttl - 1) << 8), 2);
 	if (pod_if && pod_if == fib.ifindex)
 		return fwd_deliver(skb, pod_if);
 	counter_inc(TBY_R_FWD_REDIRECT);

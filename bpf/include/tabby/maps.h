@@ -190,6 +190,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tby_wl6 SEC(".maps");
 
+/* The fast path's local deliveries: host veth ifindex -> the pod's MACs, MTU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct tby_wl_dev_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tby_wl_devs SEC(".maps");
+
 /* NetworkPolicy: local pod address -> its policy set and isolation. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

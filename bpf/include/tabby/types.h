@@ -130,6 +130,18 @@ struct tby_wl6_val {
 	__u32 _pad;
 };
 
+/*
+ * tby_wl_devs (key: a local pod's host-side veth ifindex): what the fast path
+ * needs to put a packet into that pod without asking the FIB: the frame's
+ * MACs and the pod's MTU (fwd.h).
+ */
+struct tby_wl_dev_val {
+	__u8 mac[6]; /* the pod's interface: the frame's destination */
+	__u8 host_mac[6]; /* the host-side veth, the pod's gateway: its source */
+	__u16 mtu; /* the veth's, as the pod's: larger packets go to the stack */
+	__u16 _pad;
+};
+
 /* sessionAffinity ClientIP: the backend a client was last given. */
 struct tby_nat_aff_key {
 	__u32 id;

@@ -35,7 +35,7 @@ from tabby.bpf.maps.nat import (
     SOURCE_RANGES_SPEC,
 )
 from tabby.bpf.maps.policy import PolicyMaps
-from tabby.bpf.maps.routes import ROUTES_SPEC, RoutesMap
+from tabby.bpf.maps.routes import ROUTES_SPEC, WL_DEVS_SPEC, RoutesMap
 from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.calc import names
@@ -116,7 +116,9 @@ class NodeDataplane:
         objects); opened again after a resize (bpfMapSize*) recreated some: the managers adopt
         what is pinned, the entries carried over."""
         pin_root = self.pin_root
-        self.routes = RouteMapManager(RoutesMap(ROUTES_SPEC.open_pinned(pin_root)))
+        self.routes = RouteMapManager(
+            RoutesMap(ROUTES_SPEC.open_pinned(pin_root)), WL_DEVS_SPEC.open_pinned(pin_root)
+        )
         fe, be, src, mg = (
             s.open_pinned(pin_root)
             for s in (FRONTENDS_SPEC, BACKENDS_SPEC, SOURCE_RANGES_SPEC, MAGLEV_SPEC)
@@ -128,7 +130,8 @@ class NodeDataplane:
         self.nat6 = NatManager(self.nat6_maps[0], self.nat6_maps[1], None, family=6)
 
     def _close_maps(self) -> None:
-        for m in [*self.nat_maps, *self.nat6_maps, self.routes.map.map]:
+        devs = [self.routes.devs] if self.routes.devs is not None else []
+        for m in [*self.nat_maps, *self.nat6_maps, self.routes.map.map, *devs]:
             m.close()
 
     def _reload_if_needed(self, state: NodeState) -> None:
@@ -347,14 +350,9 @@ class NodeDataplane:
     def close(self) -> None:
         self.health.close()
         self.policy_maps.close()
-        for m in [
-            *self.nat_maps,
-            *self.nat6_maps,
-            self.wl6_map,
-            self.routes.map.map,
-            self.counters.map,
-        ]:
-            m.close()
+        self._close_maps()
+        self.wl6_map.close()
+        self.counters.map.close()
         self.objects.close()
 
 

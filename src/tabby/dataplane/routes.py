@@ -12,12 +12,15 @@ ipipMTU): forwarded and node-originated packets are clamped (PMTU) before the he
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
+from typing import Any
 
 from pyroute2 import IPRoute
 
-from tabby.bpf.maps.routes import RouteFlags, RoutesMap, RouteValue
+from tabby.bpf import libbpf
+from tabby.bpf.maps.routes import RouteFlags, RoutesMap, RouteValue, WlDevValue
 from tabby.calc import names
 from tabby.calc.mtu import pod_mtu
 from tabby.calc.nodestate import KernelRoute, Route
@@ -28,10 +31,18 @@ RTPROT_TABBY = 88  # our routes in `ip route` show as "proto 88"
 
 
 class RouteMapManager:
-    def __init__(self, routes: RoutesMap) -> None:
+    """tby_routes, and tby_wl_devs beside it: a local pod's veth as the fast path delivers to
+    it without the FIB (its MACs and MTU, read once per host veth with its netns id)."""
+
+    def __init__(self, routes: RoutesMap, devs: libbpf.Map[Any, Any] | None = None) -> None:
         self.map = routes
+        self.devs = devs
         self.programmed: dict[str, RouteValue] = dict(routes.dump())  # adopt what is pinned
-        self.netnsids: dict[int, int | None] = {}  # host veth ifindex -> its pod's netns id
+        self.veths: dict[int, links.VethEnds | None] = {}  # host veth ifindex -> its two ends
+        # adopted too: a restart rewrites nothing that is right
+        self.devs_programmed: dict[int, bytes] = (
+            {int(k.value): bytes(v) for k, v in devs.items()} if devs is not None else {}
+        )
 
     def apply(self, desired: dict[str, Route]) -> list[str]:
         errors = []
@@ -47,10 +58,11 @@ class RouteMapManager:
             value = RouteValue.make(RouteFlags(route.flags), ifindex, route.next_hop)
             if ifindex and RouteFlags.LOCAL_WL in RouteFlags(route.flags):
                 # the pod's netns id: nat.h resolves a port clash with the pod's own sockets
-                value = value.with_netnsid(self._netnsid(ifindex))
+                ends = self._veth(ifindex)
+                value = value.with_netnsid(ends.netnsid if ends else None)
             want[cidr] = value
         live = {value.ifindex for value in want.values()}
-        self.netnsids = {i: nsid for i, nsid in self.netnsids.items() if i in live}
+        self.veths = {i: ends for i, ends in self.veths.items() if i in live}
         for cidr, value in want.items():
             if cidr not in self.programmed or bytes(self.programmed[cidr]) != bytes(value):
                 self.map.upsert(cidr, value)
@@ -58,14 +70,36 @@ class RouteMapManager:
         for cidr in set(self.programmed) - set(want):
             self.map.delete(cidr)
             del self.programmed[cidr]
-        return errors
+        return errors + self._apply_devs()
 
-    def _netnsid(self, ifindex: int) -> int | None:
-        """A local pod's netns id, asked once per host veth (one netlink request)."""
-        if ifindex not in self.netnsids:
+    def _veth(self, ifindex: int) -> links.VethEnds | None:
+        """A local pod's veth, asked once per host veth (two netlink requests)."""
+        if ifindex not in self.veths:
             with links.rtnl() as ipr:
-                self.netnsids[ifindex] = links.link_netnsid(ipr, ifindex)
-        return self.netnsids[ifindex]
+                self.veths[ifindex] = links.veth_ends(ipr, ifindex)
+        return self.veths[ifindex]
+
+    def _apply_devs(self) -> list[str]:
+        """tby_wl_devs after the routes: a pod whose MAC could not be read has no entry, and
+        the fast path asks the FIB for it as before."""
+        if self.devs is None:
+            return []
+        want = {
+            ifindex: bytes(WlDevValue.make(ends.peer_mac, ends.mac, ends.mtu))
+            for ifindex, ends in self.veths.items()
+            if ends is not None and ends.peer_mac
+        }
+        try:
+            for ifindex, value in want.items():
+                if self.devs_programmed.get(ifindex) != value:
+                    self.devs.update(ctypes.c_uint32(ifindex), WlDevValue.from_buffer_copy(value))
+                    self.devs_programmed[ifindex] = value
+            for ifindex in [i for i in self.devs_programmed if i not in want]:
+                self.devs.delete(ctypes.c_uint32(ifindex))
+                del self.devs_programmed[ifindex]
+        except OSError as e:
+            return [f"local pod devices map: {e}"]
+        return []
 
 
 class KernelRouteManager:

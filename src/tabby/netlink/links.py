@@ -12,6 +12,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -55,15 +56,39 @@ def link_attr(ipr: IPRoute, index: int, attr: str) -> object:
     return ipr.link("get", index=index)[0].get(attr)
 
 
-def link_netnsid(ipr: IPRoute, index: int) -> int | None:
-    """The netns id of a veth's peer, as the calling thread's netns numbers it
-    (IFLA_LINK_NETNSID; the kernel assigns one when it first reports the link); None if the
-    link has no peer in another netns, or is gone."""
+@dataclass(frozen=True)
+class VethEnds:
+    """A host-side veth and its peer, as the calling thread's netns sees them."""
+
+    netnsid: int | None  # the peer's netns (IFLA_LINK_NETNSID); None: no peer elsewhere
+    mac: str  # the host-side veth's
+    mtu: int
+    peer_mac: str | None  # the peer's (the pod's interface), None if it could not be read
+
+
+def veth_ends(ipr: IPRoute, index: int) -> VethEnds | None:
+    """A host-side veth and its peer (two netlink requests); None if the link is gone.
+
+    The netns id is assigned by the kernel when it first reports the link. The peer is asked
+    for in its own netns by that id (IFLA_IF_NETNSID, kernel 4.20+), without entering it."""
     try:
-        value = link_attr(ipr, index, "IFLA_LINK_NETNSID")
+        link = ipr.link("get", index=index)[0]
     except NetlinkError:
         return None
-    return None if value is None else int(str(value))
+    nsid, peer = link.get("IFLA_LINK_NETNSID"), link.get("IFLA_LINK")
+    peer_mac = None
+    if nsid is not None and peer:
+        try:
+            found = ipr.link("get", index=int(peer), IFLA_IF_NETNSID=int(nsid))
+            peer_mac = str(found[0].get("IFLA_ADDRESS"))
+        except NetlinkError:
+            pass
+    return VethEnds(
+        None if nsid is None else int(nsid),
+        str(link.get("IFLA_ADDRESS")),
+        int(link.get("IFLA_MTU")),
+        peer_mac,
+    )
 
 
 def link_mtu(ipr: IPRoute, name: str) -> int | None:

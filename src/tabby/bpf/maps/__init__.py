@@ -29,12 +29,13 @@ from tabby.bpf.maps.policy import (
     POL_CT6_SPEC,
     PORTS_SPEC,
 )
-from tabby.bpf.maps.routes import ROUTES_SPEC
+from tabby.bpf.maps.routes import ROUTES_SPEC, WL_DEVS_SPEC
 from tabby.bpf.maps.spec import MapSpec
 from tabby.bpf.maps.workloads6 import WORKLOADS6_SPEC
 
 ALL_SPECS: tuple[MapSpec, ...] = (
     ROUTES_SPEC,
+    WL_DEVS_SPEC,
     COUNTERS_SPEC,
     FRONTENDS_SPEC,
     BACKENDS_SPEC,

@@ -1,4 +1,5 @@
-"""tby_routes: the LPM trie from destination CIDR to how it is reached (mirror of types.h).
+"""tby_routes: the LPM trie from destination CIDR to how it is reached (mirror of types.h);
+tby_wl_devs: what the fast path writes into a frame for a local pod (its MACs, MTU).
 
 A route says what an address is (local/remote workload, local/remote host, a tunnel address)
 and how to reach it (host veth ifindex, next-hop node, encapsulation). The datapath uses it for
@@ -13,7 +14,7 @@ import ipaddress
 from typing import Any
 
 from tabby.bpf import libbpf
-from tabby.bpf.maps.spec import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE, MapSpec
+from tabby.bpf.maps.spec import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, MapSpec
 
 _be32 = ctypes.c_uint32.__ctype_be__
 
@@ -167,6 +168,43 @@ ROUTES_SPEC = MapSpec(
     max_entries=65536,
     map_flags=BPF_F_NO_PREALLOC,
 )
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return raw
+
+
+class WlDevValue(ctypes.Structure):
+    """struct tby_wl_dev_val: a local pod's veth as the fast path delivers to it (key: the
+    host-side veth's ifindex)."""
+
+    _fields_ = [
+        ("mac", ctypes.c_uint8 * 6),  # the pod's interface
+        ("host_mac", ctypes.c_uint8 * 6),  # the host-side veth, the pod's gateway
+        ("mtu", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16),
+    ]
+
+    @classmethod
+    def make(cls, mac: str, host_mac: str, mtu: int) -> WlDevValue:
+        value = cls(mtu=mtu)
+        value.mac[:] = _mac_bytes(mac)
+        value.host_mac[:] = _mac_bytes(host_mac)
+        return value
+
+    def describe(self, ifindex: int) -> str:
+        """``dev #12 mac 7e:..:1f via 52:..:fa mtu 1450``."""
+
+        def text(raw: Any) -> str:
+            return ":".join(f"{b:02x}" for b in bytes(raw))
+
+        return f"dev #{ifindex} mac {text(self.mac)} via {text(self.host_mac)} mtu {self.mtu}"
+
+
+WL_DEVS_SPEC = MapSpec("tby_wl_devs", BPF_MAP_TYPE_HASH, ctypes.c_uint32, WlDevValue, 16384)
 
 
 class RoutesMap:
