@@ -1,4 +1,4 @@
-"""tabbyctl bpf nat|conntrack|counters against real pinned maps filled by the test."""
+"""tabbyctl bpf nat|conntrack|counters|routes against real pinned maps filled by the test."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tabby.bpf.maps.nat import (
     FrontendValue,
     NatFlags,
 )
+from tabby.bpf.maps.routes import ROUTES_SPEC
 from tabby.bpf.objects import DatapathConfig, DatapathObjects
 from tabby.cli import bpf
 
@@ -282,3 +283,37 @@ def test_nat_maglev_shows_each_table_and_where_a_client_lands(pin_root: str, bpf
         assert flags["100.64.0.10:80/TCP"] == []
     code, out = tabbyctl("nat", "maglev", "--pin-root", pin_root, "--client", "nope")
     assert code == 1 and "--client must be IPv4:PORT" in out
+
+
+@pytest.mark.root
+def test_routes_show_a_local_pods_frame_addresses(pin_root: str, bpf_dir: Path) -> None:
+    from tabby.bpf.maps.routes import WL_DEVS_SPEC, RoutesMap, RouteValue, WlDevValue
+
+    pod = WlDevValue.make("7e:6f:71:79:dc:1f", "ee:ee:00:00:00:01", 1450)
+
+    with DatapathObjects(pin_root, DatapathConfig.build(), bpf_dir) as dp:
+        routes = RoutesMap(dp.map(ROUTES_SPEC))
+        routes.upsert("100.96.1.0/26", RouteValue.remote_workload("172.20.64.12", "vxlan"))
+        routes.upsert("100.96.0.5/32", RouteValue.local_workload(31, netnsid=4))
+        routes.upsert("100.96.0.6/32", RouteValue.local_workload(32))  # its MAC not read
+        devs = dp.map(WL_DEVS_SPEC)
+        devs.update(ctypes.c_uint32(31), pod)
+        code, out = tabbyctl("routes", "--pin-root", pin_root, "-o", "json")
+        assert code == 0, out
+        rows = json.loads(out)
+        assert [r["cidr"] for r in rows] == ["100.96.0.5/32", "100.96.0.6/32", "100.96.1.0/26"]
+        assert rows[0] == {
+            "cidr": "100.96.0.5/32",
+            "flags": ["local-wl", "netns"],
+            "ifindex": 31,
+            "next_hop": None,
+            "netnsid": 4,
+            "pod_mac": "7e:6f:71:79:dc:1f",
+            "gateway_mac": "ee:ee:00:00:00:01",
+            "mtu": 1450,
+        }
+        assert "pod_mac" not in rows[1]
+        assert rows[2]["flags"] == ["remote-wl", "encap-vxlan"]
+        assert rows[2]["next_hop"] == "172.20.64.12"
+        code, out = tabbyctl("routes", "--pin-root", pin_root)
+        assert code == 0 and "7e:6f:71:79:dc:1f" in out and "172.20.64.12" in out, out

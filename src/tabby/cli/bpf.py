@@ -1,4 +1,4 @@
-"""`tabbyctl bpf ...`: read a node's pinned maps, like `calico-node -bpf nat|conntrack|counters`.
+"""`tabbyctl bpf ...`: a node's pinned maps, like `calico-node -bpf nat|conntrack|counters|routes`.
 
 Read-only: the commands open the pins, dump, and close; they never write a map, so they are safe
 next to a running agent. A node is named by ``--lab``/``--node`` (the lab's pin directory
@@ -431,6 +431,63 @@ def conntrack_dump(
             ",".join(r["tcp_flags"]),
             ",".join(p.lower() for p in r["policy"]),
             r["path"],
+        )
+    _console().print(table)
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def read_routes(pin_root: str) -> list[Row]:
+    """tby_routes in address order; a local pod's with what the fast path writes into its
+    frames (tby_wl_devs: the pod's MAC, its gateway's, the MTU), where the agent wrote it."""
+    from tabby.bpf.maps.routes import ROUTES_SPEC, WL_DEVS_SPEC, RouteFlags, RoutesMap
+
+    with _open(ROUTES_SPEC, pin_root) as routes_map:
+        routes = RoutesMap(routes_map).dump()
+    with _open(WL_DEVS_SPEC, pin_root) as devs_map:
+        devs = {int(k.value): v for k, v in devs_map.items()}
+    rows = []
+    for cidr, value in sorted(routes.items(), key=lambda kv: ipaddress.IPv4Network(kv[0])):
+        flags = value.route_flags
+        row: Row = {
+            "cidr": cidr,
+            "flags": [str(f.name).lower().replace("_", "-") for f in RouteFlags if f in flags],
+            "ifindex": value.ifindex or None,
+            "next_hop": value.next_hop_ip,
+            "netnsid": value.netnsid if RouteFlags.NETNS in flags else None,
+        }
+        dev = devs.get(value.ifindex) if RouteFlags.LOCAL_WL in flags else None
+        if dev is not None:
+            row.update(pod_mac=dev.pod_mac, gateway_mac=dev.gateway_mac, mtu=int(dev.mtu))
+        rows.append(row)
+    return rows
+
+
+DEV_KEYS = ("pod_mac", "gateway_mac", "mtu")  # a local pod's tby_wl_devs entry, in a row
+
+
+@app.command()
+def routes(
+    lab: str = LabOpt,
+    node: str = NodeOpt,
+    pin_root: str | None = PinRootOpt,
+    output: str = OutputOpt,
+) -> None:
+    """The route map (tby_routes) and, for this node's pods, what the fast path writes into their
+    frames without asking the FIB (tby_wl_devs)."""
+    _check_output(output)
+    rows = read_routes(resolve_pin_root(lab, node, pin_root))
+    if output == "json":
+        _print_json(rows)
+        return
+    table = Table(title="BPF routes")
+    for column in ("cidr", "flags", "dev", "via", "netnsid", "pod MAC", "gateway MAC", "MTU"):
+        table.add_column(column)
+    for r in rows:
+        cells = (r["ifindex"], r["next_hop"], r["netnsid"], *(r.get(k) for k in DEV_KEYS))
+        table.add_row(
+            r["cidr"], ",".join(r["flags"]), *("" if c is None else str(c) for c in cells)
         )
     _console().print(table)
 

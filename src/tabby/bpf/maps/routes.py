@@ -195,13 +195,18 @@ class WlDevValue(ctypes.Structure):
         value.host_mac[:] = _mac_bytes(host_mac)
         return value
 
+    @property
+    def pod_mac(self) -> str:
+        return ":".join(f"{b:02x}" for b in bytes(self.mac))
+
+    @property
+    def gateway_mac(self) -> str:
+        """The host-side veth's: the pod's gateway, the frames' source."""
+        return ":".join(f"{b:02x}" for b in bytes(self.host_mac))
+
     def describe(self, ifindex: int) -> str:
         """``dev #12 mac 7e:..:1f via 52:..:fa mtu 1450``."""
-
-        def text(raw: Any) -> str:
-            return ":".join(f"{b:02x}" for b in bytes(raw))
-
-        return f"dev #{ifindex} mac {text(self.mac)} via {text(self.host_mac)} mtu {self.mtu}"
+        return f"dev #{ifindex} mac {self.pod_mac} via {self.gateway_mac} mtu {self.mtu}"
 
 
 WL_DEVS_SPEC = MapSpec("tby_wl_devs", BPF_MAP_TYPE_HASH, ctypes.c_uint32, WlDevValue, 16384)
