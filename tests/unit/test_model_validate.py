@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
+from tabby.lab import apishapes
 from tabby.model import ValidationError, lookup, validate
 from tabby.model.errors import UnknownKind
 
@@ -123,6 +126,19 @@ def test_pod_ip_checks_and_pod_ips_filled():
     assert out["spec"]["containers"][0]["ports"][0]["protocol"] == "TCP"
     pod["status"]["podIP"] = "100.96.0.500"
     assert error_of(pod).startswith("Pod ns1/p: status.podIP: '100.96.0.500' is not a valid IP")
+
+
+def test_pods_and_nodes_as_kubectl_exports_them_are_accepted():
+    """`kubectl get pod -o yaml` from a real cluster, applied to a lab: what the API server
+    adds (managedFields, a container's terminationMessagePath, the scheduler's defaults) is
+    known, so accepted; a field Kubernetes does not have is still refused by name."""
+    pod = apishapes.pod("default", "web-1", "node1", "100.96.0.5", {"app": "web"})
+    out = validate(copy.deepcopy(pod))
+    assert out["metadata"]["managedFields"] == pod["metadata"]["managedFields"]
+    assert out["spec"]["containers"][0]["terminationMessagePolicy"] == "File"
+    assert validate(apishapes.node("node1", "172.20.32.11", {}, {}))["kind"] == "Node"
+    pod["spec"]["containers"][0]["terminationMesagePath"] = "/dev/termination-log"
+    assert "spec.containers[0].terminationMesagePath: unknown field" in error_of(pod)
 
 
 def test_cluster_scoped_kind_drops_namespace():

@@ -44,7 +44,10 @@ metadata = Struct(
         "generation": integer(0),
         "ownerReferences": list_of(Struct({}, open=True)),
         "deletionTimestamp": string,
+        "deletionGracePeriodSeconds": integer(0),
         "finalizers": list_of(string),
+        "managedFields": list_of(Struct({}, open=True)),  # server-side apply's bookkeeping
+        "selfLink": string,
     },
     required=("name",),
 )
