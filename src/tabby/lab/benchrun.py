@@ -141,7 +141,7 @@ class BenchConfig:
     # cell lengths: 13 paths x 5 sizes x 3 repetitions fit the issue's 25 minutes at these
     seconds: float = 3.0  # per rate cell
     latency_seconds: float = 1.0  # per unloaded latency cell
-    iperf_seconds: float = 3.0
+    iperf_seconds: float = 2.0  # per path and repetition, at the first and last N
     profile_seconds: float = 1.0  # per tabby path and repetition: BPF run time per connection
     inflight: int = 32
     changes: int = 10  # one-change latency samples per N
@@ -220,7 +220,10 @@ class SizeResult:
     change_split_ms: dict[str, float] = field(default_factory=dict)
     change_notes: dict[str, str] = field(default_factory=dict)
     agent_rss_mb: float | None = None
+    # one iperf3 stream per path and repetition (at the first and last N): each repetition's
+    # in iperf_reps, the median in iperf_gbps
     iperf_gbps: dict[str, float] = field(default_factory=dict)
+    iperf_reps: dict[str, list[float]] = field(default_factory=dict)
     # tabby paths' profile cells: BPF run time per connection (ns), all of the lab's programs,
     # median over the repetitions (each repetition's in bpf_ns_reps)
     bpf_ns_per_conn: dict[str, float] = field(default_factory=dict)
@@ -879,7 +882,7 @@ class Runner:
                     size = self._program(n)
                     ends = n in (cfg.sizes[0], cfg.sizes[-1])
                     for rep in range(cfg.reps):
-                        iperf = ends and rep == cfg.reps - 1
+                        iperf = ends  # every repetition: a throughput ratio per repetition
                         result.cells += self._repetition(n, rep, size, iperf)
                     self._once_per_size(size)
                     result.sizes.append(size)
@@ -1127,14 +1130,18 @@ class Runner:
         )
 
     def _iperf(self, size: SizeResult, path: str) -> None:
-        """One iperf3 stream on ``path`` (its live settings as for its cells)."""
+        """One iperf3 stream on ``path`` (its live settings as for its cells), added to the
+        size's repetitions of that path."""
         self._prepare(path)
         t = self._target(path)
         ip = self.kube_services[-1].endpoints[0][0] if path == "plain" else t.ip
-        size.iperf_gbps[path] = run_iperf(
+        gbps = run_iperf(
             t.netns, ip, self.cfg.iperf_seconds, t.cgroup, t.iperf_port, t.source, t.iperf_reverse
         )
-        self.progress(f"N={size.services:,} {path}: iperf3 {size.iperf_gbps[path]:.1f} Gbit/s")
+        reps = size.iperf_reps.setdefault(path, [])
+        reps.append(gbps)
+        size.iperf_gbps[path] = statistics.median(reps)
+        self.progress(f"N={size.services:,} {path}: iperf3 {gbps:.1f} Gbit/s")
 
     def _kube_changes(self, size: SizeResult, changes: int) -> None:
         """One endpoint of the middle service replaced, ``changes`` times, through each
