@@ -157,9 +157,7 @@ def test_map_specs_match_btf_map_definitions(btf: dict[str, Types], obj: str) ->
 
         assert uint("type") == spec.map_type, f"{spec.name}: type"
         assert uint("max_entries") == spec.max_entries, f"{spec.name}: max_entries"
-        assert uint("map_flags") == spec.map_flags, (
-            f"{spec.name}: flags"
-        )
+        assert uint("map_flags") == spec.map_flags, f"{spec.name}: flags"
         assert uint("pinning") == 1, f"{spec.name}: must be LIBBPF_PIN_BY_NAME"
         for field, ctype in (("key", spec.key_type), ("value", spec.value_type)):
             t = pointee(field)
