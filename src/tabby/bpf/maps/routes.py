@@ -177,6 +177,10 @@ def _mac_bytes(mac: str) -> bytes:
     return raw
 
 
+def _mac_text(raw: Any) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
 class WlDevValue(ctypes.Structure):
     """struct tby_wl_dev_val: a local pod's veth as the fast path delivers to it (key: the
     host-side veth's ifindex)."""
@@ -197,12 +201,12 @@ class WlDevValue(ctypes.Structure):
 
     @property
     def pod_mac(self) -> str:
-        return ":".join(f"{b:02x}" for b in bytes(self.mac))
+        return _mac_text(self.mac)
 
     @property
     def gateway_mac(self) -> str:
         """The host-side veth's: the pod's gateway, the frames' source."""
-        return ":".join(f"{b:02x}" for b in bytes(self.host_mac))
+        return _mac_text(self.host_mac)
 
     def describe(self, ifindex: int) -> str:
         """``dev #12 mac 7e:..:1f via 52:..:fa mtu 1450``."""
