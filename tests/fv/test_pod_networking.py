@@ -247,3 +247,16 @@ def test_vxlan_from_an_unknown_vtep_is_dropped_and_from_a_node_accepted(lab, pod
     t.join()
     assert got == [b"from-node2"]
     assert _bpf_counter(lab, "node1", "drop_unknown_vtep") == before + 1
+
+
+def test_the_tunnel_device_carries_no_ipv6_of_its_own(lab, pods):
+    """tby.vxlan is IPv4 only: with IPv6 on, the kernel sends MLD reports out of it (at link up,
+    and each time IPv6 forwarding is switched), which tby_tun_egress drops as drop_no_route."""
+    node1 = lab.plan.node("node1").netns
+    out = subprocess.run(
+        ["ip", "-n", node1, "-6", "addr", "show", "dev", "tby.vxlan"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "inet6" not in out, out

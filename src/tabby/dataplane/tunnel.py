@@ -10,6 +10,7 @@ so replies come back through the tunnel.
 from __future__ import annotations
 
 import logging
+import os
 
 from pyroute2 import IPRoute
 
@@ -55,6 +56,13 @@ class TunnelManager:
             ipr.link("set", index=idx, mtu=mtu, flags=links.IFF_NOARP, mask=links.IFF_NOARP)
             ipr.link("set", index=idx, state="up")
             links.write_sysctl(f"net/ipv4/conf/{names.TUNNEL_DEVICE}/rp_filter", "0")
+            # IPv4 only (IPv6 pools are never encapsulated): without this the kernel sends
+            # its own link-local IPv6 (MLD reports at link up and whenever IPv6 forwarding is
+            # switched), which tby_tun_egress can only drop, counted as drop_no_route
+            if os.path.isdir(
+                f"/proc/sys/net/ipv6/conf/{names.TUNNEL_DEVICE}"
+            ):  # a kernel with IPv6
+                links.write_sysctl(f"net/ipv6/conf/{names.TUNNEL_DEVICE}/disable_ipv6", "1")
             self._set_address(ipr, idx, tunnel_ip)
         return []
 
